@@ -1,0 +1,162 @@
+"""A thin ASGI request/response layer: just what the relay's routes need, nothing hidden.
+
+The relay speaks ASGI directly (on hypercorn's trio worker) instead of through a framework, so
+that each request's handler is one task that owns its nursery, reads the client's disconnect
+itself and writes to ``send`` directly — the structure DESIGN.md asks for — with no framework
+timeouts that cut long streams and no framework task boundaries between taking a slot and
+releasing it (stack-notes: quart-trio's 60 s truncation, connection-close bug and task hops).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
+
+import trio
+
+from ..errors import PayloadTooLarge, RelayError, UnsupportedMediaType
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+JSON_TYPE = b"application/json"
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class ClientDisconnected(Exception):
+    """The client went away; there is nobody left to answer."""
+
+
+class Request:
+    """One HTTP request: its scope, headers (lower-case, str) and a bounded body reader."""
+
+    __slots__ = ("_receive", "headers", "method", "path", "query", "request_id", "scope")
+
+    def __init__(self, scope: Scope, receive: Receive, request_id: str) -> None:
+        self.scope = scope
+        self._receive = receive
+        self.request_id = request_id
+        self.method: str = scope["method"]
+        self.path: str = scope["path"]
+        self.query: bytes = scope.get("query_string", b"")
+        headers: dict[str, str] = {}
+        for name, value in scope["headers"]:
+            headers[name.decode("latin-1")] = value.decode("latin-1")
+        self.headers = headers
+
+    async def receive(self) -> Message:
+        return await self._receive()
+
+    def require_json(self) -> None:
+        """415 unless the body is declared as JSON (or not declared at all)."""
+        content_type = self.headers.get("content-type", "")
+        media = content_type.split(";", 1)[0].strip().lower()
+        if media and media != "application/json" and not media.endswith("+json"):
+            raise UnsupportedMediaType(
+                f"Unsupported Content-Type '{content_type}': send the body as JSON with "
+                "'Content-Type: application/json' (with curl: -H 'Content-Type: application/json')."
+            )
+        encoding = self.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise UnsupportedMediaType(
+                f"Unsupported Content-Encoding '{encoding}': send the body uncompressed."
+            )
+
+    async def read_body(self, limit: int) -> bytes:
+        """The whole body, or 413 as soon as it is known to exceed ``limit`` bytes."""
+        declared = self.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _too_large(limit)
+        chunks = []
+        size = 0
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def wait_disconnect(self) -> None:
+        """Return once the client has gone (after the body was read)."""
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"The request body is larger than this relay accepts ({limit // (1024 * 1024)} MiB)."
+    )
+
+
+class Responder:
+    """Wraps ``send``: adds ``x-request-id``, remembers whether the response started, and sends
+    the final body message shielded.
+
+    The shield matters: hypercorn delivers ``http.disconnect`` while the last ``send`` is in
+    progress, and a disconnect watcher that cancels the request at that moment would land the
+    cancellation inside hypercorn's connection bookkeeping, leaving ``Connection: close`` and
+    idle connections open for ever (stack-notes, "quart-trio gotchas").
+    """
+
+    __slots__ = ("_send", "finished", "request_id", "started", "status")
+
+    def __init__(self, send: Send, request_id: str) -> None:
+        self._send = send
+        self.request_id = request_id.encode()
+        self.started = False
+        self.finished = False
+        self.status = 0
+
+    async def start(self, status: int, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        self.started = True
+        self.status = status
+        all_headers = [(b"x-request-id", self.request_id), *headers]
+        await self._send(
+            {"type": "http.response.start", "status": status, "headers": all_headers}
+        )
+
+    async def body(self, data: bytes) -> None:
+        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def end(self, data: bytes = b"") -> None:
+        # Set first: the disconnect that follows a complete response is not a client abort.
+        self.finished = True
+        with trio.CancelScope(shield=True):
+            await self._send({"type": "http.response.body", "body": data, "more_body": False})
+
+    async def json(
+        self,
+        status: int,
+        payload: Any,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        await self.raw(status, json.dumps(payload).encode(), JSON_TYPE, headers)
+
+    async def raw(
+        self,
+        status: int,
+        body: bytes,
+        content_type: bytes = JSON_TYPE,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        header_list = [(b"content-type", content_type), (b"content-length", b"%d" % len(body))]
+        for name, value in (headers or {}).items():
+            header_list.append((name.lower().encode(), str(value).encode()))
+        await self.start(status, header_list)
+        await self.end(body)
+
+    async def error(self, error: RelayError) -> None:
+        await self.raw(error.status, error.to_json(), JSON_TYPE, error.headers)

@@ -1,0 +1,353 @@
+"""The relay routes: ``POST …/chat/completions`` and ``POST …/responses``.
+
+One way through for every request (README, "Architecture"):
+
+authenticate → read and validate the body → resolve the model → [admission → account → upstream
+call → relay the answer] → one usage record.
+
+The bracketed part runs in the request's nursery. A sibling task watches the client: if it
+disconnects, the nursery is cancelled, which closes the upstream response and releases every slot
+on the way out. Streams are split in two tasks: the *pump* owns the slots and the upstream
+response and feeds events into a small channel; the request task writes them to the client. If the
+client stops reading (its socket full, hypercorn's shielded write blocked), a watchdog cancels the
+pump after ``stall_timeout_s``: the upstream and the slots are released even though the write to
+the dead reader cannot be interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import httpx2
+import trio
+
+from ..errors import PermissionDenied, RelayError, UpstreamTimeout, UpstreamUnavailable
+from ..guards.admission import Ticket
+from ..ledger.usage import UsageRecord
+from ..protocol.requests import (
+    ClientRequest,
+    Endpoint,
+    decode_json_body,
+    parse_request,
+    upstream_payload,
+)
+from ..protocol.sse import EventSplitter, StreamMeter, Usage, error_event
+from ..upstream.routing import ModelRoute
+from .http import SSE_HEADERS, Request, Responder
+
+if TYPE_CHECKING:
+    from ..app import Runtime
+
+log = logging.getLogger("relay.api")
+
+#: Relayed chunks buffered between the pump and the client writer. Small: the buffer only
+#: smooths scheduling; a slow client should push back on the upstream, not fill memory.
+STREAM_BUFFER = 16
+
+
+@dataclass
+class Call:
+    """Everything about one relayed request that its parts share."""
+
+    runtime: Runtime
+    request: Request
+    responder: Responder
+    client: ClientRequest
+    route: ModelRoute
+    ticket: Ticket
+    payload: bytes
+    record: UsageRecord
+    started: float
+    recorded: bool = False
+
+    def commit(self) -> None:
+        """Write the usage record: exactly once, never blocking (safe while cancelled)."""
+        if self.recorded:
+            return
+        self.recorded = True
+        self.record.latency_ms = (trio.current_time() - self.started) * 1000
+        self.runtime.usage.record(self.record)
+
+    def take_usage(self, usage: Usage | None, produced: int = 0) -> None:
+        record = self.record
+        if usage is not None:
+            record.input_tokens = usage.input_tokens
+            record.cached_tokens = usage.cached_tokens
+            record.output_tokens = usage.output_tokens
+            record.reasoning_tokens = usage.reasoning_tokens
+            record.usage_source = "upstream"
+        else:
+            # Cut short before the upstream reported usage: bill the estimate of the input and
+            # what was produced (one token per streamed delta, the upstreams' usual granularity).
+            record.input_tokens = self.client.estimated_input_tokens
+            record.output_tokens = produced
+            record.usage_source = "estimate"
+
+
+async def handle(runtime: Runtime, request: Request, responder: Responder, endpoint: Endpoint):
+    """Serve one relay request end to end; errors before the answer starts become JSON errors."""
+    started = trio.current_time()
+    key = await runtime.keys.authenticate(request.headers)
+    package = runtime.config.packages.get(key.package)
+    if package is None:
+        raise PermissionDenied(
+            f"Your key belongs to package '{key.package}', which this relay no longer offers. "
+            "Ask the operator for a new key.",
+            code="package_not_found",
+        )
+    request.require_json()
+    raw = await request.read_body(runtime.config.server.max_body_bytes)
+    record = UsageRecord(
+        request_id=request.request_id,
+        key_id=key.id,
+        package=key.package,
+        endpoint=endpoint.value,
+        model="",
+    )
+    call: Call | None = None
+    try:
+        client = parse_request(endpoint, decode_json_body(raw), request.headers)
+        record.model = client.model
+        record.stream = client.stream
+        route = runtime.catalog.resolve(package, client.model)
+        record.upstream_model = route.target
+        call = Call(
+            runtime=runtime,
+            request=request,
+            responder=responder,
+            client=client,
+            route=route,
+            ticket=Ticket(
+                key_id=key.id,
+                package=key.package,
+                pool=route.pool,
+                estimated_tokens=client.estimated_tokens,
+            ),
+            payload=upstream_payload(client, route.target, route.reasoning_effort),
+            record=record,
+            started=started,
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_disconnect, call, nursery.cancel_scope)
+            try:
+                if client.stream:
+                    await _relay_stream(call)
+                else:
+                    await _relay_once(call)
+            except RelayError as error:
+                record.status = error.status
+                record.error_code = error.code or error.type
+                if not responder.started:
+                    await responder.error(error)
+            finally:
+                nursery.cancel_scope.cancel()
+    except RelayError as error:
+        record.status = error.status
+        record.error_code = error.code or error.type
+        raise
+    finally:
+        if call is None:
+            record.latency_ms = (trio.current_time() - started) * 1000
+            runtime.usage.record(record)
+        else:
+            if not responder.started and record.client_disconnected:
+                record.status = 499  # nginx's "client closed request": nothing was answered
+            call.commit()
+
+
+async def _cancel_on_disconnect(call: Call, scope: trio.CancelScope) -> None:
+    await call.request.wait_disconnect()
+    if not call.responder.finished:
+        call.record.client_disconnected = True
+        if not call.record.status:
+            call.record.status = call.responder.status or 499
+    scope.cancel()
+
+
+def _upstream_url(call: Call, base_url: str) -> str:
+    return f"{base_url}/{call.client.endpoint.value}"
+
+
+async def _relay_once(call: Call) -> None:
+    runtime, record = call.runtime, call.record
+    async with runtime.admission.enter(call.ticket) as lease:
+        record.queue_ms = lease.queued_s * 1000
+        provider = call.client.endpoint.upstream_kind
+        async with runtime.scheduler.checkout(call.route, provider) as account:
+            record.account = account.name
+            async with runtime.upstream.post(
+                _upstream_url(call, account.config.base_url),
+                call.payload,
+                api_key=account.config.api_key(),
+                client_headers=call.request.headers,
+                stream=False,
+                account=account.name,
+            ) as response:
+                try:
+                    body = await response.aread()
+                except httpx2.TimeoutException:
+                    raise UpstreamTimeout(
+                        f"The upstream account '{account.name}' did not finish its answer in time."
+                    ) from None
+                except httpx2.HTTPError as exc:
+                    raise UpstreamUnavailable(
+                        f"The connection to upstream account '{account.name}' broke before "
+                        f"its answer was complete ({type(exc).__name__})."
+                    ) from None
+                content_type = response.headers.get("content-type", "application/json")
+    # Slots and the upstream connection are released before the answer is written: a client
+    # that is slow to read it holds nothing shared.
+    usage = None
+    try:
+        usage = Usage.from_body(call.client.endpoint, json.loads(body))
+    except (ValueError, AttributeError):
+        log.warning("upstream answer for %s is not a JSON object", call.request.request_id)
+    call.take_usage(usage)
+    record.status = 200
+    record.ttft_ms = (trio.current_time() - call.started) * 1000
+    call.commit()
+    await call.responder.raw(200, body, content_type.encode())
+
+
+class _ClientWriter:
+    """Writes relayed bytes to the client and exposes how long the current write has taken."""
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
+        self.writing_since: float | None = None
+
+    async def write(self, data: bytes) -> None:
+        self.writing_since = trio.current_time()
+        if self.call.record.ttft_ms is None:
+            self.call.record.ttft_ms = (self.writing_since - self.call.started) * 1000
+        await self.call.responder.body(data)
+        self.writing_since = None
+
+
+async def _relay_stream(call: Call) -> None:
+    send_channel, receive_channel = trio.open_memory_channel[bytes | RelayError](STREAM_BUFFER)
+    writer = _ClientWriter(call)
+    pump_scope = trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_pump, call, send_channel, pump_scope)
+        nursery.start_soon(_stall_watchdog, call, writer, pump_scope)
+        try:
+            async with receive_channel:
+                first = await _first_message(receive_channel)
+                if isinstance(first, RelayError):
+                    raise first
+                await call.responder.start(200, SSE_HEADERS)
+                async for data in receive_channel:
+                    await writer.write(data)
+            await call.responder.end()
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def _first_message(channel: trio.MemoryReceiveChannel) -> bytes | RelayError:
+    try:
+        return await channel.receive()
+    except trio.EndOfChannel:
+        # The pump ended without a word: only possible if it was cancelled by the watchdog,
+        # which cannot happen before the first write. Treat as an internal failure.
+        return UpstreamUnavailable("The upstream ended the request without an answer.")
+
+
+async def _stall_watchdog(call: Call, writer: _ClientWriter, pump_scope: trio.CancelScope):
+    limit = call.runtime.config.server.stall_timeout_s
+    while True:
+        await trio.sleep(max(limit / 4, 0.05))
+        since = writer.writing_since
+        if since is not None and trio.current_time() - since > limit:
+            log.info("%s: client accepted no data for %.0fs", call.request.request_id, limit)
+            call.record.error_code = "client_stalled"
+            pump_scope.cancel()
+            return
+
+
+async def _pump(
+    call: Call, out: trio.MemorySendChannel[bytes | RelayError], scope: trio.CancelScope
+) -> None:
+    """Own the slots and the upstream stream; feed the client's bytes into ``out``."""
+    runtime, record, endpoint = call.runtime, call.record, call.client.endpoint
+    meter = StreamMeter(endpoint, drop_usage_chunk=not call.client.include_usage)
+    started = False
+    async with out:
+        with scope:
+            try:
+                async with runtime.admission.enter(call.ticket) as lease:
+                    record.queue_ms = lease.queued_s * 1000
+                    async with runtime.scheduler.checkout(
+                        call.route, endpoint.upstream_kind
+                    ) as account:
+                        record.account = account.name
+                        async with runtime.upstream.post(
+                            _upstream_url(call, account.config.base_url),
+                            call.payload,
+                            api_key=account.config.api_key(),
+                            client_headers=call.request.headers,
+                            stream=True,
+                            account=account.name,
+                        ) as response:
+                            record.status = 200
+                            started = True
+                            await _relay_events(call, response, meter, out, account.name)
+            except RelayError as error:
+                record.status = record.status or error.status
+                record.error_code = error.code or error.type
+                if started:
+                    await out.send(_error_bytes(call, meter, error))
+                else:
+                    await out.send(error)
+            finally:
+                if started:
+                    call.take_usage(meter.usage, meter.deltas)
+                call.commit()
+
+
+async def _relay_events(
+    call: Call,
+    response: httpx2.Response,
+    meter: StreamMeter,
+    out: trio.MemorySendChannel[bytes | RelayError],
+    account: str,
+) -> None:
+    splitter = EventSplitter()
+    try:
+        async for chunk in response.aiter_raw():
+            data = meter.forwardable(splitter.feed(chunk))
+            if data:
+                await out.send(data)
+    except httpx2.TimeoutException:
+        raise UpstreamTimeout(
+            f"The upstream account '{account}' went silent in the middle of the answer."
+        ) from None
+    except httpx2.HTTPError as exc:
+        raise UpstreamUnavailable(
+            f"The connection to upstream account '{account}' broke in the middle of the "
+            f"answer ({type(exc).__name__})."
+        ) from None
+    tail = splitter.tail()
+    if tail.strip():
+        # An upstream that ends without the final blank line: forward its last event whole.
+        data = meter.forwardable([tail + b"\n\n"])
+        if data:
+            await out.send(data)
+    if not meter.finished:
+        raise UpstreamUnavailable(
+            f"The upstream account '{account}' ended the stream before the answer was complete."
+        )
+
+
+def _error_bytes(call: Call, meter: StreamMeter, error: RelayError) -> bytes:
+    return error_event(
+        call.client.endpoint,
+        meter,
+        message=error.message,
+        code=error.code or "server_error",
+        type=error.type,
+        fallback_id="resp_" + call.request.request_id.removeprefix("req_"),
+    )

@@ -1,0 +1,298 @@
+"""The relay's runtime (shared state and background tasks) and its ASGI application.
+
+:func:`open_runtime` builds everything a request needs — store, key ring, usage writer, guards,
+scheduler, upstream client — and runs the two background tasks (usage writer, key refresher) in
+its own nursery for exactly as long as the relay serves. :class:`RelayApp` is the ASGI entry
+point: it routes, gives every response an ``x-request-id``, and turns every failure into OpenAI's
+error JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+
+from .api import relay as relay_routes
+from .api.http import ClientDisconnected, Receive, Request, Responder, Scope, Send
+from .config import Config
+from .errors import (
+    AuthenticationFailed,
+    InternalError,
+    MethodNotAllowed,
+    ModelNotFound,
+    NotFound,
+    PermissionDenied,
+    RelayError,
+)
+from .guards.admission import Admission
+from .ledger.keys import KeyRing
+from .ledger.store import Store
+from .ledger.usage import UsageWriter
+from .protocol.requests import Endpoint
+from .upstream.client import UpstreamClient
+from .upstream.routing import Catalog, Scheduler
+
+log = logging.getLogger("relay")
+
+#: Every path prefix clients are told to use (seed documents): OpenAI-style, Codex relays,
+#: multi-model gateways.
+BASE_PATHS = ("/openai/v1", "/v1", "/codex/v1", "/api/v1")
+
+
+@dataclass
+class Runtime:
+    config: Config
+    store: Store
+    keys: KeyRing
+    usage: UsageWriter
+    admission: Admission
+    scheduler: Scheduler
+    catalog: Catalog
+    upstream: UpstreamClient
+    started_at: float
+    active_requests: int = 0
+
+    def state(self) -> dict:
+        """Live counters: what the admin endpoint shows and the leak tests check."""
+        return {
+            "active_requests": self.active_requests,
+            "admission": self.admission.in_flight(),
+            "accounts": self.scheduler.in_flight(),
+            "usage_records": {"written": self.usage.written, "queued": self.usage.queued},
+        }
+
+
+@asynccontextmanager
+async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
+    """Open the runtime; on exit, stop taking usage records and write every queued one."""
+    store = Store(config.server.database)
+    keys = KeyRing(store)
+    keys.load()
+    usage = UsageWriter(store)
+    upstream = UpstreamClient(config.server)
+    runtime = Runtime(
+        config=config,
+        store=store,
+        keys=keys,
+        usage=usage,
+        admission=Admission(config),
+        scheduler=Scheduler(config),
+        catalog=Catalog(config),
+        upstream=upstream,
+        started_at=time.time(),
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(usage.run)
+            refresher = trio.CancelScope()
+            nursery.start_soon(_run_in_scope, refresher, keys.refresh_forever)
+            try:
+                yield runtime
+            finally:
+                refresher.cancel()
+                usage.close()
+    finally:
+        with trio.CancelScope(shield=True):
+            await upstream.aclose()
+        store.close()
+
+
+async def _run_in_scope(scope: trio.CancelScope, function: Callable[[], Awaitable[None]]):
+    with scope:
+        await function()
+
+
+Handler = Callable[[Runtime, Request, Responder], Awaitable[None]]
+
+
+class RelayApp:
+    """The ASGI application: routes, request ids, and error rendering."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self._routes: dict[str, dict[str, Handler]] = {}
+        for base in BASE_PATHS:
+            self._add(base + "/chat/completions", "POST", _chat)
+            self._add(base + "/responses", "POST", _responses)
+            self._add(base + "/models", "GET", _list_models)
+            self._add(base, "GET", _health)
+        # The Codex CLI appends "/responses" to a base URL given without "/v1".
+        self._add("/openai/responses", "POST", _responses)
+        self._add("/openai", "GET", _health)
+        self._add("/healthz", "GET", _health)
+        self._add("/", "GET", _index)
+        self._add("/admin/state", "GET", _admin_state)
+
+    def _add(self, path: str, method: str, handler: Handler) -> None:
+        self._routes.setdefault(path, {})[method] = handler
+
+    def _find(self, request: Request) -> Handler:
+        path = request.path
+        if len(path) > 1 and path.endswith("/"):
+            path = path.rstrip("/") or "/"
+        methods = self._routes.get(path)
+        if methods is None:
+            for base in BASE_PATHS:
+                if path.startswith(base + "/models/"):
+                    methods = {"GET": _get_model}
+                    break
+        if methods is None:
+            raise NotFound(
+                f"Invalid URL ({request.method} {request.path}). The relay serves "
+                "/v1/chat/completions, /v1/responses and /v1/models (also under /openai/v1, "
+                "/codex/v1 and /api/v1).",
+                code="unknown_url",
+            )
+        handler = methods.get(request.method)
+        if handler is None:
+            allowed = ", ".join(sorted(methods))
+            raise MethodNotAllowed(
+                f"Method {request.method} is not allowed on {request.path}; use {allowed}.",
+                headers={"allow": allowed},
+            )
+        return handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "websocket":
+            await _refuse_websocket(receive, send)
+        elif kind == "lifespan":
+            await _lifespan(receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request_id = "req_" + uuid.uuid4().hex
+        request = Request(scope, receive, request_id)
+        responder = Responder(send, request_id)
+        self.runtime.active_requests += 1
+        try:
+            handler = self._find(request)
+            await handler(self.runtime, request, responder)
+        except RelayError as error:
+            if not responder.started:
+                await responder.error(error)
+        except ClientDisconnected:
+            pass
+        except Exception:
+            log.exception("unhandled error in %s %s (%s)", request.method, request.path, request_id)
+            if not responder.started:
+                await responder.error(InternalError(request_id))
+            elif not responder.finished:
+                await responder.end()
+        finally:
+            self.runtime.active_requests -= 1
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def _refuse_websocket(receive: Receive, send: Send) -> None:
+    """426 for a WebSocket upgrade: the Codex CLI then falls back to HTTP for the session."""
+    await receive()  # websocket.connect
+    body = RelayError(
+        "This relay serves the Responses API over HTTP (server-sent events), not WebSocket.",
+        status=426,
+        type="invalid_request_error",
+        code="websocket_not_supported",
+    ).to_json()
+    await send(
+        {
+            "type": "websocket.http.response.start",
+            "status": 426,
+            "headers": [(b"content-type", b"application/json"), (b"upgrade", b"HTTP/1.1")],
+        }
+    )
+    await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
+
+
+async def _chat(runtime: Runtime, request: Request, responder: Responder) -> None:
+    await relay_routes.handle(runtime, request, responder, Endpoint.CHAT)
+
+
+async def _responses(runtime: Runtime, request: Request, responder: Responder) -> None:
+    await relay_routes.handle(runtime, request, responder, Endpoint.RESPONSES)
+
+
+async def _health(runtime: Runtime, request: Request, responder: Responder) -> None:
+    await responder.json(200, {"status": "ok", "object": "relay"})
+
+
+async def _index(runtime: Runtime, request: Request, responder: Responder) -> None:
+    await responder.json(
+        200,
+        {
+            "object": "relay",
+            "status": "ok",
+            "base_urls": [*BASE_PATHS, "/openai (Codex: appends /responses)"],
+        },
+    )
+
+
+async def _package_of(runtime: Runtime, request: Request):
+    key = await runtime.keys.authenticate(request.headers)
+    package = runtime.config.packages.get(key.package)
+    if package is None:
+        raise PermissionDenied(
+            f"Your key belongs to package '{key.package}', which this relay no longer offers.",
+            code="package_not_found",
+        )
+    return package
+
+
+def _model_object(runtime: Runtime, model: str) -> dict:
+    return {
+        "id": model,
+        "object": "model",
+        "created": int(runtime.started_at),
+        "owned_by": "relay",
+    }
+
+
+async def _list_models(runtime: Runtime, request: Request, responder: Responder) -> None:
+    package = await _package_of(runtime, request)
+    models = runtime.catalog.models_for(package)
+    await responder.json(
+        200, {"object": "list", "data": [_model_object(runtime, m) for m in models]}
+    )
+
+
+async def _get_model(runtime: Runtime, request: Request, responder: Responder) -> None:
+    package = await _package_of(runtime, request)
+    model = request.path.rstrip("/").split("/models/", 1)[1]
+    if model not in runtime.catalog.models_for(package):
+        raise ModelNotFound(
+            f"The model '{model}' does not exist or you do not have access to it.",
+            param="model",
+        )
+    await responder.json(200, _model_object(runtime, model))
+
+
+async def _admin_state(runtime: Runtime, request: Request, responder: Responder) -> None:
+    env_name = runtime.config.server.admin_token_env
+    token = os.environ.get(env_name)
+    if not token:
+        raise NotFound(
+            f"The admin API is disabled: set the environment variable {env_name} to enable it.",
+            code="admin_disabled",
+        )
+    offered = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if offered != token:
+        raise AuthenticationFailed(
+            "The admin token is missing or wrong.", code="invalid_admin_token"
+        )
+    await responder.json(200, runtime.state())

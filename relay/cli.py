@@ -1,0 +1,318 @@
+"""The ``relay`` command: demo, serve, keys and check-config.
+
+Every subcommand that needs a configuration takes ``--config PATH`` or reads ``RELAY_CONFIG``.
+Errors are printed as one line each, without a traceback, and the exit status says whether the
+command did what was asked (0) or not (1; 2 for usage errors, as argparse does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from .config import Config, ConfigError, check_environment, load_config, parse_config
+from .ledger.store import Store
+
+DEMO_UPSTREAM_KEY_ENV = "RELAY_DEMO_UPSTREAM_KEY"
+
+
+class CommandError(Exception):
+    """A failure the user can fix; printed without a traceback."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args) or 0
+    except ConfigError as error:
+        print(f"relay: configuration {error.source or ''} is invalid:", file=sys.stderr)
+        for issue in error.issues:
+            print(f"  {issue}", file=sys.stderr)
+        return 1
+    except CommandError as error:
+        print(f"relay: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relay", description="Self-hosted, OpenAI-compatible LLM API relay."
+    )
+    commands = parser.add_subparsers(title="commands")
+
+    demo = commands.add_parser(
+        "demo", help="run the relay with a simulated upstream and a demo key (no config needed)"
+    )
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8080, help="relay port (0 picks a free one)")
+    demo.add_argument("--database", default="relay-demo.db", help="SQLite file for keys/usage")
+    demo.set_defaults(run=_demo)
+
+    serve = commands.add_parser("serve", help="serve with a configuration file")
+    _config_option(serve)
+    serve.set_defaults(run=_serve)
+
+    keys = commands.add_parser("keys", help="create, list and revoke API keys")
+    key_commands = keys.add_subparsers(title="key commands")
+    create = key_commands.add_parser("create", help="create a key; it is printed once")
+    _config_option(create)
+    create.add_argument("--package", required=True, help="package the key belongs to")
+    create.add_argument("--name", default="", help="a note to recognise the key by")
+    create.add_argument("--json", action="store_true", help="print JSON")
+    create.set_defaults(run=_keys_create)
+    listing = key_commands.add_parser("list", help="list keys (never their plaintext)")
+    _config_option(listing)
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(run=_keys_list)
+    revoke = key_commands.add_parser("revoke", help="revoke a key by its id or plaintext")
+    _config_option(revoke)
+    revoke.add_argument("key", metavar="KEY_OR_ID")
+    revoke.set_defaults(run=_keys_revoke)
+
+    check = commands.add_parser("check-config", help="validate a configuration file")
+    check.add_argument("path", nargs="?", help="config file (default: $RELAY_CONFIG)")
+    check.set_defaults(run=_check_config)
+    return parser
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", "-c", default=None, help="configuration file (default: $RELAY_CONFIG)"
+    )
+
+
+def _load(path: str | None) -> Config:
+    path = path or os.environ.get("RELAY_CONFIG")
+    if not path:
+        raise CommandError("no configuration given: pass --config PATH or set RELAY_CONFIG")
+    return load_config(path)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("RELAY_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+# -- serve --------------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    _setup_logging()
+    for issue in check_environment(config):
+        logging.getLogger("relay").warning("%s", issue)
+    from .server import serve
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(serve, config)
+            print(f"relay listening on {url}", flush=True)
+
+    trio.run(run)
+    return 0
+
+
+# -- demo ---------------------------------------------------------------------------------
+
+
+def demo_config(host: str, port: int, upstream_url: str, database: str) -> Config:
+    """A configuration with two accounts on the simulated upstream, one per protocol."""
+    chat_models = ["gpt-5.5", "gpt-5.4", "gpt-5", "deepseek-chat", "deepseek-reasoner"]
+    responses_models = ["gpt-5.5", "gpt-5.4", "gpt-5", "gpt-5-codex"]
+    aliases = {
+        f"gpt-5-{effort}": {"target": "gpt-5", "reasoning_effort": effort}
+        for effort in ("minimal", "low", "medium", "high")
+    }
+    aliases.update(
+        {
+            f"gpt-5-codex-{effort}": {"target": "gpt-5-codex", "reasoning_effort": effort}
+            for effort in ("low", "medium", "high")
+        }
+    )
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    data = {
+        "server": {"listen": listen, "database": database},
+        "pools": {"demo-pool": {"max_concurrency": 64}},
+        "packages": {"demo": {"pool": "demo-pool", "max_concurrency": 8}},
+        "accounts": [
+            {
+                "name": "sim-responses",
+                "pool": "demo-pool",
+                "provider": "openai-responses",
+                "base_url": upstream_url,
+                "api_key_env": DEMO_UPSTREAM_KEY_ENV,
+                "models": responses_models,
+            },
+            {
+                "name": "sim-chat",
+                "pool": "demo-pool",
+                "provider": "openai-chat",
+                "base_url": upstream_url,
+                "api_key_env": DEMO_UPSTREAM_KEY_ENV,
+                "models": chat_models,
+            },
+        ],
+        "models": aliases,
+    }
+    return parse_config(data, base_dir=Path.cwd(), source="<demo>")
+
+
+def demo_curl(base: str, key: str) -> str:
+    """A curl command that works exactly as printed (tested)."""
+    body = '{"model": "deepseek-chat", "messages": [{"role": "user", "content": "Say hello"}]}'
+    return (
+        f'curl {base}/v1/chat/completions -H "Authorization: Bearer {key}" '
+        f"-H \"Content-Type: application/json\" -d '{body}'"
+    )
+
+
+def demo_banner(base: str, key: str) -> str:
+    return f"""\
+relay demo is running (simulated upstream; press Ctrl-C to stop)
+
+  base URL (Chat Completions, SDKs, IDE plugins): {base}/v1
+  base URL (Codex CLI, Responses):                {base}/openai
+  API key:                                        {key}
+
+Try it:
+
+  {demo_curl(base, key)}
+
+Codex CLI (~/.codex/config.toml):
+
+  model = "gpt-5.5"
+  model_provider = "relay"
+
+  [model_providers.relay]
+  name = "relay"
+  base_url = "{base}/openai"
+  wire_api = "responses"
+  experimental_bearer_token = "{key}"
+
+then: codex exec --skip-git-repo-check "Say hello"
+"""
+
+
+def _demo(args: argparse.Namespace) -> int:
+    _setup_logging()
+    from .server import serve
+    from .testing.upstream import SimProfile, SimUpstream
+
+    upstream_key = os.environ.setdefault(DEMO_UPSTREAM_KEY_ENV, "sim-demo-upstream-key")
+
+    async def run() -> None:
+        simulated = SimUpstream(
+            SimProfile(ttft_s=0.2, token_delay_s=0.02, output_tokens=30, api_key=upstream_key)
+        )
+        async with trio.open_nursery() as nursery:
+            upstream_port = await nursery.start(simulated.serve, "127.0.0.1", 0)
+            config = demo_config(
+                args.host, args.port, f"http://127.0.0.1:{upstream_port}/v1", args.database
+            )
+            store = Store(config.server.database)
+            try:
+                key, _ = store.create_key("demo", prefix="cr_", name=f"demo {time.ctime()}")
+            finally:
+                store.close()
+            url = await nursery.start(serve, config)
+            print(demo_banner(url, key), flush=True)
+
+    trio.run(run)
+    return 0
+
+
+# -- keys ---------------------------------------------------------------------------------
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    package = config.packages.get(args.package)
+    if package is None:
+        known = ", ".join(sorted(config.packages)) or "none"
+        raise CommandError(f"unknown package '{args.package}' (packages in the config: {known})")
+    store = Store(config.server.database)
+    try:
+        key, record = store.create_key(package.name, prefix=package.key_prefix, name=args.name)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({"key": key, **record.public()}))
+    else:
+        print(key)
+        print(
+            f"created {record.id} in package '{package.name}'. The key is shown only now: "
+            "store it safely.",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    store = Store(config.server.database)
+    try:
+        records = store.list_keys()
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps([record.public() for record in records]))
+        return 0
+    if not records:
+        print("no keys yet: create one with 'relay keys create --package NAME'")
+        return 0
+    print(f"{'ID':<22} {'KEY':<16} {'PACKAGE':<14} {'STATUS':<8} {'CREATED':<20} NAME")
+    for record in records:
+        status = "active" if record.active else "revoked"
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created_at))
+        print(
+            f"{record.id:<22} {record.hint:<16} {record.package:<14} {status:<8} "
+            f"{created:<20} {record.name}"
+        )
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    store = Store(config.server.database)
+    try:
+        record = store.revoke_key(args.key)
+    finally:
+        store.close()
+    if record is None:
+        raise CommandError(f"no key matches '{_redact(args.key)}'")
+    print(f"revoked {record.id} ({record.hint})")
+    return 0
+
+
+def _redact(text: str) -> str:
+    return text if text.startswith("key_") else text[:6] + "…"
+
+
+# -- check-config -------------------------------------------------------------------------
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = _load(args.path)
+    for issue in check_environment(config):
+        print(f"warning: {issue}")
+    print(
+        f"{config.source}: OK ({len(config.pools)} pools, {len(config.packages)} packages, "
+        f"{len(config.accounts)} accounts, {len(config.models)} model aliases, "
+        f"{len(config.prices)} prices)"
+    )
+    return 0

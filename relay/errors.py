@@ -1,0 +1,131 @@
+"""One error hierarchy for everything a client can be told.
+
+Every failure that reaches a client is a :class:`RelayError`: it carries the HTTP status and
+OpenAI's error ``type`` / ``code`` / ``param``, so the HTTP layer renders every error the same way
+(``{"error": {"message", "type", "param", "code"}}``) and no traceback ever reaches a client.
+The subclasses name what the *client* can do about the failure, as httpx's hierarchy does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+
+class RelayError(Exception):
+    """A failure with the HTTP status and OpenAI error fields a client should see."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        type: str | None = None,
+        code: str | None = None,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        if type is not None:
+            self.type = type
+        if code is not None:
+            self.code = code
+        self.param = param
+        self.headers = dict(headers or {})
+
+    def to_dict(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict()).encode()
+
+
+class InvalidRequest(RelayError):
+    """400: the request body or its fields are wrong; the message names the field."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationFailed(RelayError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(RelayError):
+    status = 403
+    type = "permission_error"
+
+
+class NotFound(RelayError):
+    status = 404
+    type = "invalid_request_error"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class MethodNotAllowed(RelayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(RelayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UnsupportedMediaType(RelayError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class UpstreamError(RelayError):
+    """The upstream answered with an error status before any byte reached the client."""
+
+    status = 502
+    type = "upstream_error"
+
+
+class UpstreamUnavailable(RelayError):
+    """502: no connection to the upstream could be made, or it broke before answering."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_unreachable"
+
+
+class UpstreamTimeout(RelayError):
+    status = 504
+    type = "timeout_error"
+    code = "upstream_timeout"
+
+
+class InternalError(RelayError):
+    """500 with OpenAI's generic message; the traceback stays in the relay's log."""
+
+    status = 500
+    type = "server_error"
+
+    def __init__(self, request_id: str = "") -> None:
+        suffix = f" Quote request id {request_id} when reporting it." if request_id else ""
+        super().__init__("The relay had an internal error while processing your request." + suffix)

@@ -1,0 +1,298 @@
+"""Validate and normalise a client's request body, without I/O.
+
+The relay checks only what it needs to route, admit and bill a request, plus the fields whose
+wrong type would otherwise come back from the upstream as a confusing error: everything else is
+passed through untouched, so new OpenAI fields keep working without a relay release.
+
+A :class:`ClientRequest` is what the rest of the relay sees: the endpoint, the model the client
+asked for, whether it streams, its session key and a token estimate.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from ..errors import InvalidRequest
+
+#: Headers that carry a conversation id, in the spellings the Codex CLI has used
+#: (protocols.md §2.4)..
+SESSION_HEADERS = ("session-id", "session_id", "conversation_id", "thread-id", "thread_id")
+
+#: Output tokens assumed for the estimate when the client sets no cap. Chosen near the median
+#: answer length of coding assistants; the reservation is corrected to the real usage afterwards.
+DEFAULT_EXPECTED_OUTPUT = 1024
+
+#: Characters per token for the input estimate: the usual figure for English and code with
+#: OpenAI's tokenizers. JSON punctuation makes real requests a little denser, which errs on the
+#: side of reserving slightly more than is used.
+CHARS_PER_TOKEN = 4
+
+
+class Endpoint(Enum):
+    """The client protocol, named by its path."""
+
+    CHAT = "chat/completions"
+    RESPONSES = "responses"
+
+    @property
+    def upstream_kind(self) -> str:
+        """The account provider kind that speaks this protocol natively."""
+        return "openai-chat" if self is Endpoint.CHAT else "openai-responses"
+
+
+@dataclass
+class ClientRequest:
+    """A validated request body and what the relay derived from it."""
+
+    endpoint: Endpoint
+    body: dict[str, Any]
+    model: str
+    stream: bool
+    include_usage: bool = False
+    session_key: str | None = None
+    max_output_tokens: int | None = None
+    input_chars: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def estimated_input_tokens(self) -> int:
+        return max(1, self.input_chars // CHARS_PER_TOKEN)
+
+    @property
+    def estimated_tokens(self) -> int:
+        """Input estimate plus expected output, capped by the client's own output cap."""
+        expected = self.max_output_tokens or DEFAULT_EXPECTED_OUTPUT
+        return self.estimated_input_tokens + expected
+
+
+def decode_json_body(raw: bytes) -> dict[str, Any]:
+    """Parse the body as one JSON object, or raise a 400 that says what is wrong."""
+    if not raw.strip():
+        raise InvalidRequest(
+            "The request body is empty. Send a JSON object, for example "
+            '{"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}.'
+        )
+    try:
+        value = json.loads(raw)
+    except UnicodeDecodeError:
+        raise InvalidRequest("The request body is not valid UTF-8 JSON.") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(
+            f"We could not parse the JSON body of your request ({exc.msg} at line {exc.lineno} "
+            f"column {exc.colno}). The OpenAI API expects a JSON payload."
+        ) from None
+    if not isinstance(value, dict):
+        raise InvalidRequest(
+            f"The request body must be a JSON object, not {_json_type(value)}."
+        )
+    return value
+
+
+def parse_request(
+    endpoint: Endpoint, body: dict[str, Any], headers: Mapping[str, str]
+) -> ClientRequest:
+    """Validate ``body`` for ``endpoint`` and derive the fields the relay routes on."""
+    model = _require(body, "model", str)
+    if not model.strip():
+        raise InvalidRequest("'model' must not be empty.", param="model")
+    stream = _optional(body, "stream", bool) or False
+    if endpoint is Endpoint.CHAT:
+        request = _parse_chat(body, model, stream)
+    else:
+        request = _parse_responses(body, model, stream)
+    request.session_key = session_key(body, headers)
+    return request
+
+
+def session_key(body: Mapping[str, Any], headers: Mapping[str, str]) -> str | None:
+    """The conversation id used for account stickiness, from the body or the headers.
+
+    ``session_id`` in the body is an alias of ``prompt_cache_key`` (seed documents 001/002).
+    """
+    for name in ("prompt_cache_key", "session_id"):
+        value = body.get(name)
+        if isinstance(value, str) and value:
+            return value
+    for name in SESSION_HEADERS:
+        value = headers.get(name)
+        if value:
+            return value
+    return None
+
+
+def _parse_chat(body: dict[str, Any], model: str, stream: bool) -> ClientRequest:
+    messages = _require(body, "messages", list)
+    if not messages:
+        raise InvalidRequest("'messages' must contain at least one message.", param="messages")
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise InvalidRequest(
+                f"'{where}' must be an object, not {_json_type(message)}.", param=where
+            )
+        role = message.get("role")
+        if not isinstance(role, str):
+            raise InvalidRequest(f"'{where}.role' is required and must be a string.", param=where)
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise InvalidRequest(
+                f"'{where}.content' must be a string or an array of content parts, "
+                f"not {_json_type(content)}.",
+                param=f"{where}.content",
+            )
+    stream_options = _optional(body, "stream_options", dict)
+    if stream_options is not None and not stream:
+        raise InvalidRequest(
+            "'stream_options' is only allowed when 'stream' is true.", param="stream_options"
+        )
+    include_usage = bool(stream_options and stream_options.get("include_usage") is True)
+    _check_common(body, ("tools",))
+    max_output = _positive_int(body, "max_completion_tokens") or _positive_int(body, "max_tokens")
+    return ClientRequest(
+        endpoint=Endpoint.CHAT,
+        body=body,
+        model=model,
+        stream=stream,
+        include_usage=include_usage,
+        max_output_tokens=max_output,
+        input_chars=_text_size(messages) + _text_size(body.get("tools")),
+    )
+
+
+def _parse_responses(body: dict[str, Any], model: str, stream: bool) -> ClientRequest:
+    if "input" not in body and "previous_response_id" not in body and "prompt" not in body:
+        raise InvalidRequest("'input' is required.", param="input")
+    value = body.get("input")
+    if value is not None and not isinstance(value, str | list):
+        raise InvalidRequest(
+            f"'input' must be a string or an array of input items, not {_json_type(value)}.",
+            param="input",
+        )
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise InvalidRequest(
+                    f"'input[{index}]' must be an object, not {_json_type(item)}.",
+                    param=f"input[{index}]",
+                )
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str | list):
+        raise InvalidRequest("'instructions' must be a string.", param="instructions")
+    _optional(body, "stream_options", dict)
+    _check_common(body, ("tools", "include"))
+    return ClientRequest(
+        endpoint=Endpoint.RESPONSES,
+        body=body,
+        model=model,
+        stream=stream,
+        max_output_tokens=_positive_int(body, "max_output_tokens"),
+        input_chars=_text_size(value) + _text_size(instructions) + _text_size(body.get("tools")),
+    )
+
+
+def _check_common(body: Mapping[str, Any], lists: tuple[str, ...]) -> None:
+    for name in lists:
+        _optional(body, name, list)
+    for name in ("temperature", "top_p"):
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise InvalidRequest(
+                f"'{name}' must be a number, not {_json_type(value)}.", param=name
+            )
+    _optional(body, "metadata", dict)
+
+
+def _text_size(value: Any) -> int:
+    """Rough size of the text a value carries, for the token estimate."""
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        return len(value)
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+
+
+def _require(body: Mapping[str, Any], name: str, kind: type) -> Any:
+    if name not in body or body[name] is None:
+        raise InvalidRequest(f"'{name}' is required.", param=name)
+    return _optional(body, name, kind)
+
+
+def _optional(body: Mapping[str, Any], name: str, kind: type) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise InvalidRequest(
+            f"'{name}' must be {_KIND_NAMES[kind]}, not {_json_type(value)}.", param=name
+        )
+    return value
+
+
+def _positive_int(body: Mapping[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"'{name}' must be an integer, not {_json_type(value)}.", param=name)
+    if value < 1:
+        raise InvalidRequest(f"'{name}' must be at least 1, got {value}.", param=name)
+    return value
+
+
+_KIND_NAMES = {
+    str: "a string",
+    bool: "a boolean",
+    list: "an array",
+    dict: "an object",
+    int: "an integer",
+}
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def upstream_payload(
+    request: ClientRequest, target_model: str, reasoning_effort: str | None
+) -> bytes:
+    """The body sent upstream: the client's, with the relay's few rewrites.
+
+    * ``model`` becomes the alias's target, and an alias's reasoning effort is applied (the alias
+      names the effort, so it wins over a field the client also sent);
+    * body ``session_id`` (an alias some relays accept) becomes ``prompt_cache_key``, which the
+      upstream understands;
+    * a streamed Chat request always asks for the usage chunk: the relay bills from it, and drops
+      it on the way back if the client did not ask for it.
+    """
+    body = dict(request.body)
+    body["model"] = target_model
+    if reasoning_effort is not None:
+        if request.endpoint is Endpoint.CHAT:
+            body["reasoning_effort"] = reasoning_effort
+        else:
+            reasoning = body.get("reasoning")
+            body["reasoning"] = {
+                **(reasoning if isinstance(reasoning, dict) else {}),
+                "effort": reasoning_effort,
+            }
+    session_id = body.pop("session_id", None)
+    if isinstance(session_id, str) and session_id and not body.get("prompt_cache_key"):
+        body["prompt_cache_key"] = session_id
+    if request.endpoint is Endpoint.CHAT and request.stream:
+        options = body.get("stream_options") or {}
+        body["stream_options"] = {**options, "include_usage": True}
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()

@@ -1,0 +1,244 @@
+"""Server-sent events as bytes: framing, usage capture and error events, without I/O.
+
+When client and upstream speak the same protocol the relay forwards the upstream's bytes as they
+are. It still has to know where one event ends (so it never forwards half an event and can drop
+the usage chunk a Chat client did not ask for) and what the usage was (to bill). Both are done
+here on bytes: an event is decoded as JSON only when it carries a usage object, which in a normal
+stream is one event out of hundreds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from .requests import Endpoint
+
+# An event ends at a blank line; upstreams use "\n\n", a few "\r\n\r\n" (WHATWG allows "\r" too,
+# which no LLM API uses, so it is not handled).
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+_SEQUENCE_NUMBER = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
+_DONE = b"[DONE]"
+
+
+class EventSplitter:
+    """Cuts a byte stream into whole SSE events, each with its terminating blank line.
+
+    Bytes that do not yet end an event stay buffered until more arrive; :meth:`tail` gives what
+    is left when the stream ends.
+    """
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buffer = self._buffer + data if self._buffer else data
+        events = []
+        start = 0
+        for match in _EVENT_END.finditer(buffer):
+            events.append(buffer[start : match.end()])
+            start = match.end()
+        self._buffer = buffer[start:]
+        return events
+
+    def tail(self) -> bytes:
+        return self._buffer
+
+
+def event_data(event: bytes) -> bytes:
+    """The event's ``data:`` payload (several data lines joined by newlines, per the spec)."""
+    lines = []
+    for line in event.splitlines():
+        if line.startswith(b"data:"):
+            value = line[5:]
+            lines.append(value[1:] if value.startswith(b" ") else value)
+    return b"\n".join(lines)
+
+
+@dataclass
+class Usage:
+    """Token counts in one vocabulary for both protocols (reasoning is part of output)."""
+
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    @classmethod
+    def from_chat(cls, usage: dict) -> Usage:
+        prompt_details = usage.get("prompt_tokens_details") or {}
+        completion_details = usage.get("completion_tokens_details") or {}
+        cached = prompt_details.get("cached_tokens")
+        if cached is None:  # DeepSeek reports cache hits under its own name
+            cached = usage.get("prompt_cache_hit_tokens", 0)
+        return cls(
+            input_tokens=_int(usage.get("prompt_tokens")),
+            cached_tokens=_int(cached),
+            output_tokens=_int(usage.get("completion_tokens")),
+            reasoning_tokens=_int(completion_details.get("reasoning_tokens")),
+        )
+
+    @classmethod
+    def from_responses(cls, usage: dict) -> Usage:
+        input_details = usage.get("input_tokens_details") or {}
+        output_details = usage.get("output_tokens_details") or {}
+        return cls(
+            input_tokens=_int(usage.get("input_tokens")),
+            cached_tokens=_int(input_details.get("cached_tokens")),
+            output_tokens=_int(usage.get("output_tokens")),
+            reasoning_tokens=_int(output_details.get("reasoning_tokens")),
+        )
+
+    @classmethod
+    def from_body(cls, endpoint: Endpoint, body: dict) -> Usage | None:
+        """Usage of a non-streamed answer, or None when the upstream reported none."""
+        usage = body.get("usage")
+        if not isinstance(usage, dict):
+            return None
+        return cls.from_chat(usage) if endpoint is Endpoint.CHAT else cls.from_responses(usage)
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+class StreamMeter:
+    """Watches a relayed stream's events: usage, deltas produced, and whether it finished.
+
+    ``drop_usage_chunk`` removes Chat's trailing usage-only chunk, which the relay always asks
+    the upstream for (to bill) but forwards only to clients that asked for it.
+    """
+
+    __slots__ = (
+        "_drop_usage_chunk",
+        "_endpoint",
+        "deltas",
+        "events",
+        "finished",
+        "first_event",
+        "last_event",
+        "usage",
+    )
+
+    def __init__(self, endpoint: Endpoint, *, drop_usage_chunk: bool = False) -> None:
+        self._endpoint = endpoint
+        self._drop_usage_chunk = drop_usage_chunk
+        self.usage: Usage | None = None
+        self.events = 0
+        self.deltas = 0
+        self.finished = False
+        self.first_event: bytes | None = None
+        self.last_event: bytes | None = None
+
+    def forwardable(self, events: list[bytes]) -> bytes:
+        """Account for ``events`` and return the bytes to send on to the client."""
+        keep = []
+        for event in events:
+            if self._observe(event):
+                keep.append(event)
+        return b"".join(keep)
+
+    def _observe(self, event: bytes) -> bool:
+        self.events += 1
+        if self.first_event is None:
+            self.first_event = event
+        self.last_event = event
+        if b"delta" in event:
+            self.deltas += 1
+        if _USAGE_OBJECT.search(event):
+            return self._capture_usage(event)
+        if self._endpoint is Endpoint.CHAT:
+            if _DONE in event and event_data(event).strip() == _DONE:
+                self.finished = True
+        elif (
+            b"response.completed" in event
+            or b"response.incomplete" in event
+            or b"response.failed" in event
+        ):
+            self.finished = True
+        return True
+
+    def _capture_usage(self, event: bytes) -> bool:
+        try:
+            payload = json.loads(event_data(event))
+        except ValueError:
+            return True
+        if not isinstance(payload, dict):
+            return True
+        if self._endpoint is Endpoint.CHAT:
+            usage = payload.get("usage")
+            if isinstance(usage, dict):
+                self.usage = Usage.from_chat(usage)
+                if self._drop_usage_chunk and not payload.get("choices"):
+                    return False
+        else:
+            response = payload.get("response")
+            if isinstance(response, dict) and isinstance(response.get("usage"), dict):
+                self.usage = Usage.from_responses(response["usage"])
+            if payload.get("type") in (
+                "response.completed",
+                "response.incomplete",
+                "response.failed",
+            ):
+                self.finished = True
+        return True
+
+    def next_sequence_number(self) -> int:
+        """The ``sequence_number`` an event appended to this Responses stream must carry."""
+        if self.last_event is None:
+            return 0
+        found = _SEQUENCE_NUMBER.findall(self.last_event)
+        return int(found[-1]) + 1 if found else self.events
+
+    def response_id(self) -> str | None:
+        """The id from the stream's ``response.created`` event, if it had one."""
+        if self.first_event is None:
+            return None
+        try:
+            payload = json.loads(event_data(self.first_event))
+        except ValueError:
+            return None
+        response = payload.get("response") if isinstance(payload, dict) else None
+        return response.get("id") if isinstance(response, dict) else None
+
+
+def error_event(
+    endpoint: Endpoint,
+    meter: StreamMeter,
+    *,
+    message: str,
+    code: str,
+    type: str = "server_error",
+    fallback_id: str = "resp_relay",
+) -> bytes:
+    """The event that tells a streaming client its answer failed midway, in its own protocol.
+
+    Chat clients get a chunk with a top-level ``error`` (both SDKs raise on it). Responses
+    clients get ``response.failed``, which the Codex CLI reads as a failed turn and retries
+    (protocols.md §2.6); it is the last event, as Codex expects.
+    """
+    if endpoint is Endpoint.CHAT:
+        payload = {"error": {"message": message, "type": type, "param": None, "code": code}}
+        return b"data: " + json.dumps(payload).encode() + b"\n\n"
+    payload = {
+        "type": "response.failed",
+        "sequence_number": meter.next_sequence_number(),
+        "response": {
+            "id": meter.response_id() or fallback_id,
+            "object": "response",
+            "status": "failed",
+            "error": {"code": code, "message": message},
+            "incomplete_details": None,
+            "output": [],
+            "usage": None,
+        },
+    }
+    return b"event: response.failed\ndata: " + json.dumps(payload).encode() + b"\n\n"
