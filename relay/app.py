@@ -57,7 +57,7 @@ class Runtime:
     catalog: Catalog
     upstream: UpstreamClient
     started_at: float
-    active_requests: int = 0
+    active_requests: int = 0  # relay requests (chat, responses) in progress
 
     def state(self) -> dict:
         """Live counters: what the admin endpoint shows and the leak tests check."""
@@ -172,7 +172,6 @@ class RelayApp:
         request_id = "req_" + uuid.uuid4().hex
         request = Request(scope, receive, request_id)
         responder = Responder(send, request_id)
-        self.runtime.active_requests += 1
         try:
             handler = self._find(request)
             await handler(self.runtime, request, responder)
@@ -187,8 +186,6 @@ class RelayApp:
                 await responder.error(InternalError(request_id))
             elif not responder.finished:
                 await responder.end()
-        finally:
-            self.runtime.active_requests -= 1
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

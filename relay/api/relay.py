@@ -89,6 +89,14 @@ class Call:
 
 async def handle(runtime: Runtime, request: Request, responder: Responder, endpoint: Endpoint):
     """Serve one relay request end to end; errors before the answer starts become JSON errors."""
+    runtime.active_requests += 1
+    try:
+        await _handle(runtime, request, responder, endpoint)
+    finally:
+        runtime.active_requests -= 1
+
+
+async def _handle(runtime: Runtime, request: Request, responder: Responder, endpoint: Endpoint):
     started = trio.current_time()
     key = await runtime.keys.authenticate(request.headers)
     package = runtime.config.packages.get(key.package)
@@ -240,6 +248,7 @@ async def _relay_stream(call: Call) -> None:
                 if isinstance(first, RelayError):
                     raise first
                 await call.responder.start(200, SSE_HEADERS)
+                await writer.write(first)
                 async for data in receive_channel:
                     await writer.write(data)
             await call.responder.end()

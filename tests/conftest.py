@@ -1,0 +1,258 @@
+"""Real servers on loopback for the tests: the simulated upstream and the relay, each in its own
+process started through its command line (exactly as a user starts them), and helpers to talk
+to them."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx2
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SIM_KEY = "sim-upstream-key"
+ADMIN_TOKEN = "test-admin-token"
+
+
+@dataclass
+class Process:
+    proc: subprocess.Popen
+    url: str
+    log: Path
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.log.read_text()
+
+
+def start_process(args: list[str], pattern: str, log: Path, env: dict | None = None) -> Process:
+    """Start a server process and wait for the line that says where it listens."""
+    out = open(log, "w")
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        stdout=subprocess.PIPE,
+        stderr=out,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        match = re.search(pattern, line)
+        if match:
+            return Process(proc, match.group(1), log)
+    proc.kill()
+    raise RuntimeError(f"{args} did not start:\n{log.read_text()}")
+
+
+class Sim:
+    """The simulated upstream, seen from a test: its URL and its request log."""
+
+    def __init__(self, process: Process) -> None:
+        self.process = process
+        self.url = process.url
+        self.http = httpx2.Client(base_url=self.url, timeout=10)
+
+    def requests(self) -> list[dict]:
+        return self.http.get("/_sim/requests").json()
+
+    def reset(self) -> None:
+        self.http.post("/_sim/reset").raise_for_status()
+
+    def stats(self) -> dict:
+        return self.http.get("/_sim/stats").json()
+
+
+@dataclass
+class Relay:
+    """The relay process, its config and database, and handy clients."""
+
+    process: Process
+    config_path: Path
+    database: Path
+    url: str
+    keys: dict[str, str] = field(default_factory=dict)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "relay", *args],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=30,
+        )
+
+    def create_key(self, package: str = "team", name: str = "test") -> str:
+        done = self.cli(
+            "keys", "create", "--config", str(self.config_path), "--package", package,
+            "--name", name, "--json",
+        )
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)["key"]
+
+    def key(self, package: str = "team") -> str:
+        if package not in self.keys:
+            self.keys[package] = self.create_key(package)
+        return self.keys[package]
+
+    def usage_row(self, request_id: str) -> dict:
+        """The usage row of one request, waiting for the writer to commit it."""
+        rows = self.usage_rows(request_id)
+        return next(row for row in rows if row["request_id"] == request_id)
+
+    def state(self) -> dict:
+        response = httpx2.get(
+            self.url + "/admin/state", headers={"authorization": f"Bearer {ADMIN_TOKEN}"}
+        )
+        response.raise_for_status()
+        return response.json()
+
+    def wait_idle(self, timeout: float = 5.0) -> dict:
+        """Poll until no relay request is in flight and no slot is held; return that state."""
+        deadline = time.monotonic() + timeout
+        state = self.state()
+        while time.monotonic() < deadline:
+            if _idle(state):
+                return state
+            time.sleep(0.02)
+            state = self.state()
+        return state
+
+    def usage_rows(self, request_id: str | None = None, timeout: float = 5.0) -> list[dict]:
+        """Usage rows (newest first), waiting for ``request_id``'s row when one is named."""
+        deadline = time.monotonic() + timeout
+        while True:
+            connection = sqlite3.connect(f"file:{self.database}?mode=ro", uri=True)
+            connection.row_factory = sqlite3.Row
+            try:
+                rows = [dict(row) for row in connection.execute(
+                    "select * from usage order by id desc"
+                )]
+            finally:
+                connection.close()
+            if request_id is None or any(r["request_id"] == request_id for r in rows):
+                return rows
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no usage row for {request_id}")
+            time.sleep(0.02)
+
+
+def _idle(state: dict) -> bool:
+    return (
+        state["active_requests"] == 0
+        and state["admission"]["total"] == 0
+        and not any(state["accounts"].values())
+    )
+
+
+def relay_config(sim_url: str, database: Path, **server: object) -> str:
+    extra = "".join(f"{name} = {json.dumps(value)}\n" for name, value in server.items())
+    return textwrap.dedent(
+        f"""\
+        [server]
+        listen = "127.0.0.1:0"
+        database = "{database}"
+        admin_token_env = "RELAY_TEST_ADMIN_TOKEN"
+        """
+    ) + extra + textwrap.dedent(
+        f"""
+        [pools.main]
+        max_concurrency = 100
+
+        [packages.team]
+        pool = "main"
+        max_concurrency = 50
+
+        [packages.live]
+        pool = "main"
+        key_prefix = "sk-live-"
+
+        [[accounts]]
+        name = "sim-responses"
+        pool = "main"
+        provider = "openai-responses"
+        base_url = "{sim_url}/v1"
+        api_key_env = "SIM_UPSTREAM_KEY"
+        models = ["gpt-5.5", "gpt-5"]
+
+        [[accounts]]
+        name = "sim-chat"
+        pool = "main"
+        provider = "openai-chat"
+        base_url = "{sim_url}/v1"
+        api_key_env = "SIM_UPSTREAM_KEY"
+        models = ["gpt-5.5", "gpt-5", "deepseek-chat"]
+
+        [[accounts]]
+        name = "nowhere"
+        pool = "main"
+        provider = "openai-chat"
+        base_url = "http://127.0.0.1:9/v1"
+        api_key_env = "SIM_UPSTREAM_KEY"
+        models = ["unreachable-model"]
+
+        [models.gpt-5-high]
+        target = "gpt-5"
+        reasoning_effort = "high"
+        """
+    )
+
+
+def start_relay(tmp: Path, sim_url: str, **server: object) -> Relay:
+    database = tmp / "relay.db"
+    config_path = tmp / "relay.toml"
+    config_path.write_text(relay_config(sim_url, database, **server))
+    process = start_process(
+        ["-m", "relay", "serve", "--config", str(config_path)],
+        r"relay listening on (\S+)",
+        tmp / "relay.log",
+        env={
+            "SIM_UPSTREAM_KEY": SIM_KEY,
+            "RELAY_TEST_ADMIN_TOKEN": ADMIN_TOKEN,
+            "RELAY_LOG_LEVEL": "WARNING",
+        },
+    )
+    return Relay(process, config_path, database, process.url)
+
+
+@pytest.fixture(scope="session")
+def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
+    log = tmp_path_factory.mktemp("sim") / "sim.log"
+    process = start_process(
+        [
+            "-m", "relay.testing.upstream", "--port", "0", "--api-key", SIM_KEY,
+            "--ttft", "0.01", "--token-delay", "0.002", "--tokens", "12",
+        ],
+        r"listening on (\S+)",
+        log,
+    )
+    yield Sim(process)
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def relay(sim: Sim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
+    server = start_relay(tmp_path_factory.mktemp("relay"), sim.url, stall_timeout_s=2.0)
+    yield server
+    log = server.process.stop()
+    assert "Traceback" not in log, log

@@ -1,0 +1,316 @@
+"""HTTP behaviour through real requests: paths, auth forms, headers and the malformed-request
+table, each answered with OpenAI's error JSON."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx2
+import pytest
+
+from .conftest import Relay
+
+CHAT = "/v1/chat/completions"
+RESPONSES = "/v1/responses"
+HELLO = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi #sim tokens=2"}]}
+
+
+def post(relay: Relay, path: str, body: object = None, *, key: str | None = "", **kwargs):
+    headers = kwargs.pop("headers", {})
+    if key == "":
+        key = relay.key()
+    if key is not None:
+        headers.setdefault("authorization", f"Bearer {key}")
+    if body is not None and "content" not in kwargs:
+        kwargs["content"] = json.dumps(body)
+        headers.setdefault("content-type", "application/json")
+    return httpx2.post(relay.url + path, headers=headers, timeout=10, **kwargs)
+
+
+MALFORMED = [
+    # (case, path, body (bytes or JSON), extra headers, status, error type, error code)
+    ("bad json", CHAT, b'{"model": "x",', {}, 400, "invalid_request_error", None),
+    ("empty body", CHAT, b"", {}, 400, "invalid_request_error", None),
+    ("body is an array", CHAT, [1, 2], {}, 400, "invalid_request_error", None),
+    ("missing model", CHAT, {"messages": [{"role": "user", "content": "x"}]}, {}, 400,
+     "invalid_request_error", None),
+    ("model not a string", CHAT, {"model": 5, "messages": []}, {}, 400,
+     "invalid_request_error", None),
+    ("missing messages", CHAT, {"model": "deepseek-chat"}, {}, 400, "invalid_request_error",
+     None),
+    ("messages not a list", CHAT, {"model": "deepseek-chat", "messages": "hi"}, {}, 400,
+     "invalid_request_error", None),
+    ("empty messages", CHAT, {"model": "deepseek-chat", "messages": []}, {}, 400,
+     "invalid_request_error", None),
+    ("message without role", CHAT, {"model": "deepseek-chat", "messages": [{"content": "x"}]},
+     {}, 400, "invalid_request_error", None),
+    ("stream not a boolean", CHAT, {**HELLO, "stream": "yes"}, {}, 400,
+     "invalid_request_error", None),
+    ("max_tokens negative", CHAT, {**HELLO, "max_tokens": -1}, {}, 400,
+     "invalid_request_error", None),
+    ("temperature a string", CHAT, {**HELLO, "temperature": "hot"}, {}, 400,
+     "invalid_request_error", None),
+    ("tools not a list", CHAT, {**HELLO, "tools": {}}, {}, 400, "invalid_request_error", None),
+    ("stream_options without stream", CHAT, {**HELLO, "stream_options": {"include_usage": True}},
+     {}, 400, "invalid_request_error", None),
+    ("responses without input", RESPONSES, {"model": "gpt-5.5"}, {}, 400,
+     "invalid_request_error", None),
+    ("responses input a number", RESPONSES, {"model": "gpt-5.5", "input": 3}, {}, 400,
+     "invalid_request_error", None),
+    ("unknown model", CHAT, {**HELLO, "model": "gpt-nope"}, {}, 404, "invalid_request_error",
+     "model_not_found"),
+    ("upstream unreachable", CHAT, {**HELLO, "model": "unreachable-model"},
+     {}, 502, "upstream_error", "upstream_unreachable"),
+    ("text/plain body", CHAT, HELLO, {"content-type": "text/plain"}, 415,
+     "invalid_request_error", "unsupported_media_type"),
+    ("gzip body", CHAT, HELLO, {"content-encoding": "gzip"}, 415, "invalid_request_error",
+     "unsupported_media_type"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "path", "body", "headers", "status", "error_type", "code"),
+    MALFORMED,
+    ids=[row[0] for row in MALFORMED],
+)
+def test_malformed_request(relay, case, path, body, headers, status, error_type, code) -> None:
+    kwargs = {"content": body} if isinstance(body, bytes) else {}
+    response = post(relay, path, body, headers=dict(headers), **kwargs)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == error_type
+    assert error["code"] == code
+    assert error["message"] and "Traceback" not in error["message"]
+    assert response.headers["x-request-id"].startswith("req_")
+
+
+def test_malformed_field_is_named_in_param(relay: Relay) -> None:
+    error = post(relay, CHAT, {**HELLO, "max_tokens": "10"}).json()["error"]
+    assert error["param"] == "max_tokens"
+    assert "'max_tokens' must be an integer" in error["message"]
+
+
+def test_oversized_body_is_413(tmp_path, sim) -> None:
+    from .conftest import start_relay
+
+    small = start_relay(tmp_path, sim.url, max_body_bytes=1024)
+    try:
+        big = {**HELLO, "messages": [{"role": "user", "content": "x" * 5000}]}
+        response = post(small, CHAT, big)
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "request_too_large"
+        # Without Content-Length (chunked upload) the cap holds too.
+        chunked = post(small, CHAT, None, content=iter([json.dumps(big).encode()]),
+                       headers={"content-type": "application/json"})
+        assert chunked.status_code == 413
+        assert post(small, CHAT, HELLO).status_code == 200
+    finally:
+        small.process.stop()
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 401),
+        ({"authorization": "Bearer wrong"}, 401),
+        ({"authorization": "Basic Zm9vOmJhcg=="}, 401),
+    ],
+)
+def test_bad_credentials_are_401(relay: Relay, headers, status) -> None:
+    response = post(relay, CHAT, HELLO, key=None, headers=headers)
+    assert response.status_code == status
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("form", ["bearer", "bare", "x-api-key"])
+def test_key_accepted_in_every_form(relay: Relay, form: str) -> None:
+    key = relay.key()
+    headers = {
+        "bearer": {"authorization": f"Bearer {key}"},
+        "bare": {"authorization": key},
+        "x-api-key": {"x-api-key": key},
+    }[form]
+    response = post(relay, CHAT, HELLO, key=None, headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "tok tok"
+
+
+@pytest.mark.parametrize("base", ["/openai/v1", "/v1", "/codex/v1", "/api/v1"])
+def test_every_base_path_serves_every_endpoint(relay: Relay, base: str) -> None:
+    assert httpx2.get(relay.url + base).status_code == 200
+    assert post(relay, base + "/chat/completions", HELLO).status_code == 200
+    response = post(relay, base + "/responses", {"model": "gpt-5.5", "input": "hi #sim tokens=1"})
+    assert response.json()["output"][-1]["content"][0]["text"] == "tok"
+    models = httpx2.get(
+        relay.url + base + "/models", headers={"authorization": f"Bearer {relay.key()}"}
+    ).json()
+    assert models["object"] == "list" and "gpt-5.5" in [m["id"] for m in models["data"]]
+
+
+def test_codex_base_without_v1(relay: Relay) -> None:
+    response = post(relay, "/openai/responses", {"model": "gpt-5.5", "input": "hi #sim tokens=1"})
+    assert response.status_code == 200
+    assert response.json()["object"] == "response"
+
+
+def test_healthz_and_unknown_path_and_method(relay: Relay) -> None:
+    assert httpx2.get(relay.url + "/healthz").json()["status"] == "ok"
+    missing = httpx2.get(relay.url + "/v1/embeddings")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_url"
+    wrong = httpx2.get(relay.url + CHAT)
+    assert wrong.status_code == 405
+    assert wrong.headers["allow"] == "POST"
+    assert wrong.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_upstream_errors_keep_their_status(relay: Relay) -> None:
+    for fault, status in (("429", 429), ("500", 500), ("400", 400)):
+        body = {**HELLO, "messages": [{"role": "user", "content": f"hi #sim fault={fault}"}]}
+        response = post(relay, CHAT, body)
+        assert response.status_code == status, response.text
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    limited = post(relay, CHAT, {**HELLO, "messages": [{"role": "user", "content": "#sim fault=429"}]})
+    assert limited.headers["retry-after"] == "2"
+
+
+def test_upstream_401_is_not_blamed_on_the_client_key(relay: Relay) -> None:
+    body = {**HELLO, "messages": [{"role": "user", "content": "#sim fault=401"}]}
+    response = post(relay, CHAT, body)
+    assert response.status_code == 401
+    error = response.json()["error"]
+    assert error["code"] == "upstream_credentials_rejected"
+    assert "not your API key" in error["message"]
+
+
+def test_upstream_unreachable_is_502_and_recorded(relay: Relay) -> None:
+    response = post(relay, CHAT, {**HELLO, "model": "unreachable-model"})
+    assert response.status_code == 502
+    row = relay.usage_row(response.headers["x-request-id"])
+    assert (row["status"], row["account"], row["output_tokens"]) == (502, "nowhere", 0)
+
+
+def test_upstream_silence_is_504(tmp_path, sim) -> None:
+    from .conftest import start_relay
+
+    impatient = start_relay(tmp_path, sim.url, upstream_read_timeout_s=0.5)
+    try:
+        body = {**HELLO, "messages": [{"role": "user", "content": "#sim fault=stall"}]}
+        started = time.monotonic()
+        response = post(impatient, CHAT, body)
+        assert response.status_code == 504
+        assert response.json()["error"]["code"] == "upstream_timeout"
+        assert time.monotonic() - started < 5
+        assert impatient.wait_idle()["admission"]["total"] == 0
+    finally:
+        impatient.process.stop()
+
+
+def test_upstream_drop_mid_stream_ends_with_error_event(relay: Relay) -> None:
+    body = {**HELLO, "stream": True,
+            "messages": [{"role": "user", "content": "#sim fault=drop tokens=10"}]}
+    with httpx2.stream("POST", relay.url + CHAT, json=body,
+                       headers={"authorization": f"Bearer {relay.key()}"}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line.startswith("data:")]
+    last = json.loads(events[-1].removeprefix("data: "))
+    assert last["error"]["code"] == "upstream_unreachable"
+    row = relay.usage_row(response.headers["x-request-id"])
+    assert row["error_code"] == "upstream_unreachable" and row["usage_source"] == "estimate"
+    assert row["output_tokens"] > 0
+
+
+def test_responses_drop_mid_stream_ends_with_response_failed(relay: Relay) -> None:
+    body = {"model": "gpt-5.5", "stream": True, "input": "#sim fault=drop tokens=10"}
+    with httpx2.stream("POST", relay.url + RESPONSES, json=body,
+                       headers={"authorization": f"Bearer {relay.key()}"}) as response:
+        datas = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data:")]
+    assert datas[-1]["type"] == "response.failed"
+    assert datas[-1]["sequence_number"] == datas[-2]["sequence_number"] + 1
+    assert datas[-1]["response"]["id"] == datas[0]["response"]["id"]
+
+
+def test_sse_headers(relay: Relay) -> None:
+    with httpx2.stream("POST", relay.url + CHAT, json={**HELLO, "stream": True},
+                       headers={"authorization": f"Bearer {relay.key()}"}) as response:
+        response.read()
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["cache-control"] == "no-cache"
+    assert response.headers["x-accel-buffering"] == "no"
+    assert response.headers["x-request-id"].startswith("req_")
+
+
+def test_revoked_key_is_refused(relay: Relay) -> None:
+    key = relay.create_key(name="to revoke")
+    assert post(relay, CHAT, HELLO, key=key).status_code == 200
+    done = relay.cli("keys", "revoke", key, "--config", str(relay.config_path))
+    assert done.returncode == 0 and "revoked key_" in done.stdout
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        response = post(relay, CHAT, HELLO, key=key)
+        if response.status_code == 401:
+            break
+        time.sleep(0.1)
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "revoked_api_key"
+
+
+def _raw_exchange(relay: Relay, request: bytes, timeout: float = 10) -> tuple[bytes, float]:
+    """Send raw bytes; return what came back and when the server closed (or timeout)."""
+    host, port = relay.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(request)
+        started = time.monotonic()
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data, time.monotonic() - started
+            data += chunk
+
+
+def _chat_request(relay: Relay, version: bytes, extra: bytes = b"") -> bytes:
+    body = json.dumps(HELLO).encode()
+    return (
+        b"POST /v1/chat/completions HTTP/" + version + b"\r\nHost: x\r\n" + extra
+        + b"Authorization: Bearer " + relay.key().encode()
+        + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
+
+
+def test_connection_close_is_honoured(relay: Relay) -> None:
+    data, elapsed = _raw_exchange(relay, _chat_request(relay, b"1.1", b"Connection: close\r\n"))
+    assert data.startswith(b"HTTP/1.1 200")
+    assert b"tok tok" in data
+    assert elapsed < 2.0  # closed at once, not after the keep-alive timeout
+
+
+def test_http10_connection_is_closed(relay: Relay) -> None:
+    data, elapsed = _raw_exchange(relay, _chat_request(relay, b"1.0"))
+    assert b" 200 " in data.split(b"\r\n")[0]
+    assert elapsed < 2.0
+
+
+def test_idle_keepalive_connection_is_closed(tmp_path, sim) -> None:
+    from .conftest import start_relay
+
+    quick = start_relay(tmp_path, sim.url, keep_alive_timeout_s=0.5)
+    try:
+        data, elapsed = _raw_exchange(quick, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert data.startswith(b"HTTP/1.1 200")
+        assert 0.3 < elapsed < 3.0
+    finally:
+        quick.process.stop()
+
+
+def test_websocket_upgrade_gets_426(relay: Relay) -> None:
+    data, _ = _raw_exchange(
+        relay,
+        b"GET /v1/responses HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    assert data.startswith(b"HTTP/1.1 426")
