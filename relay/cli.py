@@ -106,6 +106,9 @@ def _setup_logging() -> None:
         level=os.environ.get("RELAY_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # httpx2 logs every upstream request at INFO: noise, and work on the hot path.
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 # -- serve --------------------------------------------------------------------------------
@@ -229,8 +232,11 @@ def _demo(args: argparse.Namespace) -> int:
                 key, _ = store.create_key("demo", prefix="cr_", name=f"demo {time.ctime()}")
             finally:
                 store.close()
-            url = await nursery.start(serve, config)
-            print(demo_banner(url, key), flush=True)
+            async with trio.open_nursery() as relay_nursery:
+                url = await relay_nursery.start(serve, config)
+                print(demo_banner(url, key), flush=True)
+            # ``serve`` returned (SIGINT/SIGTERM): the simulated upstream goes with it.
+            nursery.cancel_scope.cancel()
 
     trio.run(run)
     return 0
