@@ -172,7 +172,9 @@ def test_upstream_errors_keep_their_status(relay: Relay) -> None:
         response = post(relay, CHAT, body)
         assert response.status_code == status, response.text
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
-    limited = post(relay, CHAT, {**HELLO, "messages": [{"role": "user", "content": "#sim fault=429"}]})
+    limited = post(
+        relay, CHAT, {**HELLO, "messages": [{"role": "user", "content": "#sim fault=429"}]}
+    )
     assert limited.headers["retry-after"] == "2"
 
 
