@@ -10,7 +10,7 @@ import pytest
 
 from .conftest import Relay, Sim
 
-CODEX = Path(__file__).parent / "codex" / "node_modules" / ".bin" / "codex"
+CODEX = Path(__file__).parent / "node" / "node_modules" / ".bin" / "codex"
 SESSION_HEADERS = ("session-id", "session_id", "conversation_id", "thread-id")
 
 

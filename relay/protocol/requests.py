@@ -77,7 +77,7 @@ def decode_json_body(raw: bytes) -> dict[str, Any]:
             '{"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}.'
         )
     try:
-        value = json.loads(raw)
+        value = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise InvalidRequest("The request body is not valid UTF-8 JSON.") from None
     except json.JSONDecodeError as exc:
