@@ -166,16 +166,29 @@ def test_healthz_and_unknown_path_and_method(relay: Relay) -> None:
     assert wrong.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_upstream_errors_keep_their_status(relay: Relay) -> None:
-    for fault, status in (("429", 429), ("500", 500), ("400", 400)):
-        body = {**HELLO, "messages": [{"role": "user", "content": f"hi #sim fault={fault}"}]}
-        response = post(relay, CHAT, body)
+@pytest.mark.parametrize("stream", [False, True], ids=["non-stream", "stream"])
+@pytest.mark.parametrize("path", [CHAT, RESPONSES])
+def test_upstream_errors_keep_their_status(relay: Relay, path: str, stream: bool) -> None:
+    for fault, status in (("429", 429), ("500", 500), ("400", 400), ("401", 401)):
+        text = f"hi #sim fault={fault}"
+        if path == CHAT:
+            body = {**HELLO, "stream": stream, "messages": [{"role": "user", "content": text}]}
+        else:
+            body = {"model": "gpt-5.5", "stream": stream, "input": text}
+        response = post(relay, path, body)
         assert response.status_code == status, response.text
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
-    limited = post(
-        relay, CHAT, {**HELLO, "messages": [{"role": "user", "content": "#sim fault=429"}]}
-    )
-    assert limited.headers["retry-after"] == "2"
+        if fault == "429":
+            assert response.headers["retry-after"] == "2"
+        row = relay.usage_row(response.headers["x-request-id"])
+        assert row["status"] == status and row["output_tokens"] == 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["non-stream", "stream"])
+def test_unreachable_upstream_is_502_before_streaming(relay: Relay, stream: bool) -> None:
+    response = post(relay, CHAT, {**HELLO, "model": "unreachable-model", "stream": stream})
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_unreachable"
 
 
 def test_upstream_401_is_not_blamed_on_the_client_key(relay: Relay) -> None:

@@ -239,6 +239,7 @@ async def _relay_stream(call: Call) -> None:
     send_channel, receive_channel = trio.open_memory_channel[bytes | RelayError](STREAM_BUFFER)
     writer = _ClientWriter(call)
     pump_scope = trio.CancelScope()
+    failure: RelayError | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_pump, call, send_channel, pump_scope)
         nursery.start_soon(_stall_watchdog, call, writer, pump_scope)
@@ -246,14 +247,17 @@ async def _relay_stream(call: Call) -> None:
             async with receive_channel:
                 first = await _first_message(receive_channel)
                 if isinstance(first, RelayError):
-                    raise first
-                await call.responder.start(200, SSE_HEADERS)
-                await writer.write(first)
-                async for data in receive_channel:
-                    await writer.write(data)
-            await call.responder.end()
+                    failure = first  # raised below: inside the nursery it would be grouped
+                else:
+                    await call.responder.start(200, SSE_HEADERS)
+                    await writer.write(first)
+                    async for data in receive_channel:
+                        await writer.write(data)
+                    await call.responder.end()
         finally:
             nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
 
 
 async def _first_message(channel: trio.MemoryReceiveChannel) -> bytes | RelayError:
