@@ -4,8 +4,9 @@ The listening socket is made here rather than by hypercorn so that port 0 works 
 demo learn the real port from ``task_status``) and so that it carries ``TCP_USER_TIMEOUT``: a
 client that stops reading leaves hypercorn's shielded write blocked, and the kernel is the one
 party that can end it. With the option set, a connection whose sent data stays unacknowledged
-(a full receive window included) for ``stall_timeout_s`` plus a margin is aborted, which
-unblocks the write and ends the request.
+(a full receive window included) for twice ``stall_timeout_s`` is aborted, which unblocks the
+write and ends the request; the relay's own watchdog (which releases the upstream and the slots
+at ``stall_timeout_s``) always acts first.
 """
 
 from __future__ import annotations
@@ -25,11 +26,6 @@ from .app import RelayApp, open_runtime
 from .config import Config
 
 log = logging.getLogger("relay")
-
-#: Added to ``stall_timeout_s`` for the kernel's abort, so the relay's own watchdog (which
-#: releases the upstream and the slots) always acts first.
-KERNEL_ABORT_MARGIN_S = 30
-
 
 def make_listener(host: str, port: int, user_timeout_s: float | None = None) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -62,9 +58,7 @@ async def serve(
 ) -> None:
     """Serve until ``shutdown_trigger`` returns (or SIGINT/SIGTERM); reports the base URL."""
     server = config.server
-    listener = make_listener(
-        server.host, server.port, server.stall_timeout_s + KERNEL_ABORT_MARGIN_S
-    )
+    listener = make_listener(server.host, server.port, 2 * server.stall_timeout_s)
     listener.listen(1024)
     host, port = listener.getsockname()[:2]
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
