@@ -211,7 +211,10 @@ async def _refuse_websocket(receive: Receive, send: Send) -> None:
         {
             "type": "websocket.http.response.start",
             "status": 426,
-            "headers": [(b"content-type", b"application/json"), (b"upgrade", b"HTTP/1.1")],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"x-request-id", ("req_" + uuid.uuid4().hex).encode()),
+            ],
         }
     )
     await send({"type": "websocket.http.response.body", "body": body, "more_body": False})

@@ -310,7 +310,7 @@ def test_http10_connection_is_closed(relay: Relay) -> None:
     assert elapsed < 2.0
 
 
-def test_idle_keepalive_connection_is_closed(tmp_path, sim) -> None:
+def test_idle_keepalive_connection_is_closed_but_long_streams_are_not(tmp_path, sim) -> None:
     from .conftest import start_relay
 
     quick = start_relay(tmp_path, sim.url, keep_alive_timeout_s=0.5)
@@ -318,6 +318,18 @@ def test_idle_keepalive_connection_is_closed(tmp_path, sim) -> None:
         data, elapsed = _raw_exchange(quick, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert data.startswith(b"HTTP/1.1 200")
         assert 0.3 < elapsed < 3.0
+        # A stream far longer than any idle timeout runs to its end.
+        body = {**HELLO, "stream": True,
+                "messages": [{"role": "user", "content": "#sim tokens=20 delay=0.1"}]}
+        with httpx2.stream("POST", quick.url + CHAT, json=body, timeout=10,
+                           headers={"authorization": f"Bearer {quick.key()}"}) as response:
+            lines = [line for line in response.iter_lines() if line.startswith("data:")]
+        assert lines[-1] == "data: [DONE]"
+        text = "".join(
+            (json.loads(line[6:])["choices"] or [{}])[0].get("delta", {}).get("content") or ""
+            for line in lines[:-1]
+        )
+        assert text == " ".join(["tok"] * 20)
     finally:
         quick.process.stop()
 
@@ -329,3 +341,5 @@ def test_websocket_upgrade_gets_426(relay: Relay) -> None:
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
     )
     assert data.startswith(b"HTTP/1.1 426")
+    assert b"x-request-id: req_" in data.lower()
+    assert b"websocket_not_supported" in data
