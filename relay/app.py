@@ -63,8 +63,8 @@ class Runtime:
         """Live counters: what the admin endpoint shows and the leak tests check."""
         return {
             "active_requests": self.active_requests,
-            "admission": self.admission.in_flight(),
-            "accounts": self.scheduler.in_flight(),
+            "admission": self.admission.status(),
+            "accounts": self.scheduler.status(),
             "usage_records": {"written": self.usage.written, "queued": self.usage.queued},
         }
 
@@ -77,12 +77,13 @@ async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
     keys.load()
     usage = UsageWriter(store)
     upstream = UpstreamClient(config.server)
+    admission = Admission(config)
     runtime = Runtime(
         config=config,
         store=store,
         keys=keys,
         usage=usage,
-        admission=Admission(config),
+        admission=admission,
         scheduler=Scheduler(config),
         catalog=Catalog(config),
         upstream=upstream,
@@ -91,22 +92,20 @@ async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(usage.run)
-            refresher = trio.CancelScope()
-            nursery.start_soon(_run_in_scope, refresher, keys.refresh_forever)
-            try:
-                yield runtime
-            finally:
-                refresher.cancel()
-                usage.close()
+            # Tasks that run for as long as the relay serves; the usage writer outlives them
+            # to drain what is queued.
+            async with trio.open_nursery() as background:
+                background.start_soon(keys.refresh_forever)
+                background.start_soon(admission.run)
+                try:
+                    yield runtime
+                finally:
+                    background.cancel_scope.cancel()
+                    usage.close()
     finally:
         with trio.CancelScope(shield=True):
             await upstream.aclose()
         store.close()
-
-
-async def _run_in_scope(scope: trio.CancelScope, function: Callable[[], Awaitable[None]]):
-    with scope:
-        await function()
 
 
 Handler = Callable[[Runtime, Request, Responder], Awaitable[None]]

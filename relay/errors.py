@@ -99,6 +99,27 @@ class UnsupportedMediaType(RelayError):
     code = "unsupported_media_type"
 
 
+class RateLimited(RelayError):
+    """429 from the relay's own guards: the key's queue is full or its wait ran out.
+
+    ``Retry-After`` and ``retry-after-ms`` say when to come back; the OpenAI SDKs honour them.
+    """
+
+    status = 429
+    type = "rate_limit_error"
+    def __init__(self, refused) -> None:  # a guards.admission.AdmissionRefused
+        retry_after = max(1.0, float(refused.retry_after_s))
+        super().__init__(
+            refused.message,
+            code="rate_limit_exceeded" if refused.reason == "rate_limited" else refused.reason,
+            headers={
+                "retry-after": str(int(retry_after)),
+                "retry-after-ms": str(int(retry_after * 1000)),
+            },
+        )
+        self.retry_after_s = retry_after
+
+
 class UpstreamError(RelayError):
     """The upstream answered with an error status before any byte reached the client."""
 

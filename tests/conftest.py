@@ -161,7 +161,7 @@ def _idle(state: dict) -> bool:
     return (
         state["active_requests"] == 0
         and state["admission"]["total"] == 0
-        and not any(state["accounts"].values())
+        and not any(account["in_flight"] for account in state["accounts"].values())
     )
 
 

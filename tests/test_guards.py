@@ -7,7 +7,7 @@ import trio
 import trio.testing
 
 from relay.config import parse_config
-from relay.guards.admission import Admission, Ticket
+from relay.guards.admission import Admission, KeyLimits, Ticket
 
 CONFIG = parse_config(
     {
@@ -19,23 +19,24 @@ CONFIG = parse_config(
 
 
 def ticket(key: str, package: str = "big") -> Ticket:
-    return Ticket(key_id=key, package=package, pool="p", estimated_tokens=10)
+    limits = KeyLimits.of(CONFIG.packages[package])
+    return Ticket(key_id=key, pool="p", estimated_tokens=10, limits=limits)
 
 
 async def test_slots_are_released_after_success_and_error() -> None:
-    admission = Admission(CONFIG)
+    admission = Admission(CONFIG)  # no refill timer needed: these limits are concurrency only
     async with admission.enter(ticket("a")):
-        assert admission.in_flight()["total"] == 3  # key, pool, global
+        assert admission.status()["total"] == 3  # key, pool, global
     try:
         async with admission.enter(ticket("a")):
             raise ValueError("boom")
     except ValueError:
         pass
-    assert admission.in_flight()["total"] == 0
+    assert admission.status()["total"] == 0
 
 
 async def test_key_cap_makes_the_second_request_wait() -> None:
-    admission = Admission(CONFIG)
+    admission = Admission(CONFIG)  # no refill timer needed: these limits are concurrency only
     order: list[str] = []
 
     async def use(name: str, hold: float) -> None:
@@ -49,24 +50,25 @@ async def test_key_cap_makes_the_second_request_wait() -> None:
         await trio.testing.wait_all_tasks_blocked()
         nursery.start_soon(use, "second", 0)
     assert order == ["first in", "first out", "second in", "second out"]
-    assert admission.in_flight()["total"] == 0
+    assert admission.status()["total"] == 0
 
 
 async def test_cancel_while_waiting_leaves_nothing_behind() -> None:
-    admission = Admission(CONFIG)
+    admission = Admission(CONFIG)  # no refill timer needed: these limits are concurrency only
     async with admission.enter(ticket("a")), admission.enter(ticket("b")):
         # The pool (2 slots) is full: a third request waits, holding its key slot only.
         with trio.move_on_after(0.05) as scope:
             async with admission.enter(ticket("c")):
                 raise AssertionError("must not be admitted")
         assert scope.cancelled_caught
-        assert admission.key_limiters["c"].borrowed_tokens == 0
-        assert admission.pool_limiters["p"].borrowed_tokens == 2
-    assert admission.in_flight()["total"] == 0
+        assert admission.keys["c"].in_flight == 0
+        assert admission.pools["p"].guard.in_flight == 2
+        assert admission.status()["queued"] == 0
+    assert admission.status()["total"] == 0
 
 
 async def test_pool_cap_holds_under_many_concurrent_requests() -> None:
-    admission = Admission(CONFIG)
+    admission = Admission(CONFIG)  # no refill timer needed: these limits are concurrency only
     peak = 0
     inside = 0
 
@@ -82,4 +84,4 @@ async def test_pool_cap_holds_under_many_concurrent_requests() -> None:
         for index in range(50):
             nursery.start_soon(use, index)
     assert peak == 2
-    assert admission.in_flight()["total"] == 0
+    assert admission.status()["total"] == 0

@@ -18,14 +18,22 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import httpx2
 import trio
 
-from ..errors import PermissionDenied, RelayError, UpstreamTimeout, UpstreamUnavailable
-from ..guards.admission import Ticket
+from ..errors import (
+    PermissionDenied,
+    RateLimited,
+    RelayError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from ..guards.admission import AdmissionRefused, KeyLimits, Lease, Ticket
 from ..ledger.usage import UsageRecord
 from ..protocol.requests import (
     ClientRequest,
@@ -71,7 +79,8 @@ class Call:
         self.record.latency_ms = (trio.current_time() - self.started) * 1000
         self.runtime.usage.record(self.record)
 
-    def take_usage(self, usage: Usage | None, produced: int = 0) -> None:
+    def take_usage(self, usage: Usage | None, produced: int = 0) -> int:
+        """Record what the request cost; returns its total tokens (for the guards)."""
         record = self.record
         if usage is not None:
             record.input_tokens = usage.input_tokens
@@ -85,6 +94,7 @@ class Call:
             record.input_tokens = self.client.estimated_input_tokens
             record.output_tokens = produced
             record.usage_source = "estimate"
+        return record.input_tokens + record.output_tokens
 
 
 async def handle(runtime: Runtime, request: Request, responder: Responder, endpoint: Endpoint):
@@ -130,9 +140,13 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
             route=route,
             ticket=Ticket(
                 key_id=key.id,
-                package=key.package,
                 pool=route.pool,
                 estimated_tokens=client.estimated_tokens,
+                limits=KeyLimits.of(package),
+                accounts=[
+                    account.guard
+                    for account in runtime.scheduler.candidates(route, endpoint.upstream_kind)
+                ],
             ),
             payload=upstream_payload(client, route.target, route.reasoning_effort),
             record=record,
@@ -175,47 +189,60 @@ async def _cancel_on_disconnect(call: Call, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-def _upstream_url(call: Call, base_url: str) -> str:
-    return f"{base_url}/{call.client.endpoint.value}"
+@asynccontextmanager
+async def _upstream_call(
+    call: Call, *, stream: bool
+) -> AsyncIterator[tuple[Lease, httpx2.Response]]:
+    """Admission, then the chosen account's upstream response, owned by one ``async with``.
 
-
-async def _relay_once(call: Call) -> None:
+    The caller sets ``lease.used_tokens`` before leaving the block, so the guards reconcile
+    their reservation to what the request really cost.
+    """
     runtime, record = call.runtime, call.record
-    async with runtime.admission.enter(call.ticket) as lease:
-        record.queue_ms = lease.queued_s * 1000
-        provider = call.client.endpoint.upstream_kind
-        async with runtime.scheduler.checkout(call.route, provider) as account:
+    try:
+        async with runtime.admission.enter(call.ticket) as lease:
+            record.queue_ms = lease.queued_s * 1000
+            account = runtime.scheduler.by_name[lease.account.name]
             record.account = account.name
+            lease.used_tokens = 0  # until the upstream answers, nothing was used
             async with runtime.upstream.post(
-                _upstream_url(call, account.config.base_url),
+                f"{account.config.base_url}/{call.client.endpoint.value}",
                 call.payload,
                 api_key=account.config.api_key(),
                 client_headers=call.request.headers,
-                stream=False,
+                stream=stream,
                 account=account.name,
             ) as response:
-                try:
-                    body = await response.aread()
-                except httpx2.TimeoutException:
-                    raise UpstreamTimeout(
-                        f"The upstream account '{account.name}' did not finish its answer in time."
-                    ) from None
-                except httpx2.HTTPError as exc:
-                    raise UpstreamUnavailable(
-                        f"The connection to upstream account '{account.name}' broke before "
-                        f"its answer was complete ({type(exc).__name__})."
-                    ) from None
-                content_type = response.headers.get("content-type", "application/json")
+                yield lease, response
+    except AdmissionRefused as refused:
+        raise RateLimited(refused) from None
+
+
+async def _relay_once(call: Call) -> None:
+    async with _upstream_call(call, stream=False) as (lease, response):
+        account = call.record.account
+        try:
+            body = await response.aread()
+        except httpx2.TimeoutException:
+            raise UpstreamTimeout(
+                f"The upstream account '{account}' did not finish its answer in time."
+            ) from None
+        except httpx2.HTTPError as exc:
+            raise UpstreamUnavailable(
+                f"The connection to upstream account '{account}' broke before "
+                f"its answer was complete ({type(exc).__name__})."
+            ) from None
+        content_type = response.headers.get("content-type", "application/json")
+        usage = None
+        try:
+            usage = Usage.from_body(call.client.endpoint, json.loads(body))
+        except (ValueError, AttributeError):
+            log.warning("upstream answer for %s is not a JSON object", call.request.request_id)
+        lease.used_tokens = call.take_usage(usage)
     # Slots and the upstream connection are released before the answer is written: a client
     # that is slow to read it holds nothing shared.
-    usage = None
-    try:
-        usage = Usage.from_body(call.client.endpoint, json.loads(body))
-    except (ValueError, AttributeError):
-        log.warning("upstream answer for %s is not a JSON object", call.request.request_id)
-    call.take_usage(usage)
-    record.status = 200
-    record.ttft_ms = (trio.current_time() - call.started) * 1000
+    call.record.status = 200
+    call.record.ttft_ms = (trio.current_time() - call.started) * 1000
     call.commit()
     await call.responder.raw(200, body, content_type.encode())
 
@@ -285,29 +312,19 @@ async def _pump(
     call: Call, out: trio.MemorySendChannel[bytes | RelayError], scope: trio.CancelScope
 ) -> None:
     """Own the slots and the upstream stream; feed the client's bytes into ``out``."""
-    runtime, record, endpoint = call.runtime, call.record, call.client.endpoint
+    record, endpoint = call.record, call.client.endpoint
     meter = StreamMeter(endpoint, drop_usage_chunk=not call.client.include_usage)
     started = False
     async with out:
         with scope:
             try:
-                async with runtime.admission.enter(call.ticket) as lease:
-                    record.queue_ms = lease.queued_s * 1000
-                    async with runtime.scheduler.checkout(
-                        call.route, endpoint.upstream_kind
-                    ) as account:
-                        record.account = account.name
-                        async with runtime.upstream.post(
-                            _upstream_url(call, account.config.base_url),
-                            call.payload,
-                            api_key=account.config.api_key(),
-                            client_headers=call.request.headers,
-                            stream=True,
-                            account=account.name,
-                        ) as response:
-                            record.status = 200
-                            started = True
-                            await _relay_events(call, response, meter, out, account.name)
+                async with _upstream_call(call, stream=True) as (lease, response):
+                    record.status = 200
+                    started = True
+                    try:
+                        await _relay_events(call, response, meter, out, record.account)
+                    finally:
+                        lease.used_tokens = call.take_usage(meter.usage, meter.deltas)
             except RelayError as error:
                 record.status = record.status or error.status
                 record.error_code = error.code or error.type
@@ -316,8 +333,6 @@ async def _pump(
                 else:
                     await out.send(error)
             finally:
-                if started:
-                    call.take_usage(meter.usage, meter.deltas)
                 call.commit()
 
 

@@ -1,105 +1,501 @@
-"""Admission: the layered guards a request passes before an upstream account is chosen.
+"""Admission: the layered guards a request passes before it may call an upstream account.
 
-Today the layers are the concurrency caps of DESIGN.md (global → pool → key), each a
-``trio.CapacityLimiter``; a request over a cap waits for a slot. The weighted-fair queue, token
-buckets, queue caps and timeouts plug in behind the same ``enter`` call.
+Layers, in the order of DESIGN.md: global (TPM, TPS, concurrency) → pool (TPM, TPS, concurrency,
+queue cap) → key (TPM, RPM, concurrency, queue cap, queue timeout) → account (concurrency, TPM,
+RPM, chosen among the request's candidates). A request that cannot go at once waits in its pool's
+weighted-fair queue (:mod:`.fair_queue`); pools share the global layer by pool weight the same way.
+
+How a request goes through (``async with admission.enter(ticket) as lease``):
+
+1. It is queued in its pool under its key's flow (429 ``queue_full`` at once if the key's or the
+   pool's queue is full).
+2. The dispatcher grants queued requests in fair order whenever capacity frees up: a concurrency
+   slot is released, a token bucket refills (a timer), or a request arrives. Granting takes every
+   layer's concurrency slot and reserves the request's token estimate in every bucket.
+3. A request not granted within its key's ``queue_timeout_s`` leaves with 429 ``queue_timeout``.
+4. When the block exits, the reservation is reconciled to ``lease.used_tokens`` (what the request
+   really cost, which the caller sets; a failed or cancelled request sets what was produced) and
+   every slot is released.
 
 Guarantees:
 
-* Every slot a request took is released when ``enter``'s block exits, however it exits
-  (return, exception, cancellation), without a checkpoint between the exit and the release.
-* A request cancelled while waiting for a slot holds nothing afterwards.
-* Slots are taken on behalf of the :class:`Lease`, not the current task, so the task that
-  enters and the task that leaves may differ without confusing trio's bookkeeping.
+* Every slot and reservation a request took is released or reconciled when ``enter``'s block
+  exits, however it exits, with no checkpoint between the exit and the release.
+* A request cancelled while queued (its client left) is removed from the queue at once and was
+  never charged.
+* A key over its own limits is skipped, never allowed to block other keys of its pool.
+
+Concurrency caps are ``trio.CapacityLimiter``\\s taken on behalf of the :class:`Lease`, so the
+task that enters and the task that exits may differ. Nothing here knows about HTTP.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
 
-from ..config import Config
+from ..config import Config, PackageConfig
+from .buckets import TokenBucket
+from .fair_queue import FairQueue
+
+
+class AdmissionRefused(Exception):
+    """The request was not admitted; ``reason`` is queue_full, queue_timeout or rate_limited."""
+
+    def __init__(self, reason: str, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+class Guard:
+    """One layer's limits for one subject (the relay, a pool, a key or an account).
+
+    Concurrency is a ``trio.CapacityLimiter``; TPM/RPM/TPS are token buckets. A guard answers how
+    long a request must wait (0: it may go now) and takes and gives back what a request holds.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        max_concurrency: int | None = None,
+        tpm: int | None = None,
+        tps: int | None = None,
+        rpm: int | None = None,
+        priority: int = 0,
+        now: float = 0.0,
+    ) -> None:
+        self.name = name
+        self.priority = priority
+        self.limiter = trio.CapacityLimiter(
+            max_concurrency if max_concurrency is not None else math.inf
+        )
+        self.max_concurrency = max_concurrency
+        self.tpm = TokenBucket.per_minute(tpm, now) if tpm else None
+        self.tps = TokenBucket.per_second(tps, now) if tps else None
+        self.rpm = TokenBucket.per_minute(rpm, now) if rpm else None
+        self.reserved = 0  # tokens reserved by requests in flight
+
+    @property
+    def in_flight(self) -> int:
+        return self.limiter.borrowed_tokens
+
+    def wait_time(self, tokens: int, now: float) -> float:
+        """0 if a request of ``tokens`` may go now; else seconds to wait (``inf``: until a
+        concurrency slot frees, which is signalled, not timed)."""
+        if self.limiter.available_tokens < 1:
+            return math.inf
+        wait = 0.0
+        for bucket in (self.tpm, self.tps):
+            if bucket is not None:
+                wait = max(wait, bucket.wait_time(tokens, now))
+        if self.rpm is not None:
+            wait = max(wait, self.rpm.wait_time(1, now))
+        return wait
+
+    def take(self, lease: Lease, tokens: int, now: float) -> None:
+        self.limiter.acquire_on_behalf_of_nowait(lease)
+        for bucket in (self.tpm, self.tps):
+            if bucket is not None:
+                bucket.take(tokens, now)
+        if self.rpm is not None:
+            self.rpm.take(1, now)
+        self.reserved += tokens
+
+    def settle(self, lease: Lease, reserved: int, used: int, now: float) -> None:
+        """Correct the reservation to what was used and free the concurrency slot."""
+        for bucket in (self.tpm, self.tps):
+            if bucket is not None:
+                bucket.give(reserved - used, now)
+        self.reserved -= reserved
+        self.limiter.release_on_behalf_of(lease)
+
+    def status(self, now: float) -> dict:
+        state: dict = {"in_flight": self.in_flight, "reserved_tokens": self.reserved}
+        if self.max_concurrency is not None:
+            state["max_concurrency"] = self.max_concurrency
+        for name in ("tpm", "tps", "rpm"):
+            bucket = getattr(self, name)
+            if bucket is not None:
+                state[f"{name}_remaining"] = math.floor(bucket.level(now))
+        return state
+
+
+@dataclass(frozen=True)
+class KeyLimits:
+    """A key's effective limits: its package's, or the key's own overrides."""
+
+    tpm: int | None = None
+    rpm: int | None = None
+    max_concurrency: int | None = None
+    max_queue: int | None = None
+    queue_timeout_s: float = 60.0
+    weight: float = 1.0
+
+    @classmethod
+    def of(cls, package: PackageConfig) -> KeyLimits:
+        return cls(
+            tpm=package.tpm,
+            rpm=package.rpm,
+            max_concurrency=package.max_concurrency,
+            max_queue=package.max_queue,
+            queue_timeout_s=package.queue_timeout_s,
+            weight=package.weight,
+        )
 
 
 @dataclass(frozen=True)
 class Ticket:
-    """Who is asking and for how much: what admission decides on."""
+    """Who is asking, for how much, and which accounts could serve it (preferred first)."""
 
     key_id: str
-    package: str
     pool: str
     estimated_tokens: int
+    limits: KeyLimits = KeyLimits()
+    accounts: Sequence[Guard] = ()
 
 
 @dataclass(eq=False)
 class Lease:
-    """The slots one admitted request holds; it is also the borrower trio's limiters see."""
+    """What one admitted request holds; also the borrower trio's limiters see.
+
+    The caller sets ``used_tokens`` to the request's real cost before the block exits; if it
+    stays None, the reservation is kept as the cost (the safe side for the limits).
+    """
 
     ticket: Ticket
+    account: Guard | None = None
     queued_s: float = 0.0
-    held: list[trio.CapacityLimiter] = field(default_factory=list)
+    used_tokens: int | None = None
+    held: list[Guard] = field(default_factory=list)
+    reserved: int = 0
 
 
-def _limiter(limit: int | None) -> trio.CapacityLimiter:
-    return trio.CapacityLimiter(limit if limit is not None else math.inf)
+@dataclass(eq=False)
+class _Waiter:
+    ticket: Ticket
+    enqueued_at: float
+    event: trio.Event = field(default_factory=trio.Event)
+    lease: Lease | None = None
+
+
+class _Pool:
+    def __init__(self, name: str, guard: Guard, weight: float, max_queue: int | None) -> None:
+        self.name = name
+        self.guard = guard
+        self.weight = weight
+        self.max_queue = max_queue
+        self.queue: FairQueue[_Waiter] = FairQueue()
+        self.counter = 0.0  # virtual tokens at the global layer, per pool weight
 
 
 class Admission:
-    """The global, pool and key concurrency guards for one relay process."""
+    """The guards of one relay process and the fair queue in front of them."""
 
     def __init__(self, config: Config) -> None:
+        now = trio.current_time() if _in_trio() else 0.0
         self._config = config
-        self.global_limiter = _limiter(config.global_.max_concurrency)
-        self.pool_limiters = {
-            name: _limiter(pool.max_concurrency) for name, pool in config.pools.items()
-        }
-        self.key_limiters: dict[str, trio.CapacityLimiter] = {}
+        g = config.global_
+        self.global_guard = Guard(
+            "global", max_concurrency=g.max_concurrency, tpm=g.tpm, tps=g.tps, now=now
+        )
+        self.pools: dict[str, _Pool] = {}
+        for name, pool in config.pools.items():
+            guard = Guard(
+                name, max_concurrency=pool.max_concurrency, tpm=pool.tpm, tps=pool.tps, now=now
+            )
+            self.pools[name] = _Pool(name, guard, pool.weight, pool.max_queue)
+        self.keys: dict[str, Guard] = {}
+        self._waiting: dict[str, int] = {}  # key id → queued requests
+        self._wake_at = math.inf
+        self._rearm = trio.Event()
+        self.granted = 0
+        self.refused: dict[str, int] = {"queue_full": 0, "queue_timeout": 0, "rate_limited": 0}
 
-    def _key_limiter(self, ticket: Ticket) -> trio.CapacityLimiter:
-        limiter = self.key_limiters.get(ticket.key_id)
-        if limiter is None:
-            package = self._config.packages.get(ticket.package)
-            limiter = _limiter(package.max_concurrency if package else None)
-            self.key_limiters[ticket.key_id] = limiter
-        return limiter
-
-    def _layers(self, ticket: Ticket) -> list[trio.CapacityLimiter]:
-        pool = self.pool_limiters.get(ticket.pool)
-        if pool is None:
-            pool = self.pool_limiters.setdefault(ticket.pool, _limiter(None))
-        # Innermost first: a request waits for its own key's slot before it occupies a place
-        # in the shared layers, so one key's backlog cannot hold pool or global slots idle.
-        return [self._key_limiter(ticket), pool, self.global_limiter]
+    # -- the public surface ---------------------------------------------------------------
 
     @asynccontextmanager
     async def enter(self, ticket: Ticket) -> AsyncIterator[Lease]:
-        lease = Lease(ticket)
-        started = trio.current_time()
+        """Wait for admission (fairly), hold the slots for the block, then reconcile."""
+        now = trio.current_time()
+        pool = self._pool(ticket.pool)
+        key = self._key_guard(ticket)
+        self._check_queue_room(ticket, pool, key, now)
+        waiter = _Waiter(ticket, now)
+        pool.queue.push(ticket.key_id, ticket.limits.weight, waiter)
+        self._lift_pool(pool)
+        self._waiting[ticket.key_id] = self._waiting.get(ticket.key_id, 0) + 1
         try:
-            for limiter in self._layers(ticket):
-                await limiter.acquire_on_behalf_of(lease)
-                lease.held.append(limiter)
-            lease.queued_s = trio.current_time() - started
+            self._dispatch()
+            with trio.move_on_after(ticket.limits.queue_timeout_s):
+                await waiter.event.wait()
+        except BaseException:
+            # Cancelled (the client left) just as it was granted: give everything back.
+            if waiter.lease is not None:
+                self._release(waiter.lease)
+            raise
+        finally:
+            self._waiting[ticket.key_id] -= 1
+            if waiter.lease is None:
+                # Not granted (timed out or cancelled): leave the queue, uncharged.
+                pool.queue.remove(ticket.key_id, waiter)
+        lease = waiter.lease
+        if lease is None:
+            self.refused["queue_timeout"] += 1
+            raise AdmissionRefused(
+                "queue_timeout",
+                f"Your request waited {ticket.limits.queue_timeout_s:g}s in the queue without "
+                "capacity freeing up. Please try again shortly.",
+                retry_after_s=self._retry_after(ticket, pool, key),
+            )
+        try:
             yield lease
         finally:
-            while lease.held:
-                lease.held.pop().release_on_behalf_of(lease)
+            self._release(lease)
 
-    def in_flight(self) -> dict:
-        """Slots in use per layer, for the admin endpoint and the leak tests."""
+    def status(self) -> dict:
+        """Queues, in-flight slots and reservations per guard: for the admin endpoint."""
+        now = trio.current_time()
+        pools = {}
+        for name, pool in self.pools.items():
+            waiting = [w for flow in pool.queue.flows.values() for w in flow.queue]
+            pools[name] = {
+                **pool.guard.status(now),
+                "queue_depth": len(waiting),
+                "oldest_wait_s": round(max((now - w.enqueued_at for w in waiting), default=0), 3),
+                "virtual_counter": round(pool.counter, 1),
+            }
+        keys = {}
+        for key_id, guard in self.keys.items():
+            keys[key_id] = {**guard.status(now), "queued": self._waiting.get(key_id, 0)}
+            for pool in self.pools.values():
+                flow = pool.queue.flows.get(key_id)
+                if flow is not None:
+                    keys[key_id]["virtual_counter"] = round(flow.counter, 1)
+        in_flight = self.global_guard.in_flight + sum(
+            pool.guard.in_flight for pool in self.pools.values()
+        ) + sum(guard.in_flight for guard in self.keys.values())
+        reserved = self.global_guard.reserved + sum(
+            pool.guard.reserved for pool in self.pools.values()
+        ) + sum(guard.reserved for guard in self.keys.values())
         return {
-            "global": self.global_limiter.borrowed_tokens,
-            "pools": {name: lim.borrowed_tokens for name, lim in self.pool_limiters.items()},
-            "keys": {
-                key: lim.borrowed_tokens
-                for key, lim in self.key_limiters.items()
-                if lim.borrowed_tokens
-            },
-            "total": self.global_limiter.borrowed_tokens
-            + sum(lim.borrowed_tokens for lim in self.pool_limiters.values())
-            + sum(lim.borrowed_tokens for lim in self.key_limiters.values()),
+            "global": self.global_guard.status(now),
+            "pools": pools,
+            "keys": keys,
+            "total": in_flight,
+            "reserved_tokens": reserved,
+            "queued": sum(len(pool.queue) for pool in self.pools.values()),
+            "granted": self.granted,
+            "refused": dict(self.refused),
         }
+
+    def key_rate_state(self, ticket: Ticket) -> dict[str, float]:
+        """The key's limits and what remains of them, for ``x-ratelimit-*`` headers."""
+        now = trio.current_time()
+        key = self._key_guard(ticket)
+        state: dict[str, float] = {}
+        if key.rpm is not None:
+            state["limit-requests"] = ticket.limits.rpm or 0
+            state["remaining-requests"] = max(0, math.floor(key.rpm.level(now)))
+            state["reset-requests"] = key.rpm.reset_time(now)
+        if key.tpm is not None:
+            state["limit-tokens"] = ticket.limits.tpm or 0
+            state["remaining-tokens"] = max(0, math.floor(key.tpm.level(now)))
+            state["reset-tokens"] = key.tpm.reset_time(now)
+        return state
+
+    async def run(self) -> None:
+        """Wake the dispatcher when a token bucket has refilled enough for a queued request.
+
+        Releases and arrivals dispatch synchronously; only the passage of time needs a task.
+        """
+        while True:
+            with trio.move_on_at(self._wake_at):
+                await self._rearm.wait()
+                self._rearm = trio.Event()
+                continue
+            self._wake_at = math.inf
+            self._dispatch()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _pool(self, name: str) -> _Pool:
+        pool = self.pools.get(name)
+        if pool is None:
+            pool = self.pools[name] = _Pool(name, Guard(name), 1.0, None)
+        return pool
+
+    def _key_guard(self, ticket: Ticket) -> Guard:
+        guard = self.keys.get(ticket.key_id)
+        if guard is None:
+            limits = ticket.limits
+            guard = self.keys[ticket.key_id] = Guard(
+                ticket.key_id,
+                max_concurrency=limits.max_concurrency,
+                tpm=limits.tpm,
+                rpm=limits.rpm,
+                now=trio.current_time(),
+            )
+        return guard
+
+    def _check_queue_room(self, ticket: Ticket, pool: _Pool, key: Guard, now: float) -> None:
+        limits = ticket.limits
+        if limits.max_queue is not None and self._waiting.get(ticket.key_id, 0) >= max(
+            limits.max_queue, 0
+        ):
+            if limits.max_queue == 0 and key.wait_time(ticket.estimated_tokens, now) == 0:
+                return  # no queueing allowed, but nothing to wait for either
+            reason = "rate_limited" if limits.max_queue == 0 else "queue_full"
+            self.refused[reason] += 1
+            what = (
+                "You are over your key's rate limit"
+                if reason == "rate_limited"
+                else f"Your key already has {limits.max_queue} requests waiting (its queue cap)"
+            )
+            raise AdmissionRefused(
+                reason,
+                f"{what}. Please try again in {self._retry_after(ticket, pool, key):g}s.",
+                retry_after_s=self._retry_after(ticket, pool, key),
+            )
+        if pool.max_queue is not None and len(pool.queue) >= pool.max_queue:
+            self.refused["queue_full"] += 1
+            raise AdmissionRefused(
+                "queue_full",
+                f"The '{pool.name}' pool's queue is full ({pool.max_queue} requests waiting). "
+                "Please try again shortly.",
+                retry_after_s=self._retry_after(ticket, pool, key),
+            )
+
+    def _retry_after(self, ticket: Ticket, pool: _Pool, key: Guard) -> float:
+        """A useful Retry-After: when the limiting bucket will have room, at least 1 s."""
+        now = trio.current_time()
+        waits = [
+            guard.wait_time(ticket.estimated_tokens, now)
+            for guard in (key, pool.guard, self.global_guard)
+        ]
+        finite = [wait for wait in waits if wait != math.inf]
+        return float(max(1, math.ceil(max(finite, default=1.0))))
+
+    def _lift_pool(self, pool: _Pool) -> None:
+        """A pool that was idle re-enters the global share level with the busy ones."""
+        if len(pool.queue) == 1:
+            busy = [p.counter for p in self.pools.values() if p is not pool and len(p.queue)]
+            if busy and pool.counter < min(busy):
+                pool.counter = min(busy)
+
+    def _dispatch(self) -> None:
+        """Grant every queued request that may go now, in fair order; arm the refill timer."""
+        now = trio.current_time()
+        soonest = math.inf
+        while True:
+            pools = sorted(
+                (pool for pool in self.pools.values() if len(pool.queue)),
+                key=lambda pool: (pool.counter, pool.name),
+            )
+            granted = False
+            for pool in pools:
+                global_wait = self.global_guard.wait_time(0, now)
+                if global_wait:
+                    soonest = min(soonest, global_wait)
+                    return self._arm(now, soonest)
+                blocked: list[float] = []
+
+                def decide(
+                    flow, waiter: _Waiter, pool: _Pool = pool, blocked: list[float] = blocked
+                ) -> bool | None:
+                    ticket = waiter.ticket
+                    tokens = ticket.estimated_tokens
+                    wait = self.global_guard.wait_time(tokens, now)
+                    if wait:
+                        blocked.append(wait)
+                        return None
+                    wait = pool.guard.wait_time(tokens, now)
+                    if wait:
+                        blocked.append(wait)
+                        return None
+                    wait = self.keys[ticket.key_id].wait_time(tokens, now)
+                    if wait:
+                        blocked.append(wait)
+                        return False
+                    if ticket.accounts and self._pick_account(ticket, now) is None:
+                        return False  # every account for it is busy: a release will wake us
+                    return True
+
+                found = pool.queue.pop_first(decide)
+                soonest = min([soonest, *blocked])
+                if found is not None:
+                    self._grant(pool, found[1], now)
+                    granted = True
+                    break  # counters changed: recompute the order
+            if not granted:
+                return self._arm(now, soonest)
+
+    def _pick_account(self, ticket: Ticket, now: float) -> Guard | None:
+        """The least-loaded account that can take the request, among those of the best
+        priority that have room (``ticket.accounts`` is sorted by priority, best first)."""
+        best: Guard | None = None
+        for guard in ticket.accounts:
+            if best is not None and guard.priority != best.priority:
+                break
+            if guard.wait_time(ticket.estimated_tokens, now) == 0:
+                if best is None or _load(guard) < _load(best):
+                    best = guard
+        return best
+
+    def _grant(self, pool: _Pool, waiter: _Waiter, now: float) -> None:
+        ticket = waiter.ticket
+        lease = Lease(ticket, queued_s=now - waiter.enqueued_at)
+        tokens = ticket.estimated_tokens
+        guards = [self.global_guard, pool.guard, self.keys[ticket.key_id]]
+        if ticket.accounts:
+            lease.account = self._pick_account(ticket, now)
+            guards.append(lease.account)
+        for guard in guards:
+            guard.take(lease, tokens, now)
+            lease.held.append(guard)
+        lease.reserved = tokens
+        pool.queue.charge(ticket.key_id, tokens)
+        pool.counter += tokens / pool.weight
+        waiter.lease = lease
+        waiter.event.set()
+        self.granted += 1
+
+    def _release(self, lease: Lease) -> None:
+        now = trio.current_time()
+        used = lease.reserved if lease.used_tokens is None else lease.used_tokens
+        for guard in lease.held:
+            guard.settle(lease, lease.reserved, used, now)
+        lease.held.clear()
+        correction = used - lease.reserved
+        if correction:
+            pool = self.pools[lease.ticket.pool]
+            pool.queue.charge(lease.ticket.key_id, correction)
+            pool.counter += correction / pool.weight
+        self._dispatch()
+
+    def _arm(self, now: float, wait: float) -> None:
+        if wait == math.inf:
+            return
+        wake = now + max(wait, 0.001)
+        if wake < self._wake_at:
+            self._wake_at = wake
+            self._rearm.set()
+
+
+def _load(guard: Guard) -> tuple[float, int]:
+    fraction = guard.in_flight / guard.max_concurrency if guard.max_concurrency else 0.0
+    return (fraction, guard.in_flight)
+
+
+def _in_trio() -> bool:
+    try:
+        trio.current_time()
+    except RuntimeError:
+        return False
+    return True

@@ -1,23 +1,21 @@
-"""Which models a key may use, and which upstream account serves a request.
+"""Which models a key may use, and which upstream accounts may serve a request.
 
 :class:`Catalog` answers "what can this package call, and what does this model name mean"
-(aliases resolved to a target model and a reasoning effort). :class:`Scheduler` picks the account
-and holds the account's own concurrency slot while the upstream call runs. Today it picks the
-first healthy account of the best priority that serves the model in the client's protocol;
-sticky sessions, health and failover plug in behind ``checkout``.
+(aliases resolved to a target model and a reasoning effort). :class:`Scheduler` lists the
+accounts that serve the model in the client's protocol, best priority first; admission then takes
+the least-loaded one that has room (its concurrency, TPM and RPM are guards like any other).
+Sticky sessions, health and failover plug in here.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import trio
 
 from ..config import AccountConfig, Config, PackageConfig
 from ..errors import ModelNotFound
+from ..guards.admission import Guard
 
 
 @dataclass(frozen=True)
@@ -65,29 +63,33 @@ class Catalog:
 
 
 class Account:
-    """An upstream account and its live state in this process."""
+    """An upstream account and its guard (concurrency, TPM, RPM) in this process."""
 
     def __init__(self, config: AccountConfig) -> None:
         self.config = config
-        self.limiter = trio.CapacityLimiter(
-            config.max_concurrency if config.max_concurrency is not None else math.inf
+        self.guard = Guard(
+            config.name,
+            max_concurrency=config.max_concurrency,
+            tpm=config.tpm,
+            rpm=config.rpm,
+            priority=config.priority,
         )
 
     @property
     def name(self) -> str:
         return self.config.name
 
-    @property
-    def in_flight(self) -> int:
-        return self.limiter.borrowed_tokens
-
 
 class Scheduler:
+    """Which accounts may serve a request, best first; admission picks among them."""
+
     def __init__(self, config: Config) -> None:
         self.accounts = [Account(account) for account in config.accounts]
+        self.by_name = {account.name: account for account in self.accounts}
 
     def candidates(self, route: ModelRoute, provider: str) -> list[Account]:
-        """Accounts of the route's pool that serve its model in ``provider``'s protocol."""
+        """Accounts of the route's pool that serve its model in ``provider``'s protocol,
+        highest priority first; 404 if there are none."""
         found = [
             account
             for account in self.accounts
@@ -95,26 +97,15 @@ class Scheduler:
             and account.config.provider == provider
             and route.target in account.config.models
         ]
-        return sorted(found, key=lambda account: -account.config.priority)
-
-    @asynccontextmanager
-    async def checkout(self, route: ModelRoute, provider: str) -> AsyncIterator[Account]:
-        """Hold a slot on an account that can serve ``route``; released when the block exits."""
-        accounts = self.candidates(route, provider)
-        if not accounts:
+        if not found:
             endpoint = "/v1/chat/completions" if provider == "openai-chat" else "/v1/responses"
             raise ModelNotFound(
                 f"The model '{route.requested}' is not available through {endpoint} on this "
                 "relay: no upstream account serves it in that protocol.",
                 param="model",
             )
-        account = accounts[0]
-        borrower = object()
-        await account.limiter.acquire_on_behalf_of(borrower)
-        try:
-            yield account
-        finally:
-            account.limiter.release_on_behalf_of(borrower)
+        return sorted(found, key=lambda account: -account.config.priority)
 
-    def in_flight(self) -> dict[str, int]:
-        return {account.name: account.in_flight for account in self.accounts}
+    def status(self) -> dict[str, dict]:
+        now = trio.current_time()
+        return {account.name: account.guard.status(now) for account in self.accounts}

@@ -1,0 +1,729 @@
+"""Pure request interpretation and event building for the simulated upstream.
+
+Kept free of I/O so the wire shapes can be reasoned about (and unit-tested) apart from the
+server: :mod:`relay.testing.upstream` decides *when* bytes go out, this module decides *which*.
+
+The central idea is the :class:`Plan`: everything a response will contain (reasoning deltas, text
+deltas, tool-call argument deltas, truncation, token counts, ids) is fixed before the first byte is
+written, so the streamed events, the non-stream body and the recorded usage can never disagree.
+Usage is exact by construction: every delta is one token.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+TEXT_WORD = "tok"
+"""Word used for each text delta (the first delta is ``tok``, later ones `` tok``)."""
+REASONING_WORD = "think"
+"""Word used for each reasoning delta."""
+DEFAULT_TOOL_ARGS = '{"cmd": "echo hi"}'
+"""Tool-call arguments when the directive names a tool but gives no ``args=``."""
+BASE_MODELS = ("gpt-5.5", "deepseek-chat")
+"""Models ``/v1/models`` always lists (request models are added as they are seen)."""
+FAULTS = frozenset({"429", "500", "401", "400", "drop", "reset", "stall", "slow_headers"})
+SYSTEM_FINGERPRINT = "fp_sim"
+
+# Token events and other events are distinguished so the server knows where to apply pacing.
+TOKEN = True
+META = False
+
+# ASCII output: the C encoder's fastest path, and lone surrogates from a client cannot break it.
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+# `#sim` must be a word of its own (not `#simulate`); the pairs run to the end of the line.
+_DIRECTIVE_RE = re.compile(r"#sim(?=[ \t]|$)([^\r\n]*)", re.MULTILINE)
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact JSON as UTF-8 bytes (the form every body and SSE payload is written in)."""
+    return _dumps(obj).encode("ascii")
+
+
+# --------------------------------------------------------------------------------------------
+# Directives
+
+
+@dataclass(slots=True)
+class Directives:
+    """Per-request overrides parsed from ``#sim key=value …`` in the prompt (None = not given)."""
+
+    ttft: float | None = None
+    delay: float | None = None
+    tokens: int | None = None
+    reasoning: int | None = None
+    cached: int | None = None
+    tool: str | None = None
+    args: str | None = None
+    text: str | None = None
+    fault: str | None = None
+    slow_headers: float | None = None
+
+
+def _non_negative_float(value: str) -> float | None:
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if number >= 0 and number != float("inf") else None
+
+
+def _non_negative_int(value: str) -> int | None:
+    try:
+        number = int(value)
+    except ValueError:
+        return None
+    return number if number >= 0 else None
+
+
+def _apply_directive(d: Directives, key: str, value: str) -> None:
+    """Apply one ``key=value``; malformed values are ignored (a prompt is not a config file)."""
+    if key in ("ttft", "delay"):
+        setattr(d, key, _non_negative_float(value))
+    elif key in ("tokens", "reasoning", "cached"):
+        setattr(d, key, _non_negative_int(value))
+    elif key in ("tool", "text"):
+        if value:
+            setattr(d, key, value)
+    elif key == "args":
+        try:
+            json.loads(value)
+        except ValueError:
+            return
+        d.args = value
+    elif key == "slow_headers":
+        seconds = _non_negative_float(value)
+        if seconds is not None:
+            d.fault, d.slow_headers = "slow_headers", seconds
+    elif key == "fault":
+        name, _, rest = value.lower().partition("=")
+        if name == "slow_headers":
+            _apply_directive(d, "slow_headers", rest or "0")
+        elif name in FAULTS:
+            d.fault = name
+
+
+def parse_directives(text: str) -> Directives:
+    """Parse every ``#sim`` line of *text*; later pairs override earlier ones."""
+    directives = Directives()
+    if "#sim" not in text:
+        return directives
+    for match in _DIRECTIVE_RE.finditer(text):
+        for pair in match.group(1).split():
+            key, sep, value = pair.partition("=")
+            if sep:
+                _apply_directive(directives, key.lower(), value)
+    return directives
+
+
+def _content_text(content: Any) -> str:
+    """Text of a message ``content``: a string, or the text parts of a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif (
+                isinstance(part, dict)
+                and part.get("type") in ("text", "input_text")
+                and isinstance(part.get("text"), str)
+            ):
+                texts.append(part["text"])
+        return "\n".join(texts)
+    return ""
+
+
+def directive_text(kind: str, body: dict) -> str:
+    """The text directives are read from: the last user message (chat) or user input (responses)."""
+    if kind == "chat":
+        messages = body.get("messages")
+        if isinstance(messages, list):
+            for message in reversed(messages):
+                if isinstance(message, dict) and message.get("role") == "user":
+                    return _content_text(message.get("content"))
+        return ""
+    items = body.get("input")
+    if isinstance(items, str):
+        return items
+    if isinstance(items, list):
+        for item in reversed(items):
+            if (
+                isinstance(item, dict)
+                and item.get("role") == "user"
+                and item.get("type", "message") == "message"
+            ):
+                return _content_text(item.get("content"))
+    return ""
+
+
+def ends_with_tool_output(kind: str, body: dict) -> bool:
+    """Whether the conversation's last item is a tool result.
+
+    A ``tool=`` directive in the user prompt stays in every later request of the conversation;
+    honouring it after the tool output came back would make an agent (Codex) loop forever, so the
+    tool call is produced only for the turn that asks for it.
+    """
+    if kind == "chat":
+        messages = body.get("messages")
+        last = messages[-1] if isinstance(messages, list) and messages else None
+        return isinstance(last, dict) and last.get("role") in ("tool", "function")
+    items = body.get("input")
+    last = items[-1] if isinstance(items, list) and items else None
+    return isinstance(last, dict) and str(last.get("type", "")).endswith("_output")
+
+
+def estimate_input_tokens(kind: str, body: dict) -> int:
+    """Deterministic prompt-size estimate, reproducible by tests in other processes.
+
+    ``max(1, len(json.dumps(X)) // 4)`` with ``json.dumps`` default arguments, where X is
+    ``messages`` for chat and ``[input, instructions]`` for responses.
+    """
+    if kind == "chat":
+        basis = body.get("messages")
+    else:
+        basis = [body.get("input"), body.get("instructions")]
+    return max(1, len(json.dumps(basis)) // 4)
+
+
+def split_arguments(arguments: str) -> list[str]:
+    """Split tool arguments into at least 3 pieces (fewer only if the text is shorter)."""
+    if not arguments:
+        return [""]
+    pieces = min(max(3, -(-len(arguments) // 8)), len(arguments))
+    size, extra = divmod(len(arguments), pieces)
+    out, pos = [], 0
+    for i in range(pieces):
+        end = pos + size + (1 if i < extra else 0)
+        out.append(arguments[pos:end])
+        pos = end
+    return out
+
+
+def _words(word: str, count: int) -> list[str]:
+    return [word if i == 0 else " " + word for i in range(count)]
+
+
+# --------------------------------------------------------------------------------------------
+# Plan
+
+
+@dataclass(slots=True)
+class Plan:
+    """Everything one response will contain, fixed before the first byte is sent."""
+
+    kind: str  # "chat" | "responses"
+    body: dict
+    model: str
+    stream: bool
+    ttft_s: float
+    delay_s: float
+    reasoning: list[str]
+    text: list[str]
+    tool_name: str | None
+    tool_args: list[str]
+    truncated: bool
+    input_tokens: int
+    cached_tokens: int
+    include_usage: bool
+    uid: str = field(default_factory=lambda: f"{random.getrandbits(96):024x}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    # One random part per response keeps ids unique without drawing five random numbers.
+    @property
+    def id(self) -> str:
+        return ("chatcmpl-" if self.kind == "chat" else "resp_") + self.uid
+
+    @property
+    def call_id(self) -> str:
+        return "call_" + self.uid
+
+    @property
+    def rs_id(self) -> str:
+        return "rs_" + self.uid
+
+    @property
+    def msg_id(self) -> str:
+        return "msg_" + self.uid
+
+    @property
+    def fc_id(self) -> str:
+        return "fc_" + self.uid
+
+    @property
+    def output_tokens(self) -> int:
+        return len(self.reasoning) + len(self.text) + len(self.tool_args)
+
+    @property
+    def has_tool_call(self) -> bool:
+        return self.tool_name is not None
+
+    def usage(self) -> dict:
+        """Protocol-neutral usage, as recorded on the RequestRecord."""
+        return {
+            "input_tokens": self.input_tokens,
+            "cached_tokens": self.cached_tokens,
+            "output_tokens": self.output_tokens,
+            "reasoning_tokens": len(self.reasoning),
+            "total_tokens": self.input_tokens + self.output_tokens,
+        }
+
+
+def build_plan(
+    kind: str,
+    body: dict,
+    directives: Directives,
+    *,
+    ttft_s: float,
+    delay_s: float,
+    output_tokens: int,
+    reasoning_tokens: int,
+) -> Plan:
+    """Resolve directives over the profile values and apply the request's output-token cap."""
+    text_count = directives.tokens if directives.tokens is not None else output_tokens
+    reasoning_count = directives.reasoning if directives.reasoning is not None else reasoning_tokens
+    reasoning = _words(REASONING_WORD, max(0, reasoning_count))
+    text = _words(directives.text or TEXT_WORD, max(0, text_count))
+    tool_name = None
+    tool_args: list[str] = []
+    if directives.tool and body.get("tools") and not ends_with_tool_output(kind, body):
+        tool_name = directives.tool
+        tool_args = split_arguments(directives.args or DEFAULT_TOOL_ARGS)
+
+    if kind == "chat":
+        cap = body.get("max_completion_tokens")
+        if cap is None:
+            cap = body.get("max_tokens")
+    else:
+        cap = body.get("max_output_tokens")
+    truncated = False
+    if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 0:
+        budget = cap
+        # Reasoning comes first on the wire, then text, then the tool call: cut in that order.
+        for pieces in (reasoning, text, tool_args):
+            if len(pieces) > budget:
+                truncated = True
+                del pieces[budget:]
+            budget -= len(pieces)
+        if tool_name is not None and not tool_args:
+            tool_name = None  # the budget ran out before the call started
+
+    input_tokens = estimate_input_tokens(kind, body)
+    cached = min(directives.cached or 0, input_tokens)
+    stream_options = body.get("stream_options")
+    include_usage = bool(
+        kind == "chat" and isinstance(stream_options, dict) and stream_options.get("include_usage")
+    )
+    return Plan(
+        kind=kind,
+        body=body,
+        model=str(body.get("model") or ""),
+        stream=bool(body.get("stream")),
+        ttft_s=directives.ttft if directives.ttft is not None else ttft_s,
+        delay_s=directives.delay if directives.delay is not None else delay_s,
+        reasoning=reasoning,
+        text=text,
+        tool_name=tool_name,
+        tool_args=tool_args,
+        truncated=truncated,
+        input_tokens=input_tokens,
+        cached_tokens=cached,
+        include_usage=include_usage,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> bytes:
+    """OpenAI's error JSON (§3.4)."""
+    return dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
+
+
+def fault_response(fault: str, model: str) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Status, extra headers and body for the HTTP-error faults (429/500/401/400)."""
+    if fault == "429":
+        message = (
+            f"Rate limit reached for {model or 'the model'} in organization org-sim on requests "
+            "per min (RPM): Limit 3, Used 3, Requested 1. Please try again in 2s. Visit "
+            "https://platform.openai.com/account/rate-limits to learn more."
+        )
+        headers = [
+            ("retry-after", "2"),
+            ("retry-after-ms", "2000"),
+            ("x-ratelimit-limit-requests", "3"),
+            ("x-ratelimit-remaining-requests", "0"),
+            ("x-ratelimit-reset-requests", "2s"),
+        ]
+        return 429, headers, error_body(message, "requests", "rate_limit_exceeded")
+    if fault == "401":
+        return 401, [], invalid_api_key_body()
+    if fault == "400":
+        return 400, [], error_body("Invalid request (simulated fault).", "invalid_request_error")
+    return (
+        500,
+        [],
+        error_body(
+            "The server had an error while processing your request. Sorry about that!",
+            "server_error",
+        ),
+    )
+
+
+def invalid_api_key_body() -> bytes:
+    return error_body(
+        "Incorrect API key provided. You can find your API key at "
+        "https://platform.openai.com/account/api-keys.",
+        "invalid_request_error",
+        "invalid_api_key",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Chat Completions
+
+
+def chat_usage(plan: Plan) -> dict:
+    return {
+        "prompt_tokens": plan.input_tokens,
+        "completion_tokens": plan.output_tokens,
+        "total_tokens": plan.input_tokens + plan.output_tokens,
+        "prompt_tokens_details": {"cached_tokens": plan.cached_tokens, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": len(plan.reasoning),
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+
+
+def chat_finish_reason(plan: Plan) -> str:
+    if plan.truncated:
+        return "length"
+    return "tool_calls" if plan.has_tool_call else "stop"
+
+
+def chat_completion(plan: Plan) -> dict:
+    """The non-stream ``chat.completion`` object (§3.2)."""
+    text = "".join(plan.text)
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": text if text or not plan.has_tool_call else None,
+        "refusal": None,
+        "annotations": [],
+    }
+    if plan.reasoning:
+        message["reasoning_content"] = "".join(plan.reasoning)
+    if plan.has_tool_call:
+        message["tool_calls"] = [
+            {
+                "id": plan.call_id,
+                "type": "function",
+                "function": {"name": plan.tool_name, "arguments": "".join(plan.tool_args)},
+            }
+        ]
+    return {
+        "id": plan.id,
+        "object": "chat.completion",
+        "created": plan.created,
+        "model": plan.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": chat_finish_reason(plan),
+            }
+        ],
+        "usage": chat_usage(plan),
+        "service_tier": "default",
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+    }
+
+
+def chat_stream(plan: Plan) -> Iterator[tuple[bytes, bool]]:
+    """``(sse_bytes, is_token)`` for each chunk of a chat stream, ending with ``[DONE]`` (§3.3)."""
+    head = (
+        b'{"id":'
+        + dumps(plan.id)
+        + b',"object":"chat.completion.chunk","created":'
+        + str(plan.created).encode()
+        + b',"model":'
+        + dumps(plan.model)
+        + b',"system_fingerprint":"'
+        + SYSTEM_FINGERPRINT.encode()
+        + b'","choices":['
+    )
+    tail = b'],"usage":null}\n\n' if plan.include_usage else b"]}\n\n"
+
+    def chunk(delta: dict, finish_reason: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return b"data: " + head + dumps(choice) + tail
+
+    yield chunk({"role": "assistant", "content": ""}), META
+    for piece in plan.reasoning:
+        yield chunk({"reasoning_content": piece}), TOKEN
+    for piece in plan.text:
+        yield chunk({"content": piece}), TOKEN
+    if plan.has_tool_call:
+        header = {
+            "index": 0,
+            "id": plan.call_id,
+            "type": "function",
+            "function": {"name": plan.tool_name, "arguments": ""},
+        }
+        yield chunk({"tool_calls": [header]}), META
+        for piece in plan.tool_args:
+            yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}), TOKEN
+    yield chunk({}, chat_finish_reason(plan)), META
+    if plan.include_usage:
+        yield b"data: " + head + b'],"usage":' + dumps(chat_usage(plan)) + b"}\n\n", META
+    yield b"data: [DONE]\n\n", META
+
+
+# --------------------------------------------------------------------------------------------
+# Responses
+
+
+def responses_usage(plan: Plan) -> dict:
+    return {
+        "input_tokens": plan.input_tokens,
+        "input_tokens_details": {"cached_tokens": plan.cached_tokens},
+        "output_tokens": plan.output_tokens,
+        "output_tokens_details": {"reasoning_tokens": len(plan.reasoning)},
+        "total_tokens": plan.input_tokens + plan.output_tokens,
+    }
+
+
+def _final_status(plan: Plan) -> str:
+    return "incomplete" if plan.truncated else "completed"
+
+
+def _reasoning_item(plan: Plan) -> dict:
+    return {
+        "id": plan.rs_id,
+        "type": "reasoning",
+        "summary": [{"type": "summary_text", "text": "".join(plan.reasoning)}],
+        "encrypted_content": "gAAAAB" + plan.rs_id.removeprefix("rs_") + "=sim",
+    }
+
+
+def _message_item(plan: Plan, status: str) -> dict:
+    return {
+        "id": plan.msg_id,
+        "type": "message",
+        "status": status,
+        "role": "assistant",
+        "content": [_text_part("".join(plan.text))],
+    }
+
+
+def _function_call_item(plan: Plan, status: str) -> dict:
+    return {
+        "id": plan.fc_id,
+        "type": "function_call",
+        "status": status,
+        "call_id": plan.call_id,
+        "name": plan.tool_name,
+        "arguments": "".join(plan.tool_args),
+    }
+
+
+def _text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def response_output(plan: Plan) -> list[dict]:
+    """Final output items, in output_index order (reasoning, message, function call)."""
+    status = _final_status(plan)
+    items = []
+    if plan.reasoning:
+        items.append(_reasoning_item(plan))
+    if plan.text:
+        items.append(_message_item(plan, status))
+    if plan.has_tool_call:
+        items.append(_function_call_item(plan, status))
+    return items
+
+
+_RESPONSE_DEFAULTS: tuple[tuple[str, Any], ...] = (
+    ("instructions", None),
+    ("max_output_tokens", None),
+    ("max_tool_calls", None),
+    ("parallel_tool_calls", True),
+    ("previous_response_id", None),
+    ("prompt_cache_key", None),
+    ("prompt_cache_retention", None),
+    ("reasoning", {"effort": None, "summary": None}),
+    ("safety_identifier", None),
+    ("service_tier", "default"),
+    ("store", True),
+    ("temperature", 1.0),
+    ("text", {"format": {"type": "text"}, "verbosity": "medium"}),
+    ("tool_choice", "auto"),
+    ("tools", []),
+    ("top_logprobs", 0),
+    ("top_p", 1.0),
+    ("truncation", "disabled"),
+    ("user", None),
+    ("metadata", {}),
+)
+
+
+def response_object(plan: Plan, status: str, output: list[dict], usage: dict | None) -> dict:
+    """The Response object (§1.6), echoing the request's settings as OpenAI does."""
+    body = plan.body
+    obj: dict[str, Any] = {
+        "id": plan.id,
+        "object": "response",
+        "created_at": plan.created,
+        "status": status,
+        "background": False,
+        "completed_at": int(time.time()) if status in ("completed", "incomplete") else None,
+        "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        "model": plan.model,
+        "output": output,
+    }
+    for key, default in _RESPONSE_DEFAULTS:
+        value = body.get(key, default)
+        obj[key] = default if value is None and default is not None else value
+    if "reasoning" in body and body["reasoning"] is None:
+        obj["reasoning"] = None  # Codex sends an explicit null for non-reasoning models
+    obj["usage"] = usage
+    return obj
+
+
+def final_response(plan: Plan) -> dict:
+    """The finished Response object: the non-stream body and the ``response.completed`` payload."""
+    return response_object(plan, _final_status(plan), response_output(plan), responses_usage(plan))
+
+
+def responses_stream(plan: Plan) -> Iterator[tuple[bytes, bool]]:
+    """``(sse_bytes, is_token)`` for each event of a Responses stream, in §1.4/§1.5 order."""
+    seq = 0
+
+    def event(type_: str, fields: dict) -> bytes:
+        nonlocal seq
+        payload = {"type": type_, "sequence_number": seq}
+        payload.update(fields)
+        seq += 1
+        return b"event: " + type_.encode() + b"\ndata: " + dumps(payload) + b"\n\n"
+
+    status = _final_status(plan)
+    in_progress = response_object(plan, "in_progress", [], None)
+    yield event("response.created", {"response": in_progress}), META
+    yield event("response.in_progress", {"response": in_progress}), META
+    index = 0
+
+    if plan.reasoning:
+        rid = plan.rs_id
+        text = "".join(plan.reasoning)
+        where = {"item_id": rid, "output_index": index, "summary_index": 0}
+        added = {"id": rid, "type": "reasoning", "summary": [], "encrypted_content": None}
+        yield event("response.output_item.added", {"output_index": index, "item": added}), META
+        yield (
+            event(
+                "response.reasoning_summary_part.added",
+                {**where, "part": {"type": "summary_text", "text": ""}},
+            ),
+            META,
+        )
+        for piece in plan.reasoning:
+            yield event("response.reasoning_summary_text.delta", {**where, "delta": piece}), TOKEN
+        yield event("response.reasoning_summary_text.done", {**where, "text": text}), META
+        yield (
+            event(
+                "response.reasoning_summary_part.done",
+                {**where, "part": {"type": "summary_text", "text": text}},
+            ),
+            META,
+        )
+        yield (
+            event(
+                "response.output_item.done", {"output_index": index, "item": _reasoning_item(plan)}
+            ),
+            META,
+        )
+        index += 1
+
+    if plan.text:
+        mid = plan.msg_id
+        text = "".join(plan.text)
+        where = {"item_id": mid, "output_index": index, "content_index": 0}
+        added = {
+            "id": mid,
+            "type": "message",
+            "status": "in_progress",
+            "role": "assistant",
+            "content": [],
+        }
+        yield event("response.output_item.added", {"output_index": index, "item": added}), META
+        yield event("response.content_part.added", {**where, "part": _text_part("")}), META
+        for piece in plan.text:
+            yield (
+                event("response.output_text.delta", {**where, "delta": piece, "logprobs": []}),
+                TOKEN,
+            )
+        yield event("response.output_text.done", {**where, "text": text, "logprobs": []}), META
+        yield event("response.content_part.done", {**where, "part": _text_part(text)}), META
+        yield (
+            event(
+                "response.output_item.done",
+                {"output_index": index, "item": _message_item(plan, status)},
+            ),
+            META,
+        )
+        index += 1
+
+    if plan.has_tool_call:
+        where = {"item_id": plan.fc_id, "output_index": index}
+        added = {**_function_call_item(plan, "in_progress"), "arguments": ""}
+        yield event("response.output_item.added", {"output_index": index, "item": added}), META
+        for piece in plan.tool_args:
+            yield event("response.function_call_arguments.delta", {**where, "delta": piece}), TOKEN
+        yield (
+            event(
+                "response.function_call_arguments.done",
+                {**where, "name": plan.tool_name, "arguments": "".join(plan.tool_args)},
+            ),
+            META,
+        )
+        yield (
+            event(
+                "response.output_item.done",
+                {"output_index": index, "item": _function_call_item(plan, status)},
+            ),
+            META,
+        )
+
+    yield event(f"response.{status}", {"response": final_response(plan)}), META
+
+
+def stream_events(plan: Plan) -> Iterator[tuple[bytes, bool]]:
+    """The SSE events of *plan*'s stream, whichever protocol it speaks."""
+    return chat_stream(plan) if plan.kind == "chat" else responses_stream(plan)
+
+
+def nonstream_body(plan: Plan) -> dict:
+    """The non-stream body of *plan*, whichever protocol it speaks."""
+    return chat_completion(plan) if plan.kind == "chat" else final_response(plan)
+
+
+def models_list(models: list[str]) -> dict:
+    """OpenAI's ``/v1/models`` list shape (§6)."""
+    return {"object": "list", "data": [model_object(m) for m in models]}
+
+
+def model_object(model: str) -> dict:
+    owner = "deepseek" if model.startswith("deepseek") else "openai"
+    return {"id": model, "object": "model", "created": 1_700_000_000, "owned_by": owner}

@@ -1,0 +1,712 @@
+"""The simulated upstream speaks OpenAI's wire protocols well enough for the official SDK, obeys
+its ``#sim`` directives, and notices a departing client within milliseconds.
+
+Each test runs its own :class:`SimUpstream` in the test's trio nursery (the CLI test runs the real
+``python -m relay.testing.upstream`` process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx2
+import openai
+import pytest
+import trio
+
+from relay.testing import sim_protocol as sp
+from relay.testing.upstream import SimProfile, SimUpstream
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS_CHAT = [{"type": "function", "function": {"name": "exec_command", "parameters": {}}}]
+TOOLS_RESPONSES = [{"type": "function", "name": "exec_command", "parameters": {}}]
+
+
+@dataclass
+class Env:
+    sim: SimUpstream
+    port: int
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def http(self, **kwargs: object) -> httpx2.AsyncClient:
+        return httpx2.AsyncClient(
+            base_url=self.base, headers={"authorization": "Bearer x"}, timeout=10, **kwargs
+        )
+
+    def sdk(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.base, api_key="x", max_retries=0)
+
+
+@pytest.fixture
+async def env(nursery: trio.Nursery) -> Env:
+    sim = SimUpstream(SimProfile(ttft_s=0, token_delay_s=0, output_tokens=5))
+    port = await nursery.start(sim.serve)
+    return Env(sim, port)
+
+
+def chat(content: str, **extra: object) -> dict:
+    return {"model": "gpt-5.5", "messages": [{"role": "user", "content": content}], **extra}
+
+
+async def wait_for(predicate, timeout: float = 2.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.001)
+
+
+# ------------------------------------------------------------------------------------------
+# Chat Completions
+
+
+async def test_chat_stream_through_sdk_without_usage(env: Env) -> None:
+    async with env.sdk() as client:
+        stream = await client.chat.completions.create(**chat("hi #sim tokens=6"), stream=True)
+        chunks = [chunk async for chunk in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    deltas = [
+        c.choices[0].delta.content for c in chunks[1:] if c.choices and c.choices[0].delta.content
+    ]
+    assert "".join(deltas) == "tok tok tok tok tok tok"
+    assert len(deltas) == 6
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert all(c.usage is None for c in chunks)
+    record = env.sim.requests[-1]
+    assert record.finished and record.events_sent == len(chunks) + 1  # + [DONE]
+    assert record.usage["output_tokens"] == 6
+
+
+async def test_chat_stream_include_usage_counts_content_chunks(env: Env) -> None:
+    async with env.sdk() as client:
+        stream = await client.chat.completions.create(
+            **chat("hi #sim tokens=9 cached=3"), stream=True, stream_options={"include_usage": True}
+        )
+        chunks = [chunk async for chunk in stream]
+    content_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    usage_chunks = [c for c in chunks if c.usage is not None]
+    assert len(usage_chunks) == 1 and usage_chunks[0] is chunks[-1]
+    assert chunks[-1].choices == []
+    usage = chunks[-1].usage
+    assert usage.completion_tokens == len(content_chunks) == 9
+    body = chat("hi #sim tokens=9 cached=3")
+    assert usage.prompt_tokens == max(1, len(json.dumps(body["messages"])) // 4)
+    assert usage.prompt_tokens_details.cached_tokens == 3
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+async def test_chat_non_stream(env: Env) -> None:
+    async with env.sdk() as client:
+        completion = await client.chat.completions.create(**chat("hi #sim tokens=4 reasoning=2"))
+    message = completion.choices[0].message
+    assert message.content == "tok tok tok tok"
+    assert message.model_extra["reasoning_content"] == "think think"
+    assert message.tool_calls is None
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage.completion_tokens == 6
+    assert completion.usage.completion_tokens_details.reasoning_tokens == 2
+    assert completion.usage.prompt_tokens_details.cached_tokens == 0
+    assert completion.model == "gpt-5.5"
+
+
+async def test_chat_stream_reasoning_and_tool_call(env: Env) -> None:
+    args = {"cmd": "ls", "workdir": "/tmp"}  # directive values have no spaces
+    compact = json.dumps(args, separators=(",", ":"))
+    prompt = f"run it #sim reasoning=3 tokens=2 tool=exec_command args={compact}"
+    async with env.sdk() as client:
+        stream = await client.chat.completions.create(
+            **chat(prompt), tools=TOOLS_CHAT, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = [chunk async for chunk in stream]
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    reasoning = [d.model_extra.get("reasoning_content") for d in deltas]
+    reasoning = [r for r in reasoning if r]
+    assert reasoning == ["think", " think", " think"]
+    calls = [call for d in deltas for call in (d.tool_calls or [])]
+    assert calls[0].index == 0 and calls[0].id.startswith("call_")
+    assert calls[0].type == "function" and calls[0].function.name == "exec_command"
+    assert calls[0].function.arguments == ""
+    pieces = [c.function.arguments for c in calls[1:]]
+    assert len(pieces) >= 3 and all(c.index == 0 and c.id is None for c in calls[1:])
+    assert json.loads("".join(pieces)) == args
+    finish = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finish == ["tool_calls"]
+    usage = chunks[-1].usage
+    assert usage.completion_tokens == 3 + 2 + len(pieces)
+    assert usage.completion_tokens_details.reasoning_tokens == 3
+
+
+async def test_chat_non_stream_tool_call_default_args(env: Env) -> None:
+    async with env.sdk() as client:
+        completion = await client.chat.completions.create(
+            **chat("go #sim tool=exec_command tokens=0"), tools=TOOLS_CHAT
+        )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "exec_command"
+    assert json.loads(call.function.arguments) == {"cmd": "echo hi"}
+
+
+async def test_tool_directive_needs_tools_and_is_spent_after_tool_output(env: Env) -> None:
+    async with env.sdk() as client:
+        no_tools = await client.chat.completions.create(**chat("go #sim tool=exec_command"))
+        assert no_tools.choices[0].message.tool_calls is None
+        follow_up = chat("go #sim tool=exec_command")
+        follow_up["messages"] += [
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "exec_command", "arguments": "{}"},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "hi"},
+        ]
+        done = await client.chat.completions.create(**follow_up, tools=TOOLS_CHAT)
+    assert done.choices[0].message.tool_calls is None
+    assert done.choices[0].finish_reason == "stop"
+
+
+async def test_chat_max_tokens_cuts_with_length(env: Env) -> None:
+    async with env.sdk() as client:
+        completion = await client.chat.completions.create(
+            **chat("hi #sim tokens=10 reasoning=2"), max_completion_tokens=5
+        )
+        stream = await client.chat.completions.create(
+            **chat("hi #sim tokens=10"),
+            max_tokens=3,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.choices[0].message.content == "tok tok tok"
+    assert completion.usage.completion_tokens == 5
+    finish = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finish == ["length"] and chunks[-1].usage.completion_tokens == 3
+
+
+async def test_chat_text_parts_and_custom_word(env: Env) -> None:
+    body = {
+        "model": "m",
+        "messages": [
+            {"role": "user", "content": "#sim tokens=99"},
+            {"role": "assistant", "content": "ok"},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "again\n#sim tokens=2 text=pöng"}],
+            },
+        ],
+    }
+    async with env.http() as http:
+        response = await http.post("/chat/completions", json=body)
+    assert response.json()["choices"][0]["message"]["content"] == "pöng pöng"
+
+
+# ------------------------------------------------------------------------------------------
+# Responses
+
+
+async def test_responses_stream_helper(env: Env) -> None:
+    deltas = []
+    async with env.sdk() as client:
+        async with client.responses.stream(
+            model="gpt-5.5",
+            input="hi #sim tokens=6 reasoning=2 cached=1",
+            instructions="be brief",
+            prompt_cache_key="thread-1",
+        ) as stream:
+            async for event in stream:
+                if event.type == "response.output_text.delta":
+                    deltas.append(event.delta)
+            final = await stream.get_final_response()
+    assert "".join(deltas) == final.output_text == "tok tok tok tok tok tok"
+    assert [item.type for item in final.output] == ["reasoning", "message"]
+    assert final.output[0].encrypted_content
+    assert final.output[0].summary[0].text == "think think"
+    assert final.usage.output_tokens == 8
+    assert final.usage.output_tokens_details.reasoning_tokens == 2
+    assert final.usage.input_tokens_details.cached_tokens == 1
+    assert final.usage.input_tokens == max(
+        1, len(json.dumps(["hi #sim tokens=6 reasoning=2 cached=1", "be brief"])) // 4
+    )
+    assert final.usage.total_tokens == final.usage.input_tokens + 8
+    assert final.instructions == "be brief" and final.prompt_cache_key == "thread-1"
+    assert final.id.startswith("resp_") and final.output[1].id.startswith("msg_")
+
+
+async def test_responses_stream_wire_format(env: Env) -> None:
+    body = {
+        "model": "gpt-5.5",
+        "stream": True,
+        "tools": TOOLS_RESPONSES,
+        "input": [
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "input_text",
+                        "text": "do it #sim tokens=2 reasoning=1 tool=exec_command",
+                    },
+                ],
+            }
+        ],
+    }
+    async with env.http() as http, http.stream("POST", "/responses", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = (await response.aread()).decode()
+    events = []
+    for block in raw.strip().split("\n\n"):
+        name_line, data_line = block.split("\n")
+        data = json.loads(data_line.removeprefix("data: "))
+        assert name_line == f"event: {data['type']}"
+        events.append(data)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    types = [e["type"] for e in events]
+    assert types[:2] == ["response.created", "response.in_progress"]
+    assert types[-1] == "response.completed"
+    added = [e for e in events if e["type"] == "response.output_item.added"]
+    assert [(e["output_index"], e["item"]["type"]) for e in added] == [
+        (0, "reasoning"),
+        (1, "message"),
+        (2, "function_call"),
+    ]
+    fc = added[2]["item"]
+    assert fc["id"].startswith("fc_") and fc["call_id"].startswith("call_")
+    arg_deltas = [
+        e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"
+    ]
+    assert len(arg_deltas) >= 3 and json.loads("".join(arg_deltas)) == {"cmd": "echo hi"}
+    final = events[-1]["response"]
+    assert [item["type"] for item in final["output"]] == ["reasoning", "message", "function_call"]
+    assert final["usage"]["output_tokens"] == 1 + 2 + len(arg_deltas)
+    assert final["tools"] == TOOLS_RESPONSES
+
+
+async def test_responses_non_stream_and_incomplete(env: Env) -> None:
+    async with env.sdk() as client:
+        response = await client.responses.create(model="gpt-5.5", input="hi #sim tokens=4")
+        cut = await client.responses.create(
+            model="gpt-5.5", input="hi #sim tokens=10", max_output_tokens=3
+        )
+    assert response.status == "completed" and response.output_text == "tok tok tok tok"
+    assert response.usage.output_tokens == 4
+    assert cut.status == "incomplete"
+    assert cut.incomplete_details.reason == "max_output_tokens"
+    assert cut.usage.output_tokens == 3 and cut.output_text == "tok tok tok"
+
+
+async def test_responses_stream_incomplete_event(env: Env) -> None:
+    body = {"model": "m", "stream": True, "input": "#sim tokens=10", "max_output_tokens": 2}
+    async with env.http() as http, http.stream("POST", "/responses", json=body) as response:
+        lines = [line async for line in response.aiter_lines() if line.startswith("data: ")]
+    last = json.loads(lines[-1][6:])
+    assert last["type"] == "response.incomplete"
+    assert last["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert last["response"]["usage"]["output_tokens"] == 2
+
+
+# ------------------------------------------------------------------------------------------
+# Faults, auth and errors
+
+
+async def test_429_fault_raises_rate_limit_error(env: Env) -> None:
+    async with env.sdk() as client:
+        with pytest.raises(openai.RateLimitError) as caught:
+            await client.chat.completions.create(**chat("#sim fault=429"))
+    response = caught.value.response
+    assert response.headers["retry-after"] == "2"
+    assert response.headers["retry-after-ms"] == "2000"
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
+    assert "Please try again in 2s." in error["message"]
+    assert env.sim.requests[-1].status == 429
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "exception"),
+    [
+        ("500", 500, openai.InternalServerError),
+        ("401", 401, openai.AuthenticationError),
+        ("400", 400, openai.BadRequestError),
+    ],
+)
+async def test_error_faults(env: Env, fault: str, status: int, exception: type) -> None:
+    async with env.sdk() as client:
+        with pytest.raises(exception) as caught:
+            await client.responses.create(model="m", input=f"#sim fault={fault}", stream=True)
+    assert caught.value.status_code == status
+    assert set(caught.value.response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_drop_fault_breaks_the_stream(env: Env) -> None:
+    received = []
+    async with env.http() as http:
+        with pytest.raises((httpx2.RemoteProtocolError, httpx2.ReadError)):
+            async with http.stream(
+                "POST", "/chat/completions", json=chat("#sim fault=drop tokens=10", stream=True)
+            ) as response:
+                assert response.status_code == 200
+                async for line in response.aiter_lines():
+                    if line.startswith("data: "):
+                        received.append(line)
+        with pytest.raises(httpx2.RemoteProtocolError):
+            await http.post("/responses", json={"model": "m", "input": "#sim fault=drop"})
+    assert 0 < len(received) < 13
+    stream_record, plain_record = env.sim.requests[-2:]
+    assert not stream_record.finished and not stream_record.client_closed
+    assert stream_record.events_sent == len(received)
+    assert plain_record.status is None and not plain_record.finished
+
+
+async def test_reset_fault(env: Env) -> None:
+    async with env.http() as http:
+        with pytest.raises((httpx2.RemoteProtocolError, httpx2.ReadError)):
+            async with http.stream(
+                "POST",
+                "/responses",
+                json={"model": "m", "stream": True, "input": "#sim fault=reset"},
+            ) as response:
+                async for _ in response.aiter_lines():
+                    pass
+
+
+async def test_stall_fault_holds_until_client_leaves(env: Env) -> None:
+    async with env.http() as http:
+        with pytest.raises(httpx2.ReadTimeout):
+            async with http.stream(
+                "POST",
+                "/chat/completions",
+                json=chat("#sim fault=stall", stream=True),
+                timeout=httpx2.Timeout(10, read=0.3),
+            ) as response:
+                async for _ in response.aiter_lines():
+                    pass
+        await wait_for(lambda: env.sim.requests[-1].client_closed)
+        record = env.sim.requests[-1]
+        assert record.events_sent == 3 and not record.finished
+        with pytest.raises(httpx2.ReadTimeout):
+            await http.post(
+                "/responses",
+                json={"model": "m", "input": "#sim fault=stall"},
+                timeout=httpx2.Timeout(10, read=0.2),
+            )
+        await wait_for(lambda: env.sim.requests[-1].client_closed)
+    assert env.sim.active_streams == 0
+
+
+async def test_slow_headers(env: Env) -> None:
+    async with env.http() as http:
+        started = time.monotonic()
+        response = await http.post("/chat/completions", json=chat("#sim fault=slow_headers=0.3"))
+        assert response.status_code == 200
+        assert time.monotonic() - started >= 0.3
+
+
+async def test_auth(env: Env) -> None:
+    async with httpx2.AsyncClient(base_url=env.base) as http:
+        missing = await http.post("/chat/completions", json=chat("hi"))
+        assert missing.status_code == 401
+        assert missing.json()["error"]["code"] == "invalid_api_key"
+        env.sim.profile.api_key = "secret"
+        wrong = await http.get("/models", headers={"authorization": "Bearer nope"})
+        right = await http.get("/models", headers={"authorization": "Bearer secret"})
+    assert wrong.status_code == 401 and right.status_code == 200
+
+
+async def test_errors_and_routes(env: Env) -> None:
+    async with env.http() as http:
+        unknown = await http.post("/embeddings", json={})
+        bad_json = await http.post(
+            "/chat/completions", content=b"{nope", headers={"content-type": "application/json"}
+        )
+        no_messages = await http.post("/chat/completions", json={"model": "m"})
+        wrong_method = await http.get("/chat/completions")
+        root = await http.post(f"http://127.0.0.1:{env.port}/chat/completions", json=chat("hi"))
+        model = await http.get("/models/deepseek-chat")
+        missing_model = await http.get("/models/nope")
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "invalid_request_error"
+    assert bad_json.status_code == 400 and "error" in bad_json.json()
+    assert no_messages.status_code == 400 and no_messages.json()["error"]["param"] == "messages"
+    assert wrong_method.status_code == 405
+    assert root.status_code == 200  # the /v1 prefix is optional
+    assert model.json()["id"] == "deepseek-chat"
+    assert missing_model.json()["error"]["code"] == "model_not_found"
+
+
+async def test_models_list_includes_models_seen(env: Env) -> None:
+    async with env.http() as http:
+        await http.post("/chat/completions", json={**chat("hi"), "model": "my-model"})
+        listing = (await http.get("/models")).json()
+    assert listing["object"] == "list"
+    ids = [m["id"] for m in listing["data"]]
+    assert {"gpt-5.5", "deepseek-chat", "my-model"} <= set(ids)
+    assert all(m["object"] == "model" for m in listing["data"])
+
+
+async def test_control_endpoints(env: Env) -> None:
+    async with env.http() as http:
+        await http.post(
+            "/chat/completions", json=chat("hi #sim tokens=2"), headers={"X-Trace": "a"}
+        )
+        records = (await http.get("/_sim/requests")).json()
+        stats = (await http.get("/_sim/stats")).json()
+        profile = (await http.post("/_sim/profile", json={"output_tokens": 3})).json()
+        bad = await http.post("/_sim/profile", json={"nope": 1})
+        bad_type = await http.post("/_sim/profile", json={"ttft_s": "soon"})
+        plain = (await http.post("/chat/completions", json=chat("hi"))).json()
+        await http.post("/_sim/reset")
+        after = (await http.get("/_sim/stats")).json()
+    assert len(records) == 1
+    record = records[0]
+    assert record["path"] == "/v1/chat/completions" and record["method"] == "POST"
+    assert record["headers"]["x-trace"] == "a"
+    assert record["body"]["messages"][0]["content"] == "hi #sim tokens=2"
+    assert record["status"] == 200 and record["finished"] and not record["client_closed"]
+    assert record["usage"]["output_tokens"] == 2
+    assert record["received_at"] <= time.monotonic()
+    assert stats == {"active_streams": 0, "total_requests": 1}
+    assert profile["output_tokens"] == 3 and env.sim.profile.output_tokens == 3
+    assert bad.status_code == 400 and bad_type.status_code == 400
+    assert env.sim.profile.ttft_s == 0
+    assert plain["usage"]["completion_tokens"] == 3
+    assert after["total_requests"] == 0 and env.sim.requests == []
+
+
+# ------------------------------------------------------------------------------------------
+# Connections, disconnects and capacity
+
+
+async def test_client_close_mid_stream_is_noticed_at_once(env: Env) -> None:
+    body = chat("#sim tokens=1000 delay=0.01", stream=True)
+    async with env.http() as http:
+        async with http.stream("POST", "/chat/completions", json=body) as response:
+            lines = 0
+            async for line in response.aiter_lines():
+                lines += line.startswith("data: ")
+                if lines == 5:
+                    break
+            assert env.sim.active_streams == 1
+            close_time = time.monotonic()
+    record = env.sim.requests[-1]
+    await wait_for(lambda: record.client_closed)
+    assert record.closed_at - close_time < 0.05
+    assert not record.finished and record.usage is None
+    await wait_for(lambda: env.sim.active_streams == 0)
+
+
+async def test_client_close_before_first_token(env: Env) -> None:
+    body = {"model": "m", "stream": True, "input": "#sim ttft=30"}
+    async with env.http() as http:
+        with trio.move_on_after(0.2):
+            async with http.stream("POST", "/responses", json=body) as response:
+                async for _ in response.aiter_lines():
+                    pass
+        close_time = time.monotonic()
+    record = env.sim.requests[-1]
+    await wait_for(lambda: record.client_closed)
+    assert record.closed_at - close_time < 0.05
+    # created, in_progress, output_item.added, content_part.added: nothing waits on a token
+    assert record.events_sent == 4
+
+
+async def test_keep_alive_and_connection_close(env: Env) -> None:
+    async with env.http() as http:
+        for _ in range(3):
+            await http.post("/chat/completions", json=chat("hi"))
+            async with http.stream(
+                "POST", "/responses", json={"model": "m", "input": "x", "stream": True}
+            ) as r:
+                await r.aread()
+        closing = await http.post(
+            "/chat/completions", json=chat("hi"), headers={"connection": "close"}
+        )
+    assert closing.headers["connection"] == "close"
+    assert [r.status for r in env.sim.requests] == [200] * 7
+
+    # Raw socket: two pipelined requests on one connection, then HTTP/1.0 (closes after).
+    body = json.dumps(chat("hi #sim tokens=1")).encode()
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer x\r\n"
+        b"content-length: %d\r\n\r\n%b" % (len(body), body)
+    )
+    stream = await trio.open_tcp_stream("127.0.0.1", env.port)
+    await stream.send_all(request + request)
+    data = b""
+    with trio.fail_after(2):
+        while data.count(b"HTTP/1.1 200 OK") < 2 or not data.endswith(b"}"):
+            data += await stream.receive_some(65536)
+    await stream.send_all(request.replace(b"HTTP/1.1", b"HTTP/1.0"))
+    with trio.fail_after(2):
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    assert data.count(b"HTTP/1.1 200 OK") == 3  # and then the server closed the connection
+    await stream.aclose()
+
+
+async def test_chunked_request_body_and_expect_continue(env: Env) -> None:
+    async def body():
+        yield json.dumps(chat("hi #sim tokens=2"))[:10].encode()
+        yield json.dumps(chat("hi #sim tokens=2"))[10:].encode()
+
+    async with env.http() as http:
+        response = await http.post("/chat/completions", content=body())
+        expect = await http.post(
+            "/chat/completions", json=chat("hi #sim tokens=1"), headers={"expect": "100-continue"}
+        )
+    assert response.json()["choices"][0]["message"]["content"] == "tok tok"
+    assert expect.json()["choices"][0]["message"]["content"] == "tok"
+
+
+async def test_malformed_http_gets_400(env: Env) -> None:
+    stream = await trio.open_tcp_stream("127.0.0.1", env.port)
+    await stream.send_all(b"GARBAGE\r\n\r\n")
+    data = b""
+    with trio.fail_after(2):
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 400")
+
+
+async def test_capacity_is_shared_by_all_streams(env: Env) -> None:
+    env.sim.profile.capacity_tps = 200
+    counts = []
+
+    async def one(http: httpx2.AsyncClient) -> None:
+        body = chat("#sim tokens=50 delay=0", stream=True)
+        async with http.stream("POST", "/chat/completions", json=body) as response:
+            n = 0
+            async for line in response.aiter_lines():
+                n += (
+                    line.startswith("data: {")
+                    and '"content":"' in line
+                    and '"content":""' not in line
+                )
+            counts.append(n)
+
+    started = time.monotonic()
+    async with env.http() as http, trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(one, http)
+    elapsed = time.monotonic() - started
+    assert counts == [50, 50, 50, 50]
+    assert 0.8 <= elapsed < 5, elapsed
+
+
+async def test_capacity_paces_non_stream_too(env: Env) -> None:
+    env.sim.profile.capacity_tps = 100
+    async with env.http() as http:
+        started = time.monotonic()
+        response = await http.post("/chat/completions", json=chat("#sim tokens=20"))
+    assert response.json()["usage"]["completion_tokens"] == 20
+    assert time.monotonic() - started >= 0.19
+
+
+async def test_token_timing(env: Env) -> None:
+    body = {"model": "m", "stream": True, "input": "#sim ttft=0.2 delay=0.05 tokens=4"}
+    async with env.http() as http:
+        started = time.monotonic()
+        async with http.stream("POST", "/responses", json=body) as response:
+            times = [
+                time.monotonic() - started
+                async for line in response.aiter_lines()
+                if "output_text.delta" in line and line.startswith("data:")
+            ]
+    assert 0.2 <= times[0] < 0.4
+    assert times[-1] - times[0] >= 3 * 0.05 * 0.9
+
+
+# ------------------------------------------------------------------------------------------
+# Pure helpers and the standalone command
+
+
+def test_parse_directives() -> None:
+    d = sp.parse_directives(
+        'hello\n#sim ttft=0.5 tokens=3 fault=slow_headers=2 args={"a":1} x\n#simulate tokens=9'
+    )
+    assert (d.ttft, d.tokens, d.fault, d.slow_headers, d.args) == (
+        0.5,
+        3,
+        "slow_headers",
+        2.0,
+        '{"a":1}',
+    )
+    assert sp.parse_directives("#sim tokens=-1 ttft=abc fault=nope args={bad") == sp.Directives()
+    assert sp.parse_directives("no directive") == sp.Directives()
+    assert sp.parse_directives("#sim fault=429").fault == "429"
+
+
+def test_split_arguments() -> None:
+    for text in ('{"cmd": "echo hi"}', '{"a":1}', "{}", "x" * 100):
+        pieces = sp.split_arguments(text)
+        assert "".join(pieces) == text and all(pieces)
+        assert len(pieces) >= min(3, len(text))
+
+
+def test_standalone_command() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay.testing.upstream", "--port", "0", "--tokens", "3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        line = proc.stdout.readline().strip()
+        assert line.startswith("sim-upstream listening on http://127.0.0.1:")
+        url = line.rsplit(" ", 1)[1]
+        models = httpx2.get(url + "/v1/models", headers={"authorization": "Bearer k"})
+        assert models.status_code == 200 and models.json()["object"] == "list"
+        answer = httpx2.post(
+            url + "/chat/completions", json=chat("hi"), headers={"authorization": "Bearer k"}
+        )
+        assert answer.json()["usage"]["completion_tokens"] == 3
+        # A client still connected must not keep the server from stopping.
+        idle = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        idle.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = proc.stderr.read()
+    assert "Traceback" not in stderr, stderr
+
+
+def test_standalone_command_ctrl_c() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay.testing.upstream", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert "listening on" in proc.stdout.readline()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in proc.stderr.read()
