@@ -110,7 +110,8 @@ class RateLimited(RelayError):
     def __init__(self, refused) -> None:  # a guards.admission.AdmissionRefused
         retry_after = max(1.0, float(refused.retry_after_s))
         super().__init__(
-            refused.message,
+            # The phrase the Codex CLI parses for its retry delay (protocols.md §2.6).
+            f"{refused.message} Please try again in {int(retry_after)}s.",
             code="rate_limit_exceeded" if refused.reason == "rate_limited" else refused.reason,
             headers={
                 "retry-after": str(int(retry_after)),

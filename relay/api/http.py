@@ -111,7 +111,7 @@ class Responder:
     idle connections open for ever (stack-notes, "quart-trio gotchas").
     """
 
-    __slots__ = ("_send", "finished", "request_id", "started", "status")
+    __slots__ = ("_send", "finished", "header_hook", "request_id", "started", "status")
 
     def __init__(self, send: Send, request_id: str) -> None:
         self._send = send
@@ -119,11 +119,15 @@ class Responder:
         self.started = False
         self.finished = False
         self.status = 0
+        # Headers computed when the response starts (the key's rate-limit state, for one).
+        self.header_hook: Callable[[], list[tuple[bytes, bytes]]] | None = None
 
     async def start(self, status: int, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
         self.started = True
         self.status = status
         all_headers = [(b"x-request-id", self.request_id), *headers]
+        if self.header_hook is not None:
+            all_headers.extend(self.header_hook())
         await self._send(
             {"type": "http.response.start", "status": status, "headers": all_headers}
         )

@@ -16,6 +16,7 @@ the dead reader cannot be interrupted.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -152,6 +153,7 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
             record=record,
             started=started,
         )
+        responder.header_hook = functools.partial(_rate_limit_headers, call)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, call, nursery.cancel_scope)
             try:
@@ -163,7 +165,11 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
                 record.status = error.status
                 record.error_code = error.code or error.type
                 if not responder.started:
-                    await responder.error(error)
+                    if isinstance(error, RateLimited) and _wants_stream_failure(call):
+                        record.status = 200
+                        await _codex_rate_limited(call, error)
+                    else:
+                        await responder.error(error)
             finally:
                 nursery.cancel_scope.cancel()
     except RelayError as error:
@@ -178,6 +184,49 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
             if not responder.started and record.client_disconnected:
                 record.status = 499  # nginx's "client closed request": nothing was answered
             call.commit()
+
+
+def _rate_limit_headers(call: Call) -> list[tuple[bytes, bytes]]:
+    """The key's ``x-ratelimit-*`` state (OpenAI's header names) and the time spent queued."""
+    headers = [(b"x-relay-queue-ms", b"%d" % round(call.record.queue_ms))]
+    for name, value in call.runtime.admission.key_rate_state(call.ticket).items():
+        text = _duration(value) if name.startswith("reset-") else str(int(value))
+        headers.append((b"x-ratelimit-" + name.encode(), text.encode()))
+    return headers
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: ``20ms``, ``1s``, ``6m0s``."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}m{rest}s" if minutes else f"{rest}s"
+
+
+def _wants_stream_failure(call: Call) -> bool:
+    """The Codex CLI never retries an HTTP 429 but waits and retries a ``response.failed`` with
+    ``rate_limit_exceeded`` and "try again in Ns" (protocols.md §2.6): give it that form."""
+    originator = call.request.headers.get("originator", "").lower()
+    agent = call.request.headers.get("user-agent", "").lower()
+    return (
+        call.client.endpoint is Endpoint.RESPONSES
+        and call.client.stream
+        and (originator.startswith("codex") or agent.startswith("codex"))
+    )
+
+
+async def _codex_rate_limited(call: Call, error: RateLimited) -> None:
+    event = error_event(
+        Endpoint.RESPONSES,
+        StreamMeter(Endpoint.RESPONSES),
+        message=error.message,
+        code="rate_limit_exceeded",
+        type=error.type,
+        fallback_id="resp_" + call.request.request_id.removeprefix("req_"),
+    )
+    headers = [*SSE_HEADERS, *((k.encode(), v.encode()) for k, v in error.headers.items())]
+    await call.responder.start(200, headers)
+    await call.responder.end(event)
 
 
 async def _cancel_on_disconnect(call: Call, scope: trio.CancelScope) -> None:

@@ -251,7 +251,7 @@ class Admission:
             raise AdmissionRefused(
                 "queue_timeout",
                 f"Your request waited {ticket.limits.queue_timeout_s:g}s in the queue without "
-                "capacity freeing up. Please try again shortly.",
+                "capacity freeing up.",
                 retry_after_s=self._retry_after(ticket, pool, key),
             )
         try:
@@ -360,15 +360,14 @@ class Admission:
             )
             raise AdmissionRefused(
                 reason,
-                f"{what}. Please try again in {self._retry_after(ticket, pool, key):g}s.",
+                f"{what}.",
                 retry_after_s=self._retry_after(ticket, pool, key),
             )
         if pool.max_queue is not None and len(pool.queue) >= pool.max_queue:
             self.refused["queue_full"] += 1
             raise AdmissionRefused(
                 "queue_full",
-                f"The '{pool.name}' pool's queue is full ({pool.max_queue} requests waiting). "
-                "Please try again shortly.",
+                f"The '{pool.name}' pool's queue is full ({pool.max_queue} requests waiting).",
                 retry_after_s=self._retry_after(ticket, pool, key),
             )
 
