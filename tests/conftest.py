@@ -165,7 +165,7 @@ def _idle(state: dict) -> bool:
     )
 
 
-def relay_config(sim_url: str, database: Path, **server: object) -> str:
+def server_section(database: Path, **server: object) -> str:
     extra = "".join(f"{name} = {json.dumps(value)}\n" for name, value in server.items())
     return textwrap.dedent(
         f"""\
@@ -174,7 +174,11 @@ def relay_config(sim_url: str, database: Path, **server: object) -> str:
         database = "{database}"
         admin_token_env = "RELAY_TEST_ADMIN_TOKEN"
         """
-    ) + extra + textwrap.dedent(
+    ) + extra
+
+
+def relay_config(sim_url: str, database: Path, **server: object) -> str:
+    return server_section(database, **server) + textwrap.dedent(
         f"""
         [pools.main]
         max_concurrency = 100
@@ -218,10 +222,15 @@ def relay_config(sim_url: str, database: Path, **server: object) -> str:
     )
 
 
-def start_relay(tmp: Path, sim_url: str, **server: object) -> Relay:
+def start_relay(tmp: Path, sim_url: str, *, body: str | None = None, **server: object) -> Relay:
+    """Start ``relay serve`` with the standard test config, or with [server] and ``body``."""
     database = tmp / "relay.db"
     config_path = tmp / "relay.toml"
-    config_path.write_text(relay_config(sim_url, database, **server))
+    if body is None:
+        text = relay_config(sim_url, database, **server)
+    else:
+        text = server_section(database, **server) + body.replace("SIM_URL", sim_url)
+    config_path.write_text(text)
     process = start_process(
         ["-m", "relay", "serve", "--config", str(config_path)],
         r"relay listening on (\S+)",

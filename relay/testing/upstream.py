@@ -300,6 +300,7 @@ class SimUpstream:
         self.profile: SimProfile = profile if profile is not None else SimProfile()
         self.requests: list[RequestRecord] = []
         self.active_streams: int = 0
+        self.peak_active_streams: int = 0  # since the last reset: what concurrency caps bound
         self.total_requests: int = 0
         self._next_id = 1
         self._pacer = _Pacer()
@@ -309,6 +310,7 @@ class SimUpstream:
         """Forget recorded requests (the profile and the models seen are kept)."""
         self.requests.clear()
         self.total_requests = 0
+        self.peak_active_streams = self.active_streams
 
     async def serve(
         self,
@@ -523,7 +525,11 @@ class SimUpstream:
             self.reset()
             payload = {"ok": True}
         elif route == "/_sim/stats" and method == "GET":
-            payload = {"active_streams": self.active_streams, "total_requests": self.total_requests}
+            payload = {
+                "active_streams": self.active_streams,
+                "peak_active_streams": self.peak_active_streams,
+                "total_requests": self.total_requests,
+            }
         elif route == "/_sim/profile" and method in ("GET", "POST"):
             if method == "POST":
                 error = self._update_profile(raw_body)
@@ -595,6 +601,7 @@ class SimUpstream:
                 return await self._respond_json(ex, plan, headers, 0.0, None, 0.0)  # fast path
             return await self._watched(ex, self._respond_json, ex, plan, headers, wait, fault, slow)
         self.active_streams += 1
+        self.peak_active_streams = max(self.peak_active_streams, self.active_streams)
         try:
             return await self._watched(ex, self._respond_stream, ex, plan, headers, fault, slow)
         finally:
