@@ -7,7 +7,7 @@ import trio
 import trio.testing
 
 from relay.config import parse_config
-from relay.guards.admission import Admission, KeyLimits, Ticket
+from relay.guards.admission import Admission, AdmissionRefused, KeyLimits, Ticket
 
 CONFIG = parse_config(
     {
@@ -85,3 +85,113 @@ async def test_pool_cap_holds_under_many_concurrent_requests() -> None:
             nursery.start_soon(use, index)
     assert peak == 2
     assert admission.status()["total"] == 0
+
+
+METERED = parse_config(
+    {
+        "pools": {"p": {}},
+        "packages": {"m": {"pool": "p", "tpm": 600, "max_queue": 5, "queue_timeout_s": 100}},
+    }
+)
+
+
+def metered(key: str = "k", tokens: int = 300) -> Ticket:
+    return Ticket(key_id=key, pool="p", estimated_tokens=tokens,
+                  limits=KeyLimits.of(METERED.packages["m"]))
+
+
+async def test_tpm_waits_for_the_refill(autojump_clock) -> None:
+    admission = Admission(METERED)
+    granted_at: list[float] = []
+
+    async def use() -> None:
+        async with admission.enter(metered()):
+            granted_at.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(admission.run)
+        async with trio.open_nursery() as clients:
+            for _ in range(4):
+                clients.start_soon(use)
+        nursery.cancel_scope.cancel()
+    # 600 banked: two at once; then 10 tokens/s refill: one every 30 s.
+    assert [round(t) for t in granted_at] == [0, 0, 30, 60]
+
+
+async def test_reservation_is_reconciled_to_real_use(autojump_clock) -> None:
+    admission = Admission(METERED)
+    granted_at: list[float] = []
+
+    async def use() -> None:
+        async with admission.enter(metered()) as lease:
+            granted_at.append(trio.current_time())
+            await trio.sleep(1)
+            lease.used_tokens = 100  # it cost a third of its estimate
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(admission.run)
+        async with trio.open_nursery() as clients:
+            for _ in range(3):
+                clients.start_soon(use)
+        nursery.cancel_scope.cancel()
+    # The first two give back 200 each at t=1, so the third goes then, not at t=30.
+    assert [round(t) for t in granted_at] == [0, 0, 1]
+    assert admission.status()["reserved_tokens"] == 0
+
+
+async def test_queue_full_and_timeout_are_refused(autojump_clock) -> None:
+    config = parse_config(
+        {"pools": {"p": {}},
+         "packages": {"t": {"pool": "p", "max_concurrency": 1, "max_queue": 1,
+                            "queue_timeout_s": 5}}}
+    )
+    admission = Admission(config)
+    limits = KeyLimits.of(config.packages["t"])
+    ticket_ = Ticket(key_id="k", pool="p", estimated_tokens=1, limits=limits)
+    reasons: list[str] = []
+
+    async def attempt() -> None:
+        try:
+            async with admission.enter(ticket_):
+                await trio.sleep(100)
+        except AdmissionRefused as refused:
+            reasons.append(refused.reason)
+            assert refused.retry_after_s >= 1
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(attempt)
+            await trio.testing.wait_all_tasks_blocked()
+    assert reasons == ["queue_full", "queue_timeout"]
+    assert admission.status()["total"] == 0 and admission.status()["queued"] == 0
+
+
+async def test_pools_share_the_global_layer_by_weight(autojump_clock) -> None:
+    config = parse_config(
+        {
+            "global": {"max_concurrency": 1},
+            "pools": {"light": {"weight": 1}, "heavy": {"weight": 3}},
+            "packages": {"a": {"pool": "light", "queue_timeout_s": 1000},
+                         "b": {"pool": "heavy", "queue_timeout_s": 1000}},
+        }
+    )
+    admission = Admission(config)
+    order: list[str] = []
+
+    async def backlog(pool: str, package: str) -> None:
+        limits = KeyLimits.of(config.packages[package])
+        async with trio.open_nursery() as nursery:
+            for _ in range(40):
+                nursery.start_soon(one, Ticket(key_id=package, pool=pool, estimated_tokens=100,
+                                               limits=limits))
+
+    async def one(ticket_: Ticket) -> None:
+        async with admission.enter(ticket_):
+            order.append(ticket_.pool)
+            await trio.sleep(1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(backlog, "light", "a")
+        nursery.start_soon(backlog, "heavy", "b")
+    first = order[:40]  # while both pools are backlogged
+    assert abs(first.count("heavy") / first.count("light") - 3) < 0.5
