@@ -18,7 +18,7 @@ from pathlib import Path
 import trio
 
 from .config import Config, ConfigError, check_environment, load_config, parse_config
-from .ledger.store import Store
+from .ledger.store import Store, hash_key
 
 DEMO_UPSTREAM_KEY_ENV = "RELAY_DEMO_UPSTREAM_KEY"
 
@@ -72,7 +72,16 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--package", required=True, help="package the key belongs to")
     create.add_argument("--name", default="", help="a note to recognise the key by")
     create.add_argument("--json", action="store_true", help="print JSON")
+    _limit_options(create)
     create.set_defaults(run=_keys_create)
+    limits = key_commands.add_parser(
+        "set-limits", help="override a key's package limits (by id or plaintext)"
+    )
+    _config_option(limits)
+    limits.add_argument("key", metavar="KEY_OR_ID")
+    limits.add_argument("--clear", action="store_true", help="drop every override first")
+    _limit_options(limits)
+    limits.set_defaults(run=_keys_set_limits)
     listing = key_commands.add_parser("list", help="list keys (never their plaintext)")
     _config_option(listing)
     listing.add_argument("--json", action="store_true", help="print JSON")
@@ -86,6 +95,35 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("path", nargs="?", help="config file (default: $RELAY_CONFIG)")
     check.set_defaults(run=_check_config)
     return parser
+
+
+#: Per-key overrides of the package's limits: option → (key in the limits, type).
+LIMIT_OPTIONS = {
+    "tpm": ("tpm", int),
+    "rpm": ("rpm", int),
+    "max-concurrency": ("max_concurrency", int),
+    "max-queue": ("max_queue", int),
+    "queue-timeout": ("queue_timeout_s", float),
+    "weight": ("weight", float),
+}
+
+
+def _limit_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("the key's own limits (override its package's)")
+    for option, (name, kind) in LIMIT_OPTIONS.items():
+        group.add_argument(f"--{option}", dest=name, type=kind, default=None, metavar="N")
+
+
+def _limits_from(args: argparse.Namespace) -> dict:
+    limits = {}
+    for option, (name, _) in LIMIT_OPTIONS.items():
+        value = getattr(args, name)
+        if value is not None:
+            low = 0 if name == "max_queue" else 0.0
+            if value < low or (value == 0 and name != "max_queue"):
+                raise CommandError(f"--{option} must be positive, got {value}")
+            limits[name] = value
+    return limits
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:
@@ -253,7 +291,9 @@ def _keys_create(args: argparse.Namespace) -> int:
         raise CommandError(f"unknown package '{args.package}' (packages in the config: {known})")
     store = Store(config.server.database)
     try:
-        key, record = store.create_key(package.name, prefix=package.key_prefix, name=args.name)
+        key, record = store.create_key(
+            package.name, prefix=package.key_prefix, name=args.name, limits=_limits_from(args)
+        )
     finally:
         store.close()
     if args.json:
@@ -290,6 +330,25 @@ def _keys_list(args: argparse.Namespace) -> int:
             f"{created:<20} {record.name}"
         )
     return 0
+
+
+def _keys_set_limits(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    store = Store(config.server.database)
+    try:
+        current = {} if args.clear else _find_key(store, args.key).limits
+        record = store.set_limits(args.key, {**current, **_limits_from(args)})
+    finally:
+        store.close()
+    print(f"{record.id}: limits {json.dumps(record.limits) if record.limits else 'of its package'}")
+    return 0
+
+
+def _find_key(store: Store, key_or_id: str):
+    for record in store.list_keys():
+        if record.id == key_or_id or record.key_hash == hash_key(key_or_id):
+            return record
+    raise CommandError(f"no key matches '{_redact(key_or_id)}'")
 
 
 def _keys_revoke(args: argparse.Namespace) -> int:

@@ -483,7 +483,7 @@ async def test_control_endpoints(env: Env) -> None:
     assert record["status"] == 200 and record["finished"] and not record["client_closed"]
     assert record["usage"]["output_tokens"] == 2
     assert record["received_at"] <= time.monotonic()
-    assert stats == {"active_streams": 0, "total_requests": 1}
+    assert stats == {"active_streams": 0, "peak_active_streams": 0, "total_requests": 1}
     assert profile["output_tokens"] == 3 and env.sim.profile.output_tokens == 3
     assert bad.status_code == 400 and bad_type.status_code == 400
     assert env.sim.profile.ttft_s == 0

@@ -143,7 +143,7 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
                 key_id=key.id,
                 pool=route.pool,
                 estimated_tokens=client.estimated_tokens,
-                limits=KeyLimits.of(package),
+                limits=KeyLimits.of(package, key.limits),
                 accounts=[
                     account.guard
                     for account in runtime.scheduler.candidates(route, endpoint.upstream_kind)
@@ -328,12 +328,24 @@ async def _relay_stream(call: Call) -> None:
                     await call.responder.start(200, SSE_HEADERS)
                     await writer.write(first)
                     async for data in receive_channel:
-                        await writer.write(data)
+                        await writer.write(_with_backlog(data, receive_channel))
                     await call.responder.end()
         finally:
             nursery.cancel_scope.cancel()
     if failure is not None:
         raise failure
+
+
+def _with_backlog(data: bytes, channel: trio.MemoryReceiveChannel) -> bytes:
+    """``data`` and whatever else is already waiting, as one write: when the client side falls
+    behind, fewer and larger writes let it catch up instead of paying per event."""
+    parts = [data]
+    while True:
+        try:
+            parts.append(channel.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+    return data if len(parts) == 1 else b"".join(parts)
 
 
 async def _first_message(channel: trio.MemoryReceiveChannel) -> bytes | RelayError:

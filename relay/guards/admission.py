@@ -31,10 +31,12 @@ task that enters and the task that exits may differ. Nothing here knows about HT
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -81,6 +83,7 @@ class Guard:
         self.tps = TokenBucket.per_second(tps, now) if tps else None
         self.rpm = TokenBucket.per_minute(rpm, now) if rpm else None
         self.reserved = 0  # tokens reserved by requests in flight
+        self.limits: KeyLimits | None = None  # for a key's guard: the limits it enforces
 
     @property
     def in_flight(self) -> int:
@@ -139,8 +142,9 @@ class KeyLimits:
     weight: float = 1.0
 
     @classmethod
-    def of(cls, package: PackageConfig) -> KeyLimits:
-        return cls(
+    def of(cls, package: PackageConfig, overrides: Mapping[str, Any] | None = None) -> KeyLimits:
+        """The package's limits, with a key's own ``overrides`` (same names) on top."""
+        limits = cls(
             tpm=package.tpm,
             rpm=package.rpm,
             max_concurrency=package.max_concurrency,
@@ -148,6 +152,7 @@ class KeyLimits:
             queue_timeout_s=package.queue_timeout_s,
             weight=package.weight,
         )
+        return dataclasses.replace(limits, **overrides) if overrides else limits
 
 
 @dataclass(frozen=True)
@@ -332,8 +337,10 @@ class Admission:
         return pool
 
     def _key_guard(self, ticket: Ticket) -> Guard:
+        """The key's guard, rebuilt when its limits changed (requests in flight keep and
+        release the guard they took)."""
         guard = self.keys.get(ticket.key_id)
-        if guard is None:
+        if guard is None or guard.limits != ticket.limits:
             limits = ticket.limits
             guard = self.keys[ticket.key_id] = Guard(
                 ticket.key_id,
@@ -342,6 +349,7 @@ class Admission:
                 rpm=limits.rpm,
                 now=trio.current_time(),
             )
+            guard.limits = limits
         return guard
 
     def _check_queue_room(self, ticket: Ticket, pool: _Pool, key: Guard, now: float) -> None:

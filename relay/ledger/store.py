@@ -8,12 +8,13 @@ WAL mode lets the CLI create or revoke keys while a relay process is serving.
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import sqlite3
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import sqlite_utils
@@ -43,6 +44,7 @@ class KeyRecord:
     package: str
     created_at: float
     revoked_at: float | None = None
+    limits: dict = field(default_factory=dict)  # the key's own overrides of its package's
 
     @property
     def active(self) -> bool:
@@ -58,6 +60,7 @@ class KeyRecord:
             package=row["package"],
             created_at=row["created_at"],
             revoked_at=row["revoked_at"],
+            limits=json.loads(row.get("limits") or "{}"),
         )
 
     def public(self) -> dict:
@@ -70,6 +73,7 @@ class KeyRecord:
             "created_at": self.created_at,
             "revoked_at": self.revoked_at,
             "active": self.active,
+            "limits": self.limits,
         }
 
 
@@ -95,6 +99,12 @@ USAGE_COLUMNS = {
     "queue_ms": float,
     "client_disconnected": int,
 }
+
+
+_INSERT_USAGE = (
+    f"insert into usage ({', '.join(USAGE_COLUMNS)}) "
+    f"values ({', '.join('?' for _ in USAGE_COLUMNS)})"
+)
 
 
 class Store:
@@ -130,6 +140,8 @@ class Store:
                     not_null={"key_hash", "package", "created_at"},
                 )
                 keys.create_index(["key_hash"], unique=True)
+            if "limits" not in keys.columns_dict:
+                keys.add_column("limits", str)
             usage = self.db["usage"]
             if not usage.exists():
                 usage.create({"id": int, **USAGE_COLUMNS}, pk="id")
@@ -141,7 +153,9 @@ class Store:
 
     # -- keys -----------------------------------------------------------------------------
 
-    def create_key(self, package: str, *, prefix: str, name: str = "") -> tuple[str, KeyRecord]:
+    def create_key(
+        self, package: str, *, prefix: str, name: str = "", limits: dict | None = None
+    ) -> tuple[str, KeyRecord]:
         """Create a key and return ``(plaintext, record)``; the plaintext is not kept."""
         plaintext = new_plaintext_key(prefix)
         record = KeyRecord(
@@ -151,6 +165,7 @@ class Store:
             name=name,
             package=package,
             created_at=time.time(),
+            limits=dict(limits or {}),
         )
         with self._lock:
             self.db["api_keys"].insert(
@@ -162,6 +177,7 @@ class Store:
                     "package": record.package,
                     "created_at": record.created_at,
                     "revoked_at": None,
+                    "limits": json.dumps(record.limits),
                 }
             )
         return plaintext, record
@@ -175,6 +191,21 @@ class Store:
         with self._lock:
             rows = list(self.db["api_keys"].rows_where("key_hash = ?", [key_hash], limit=1))
         return KeyRecord.from_row(rows[0]) if rows else None
+
+    def set_limits(self, key_or_id: str, limits: dict) -> KeyRecord | None:
+        """Replace a key's own limit overrides (by id or plaintext); None if no such key."""
+        with self._lock:
+            rows = list(
+                self.db["api_keys"].rows_where(
+                    "id = ? or key_hash = ?", [key_or_id, hash_key(key_or_id)], limit=1
+                )
+            )
+            if not rows:
+                return None
+            row = rows[0]
+            row["limits"] = json.dumps(limits)
+            self.db["api_keys"].update(row["id"], {"limits": row["limits"]})
+        return KeyRecord.from_row(row)
 
     def revoke_key(self, key_or_id: str) -> KeyRecord | None:
         """Revoke by id (``key_…``) or by the plaintext key; None when no such key exists."""
@@ -200,11 +231,16 @@ class Store:
     # -- usage ----------------------------------------------------------------------------
 
     def insert_usage(self, records: Iterable[dict]) -> int:
-        rows = list(records)
+        """Insert usage rows (dicts with :data:`USAGE_COLUMNS`) in one transaction.
+
+        A prepared ``executemany`` rather than sqlite-utils' ``insert_all``, which re-reads the
+        schema on every call: this runs for every batch the writer flushes.
+        """
+        rows = [tuple(row[name] for name in USAGE_COLUMNS) for row in records]
         if rows:
             with self._lock:
                 with self.db.conn:
-                    self.db["usage"].insert_all(rows, batch_size=500)
+                    self.db.conn.executemany(_INSERT_USAGE, rows)
         return len(rows)
 
     def usage_rows(self, *, key_id: str | None = None, limit: int = 1000) -> list[dict]:

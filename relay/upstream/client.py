@@ -17,6 +17,9 @@ import httpx2
 from ..config import ServerConfig
 from ..errors import RelayError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 
+#: Idle upstream connections are kept this long (real APIs keep theirs for 60 s or more).
+KEEPALIVE_EXPIRY_S = 90.0
+
 #: How much of an upstream error body is read to build the client's error message.
 ERROR_BODY_LIMIT = 64 * 1024
 
@@ -51,6 +54,8 @@ class UpstreamClient:
             limits=httpx2.Limits(
                 max_connections=server.upstream_max_connections,
                 max_keepalive_connections=min(server.upstream_max_connections, 200),
+                # httpx's 5 s default would redo TCP+TLS for every agent turn after a pause.
+                keepalive_expiry=KEEPALIVE_EXPIRY_S,
             ),
             follow_redirects=False,
             trust_env=False,
