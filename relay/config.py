@@ -150,6 +150,10 @@ class PoolConfig:
     max_concurrency: int | None = None
     max_queue: int | None = None
     weight: float = 1.0
+    queue: str = "fair"  # "fair" (virtual token counters) or "fifo" (first come, first served)
+
+
+QUEUE_DISCIPLINES = ("fair", "fifo")
 
 
 @dataclass(frozen=True)
@@ -524,6 +528,7 @@ def _read_pool(name: str, table: _Table) -> PoolConfig:
         max_concurrency=table.integer("max_concurrency", positive=True),
         max_queue=table.integer("max_queue", positive=True),
         weight=table.number("weight", 1.0, positive=True),
+        queue=table.choice("queue", QUEUE_DISCIPLINES) or "fair",
     )
     table.finish()
     return pool

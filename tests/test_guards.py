@@ -195,3 +195,29 @@ async def test_pools_share_the_global_layer_by_weight(autojump_clock) -> None:
         nursery.start_soon(backlog, "heavy", "b")
     first = order[:40]  # while both pools are backlogged
     assert abs(first.count("heavy") / first.count("light") - 3) < 0.5
+
+
+async def test_fifo_pool_serves_in_arrival_order_fair_pool_interleaves(autojump_clock) -> None:
+    orders = {}
+    for discipline in ("fifo", "fair"):
+        config = parse_config(
+            {"pools": {"p": {"max_concurrency": 1, "queue": discipline}},
+             "packages": {"x": {"pool": "p", "queue_timeout_s": 1000}}}
+        )
+        admission = Admission(config)
+        limits = KeyLimits.of(config.packages["x"])
+        order: list[str] = []
+
+        async def one(key: str, admission=admission, order=order, limits=limits) -> None:
+            async with admission.enter(Ticket(key_id=key, pool="p", estimated_tokens=10,
+                                              limits=limits)):
+                order.append(key)
+                await trio.sleep(1)
+
+        async with trio.open_nursery() as nursery:
+            for key in ["flood"] * 6 + ["late"] * 2:  # the flood arrives first
+                nursery.start_soon(one, key)
+                await trio.testing.wait_all_tasks_blocked()
+        orders[discipline] = order
+    assert orders["fifo"] == ["flood"] * 6 + ["late"] * 2
+    assert orders["fair"].index("late") <= 2  # served in turn, not after the whole flood

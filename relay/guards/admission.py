@@ -191,13 +191,19 @@ class _Waiter:
 
 
 class _Pool:
-    def __init__(self, name: str, guard: Guard, weight: float, max_queue: int | None) -> None:
+    def __init__(
+        self, name: str, guard: Guard, weight: float, max_queue: int | None, fifo: bool = False
+    ) -> None:
         self.name = name
         self.guard = guard
         self.weight = weight
         self.max_queue = max_queue
+        self.fifo = fifo  # one flow for every key: first come, first served (a baseline)
         self.queue: FairQueue[_Waiter] = FairQueue()
         self.counter = 0.0  # virtual tokens at the global layer, per pool weight
+
+    def flow_of(self, ticket: Ticket) -> str:
+        return "*" if self.fifo else ticket.key_id
 
 
 class Admission:
@@ -215,7 +221,9 @@ class Admission:
             guard = Guard(
                 name, max_concurrency=pool.max_concurrency, tpm=pool.tpm, tps=pool.tps, now=now
             )
-            self.pools[name] = _Pool(name, guard, pool.weight, pool.max_queue)
+            self.pools[name] = _Pool(
+                name, guard, pool.weight, pool.max_queue, fifo=pool.queue == "fifo"
+            )
         self.keys: dict[str, Guard] = {}
         self._waiting: dict[str, int] = {}  # key id → queued requests
         self._wake_at = math.inf
@@ -233,7 +241,7 @@ class Admission:
         key = self._key_guard(ticket)
         self._check_queue_room(ticket, pool, key, now)
         waiter = _Waiter(ticket, now)
-        pool.queue.push(ticket.key_id, ticket.limits.weight, waiter)
+        pool.queue.push(pool.flow_of(ticket), ticket.limits.weight, waiter)
         self._lift_pool(pool)
         self._waiting[ticket.key_id] = self._waiting.get(ticket.key_id, 0) + 1
         try:
@@ -249,7 +257,7 @@ class Admission:
             self._waiting[ticket.key_id] -= 1
             if waiter.lease is None:
                 # Not granted (timed out or cancelled): leave the queue, uncharged.
-                pool.queue.remove(ticket.key_id, waiter)
+                pool.queue.remove(pool.flow_of(ticket), waiter)
         lease = waiter.lease
         if lease is None:
             self.refused["queue_timeout"] += 1
@@ -467,7 +475,7 @@ class Admission:
             guard.take(lease, tokens, now)
             lease.held.append(guard)
         lease.reserved = tokens
-        pool.queue.charge(ticket.key_id, tokens)
+        pool.queue.charge(pool.flow_of(ticket), tokens)
         pool.counter += tokens / pool.weight
         waiter.lease = lease
         waiter.event.set()
@@ -482,7 +490,7 @@ class Admission:
         correction = used - lease.reserved
         if correction:
             pool = self.pools[lease.ticket.pool]
-            pool.queue.charge(lease.ticket.key_id, correction)
+            pool.queue.charge(pool.flow_of(lease.ticket), correction)
             pool.counter += correction / pool.weight
         self._dispatch()
 
