@@ -37,6 +37,7 @@ from .ledger.store import Store
 from .ledger.usage import UsageWriter
 from .protocol.requests import Endpoint
 from .upstream.client import UpstreamClient
+from .upstream.health import Health
 from .upstream.routing import Catalog, Scheduler
 
 log = logging.getLogger("relay")
@@ -56,6 +57,7 @@ class Runtime:
     scheduler: Scheduler
     catalog: Catalog
     upstream: UpstreamClient
+    health: Health
     started_at: float
     active_requests: int = 0  # relay requests (chat, responses) in progress
 
@@ -65,6 +67,10 @@ class Runtime:
             "active_requests": self.active_requests,
             "admission": self.admission.status(),
             "accounts": self.scheduler.status(),
+            "sessions": {
+                "bound": len(self.scheduler.sessions),
+                "rebinds": self.scheduler.sessions.rebinds,
+            },
             "usage_records": {"written": self.usage.written, "queued": self.usage.queued},
         }
 
@@ -87,6 +93,7 @@ async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
         scheduler=Scheduler(config),
         catalog=Catalog(config),
         upstream=upstream,
+        health=Health(config.server),
         started_at=time.time(),
     )
     try:
@@ -142,6 +149,8 @@ class RelayApp:
                 if path.startswith(base + "/models/"):
                     methods = {"GET": _get_model}
                     break
+            if path.startswith("/admin/accounts/") and path.endswith("/enable"):
+                methods = {"POST": _admin_enable_account}
         if methods is None:
             raise NotFound(
                 f"Invalid URL ({request.method} {request.path}). The relay serves "
@@ -281,7 +290,7 @@ async def _get_model(runtime: Runtime, request: Request, responder: Responder) -
     await responder.json(200, _model_object(runtime, model))
 
 
-async def _admin_state(runtime: Runtime, request: Request, responder: Responder) -> None:
+def _check_admin(runtime: Runtime, request: Request) -> None:
     env_name = runtime.config.server.admin_token_env
     token = os.environ.get(env_name)
     if not token:
@@ -294,4 +303,19 @@ async def _admin_state(runtime: Runtime, request: Request, responder: Responder)
         raise AuthenticationFailed(
             "The admin token is missing or wrong.", code="invalid_admin_token"
         )
+
+
+async def _admin_state(runtime: Runtime, request: Request, responder: Responder) -> None:
+    _check_admin(runtime, request)
     await responder.json(200, runtime.state())
+
+
+async def _admin_enable_account(runtime: Runtime, request: Request, responder: Responder):
+    """Put an account that was taken out of service (upstream 401/403) back in service."""
+    _check_admin(runtime, request)
+    name = request.path.removeprefix("/admin/accounts/").removesuffix("/enable")
+    account = runtime.scheduler.by_name.get(name)
+    if account is None:
+        raise NotFound(f"No account named '{name}'.", code="account_not_found")
+    runtime.health.enable(account)
+    await responder.json(200, {"account": name, **runtime.scheduler.status()[name]})

@@ -119,6 +119,10 @@ class ServerConfig:
     upstream_max_connections: int = 1000
     keep_alive_timeout_s: float = 5.0
     keepalive_event_s: float = 15.0
+    session_ttl_s: float = 3600.0  # an unused sticky session's binding expires after this
+    failover_attempts: int = 3  # accounts tried for one request before its error is returned
+    error_cooldown_s: float = 10.0  # rest for an account after repeated 5xx/connect failures
+    rate_limit_cooldown_s: float = 30.0  # rest after an upstream 429 with no retry hint
 
     @property
     def host(self) -> str:
@@ -504,6 +508,16 @@ def _read_server(table: _Table, base_dir: Path | None) -> ServerConfig:
         ),
         keepalive_event_s=table.number(
             "keepalive_event_s", defaults.keepalive_event_s, positive=True
+        ),
+        session_ttl_s=table.number("session_ttl_s", defaults.session_ttl_s, positive=True),
+        failover_attempts=table.integer(
+            "failover_attempts", defaults.failover_attempts, positive=True
+        ),
+        error_cooldown_s=table.number(
+            "error_cooldown_s", defaults.error_cooldown_s, positive=True
+        ),
+        rate_limit_cooldown_s=table.number(
+            "rate_limit_cooldown_s", defaults.rate_limit_cooldown_s, positive=True
         ),
     )
     table.finish()

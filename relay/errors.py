@@ -136,6 +136,14 @@ class UpstreamUnavailable(RelayError):
     code = "upstream_unreachable"
 
 
+class NoHealthyAccount(RelayError):
+    """503: every account that could serve the request is out of service."""
+
+    status = 503
+    type = "service_unavailable_error"
+    code = "no_healthy_account"
+
+
 class UpstreamTimeout(RelayError):
     status = 504
     type = "timeout_error"

@@ -127,6 +127,14 @@ class Relay:
         response.raise_for_status()
         return response.json()
 
+    def enable_accounts(self) -> None:
+        """Put every account back in service (an upstream 401/403 takes one out)."""
+        for name in self.state()["accounts"]:
+            httpx2.post(
+                f"{self.url}/admin/accounts/{name}/enable",
+                headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
+            ).raise_for_status()
+
     def wait_idle(self, timeout: float = 5.0) -> dict:
         """Poll until no relay request is in flight and no slot is held; return that state."""
         deadline = time.monotonic() + timeout

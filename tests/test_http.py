@@ -170,6 +170,7 @@ def test_healthz_and_unknown_path_and_method(relay: Relay) -> None:
 @pytest.mark.parametrize("path", [CHAT, RESPONSES])
 def test_upstream_errors_keep_their_status(relay: Relay, path: str, stream: bool) -> None:
     for fault, status in (("429", 429), ("500", 500), ("400", 400), ("401", 401)):
+        relay.enable_accounts()  # the 401 takes the account out of service; 429 rests it
         text = f"hi #sim fault={fault}"
         if path == CHAT:
             body = {**HELLO, "stream": stream, "messages": [{"role": "user", "content": text}]}
@@ -182,6 +183,7 @@ def test_upstream_errors_keep_their_status(relay: Relay, path: str, stream: bool
             assert response.headers["retry-after"] == "2"
         row = relay.usage_row(response.headers["x-request-id"])
         assert row["status"] == status and row["output_tokens"] == 0
+    relay.enable_accounts()
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["non-stream", "stream"])
@@ -194,6 +196,9 @@ def test_unreachable_upstream_is_502_before_streaming(relay: Relay, stream: bool
 def test_upstream_401_is_not_blamed_on_the_client_key(relay: Relay) -> None:
     body = {**HELLO, "messages": [{"role": "user", "content": "#sim fault=401"}]}
     response = post(relay, CHAT, body)
+    state = relay.state()["accounts"]["sim-chat"]
+    relay.enable_accounts()
+    assert state["disabled"] and not state["healthy"]  # out of service until re-enabled
     assert response.status_code == 401
     error = response.json()["error"]
     assert error["code"] == "upstream_credentials_rejected"

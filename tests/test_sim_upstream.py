@@ -635,6 +635,592 @@ async def test_token_timing(env: Env) -> None:
 
 
 # ------------------------------------------------------------------------------------------
+# Anthropic Messages
+
+ANTHROPIC_HEADERS = {"x-api-key": "k", "anthropic-version": "2023-06-01"}
+TOOLS_ANTHROPIC = [{"name": "exec_command", "input_schema": {"type": "object"}}]
+THINKING = {"type": "enabled", "budget_tokens": 1024}
+
+
+def anthropic_http(env: Env, **headers: str) -> httpx2.AsyncClient:
+    return httpx2.AsyncClient(
+        base_url=f"http://127.0.0.1:{env.port}",
+        headers={**ANTHROPIC_HEADERS, **headers},
+        timeout=10,
+    )
+
+
+def messages(content: object, **extra: object) -> dict:
+    return {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 4096,
+        "messages": [{"role": "user", "content": content}],
+        **extra,
+    }
+
+
+def parse_anthropic_sse(raw: str) -> list[dict]:
+    """A small Messages-stream parser: ``event:`` must name the data's ``type``."""
+    events = []
+    for block in raw.split("\n\n"):
+        if not block.strip():
+            continue
+        fields = dict(line.split(": ", 1) for line in block.split("\n"))
+        assert set(fields) == {"event", "data"}, block
+        data = json.loads(fields["data"])
+        assert data["type"] == fields["event"]
+        events.append(data)
+    return events
+
+
+def rebuild_anthropic(events: list[dict]) -> list[dict]:
+    """Content blocks rebuilt from start/delta/stop events, checking the index discipline."""
+    blocks: list[dict] = []
+    json_parts: dict[int, str] = {}
+    open_index = None
+    for event in events:
+        kind = event["type"]
+        if kind == "content_block_start":
+            assert open_index is None and event["index"] == len(blocks)
+            open_index = event["index"]
+            blocks.append(dict(event["content_block"]))
+        elif kind == "content_block_delta":
+            assert event["index"] == open_index
+            block, delta = blocks[open_index], event["delta"]
+            if delta["type"] == "text_delta":
+                block["text"] += delta["text"]
+            elif delta["type"] == "thinking_delta":
+                block["thinking"] += delta["thinking"]
+            elif delta["type"] == "signature_delta":
+                block["signature"] += delta["signature"]
+            else:
+                assert delta["type"] == "input_json_delta"
+                json_parts[open_index] = json_parts.get(open_index, "") + delta["partial_json"]
+        elif kind == "content_block_stop":
+            assert event["index"] == open_index
+            if open_index in json_parts:
+                blocks[open_index]["input"] = json.loads(json_parts[open_index])
+            open_index = None
+    assert open_index is None
+    return blocks
+
+
+async def test_anthropic_non_stream_thinking_text_tool_use(env: Env) -> None:
+    prompt = "go #sim reasoning=2 tokens=3 tool=exec_command cached=2"
+    body = messages(prompt, thinking=THINKING, tools=TOOLS_ANTHROPIC, system="be brief")
+    async with anthropic_http(env) as http:
+        response = await http.post("/v1/messages", json=body)
+    assert response.status_code == 200
+    assert response.headers["request-id"].startswith("req_sim")
+    message = response.json()
+    assert message["id"].startswith("msg_") and message["type"] == "message"
+    assert message["role"] == "assistant" and message["model"] == "claude-sonnet-4-5"
+    thinking, text, tool_use = message["content"]
+    assert thinking["type"] == "thinking" and thinking["thinking"] == "think think"
+    assert thinking["signature"]
+    assert text == {"type": "text", "text": "tok tok tok"}
+    assert tool_use["type"] == "tool_use" and tool_use["id"].startswith("toolu_")
+    assert tool_use["name"] == "exec_command" and tool_use["input"] == {"cmd": "echo hi"}
+    assert message["stop_reason"] == "tool_use" and message["stop_sequence"] is None
+    prompt_tokens = max(1, len(json.dumps([body["messages"], "be brief"])) // 4)
+    output = 2 + 3 + len(sp.split_arguments(sp.DEFAULT_TOOL_ARGS))
+    assert message["usage"] == {
+        "input_tokens": prompt_tokens - 2,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 2,
+        "output_tokens": output,
+    }
+    record = env.sim.requests[-1]
+    assert record.body == body and record.path == "/v1/messages" and record.finished
+    assert record.usage == {
+        "input_tokens": prompt_tokens,
+        "cached_tokens": 2,
+        "output_tokens": output,
+        "reasoning_tokens": 2,
+        "total_tokens": prompt_tokens + output,
+    }
+
+
+async def test_anthropic_stream_events(env: Env) -> None:
+    args = {"cmd": "ls", "workdir": "/tmp"}
+    compact = json.dumps(args, separators=(",", ":"))
+    prompt = f"go #sim reasoning=3 tokens=40 tool=exec_command args={compact}"
+    body = messages(
+        [{"type": "text", "text": prompt}], thinking=THINKING, tools=TOOLS_ANTHROPIC, stream=True
+    )
+    async with anthropic_http(env) as http, http.stream("POST", "/messages", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = (await response.aread()).decode()
+    events = parse_anthropic_sse(raw)
+    types = [e["type"] for e in events if e["type"] != "ping"]
+    assert types[0] == "message_start" and types[-2:] == ["message_delta", "message_stop"]
+    assert events[1]["type"] == "ping"
+    assert sum(e["type"] == "ping" for e in events) == 2  # after message_start, after 32 tokens
+    start = events[0]["message"]
+    assert start["content"] == [] and start["stop_reason"] is None
+    assert start["usage"]["input_tokens"] == max(1, len(json.dumps([body["messages"], None])) // 4)
+    assert start["usage"]["output_tokens"] == 0
+    deltas = [e["delta"]["type"] for e in events if e["type"] == "content_block_delta"]
+    json_pieces = deltas.count("input_json_delta")
+    assert deltas == (
+        ["thinking_delta"] * 3
+        + ["signature_delta"]
+        + ["text_delta"] * 40
+        + ["input_json_delta"] * json_pieces
+    )
+    assert json_pieces >= 3
+    thinking, text, tool_use = rebuild_anthropic(events)
+    assert thinking["type"] == "thinking" and thinking["thinking"] == "think think think"
+    assert thinking["signature"]
+    assert text["text"] == " ".join(["tok"] * 40)
+    assert tool_use["name"] == "exec_command" and tool_use["id"].startswith("toolu_")
+    assert tool_use["input"] == args
+    final = events[-2]
+    assert final["delta"] == {"stop_reason": "tool_use", "stop_sequence": None}
+    assert final["usage"]["output_tokens"] == 3 + 40 + json_pieces
+    record = env.sim.requests[-1]
+    assert record.finished and record.events_sent == len(events)
+    assert record.usage["output_tokens"] == final["usage"]["output_tokens"]
+    assert record.usage["reasoning_tokens"] == 3
+
+
+async def test_anthropic_thinking_policy_and_max_tokens(env: Env) -> None:
+    env.sim.profile.reasoning_tokens = 2
+    async with anthropic_http(env) as http:
+        plain = (await http.post("/v1/messages", json=messages("hi"))).json()
+        thinking = (await http.post("/v1/messages", json=messages("hi", thinking=THINKING))).json()
+        forced = (await http.post("/v1/messages", json=messages("hi #sim reasoning=1"))).json()
+        cut = await http.post(
+            "/v1/messages", json={**messages("hi #sim tokens=10", stream=True), "max_tokens": 4}
+        )
+    assert [b["type"] for b in plain["content"]] == ["text"]
+    assert [b["type"] for b in thinking["content"]] == ["thinking", "text"]
+    assert thinking["usage"]["output_tokens"] == 2 + 5
+    assert forced["content"][0]["thinking"] == "think"
+    assert plain["stop_reason"] == "end_turn"
+    events = parse_anthropic_sse(cut.text)
+    (text,) = rebuild_anthropic(events)
+    assert text["text"] == "tok tok tok tok"
+    assert events[-2]["delta"]["stop_reason"] == "max_tokens"
+    assert events[-2]["usage"]["output_tokens"] == 4
+
+
+async def test_anthropic_tool_result_turn(env: Env) -> None:
+    body = messages("run #sim tool=exec_command tokens=2", tools=TOOLS_ANTHROPIC, thinking=THINKING)
+    body["messages"] += [
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "thinking", "thinking": "hm", "signature": "c2ln"},
+                {"type": "tool_use", "id": "toolu_1", "name": "exec_command", "input": {}},
+            ],
+        },
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1"}]},
+    ]
+    async with anthropic_http(env) as http:
+        done = (await http.post("/v1/messages", json=body)).json()
+        del body["messages"][1]["content"][0]["signature"]
+        unsigned = await http.post("/v1/messages", json=body)
+    # The directives still come from the prompt; the tool call is spent after its result.
+    assert done["content"] == [{"type": "text", "text": "tok tok"}]
+    assert done["stop_reason"] == "end_turn"
+    assert unsigned.status_code == 400
+    assert unsigned.json()["error"]["message"] == (
+        "messages.1.content.0.thinking.signature: Field required"
+    )
+
+
+async def test_anthropic_auth_and_validation(env: Env) -> None:
+    async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{env.port}/v1") as http:
+        missing = await http.post("/messages", json=messages("hi"))
+        bearer_only = await http.post(
+            "/messages", json=messages("hi"), headers={"authorization": "Bearer k"}
+        )
+        no_version = await http.post("/messages", json=messages("hi"), headers={"x-api-key": "k"})
+        env.sim.profile.api_key = "secret"
+        wrong = await http.post("/messages", json=messages("hi"), headers=ANTHROPIC_HEADERS)
+        headers = {**ANTHROPIC_HEADERS, "x-api-key": "secret"}
+        right = await http.post("/messages", json=messages("hi"), headers=headers)
+        no_max = await http.post(
+            "/messages",
+            json={"model": "c", "messages": [{"role": "user", "content": "hi"}]},
+            headers=headers,
+        )
+        small_budget = await http.post(
+            "/messages",
+            json=messages("hi", thinking={"type": "enabled", "budget_tokens": 100}),
+            headers=headers,
+        )
+        bad_json = await http.post("/messages", content=b"{nope", headers=headers)
+        wrong_method = await http.get("/messages", headers=headers)
+    for response in (missing, bearer_only, wrong):
+        assert response.status_code == 401
+        assert response.json()["type"] == "error"
+        assert response.json()["error"]["type"] == "authentication_error"
+    assert missing.json()["error"]["message"] == "x-api-key header is required"
+    assert no_version.status_code == 400
+    assert no_version.json()["error"] == {
+        "type": "invalid_request_error",
+        "message": "anthropic-version: header is required",
+    }
+    assert right.status_code == 200
+    assert no_max.status_code == 400
+    assert no_max.json()["error"]["message"] == "max_tokens: Field required"
+    assert small_budget.status_code == 400 and "budget_tokens" in small_budget.text
+    assert bad_json.status_code == 400
+    assert bad_json.json()["error"]["type"] == "invalid_request_error"
+    assert wrong_method.status_code == 405 and wrong_method.json()["type"] == "error"
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "error_type"),
+    [
+        ("429", 429, "rate_limit_error"),
+        ("500", 500, "api_error"),
+        ("529", 529, "overloaded_error"),
+        ("503", 529, "overloaded_error"),
+        ("401", 401, "authentication_error"),
+        ("400", 400, "invalid_request_error"),
+    ],
+)
+async def test_anthropic_error_faults(env: Env, fault: str, status: int, error_type: str) -> None:
+    async with anthropic_http(env) as http:
+        response = await http.post(
+            "/v1/messages", json=messages(f"#sim fault={fault}", stream=True)
+        )
+    assert response.status_code == status
+    body = response.json()
+    assert body["type"] == "error" and body["error"]["type"] == error_type
+    assert body["error"]["message"]
+    if fault == "429":
+        assert response.headers["retry-after"] == "2"
+    assert env.sim.requests[-1].status == status
+
+
+async def test_anthropic_drop_and_stall(env: Env) -> None:
+    received = []
+    async with anthropic_http(env) as http:
+        with pytest.raises((httpx2.RemoteProtocolError, httpx2.ReadError)):
+            async with http.stream(
+                "POST", "/v1/messages", json=messages("#sim fault=drop tokens=10", stream=True)
+            ) as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("data: "):
+                        received.append(line)
+        assert 0 < len(received) < 16
+        with pytest.raises(httpx2.ReadTimeout):
+            await http.post(
+                "/v1/messages",
+                json=messages("#sim fault=stall", stream=True),
+                timeout=httpx2.Timeout(10, read=0.2),
+            )
+        await wait_for(lambda: env.sim.requests[-1].client_closed)
+    drop_record, stall_record = env.sim.requests[-2:]
+    assert not drop_record.finished and drop_record.events_sent == len(received)
+    assert stall_record.events_sent == 3 and not stall_record.finished
+
+
+async def test_anthropic_client_close_mid_stream(env: Env) -> None:
+    body = messages("#sim tokens=1000 delay=0.01", stream=True)
+    async with anthropic_http(env) as http:
+        async with http.stream("POST", "/v1/messages", json=body) as response:
+            deltas = 0
+            async for line in response.aiter_lines():
+                deltas += '"text_delta"' in line
+                if deltas == 5:
+                    break
+            close_time = time.monotonic()
+    record = env.sim.requests[-1]
+    await wait_for(lambda: record.client_closed)
+    assert record.closed_at - close_time < 0.05
+    assert not record.finished and record.usage is None
+    await wait_for(lambda: env.sim.active_streams == 0)
+
+
+# ------------------------------------------------------------------------------------------
+# Gemini
+
+TOOLS_GEMINI = [{"functionDeclarations": [{"name": "exec_command", "parameters": {}}]}]
+GEMINI = "/v1beta/models/gemini-3-pro-preview"
+
+
+def gemini_http(env: Env, key: str | None = "k") -> httpx2.AsyncClient:
+    headers = {"x-goog-api-key": key} if key else {}
+    return httpx2.AsyncClient(base_url=f"http://127.0.0.1:{env.port}", headers=headers, timeout=10)
+
+
+def contents(text: str, **extra: object) -> dict:
+    return {"contents": [{"role": "user", "parts": [{"text": text}]}], **extra}
+
+
+def parse_gemini_sse(raw: str) -> list[dict]:
+    """``data:`` chunks of an ``alt=sse`` stream (Google ends each with CRLF CRLF)."""
+    assert "[DONE]" not in raw
+    blocks = [block for block in raw.split("\r\n\r\n") if block]
+    assert all(block.startswith("data: ") and "\n" not in block for block in blocks)
+    return [json.loads(block[6:]) for block in blocks]
+
+
+def rebuild_gemini(chunks: list[dict]) -> tuple[str, str, list[dict]]:
+    """(thoughts, text, function-call parts) from the chunks' parts."""
+    thoughts = text = ""
+    calls = []
+    for chunk in chunks:
+        for part in chunk["candidates"][0]["content"]["parts"]:
+            if "functionCall" in part:
+                calls.append(part)
+            elif part.get("thought"):
+                thoughts += part["text"]
+            else:
+                text += part.get("text", "")
+    return thoughts, text, calls
+
+
+async def test_gemini_non_stream(env: Env) -> None:
+    body = contents(
+        "go #sim reasoning=2 tokens=3 tool=exec_command cached=1",
+        systemInstruction={"parts": [{"text": "be brief"}]},
+        tools=TOOLS_GEMINI,
+        generationConfig={"maxOutputTokens": 100, "thinkingConfig": {"includeThoughts": True}},
+    )
+    async with gemini_http(env, key=None) as http:
+        response = await http.post(f"{GEMINI}:generateContent?key=k", json=body)
+    assert response.status_code == 200
+    data = response.json()
+    (candidate,) = data["candidates"]
+    assert candidate["finishReason"] == "STOP" and candidate["index"] == 0
+    assert candidate["content"]["role"] == "model"
+    thought, text, call = candidate["content"]["parts"]
+    assert thought == {"text": "think think", "thought": True}
+    assert text == {"text": "tok tok tok"}
+    assert call["functionCall"] == {"name": "exec_command", "args": {"cmd": "echo hi"}}
+    assert call["thoughtSignature"]
+    prompt = max(1, len(json.dumps([body["contents"], body["systemInstruction"]])) // 4)
+    assert data["usageMetadata"] == {
+        "promptTokenCount": prompt,
+        "candidatesTokenCount": 4,
+        "thoughtsTokenCount": 2,
+        "totalTokenCount": prompt + 6,
+        "cachedContentTokenCount": 1,
+    }
+    assert data["modelVersion"] == "gemini-3-pro-preview"
+    record = env.sim.requests[-1]
+    assert record.body == body and record.finished
+    assert record.usage == {
+        "input_tokens": prompt,
+        "cached_tokens": 1,
+        "output_tokens": 6,
+        "reasoning_tokens": 2,
+        "total_tokens": prompt + 6,
+    }
+
+
+async def test_gemini_stream_sse(env: Env) -> None:
+    body = contents(
+        'go #sim reasoning=2 tokens=4 tool=exec_command args={"cmd":"ls"}',
+        tools=TOOLS_GEMINI,
+        generationConfig={"thinkingConfig": {"includeThoughts": True}},
+    )
+    async with gemini_http(env) as http:
+        async with http.stream(
+            "POST", "/v1/models/gemini-3-flash:streamGenerateContent?alt=sse", json=body
+        ) as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            raw = (await response.aread()).decode()
+        array = await http.post("/models/gemini-3-flash:streamGenerateContent", json=body)
+    chunks = parse_gemini_sse(raw)
+    assert len(chunks) == 2 + 4 + 1  # one part per chunk
+    thoughts, text, calls = rebuild_gemini(chunks)
+    assert thoughts == "think think" and text == "tok tok tok tok"
+    (call,) = calls
+    assert call["functionCall"] == {"name": "exec_command", "args": {"cmd": "ls"}}
+    assert call["thoughtSignature"]
+    finishes = [c["candidates"][0].get("finishReason") for c in chunks]
+    assert finishes == [None] * 6 + ["STOP"]
+    usage = chunks[-1]["usageMetadata"]
+    assert (usage["thoughtsTokenCount"], usage["candidatesTokenCount"]) == (2, 5)
+    assert usage["totalTokenCount"] == usage["promptTokenCount"] + 7
+    assert "cachedContentTokenCount" not in usage
+    assert all(c["modelVersion"] == "gemini-3-flash" for c in chunks)
+    assert env.sim.requests[-2].usage["output_tokens"] == 7
+    # Without alt=sse the same chunks come as one JSON array.
+    assert array.headers["content-type"].startswith("application/json")
+    assert rebuild_gemini(array.json())[:2] == (thoughts, text)
+
+
+async def test_gemini_thinking_policy_and_max_tokens(env: Env) -> None:
+    env.sim.profile.reasoning_tokens = 2
+    include = {"thinkingConfig": {"includeThoughts": True}}
+    async with gemini_http(env) as http:
+        plain = (await http.post(f"{GEMINI}:generateContent", json=contents("hi"))).json()
+        shown = await http.post(
+            f"{GEMINI}:generateContent", json=contents("hi", generationConfig=include)
+        )
+        cut = await http.post(
+            f"{GEMINI}:streamGenerateContent?alt=sse",
+            json=contents("hi #sim tokens=10", generationConfig={"maxOutputTokens": 3}),
+        )
+    assert plain["candidates"][0]["content"]["parts"] == [{"text": "tok tok tok tok tok"}]
+    assert "thoughtsTokenCount" not in plain["usageMetadata"]
+    assert shown.json()["candidates"][0]["content"]["parts"][0]["thought"] is True
+    assert shown.json()["usageMetadata"]["thoughtsTokenCount"] == 2
+    chunks = parse_gemini_sse(cut.text)
+    assert rebuild_gemini(chunks)[1] == "tok tok tok"
+    assert chunks[-1]["candidates"][0]["finishReason"] == "MAX_TOKENS"
+    assert chunks[-1]["usageMetadata"]["candidatesTokenCount"] == 3
+
+
+async def test_gemini_thought_signature_round_trip(env: Env) -> None:
+    prompt = "run #sim tool=exec_command tokens=2"
+    async with gemini_http(env) as http:
+        first = (
+            await http.post(f"{GEMINI}:generateContent", json=contents(prompt, tools=TOOLS_GEMINI))
+        ).json()
+        call_part = first["candidates"][0]["content"]["parts"][-1]
+        body = contents(prompt, tools=TOOLS_GEMINI)
+        body["contents"] += [
+            {"role": "model", "parts": [call_part]},
+            {
+                "role": "user",
+                "parts": [
+                    {"functionResponse": {"name": "exec_command", "response": {"result": "hi"}}}
+                ],
+            },
+        ]
+        replayed = await http.post(f"{GEMINI}:generateContent", json=body)
+        stripped = json.loads(json.dumps(body))
+        del stripped["contents"][1]["parts"][0]["thoughtSignature"]
+        missing = await http.post(f"{GEMINI}:streamGenerateContent?alt=sse", json=stripped)
+        # An earlier turn (before a new user prompt) is not checked, as with Gemini 3.
+        stripped["contents"].append({"role": "user", "parts": [{"text": "thanks #sim tokens=1"}]})
+        older = await http.post(f"{GEMINI}:generateContent", json=stripped)
+        nameless = json.loads(json.dumps(body))
+        del nameless["contents"][2]["parts"][0]["functionResponse"]["name"]
+        no_name = await http.post(f"{GEMINI}:generateContent", json=nameless)
+    assert replayed.status_code == 200
+    assert replayed.json()["candidates"][0]["content"]["parts"] == [{"text": "tok tok"}]
+    assert missing.status_code == 400
+    error = missing.json()["error"]
+    assert error["code"] == 400 and error["status"] == "INVALID_ARGUMENT"
+    assert error["message"].startswith(
+        "Function call is missing a thought_signature in functionCall parts"
+    )
+    assert older.status_code == 200
+    assert older.json()["candidates"][0]["content"]["parts"] == [{"text": "tok"}]
+    assert no_name.status_code == 400 and "function_response.name" in no_name.text
+
+
+async def test_gemini_auth(env: Env) -> None:
+    body = contents("hi")
+    async with gemini_http(env, key=None) as http:
+        missing = await http.post(f"{GEMINI}:generateContent", json=body)
+        env.sim.profile.api_key = "secret"
+        wrong = await http.post(f"{GEMINI}:generateContent?key=nope", json=body)
+        header = await http.post(
+            f"{GEMINI}:generateContent", json=body, headers={"x-goog-api-key": "secret"}
+        )
+        query = await http.post(f"{GEMINI}:generateContent?key=secret", json=body)
+    assert missing.status_code == 403
+    assert missing.json()["error"]["status"] == "PERMISSION_DENIED"
+    assert wrong.status_code == 401
+    assert wrong.json()["error"]["status"] == "UNAUTHENTICATED"
+    assert wrong.json()["error"]["code"] == 401
+    assert header.status_code == 200 and query.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "google_status"),
+    [
+        ("429", 429, "RESOURCE_EXHAUSTED"),
+        ("500", 500, "INTERNAL"),
+        ("503", 503, "UNAVAILABLE"),
+        ("401", 401, "UNAUTHENTICATED"),
+        ("400", 400, "INVALID_ARGUMENT"),
+    ],
+)
+async def test_gemini_error_faults(env: Env, fault: str, status: int, google_status: str) -> None:
+    async with gemini_http(env) as http:
+        response = await http.post(
+            f"{GEMINI}:streamGenerateContent?alt=sse", json=contents(f"#sim fault={fault}")
+        )
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert (error["code"], error["status"]) == (status, google_status) and error["message"]
+    if fault == "429":
+        retry = [d for d in error["details"] if d["@type"].endswith("google.rpc.RetryInfo")]
+        assert retry == [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "2s"}]
+
+
+async def test_gemini_drop_stall_and_client_close(env: Env) -> None:
+    url = f"{GEMINI}:streamGenerateContent?alt=sse"
+    async with gemini_http(env) as http:
+        with pytest.raises((httpx2.RemoteProtocolError, httpx2.ReadError)):
+            async with http.stream(
+                "POST", url, json=contents("#sim fault=drop tokens=10")
+            ) as response:
+                async for _ in response.aiter_lines():
+                    pass
+        assert env.sim.requests[-1].events_sent == 5 and not env.sim.requests[-1].finished
+        with pytest.raises(httpx2.ReadTimeout):
+            await http.post(
+                url, json=contents("#sim fault=stall"), timeout=httpx2.Timeout(10, read=0.2)
+            )
+        await wait_for(lambda: env.sim.requests[-1].client_closed)
+        assert env.sim.requests[-1].events_sent == 3
+
+        body = contents("#sim tokens=1000 delay=0.01")
+        async with http.stream("POST", url, json=body) as response:
+            chunks = 0
+            async for line in response.aiter_lines():
+                chunks += line.startswith("data: ")
+                if chunks == 5:
+                    break
+            close_time = time.monotonic()
+    record = env.sim.requests[-1]
+    await wait_for(lambda: record.client_closed)
+    assert record.closed_at - close_time < 0.05
+    assert not record.finished and record.usage is None
+    await wait_for(lambda: env.sim.active_streams == 0)
+
+
+async def test_openai_overloaded_fault(env: Env) -> None:
+    async with env.http() as http:
+        response = await http.post("/chat/completions", json=chat("#sim fault=529"))
+    assert response.status_code == 503
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_directive_text_for_anthropic_and_gemini() -> None:
+    anthropic = {
+        "messages": [
+            {"role": "user", "content": "#sim tokens=1"},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "a"},
+                    {"type": "text", "text": "#sim tokens=2"},
+                ],
+            },
+            {"role": "assistant", "content": "x"},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t"}]},
+        ]
+    }
+    assert sp.directive_text("anthropic", anthropic) == "a\n#sim tokens=2"
+    assert sp.ends_with_tool_output("anthropic", anthropic)
+    gemini = {
+        "contents": [
+            {"parts": [{"text": "#sim tokens=3"}]},
+            {"role": "model", "parts": [{"text": "#sim tokens=4"}]},
+            {"role": "user", "parts": [{"functionResponse": {"name": "f", "response": {}}}]},
+        ]
+    }
+    assert sp.directive_text("gemini", gemini) == "#sim tokens=3"
+    assert sp.ends_with_tool_output("gemini", gemini)
+    assert sp.directive_text("gemini", {"contents": "bad"}) == ""
+
+
+# ------------------------------------------------------------------------------------------
 # Pure helpers and the standalone command
 
 

@@ -16,11 +16,12 @@ the dead reader cannot be interrupted.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,7 @@ import httpx2
 import trio
 
 from ..errors import (
+    NoHealthyAccount,
     PermissionDenied,
     RateLimited,
     RelayError,
@@ -44,7 +46,8 @@ from ..protocol.requests import (
     upstream_payload,
 )
 from ..protocol.sse import EventSplitter, StreamMeter, Usage, error_event
-from ..upstream.routing import ModelRoute
+from ..upstream.health import is_account_failure
+from ..upstream.routing import Account, ModelRoute
 from .http import SSE_HEADERS, Request, Responder
 
 if TYPE_CHECKING:
@@ -67,6 +70,7 @@ class Call:
     client: ClientRequest
     route: ModelRoute
     ticket: Ticket
+    candidates: list[Account]
     payload: bytes
     record: UsageRecord
     started: float
@@ -133,6 +137,7 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
         record.stream = client.stream
         route = runtime.catalog.resolve(package, client.model)
         record.upstream_model = route.target
+        candidates = runtime.scheduler.candidates(route, endpoint.upstream_kind)
         call = Call(
             runtime=runtime,
             request=request,
@@ -144,11 +149,8 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
                 pool=route.pool,
                 estimated_tokens=client.estimated_tokens,
                 limits=KeyLimits.of(package, key.limits),
-                accounts=[
-                    account.guard
-                    for account in runtime.scheduler.candidates(route, endpoint.upstream_kind)
-                ],
             ),
+            candidates=candidates,
             payload=upstream_payload(client, route.target, route.reasoning_effort),
             record=record,
             started=started,
@@ -242,29 +244,88 @@ async def _cancel_on_disconnect(call: Call, scope: trio.CancelScope) -> None:
 async def _upstream_call(
     call: Call, *, stream: bool
 ) -> AsyncIterator[tuple[Lease, httpx2.Response]]:
-    """Admission, then the chosen account's upstream response, owned by one ``async with``.
+    """Admission, an account, and its upstream response, held for the caller's block.
+
+    While nothing has reached the client, an attempt that fails in a way another account might
+    not (connect error, 429, 5xx, 401/403) marks the account's health and is retried on another
+    account of the request's candidates, up to ``failover_attempts``. A sticky session prefers
+    its bound account and is (re)bound to the account that served it.
 
     The caller sets ``lease.used_tokens`` before leaving the block, so the guards reconcile
     their reservation to what the request really cost.
     """
     runtime, record = call.runtime, call.record
-    try:
-        async with runtime.admission.enter(call.ticket) as lease:
-            record.queue_ms = lease.queued_s * 1000
-            account = runtime.scheduler.by_name[lease.account.name]
-            record.account = account.name
-            lease.used_tokens = 0  # until the upstream answers, nothing was used
-            async with runtime.upstream.post(
-                f"{account.config.base_url}/{call.client.endpoint.value}",
-                call.payload,
-                api_key=account.config.api_key(),
-                client_headers=call.request.headers,
-                stream=stream,
-                account=account.name,
-            ) as response:
-                yield lease, response
-    except AdmissionRefused as refused:
-        raise RateLimited(refused) from None
+    scheduler = runtime.scheduler
+    tried: set[str] = set()
+    failure: RelayError | None = None
+    for _ in range(runtime.config.server.failover_attempts):
+        accounts = [a for a in call.candidates if a.name not in tried and not a.guard.disabled]
+        if not accounts:
+            break
+        ticket = dataclasses.replace(
+            call.ticket,
+            accounts=[account.guard for account in accounts],
+            preferred=_bound_guard(call, accounts),
+        )
+        stack = AsyncExitStack()
+        try:
+            lease = await stack.enter_async_context(runtime.admission.enter(ticket))
+        except AdmissionRefused as refused:
+            raise RateLimited(refused) from None
+        account = scheduler.by_name[lease.account.name]
+        record.queue_ms += lease.queued_s * 1000
+        record.account = account.name
+        lease.used_tokens = 0  # until the upstream answers, nothing was used
+        try:
+            response = await stack.enter_async_context(
+                runtime.upstream.post(
+                    f"{account.config.base_url}/{call.client.endpoint.value}",
+                    call.payload,
+                    api_key=account.config.api_key(),
+                    client_headers=call.request.headers,
+                    stream=stream,
+                    account=account.name,
+                )
+            )
+        except RelayError as error:
+            await stack.aclose()
+            if not is_account_failure(error):
+                raise
+            runtime.health.failed(account, error)
+            tried.add(account.name)
+            failure = error
+            continue
+        except BaseException:
+            await stack.aclose()
+            raise
+        runtime.health.succeeded(account)
+        if call.client.session_key:
+            scheduler.sessions.bind(
+                call.route.pool, call.client.session_key, account.name, trio.current_time()
+            )
+        async with stack:
+            yield lease, response
+        return
+    if failure is None:
+        raise NoHealthyAccount(
+            f"No upstream account can serve '{call.route.requested}' right now: every account "
+            "for it is out of service. Tell the relay's operator."
+        )
+    raise failure
+
+
+def _bound_guard(call: Call, accounts: list[Account]):
+    """The guard of the account the request's session is bound to, if it is a candidate."""
+    session = call.client.session_key
+    if not session:
+        return None
+    name = call.runtime.scheduler.sessions.account_for(
+        call.route.pool, session, trio.current_time()
+    )
+    for account in accounts:
+        if account.name == name:
+            return account.guard
+    return None
 
 
 async def _relay_once(call: Call) -> None:

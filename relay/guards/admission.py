@@ -83,6 +83,9 @@ class Guard:
         self.tps = TokenBucket.per_second(tps, now) if tps else None
         self.rpm = TokenBucket.per_minute(rpm, now) if rpm else None
         self.reserved = 0  # tokens reserved by requests in flight
+        # Set by whoever knows the subject's health (the upstream layer, for accounts):
+        self.unavailable_until = 0.0  # resting (cool-down) until this trio time
+        self.disabled = False  # out of service until re-enabled
         self.limits: KeyLimits | None = None  # for a key's guard: the limits it enforces
 
     @property
@@ -92,9 +95,9 @@ class Guard:
     def wait_time(self, tokens: int, now: float) -> float:
         """0 if a request of ``tokens`` may go now; else seconds to wait (``inf``: until a
         concurrency slot frees, which is signalled, not timed)."""
-        if self.limiter.available_tokens < 1:
+        if self.disabled or self.limiter.available_tokens < 1:
             return math.inf
-        wait = 0.0
+        wait = max(0.0, self.unavailable_until - now)
         for bucket in (self.tpm, self.tps):
             if bucket is not None:
                 wait = max(wait, bucket.wait_time(tokens, now))
@@ -121,6 +124,10 @@ class Guard:
 
     def status(self, now: float) -> dict:
         state: dict = {"in_flight": self.in_flight, "reserved_tokens": self.reserved}
+        if self.disabled:
+            state["disabled"] = True
+        if self.unavailable_until > now:
+            state["cooling_down_s"] = round(self.unavailable_until - now, 3)
         if self.max_concurrency is not None:
             state["max_concurrency"] = self.max_concurrency
         for name in ("tpm", "tps", "rpm"):
@@ -164,6 +171,7 @@ class Ticket:
     estimated_tokens: int
     limits: KeyLimits = KeyLimits()
     accounts: Sequence[Guard] = ()
+    preferred: Guard | None = None  # a sticky session's account: taken whenever it has room
 
 
 @dataclass(eq=False)
@@ -439,7 +447,10 @@ class Admission:
                         blocked.append(wait)
                         return False
                     if ticket.accounts and self._pick_account(ticket, now) is None:
-                        return False  # every account for it is busy: a release will wake us
+                        # Every account for it is busy (a release will wake us) or resting
+                        # (the timer will).
+                        blocked.append(min(g.wait_time(tokens, now) for g in ticket.accounts))
+                        return False
                     return True
 
                 found = pool.queue.pop_first(decide)
@@ -454,6 +465,9 @@ class Admission:
     def _pick_account(self, ticket: Ticket, now: float) -> Guard | None:
         """The least-loaded account that can take the request, among those of the best
         priority that have room (``ticket.accounts`` is sorted by priority, best first)."""
+        preferred = ticket.preferred
+        if preferred is not None and preferred.wait_time(ticket.estimated_tokens, now) == 0:
+            return preferred
         best: Guard | None = None
         for guard in ticket.accounts:
             if best is not None and guard.priority != best.priority:

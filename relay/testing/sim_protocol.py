@@ -3,6 +3,11 @@
 Kept free of I/O so the wire shapes can be reasoned about (and unit-tested) apart from the
 server: :mod:`relay.testing.upstream` decides *when* bytes go out, this module decides *which*.
 
+Four protocols ("kinds") share one :class:`Plan`: OpenAI ``chat`` and ``responses`` (built here),
+Anthropic Messages (``anthropic``, wire shapes in :mod:`relay.testing.sim_anthropic`) and Gemini
+(``gemini``, wire shapes in :mod:`relay.testing.sim_gemini`). How each kind's request is read
+(directives, prompt size, output cap, tools, thinking) lives here, next to the others.
+
 The central idea is the :class:`Plan`: everything a response will contain (reasoning deltas, text
 deltas, tool-call argument deltas, truncation, token counts, ids) is fixed before the first byte is
 written, so the streamed events, the non-stream body and the recorded usage can never disagree.
@@ -27,7 +32,14 @@ DEFAULT_TOOL_ARGS = '{"cmd": "echo hi"}'
 """Tool-call arguments when the directive names a tool but gives no ``args=``."""
 BASE_MODELS = ("gpt-5.5", "deepseek-chat")
 """Models ``/v1/models`` always lists (request models are added as they are seen)."""
-FAULTS = frozenset({"429", "500", "401", "400", "drop", "reset", "stall", "slow_headers"})
+FAULTS = frozenset(
+    {"429", "500", "503", "529", "401", "400", "drop", "reset", "stall", "slow_headers"}
+)
+"""``fault=`` values. ``503`` and ``529`` both mean "overloaded", answered in each protocol's own
+way: OpenAI 503, Anthropic 529 ``overloaded_error``, Gemini 503 ``UNAVAILABLE``."""
+HTTP_FAULTS = frozenset({"429", "500", "503", "529", "401", "400"})
+"""Faults answered with an HTTP error instead of a response."""
+KINDS = ("chat", "responses", "anthropic", "gemini")
 SYSTEM_FINGERPRINT = "fp_sim"
 
 # Token events and other events are distinguished so the server knows where to apply pacing.
@@ -141,8 +153,57 @@ def _content_text(content: Any) -> str:
     return ""
 
 
+def _has_text(content: Any) -> bool:
+    """Whether an Anthropic message ``content`` holds text (a string or a ``text`` block)."""
+    if isinstance(content, str):
+        return True
+    return isinstance(content, list) and any(
+        isinstance(block, dict) and block.get("type") == "text" for block in content
+    )
+
+
+def _gemini_text(content: Any) -> str | None:
+    """The non-thought text parts of a Gemini user content joined, None if it has none."""
+    if not isinstance(content, dict) or content.get("role", "user") != "user":
+        return None
+    parts = content.get("parts")
+    if not isinstance(parts, list):
+        return None
+    texts = [
+        part["text"]
+        for part in parts
+        if isinstance(part, dict) and isinstance(part.get("text"), str) and not part.get("thought")
+    ]
+    return "\n".join(texts) if texts else None
+
+
 def directive_text(kind: str, body: dict) -> str:
-    """The text directives are read from: the last user message (chat) or user input (responses)."""
+    """The text directives are read from.
+
+    chat: the last user message; responses: the last user input; anthropic: the last user message
+    that has text (a message holding only ``tool_result`` blocks is skipped, as chat skips
+    ``tool`` messages); gemini: the text parts of the last user content that has any (so a
+    content holding only ``functionResponse`` parts is skipped).
+    """
+    if kind == "anthropic":
+        messages = body.get("messages")
+        if isinstance(messages, list):
+            for message in reversed(messages):
+                if (
+                    isinstance(message, dict)
+                    and message.get("role") == "user"
+                    and _has_text(message.get("content"))
+                ):
+                    return _content_text(message.get("content"))
+        return ""
+    if kind == "gemini":
+        contents = body.get("contents")
+        if isinstance(contents, list):
+            for content in reversed(contents):
+                text = _gemini_text(content)
+                if text is not None:
+                    return text
+        return ""
     if kind == "chat":
         messages = body.get("messages")
         if isinstance(messages, list):
@@ -171,6 +232,20 @@ def ends_with_tool_output(kind: str, body: dict) -> bool:
     honouring it after the tool output came back would make an agent (Codex) loop forever, so the
     tool call is produced only for the turn that asks for it.
     """
+    if kind == "anthropic":
+        messages = body.get("messages")
+        last = messages[-1] if isinstance(messages, list) and messages else None
+        content = last.get("content") if isinstance(last, dict) else None
+        return isinstance(content, list) and any(
+            isinstance(block, dict) and block.get("type") == "tool_result" for block in content
+        )
+    if kind == "gemini":
+        contents = body.get("contents")
+        last = contents[-1] if isinstance(contents, list) and contents else None
+        parts = last.get("parts") if isinstance(last, dict) else None
+        return isinstance(parts, list) and any(
+            isinstance(part, dict) and "functionResponse" in part for part in parts
+        )
     if kind == "chat":
         messages = body.get("messages")
         last = messages[-1] if isinstance(messages, list) and messages else None
@@ -184,13 +259,63 @@ def estimate_input_tokens(kind: str, body: dict) -> int:
     """Deterministic prompt-size estimate, reproducible by tests in other processes.
 
     ``max(1, len(json.dumps(X)) // 4)`` with ``json.dumps`` default arguments, where X is
-    ``messages`` for chat and ``[input, instructions]`` for responses.
+    ``messages`` for chat, ``[input, instructions]`` for responses, ``[messages, system]`` for
+    anthropic and ``[contents, systemInstruction]`` for gemini (tools are not counted).
     """
     if kind == "chat":
         basis = body.get("messages")
+    elif kind == "anthropic":
+        basis = [body.get("messages"), body.get("system")]
+    elif kind == "gemini":
+        basis = [body.get("contents"), body.get("systemInstruction")]
     else:
         basis = [body.get("input"), body.get("instructions")]
     return max(1, len(json.dumps(basis)) // 4)
+
+
+def thinking_requested(kind: str, body: dict) -> bool:
+    """Whether an Anthropic/Gemini request asks to see the model's thinking.
+
+    anthropic: ``thinking.type`` is ``enabled`` (or ``adaptive``); gemini:
+    ``generationConfig.thinkingConfig.includeThoughts`` is true. (OpenAI kinds: always.)
+    """
+    if kind == "anthropic":
+        thinking = body.get("thinking")
+        return isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive")
+    if kind == "gemini":
+        config = body.get("generationConfig")
+        thinking = config.get("thinkingConfig") if isinstance(config, dict) else None
+        return isinstance(thinking, dict) and thinking.get("includeThoughts") is True
+    return True
+
+
+def _has_tools(kind: str, body: dict) -> bool:
+    tools = body.get("tools")
+    if kind == "gemini":
+        return isinstance(tools, list) and any(
+            isinstance(tool, dict) and tool.get("functionDeclarations") for tool in tools
+        )
+    return bool(tools)
+
+
+def output_cap(kind: str, body: dict) -> Any:
+    """The request's output-token limit as sent (validated by the caller)."""
+    if kind == "chat":
+        cap = body.get("max_completion_tokens")
+        return body.get("max_tokens") if cap is None else cap
+    if kind == "anthropic":
+        return body.get("max_tokens")
+    if kind == "gemini":
+        config = body.get("generationConfig")
+        return config.get("maxOutputTokens") if isinstance(config, dict) else None
+    return body.get("max_output_tokens")
+
+
+def _object_args(arguments: str | None) -> str:
+    """Tool arguments for protocols whose tool input is an object (Anthropic, Gemini)."""
+    if arguments is not None and isinstance(json.loads(arguments), dict):
+        return arguments
+    return DEFAULT_TOOL_ARGS
 
 
 def split_arguments(arguments: str) -> list[str]:
@@ -219,7 +344,7 @@ def _words(word: str, count: int) -> list[str]:
 class Plan:
     """Everything one response will contain, fixed before the first byte is sent."""
 
-    kind: str  # "chat" | "responses"
+    kind: str  # "chat" | "responses" | "anthropic" | "gemini"
     body: dict
     model: str
     stream: bool
@@ -235,11 +360,12 @@ class Plan:
     include_usage: bool
     uid: str = field(default_factory=lambda: f"{random.getrandbits(96):024x}")
     created: int = field(default_factory=lambda: int(time.time()))
+    sse: bool = True  # gemini only: False streams a JSON array (no ``alt=sse``)
 
     # One random part per response keeps ids unique without drawing five random numbers.
     @property
     def id(self) -> str:
-        return ("chatcmpl-" if self.kind == "chat" else "resp_") + self.uid
+        return _ID_PREFIX.get(self.kind, "") + self.uid
 
     @property
     def call_id(self) -> str:
@@ -276,6 +402,9 @@ class Plan:
         }
 
 
+_ID_PREFIX = {"chat": "chatcmpl-", "responses": "resp_", "anthropic": "msg_"}
+
+
 def build_plan(
     kind: str,
     body: dict,
@@ -285,24 +414,40 @@ def build_plan(
     delay_s: float,
     output_tokens: int,
     reasoning_tokens: int,
+    model: str | None = None,
+    stream: bool | None = None,
+    sse: bool = True,
 ) -> Plan:
-    """Resolve directives over the profile values and apply the request's output-token cap."""
+    """Resolve directives over the profile values and apply the request's output-token cap.
+
+    *model* and *stream* override the body's ``model``/``stream`` (Gemini carries both in the
+    URL). Reasoning: the OpenAI kinds use the profile's ``reasoning_tokens`` for every request;
+    anthropic and gemini use it only when the request asks to see thinking
+    (:func:`thinking_requested`), while an explicit ``reasoning=N`` directive always applies.
+    Tool calls: one per response; Anthropic streams the input JSON in pieces (one token each),
+    Gemini sends the whole call as one part (one token).
+    """
     text_count = directives.tokens if directives.tokens is not None else output_tokens
-    reasoning_count = directives.reasoning if directives.reasoning is not None else reasoning_tokens
+    if directives.reasoning is not None:
+        reasoning_count = directives.reasoning
+    elif thinking_requested(kind, body):
+        reasoning_count = reasoning_tokens
+    else:
+        reasoning_count = 0
     reasoning = _words(REASONING_WORD, max(0, reasoning_count))
     text = _words(directives.text or TEXT_WORD, max(0, text_count))
     tool_name = None
     tool_args: list[str] = []
-    if directives.tool and body.get("tools") and not ends_with_tool_output(kind, body):
+    if directives.tool and _has_tools(kind, body) and not ends_with_tool_output(kind, body):
         tool_name = directives.tool
-        tool_args = split_arguments(directives.args or DEFAULT_TOOL_ARGS)
+        if kind == "gemini":
+            tool_args = [_object_args(directives.args)]
+        elif kind == "anthropic":
+            tool_args = split_arguments(_object_args(directives.args))
+        else:
+            tool_args = split_arguments(directives.args or DEFAULT_TOOL_ARGS)
 
-    if kind == "chat":
-        cap = body.get("max_completion_tokens")
-        if cap is None:
-            cap = body.get("max_tokens")
-    else:
-        cap = body.get("max_output_tokens")
+    cap = output_cap(kind, body)
     truncated = False
     if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 0:
         budget = cap
@@ -324,8 +469,8 @@ def build_plan(
     return Plan(
         kind=kind,
         body=body,
-        model=str(body.get("model") or ""),
-        stream=bool(body.get("stream")),
+        model=str(body.get("model") or "") if model is None else model,
+        stream=bool(body.get("stream")) if stream is None else stream,
         ttft_s=directives.ttft if directives.ttft is not None else ttft_s,
         delay_s=directives.delay if directives.delay is not None else delay_s,
         reasoning=reasoning,
@@ -336,6 +481,7 @@ def build_plan(
         input_tokens=input_tokens,
         cached_tokens=cached,
         include_usage=include_usage,
+        sse=sse,
     )
 
 
@@ -349,7 +495,7 @@ def error_body(message: str, type: str, code: str | None = None, param: str | No
 
 
 def fault_response(fault: str, model: str) -> tuple[int, list[tuple[str, str]], bytes]:
-    """Status, extra headers and body for the HTTP-error faults (429/500/401/400)."""
+    """Status, extra headers and body for the HTTP-error faults (429/500/503/529/401/400)."""
     if fault == "429":
         message = (
             f"Rate limit reached for {model or 'the model'} in organization org-sim on requests "
@@ -368,6 +514,9 @@ def fault_response(fault: str, model: str) -> tuple[int, list[tuple[str, str]], 
         return 401, [], invalid_api_key_body()
     if fault == "400":
         return 400, [], error_body("Invalid request (simulated fault).", "invalid_request_error")
+    if fault in ("503", "529"):
+        message = "The engine is currently overloaded, please try again later."
+        return 503, [], error_body(message, "server_error", "service_unavailable")
     return (
         500,
         [],
@@ -711,12 +860,35 @@ def responses_stream(plan: Plan) -> Iterator[tuple[bytes, bool]]:
 
 def stream_events(plan: Plan) -> Iterator[tuple[bytes, bool]]:
     """The SSE events of *plan*'s stream, whichever protocol it speaks."""
+    if plan.kind == "anthropic":
+        from relay.testing import sim_anthropic
+
+        return sim_anthropic.stream_events(plan)
+    if plan.kind == "gemini":
+        from relay.testing import sim_gemini
+
+        return sim_gemini.stream_events(plan)
     return chat_stream(plan) if plan.kind == "chat" else responses_stream(plan)
 
 
 def nonstream_body(plan: Plan) -> dict:
     """The non-stream body of *plan*, whichever protocol it speaks."""
+    if plan.kind == "anthropic":
+        from relay.testing import sim_anthropic
+
+        return sim_anthropic.message(plan)
+    if plan.kind == "gemini":
+        from relay.testing import sim_gemini
+
+        return sim_gemini.response(plan)
     return chat_completion(plan) if plan.kind == "chat" else final_response(plan)
+
+
+def stream_content_type(plan: Plan) -> str:
+    """Content type of *plan*'s stream (Gemini without ``alt=sse`` streams a JSON array)."""
+    if plan.kind == "gemini" and not plan.sse:
+        return "application/json; charset=UTF-8"
+    return "text/event-stream; charset=utf-8"
 
 
 def models_list(models: list[str]) -> dict:

@@ -1,8 +1,22 @@
-"""Simulated OpenAI upstream: a real HTTP/1.1 server for tests, benchmarks and ``relay demo``.
+"""Simulated LLM upstream: a real HTTP/1.1 server for tests, benchmarks and ``relay demo``.
 
-It speaks Chat Completions and Responses (stream and non-stream) closely enough for the official
-SDKs and the Codex CLI, and lets a test steer each request through ``#sim key=value`` directives in
-the prompt (timing, token counts, tool calls, faults; see :mod:`relay.testing.sim_protocol`).
+It speaks OpenAI Chat Completions and Responses (stream and non-stream) closely enough for the
+official SDKs and the Codex CLI, and also Anthropic Messages and Gemini ``generateContent`` (see
+:mod:`relay.testing.sim_anthropic` and :mod:`relay.testing.sim_gemini`), and lets a test steer each
+request through ``#sim key=value`` directives in the prompt (timing, token counts, tool calls,
+faults; see :mod:`relay.testing.sim_protocol`).
+
+Routes (every one also without the ``/v1`` prefix):
+
+- ``POST /v1/chat/completions``, ``POST /v1/responses``, ``GET /v1/models[/{id}]``: OpenAI, auth
+  ``Authorization: Bearer``;
+- ``POST /v1/messages``: Anthropic, auth ``x-api-key``, header ``anthropic-version`` required,
+  streams when the body has ``"stream": true``;
+- ``POST /v1beta/models/{model}:generateContent`` and ``…:streamGenerateContent[?alt=sse]`` (also
+  under ``/v1/``): Gemini, auth ``x-goog-api-key`` or ``?key=``.
+
+The key rule is the same everywhere: ``profile.api_key`` if set, else any non-empty key. Errors
+come in each protocol's own shape.
 
 Why it is written directly on trio + h11 (one task per connection, no framework): benchmarks use it
 as the "direct" floor the relay is compared against, so its own overhead must be negligible, and
@@ -26,6 +40,7 @@ import struct
 import sys
 import time
 import traceback
+import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -33,6 +48,8 @@ from typing import Any, NamedTuple
 import h11
 import trio
 
+from relay.testing import sim_anthropic as sa
+from relay.testing import sim_gemini as sg
 from relay.testing import sim_protocol as sp
 
 __all__ = ["RequestRecord", "SimProfile", "SimUpstream", "main"]
@@ -234,12 +251,16 @@ class _Exchange:
         if self.rec is not None:
             self.rec.finished = True
 
-    async def start_stream(self, headers: Iterable[tuple[str, str]]) -> None:
+    async def start_stream(
+        self,
+        headers: Iterable[tuple[str, str]],
+        content_type: str = "text/event-stream; charset=utf-8",
+    ) -> None:
         framing = [("transfer-encoding", "chunked")] if self.chunked else []
         head = _head(
             200,
             [
-                ("content-type", "text/event-stream; charset=utf-8"),
+                ("content-type", content_type),
                 ("cache-control", "no-cache"),
                 ("x-accel-buffering", "no"),
                 *framing,
@@ -420,8 +441,13 @@ class SimUpstream:
         """Handle one request; returns False when the connection must be closed afterwards."""
         method = request.method.decode("ascii", "replace")
         target = request.target.decode("latin-1")
-        path = target.split("?", 1)[0]
-        route = path[3:] if path.startswith("/v1/") else path
+        path, _, query = target.partition("?")
+        if path.startswith("/v1/"):
+            route = path[3:]
+        elif path.startswith("/v1beta/"):
+            route = path[7:]
+        else:
+            route = path
         if len(route) > 1:
             route = route.rstrip("/")
 
@@ -447,10 +473,16 @@ class SimUpstream:
         ex.rec = rec
         req_headers = [("x-request-id", f"req_sim{rec.id}")]
 
+        gemini = _gemini_route(route)
         if route == "/chat/completions":
             kind = "chat"
         elif route == "/responses":
             kind = "responses"
+        elif route == "/messages":
+            kind = "anthropic"
+            req_headers.append(("request-id", f"req_sim{rec.id}"))
+        elif gemini is not None:
+            kind = "gemini"
         elif route == "/models" or route.startswith("/models/"):
             kind = "models"
         else:
@@ -458,46 +490,93 @@ class SimUpstream:
             return True
         allowed = "GET" if kind == "models" else "POST"
         if method != allowed:
-            body = sp.error_body(
-                f"Method {method} not allowed for {path}; use {allowed}.", "invalid_request_error"
-            )
+            message = f"Method {method} not allowed for {path}; use {allowed}."
+            body = _error(kind, 405, message)
             await ex.send_full(405, body, [*req_headers, ("allow", allowed)])
             return True
-        if not self._authorized(headers.get("authorization")):
-            await ex.send_full(401, sp.invalid_api_key_body(), req_headers)
+        auth_error = self._auth_error(kind, headers, query)
+        if auth_error is not None:
+            status, error = auth_error
+            await ex.send_full(status, error, req_headers)
             return True
         if kind == "models":
             await self._models(ex, route, req_headers)
+            return True
+        if kind == "anthropic" and not headers.get("anthropic-version"):
+            error = sa.error_body(400, "anthropic-version: header is required")
+            await ex.send_full(400, error, req_headers)
             return True
 
         try:
             body = json.loads(raw_body) if raw_body else None
         except ValueError as exc:
-            msg = f"We could not parse the JSON body of your request. ({exc})"
-            await ex.send_full(400, sp.error_body(msg, "invalid_request_error"), req_headers)
+            if kind == "gemini":
+                msg = f"Invalid JSON payload received. ({exc})"
+            else:
+                msg = f"We could not parse the JSON body of your request. ({exc})"
+            await ex.send_full(400, _error(kind, 400, msg), req_headers)
             return True
         if not isinstance(body, dict):
             msg = "The request body must be a JSON object."
-            await ex.send_full(400, sp.error_body(msg, "invalid_request_error"), req_headers)
+            await ex.send_full(400, _error(kind, 400, msg), req_headers)
             return True
         rec.body = body
-        problem = _validate(kind, body)
-        if problem is not None:
-            message, param = problem
-            error = sp.error_body(message, "invalid_request_error", None, param)
-            await ex.send_full(400, error, req_headers)
-            return True
+        if kind == "anthropic" or kind == "gemini":
+            message = sa.validate(body) if kind == "anthropic" else sg.validate(body)
+            if message is not None:
+                await ex.send_full(400, _error(kind, 400, message), req_headers)
+                return True
+        else:
+            problem = _validate(kind, body)
+            if problem is not None:
+                message, param = problem
+                error = sp.error_body(message, "invalid_request_error", None, param)
+                await ex.send_full(400, error, req_headers)
+                return True
+        if gemini is not None:
+            model, action = gemini
+            alt = urllib.parse.parse_qs(query).get("alt", [""])[-1]
+            stream = action == "streamGenerateContent"
+            return await self._generate(
+                ex, kind, body, req_headers, model=model, stream=stream, sse=alt == "sse"
+            )
         return await self._generate(ex, kind, body, req_headers)
+
+    def _key_ok(self, key: str | None) -> bool:
+        """The key rule of every protocol: the profile's key if set, else any non-empty key."""
+        if not key:
+            return False
+        expected = self.profile.api_key
+        return expected is None or key == expected
 
     def _authorized(self, authorization: str | None) -> bool:
         if not authorization:
             return False
         scheme, _, token = authorization.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        if scheme.lower() != "bearer":
             return False
-        expected = self.profile.api_key
-        return expected is None or token == expected
+        return self._key_ok(token.strip())
+
+    def _auth_error(
+        self, kind: str, headers: dict[str, str], query: str
+    ) -> tuple[int, bytes] | None:
+        """Status and body of the auth failure for *kind*'s credentials, or None if they pass."""
+        if kind == "anthropic":
+            key = headers.get("x-api-key", "").strip()
+            if self._key_ok(key):
+                return None
+            message = "invalid x-api-key" if key else "x-api-key header is required"
+            return 401, sa.error_body(401, message)
+        if kind == "gemini":
+            key = headers.get("x-goog-api-key", "").strip()
+            if not key:
+                key = urllib.parse.parse_qs(query).get("key", [""])[-1].strip()
+            if self._key_ok(key):
+                return None
+            return sg.auth_error(missing=not key)
+        if self._authorized(headers.get("authorization")):
+            return None
+        return 401, sp.invalid_api_key_body()
 
     async def _models(self, ex: _Exchange, route: str, headers: list[tuple[str, str]]) -> None:
         models = list(dict.fromkeys([*sp.BASE_MODELS, *self._models_seen]))
@@ -569,7 +648,15 @@ class SimUpstream:
     # Generation
 
     async def _generate(
-        self, ex: _Exchange, kind: str, body: dict, headers: list[tuple[str, str]]
+        self,
+        ex: _Exchange,
+        kind: str,
+        body: dict,
+        headers: list[tuple[str, str]],
+        *,
+        model: str | None = None,
+        stream: bool | None = None,
+        sse: bool = True,
     ) -> bool:
         profile = self.profile
         directives = sp.parse_directives(sp.directive_text(kind, body))
@@ -581,19 +668,28 @@ class SimUpstream:
             delay_s=profile.token_delay_s,
             output_tokens=profile.output_tokens,
             reasoning_tokens=profile.reasoning_tokens,
+            model=model,
+            stream=stream,
+            sse=sse,
         )
         if plan.model:
             self._models_seen.setdefault(plan.model, None)
         fault = directives.fault
         slow = directives.slow_headers or 0.0
-        if fault in ("429", "500", "401", "400"):
-            status, extra, error = sp.fault_response(fault, plan.model)
+        if fault in sp.HTTP_FAULTS:
+            if kind == "anthropic":
+                status, extra, error = sa.fault_response(fault, plan.model)
+            elif kind == "gemini":
+                status, extra, error = sg.fault_response(fault)
+            else:
+                status, extra, error = sp.fault_response(fault, plan.model)
             await ex.send_full(status, error, [*headers, *extra])
             return True
         if fault in ("drop", "reset") and not plan.stream:
             ex.abort(reset=fault == "reset")
             return False
-        headers.append(("openai-model", plan.model))
+        if kind in ("chat", "responses"):
+            headers.append(("openai-model", plan.model))
 
         if not plan.stream:
             wait = plan.ttft_s + plan.delay_s * max(0, plan.output_tokens - 1)
@@ -659,7 +755,7 @@ class SimUpstream:
         """
         if slow > 0:
             await trio.sleep(slow)
-        await ex.start_stream(headers)
+        await ex.start_stream(headers, sp.stream_content_type(plan))
         events: Any = sp.stream_events(plan)
         limit: int | None = None
         if fault in ("drop", "reset"):
@@ -722,6 +818,25 @@ def _not_found(method: str, path: str) -> bytes:
     return sp.error_body(f"Invalid URL ({method} {path})", "invalid_request_error")
 
 
+def _gemini_route(route: str) -> tuple[str, str] | None:
+    """``(model, action)`` of a ``/models/{model}:generateContent``-style route, else None."""
+    if not route.startswith("/models/"):
+        return None
+    model, sep, action = route[len("/models/") :].rpartition(":")
+    if not sep or not model or action not in sg.ACTIONS:
+        return None
+    return urllib.parse.unquote(model), action
+
+
+def _error(kind: str, status: int, message: str) -> bytes:
+    """An error body in *kind*'s protocol shape."""
+    if kind == "anthropic":
+        return sa.error_body(status, message)
+    if kind == "gemini":
+        return sg.error_body(status, message)
+    return sp.error_body(message, "invalid_request_error")
+
+
 def _validate(kind: str, body: dict) -> tuple[str, str] | None:
     """The few checks the real API makes that clients depend on (message, param)."""
     if not isinstance(body.get("model"), str) or not body["model"]:
@@ -740,7 +855,10 @@ def _validate(kind: str, body: dict) -> tuple[str, str] | None:
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m relay.testing.upstream",
-        description="Simulated OpenAI-compatible upstream (Chat Completions and Responses).",
+        description=(
+            "Simulated LLM upstream (OpenAI Chat Completions and Responses, Anthropic Messages, "
+            "Gemini generateContent)."
+        ),
     )
     defaults = SimProfile()
     parser.add_argument("--host", default="127.0.0.1")

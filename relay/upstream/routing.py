@@ -16,6 +16,7 @@ import trio
 from ..config import AccountConfig, Config, PackageConfig
 from ..errors import ModelNotFound
 from ..guards.admission import Guard
+from .sessions import SessionBindings
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,10 @@ class Account:
             rpm=config.rpm,
             priority=config.priority,
         )
+        self.consecutive_failures = 0
+        self.rate_limited = 0
+        self.last_error = ""
+        self.last_error_at: float | None = None
 
     @property
     def name(self) -> str:
@@ -86,6 +91,7 @@ class Scheduler:
     def __init__(self, config: Config) -> None:
         self.accounts = [Account(account) for account in config.accounts]
         self.by_name = {account.name: account for account in self.accounts}
+        self.sessions = SessionBindings(config.server.session_ttl_s)
 
     def candidates(self, route: ModelRoute, provider: str) -> list[Account]:
         """Accounts of the route's pool that serve its model in ``provider``'s protocol,
@@ -108,4 +114,14 @@ class Scheduler:
 
     def status(self) -> dict[str, dict]:
         now = trio.current_time()
-        return {account.name: account.guard.status(now) for account in self.accounts}
+        bound = self.sessions.per_account()
+        return {
+            account.name: {
+                **account.guard.status(now),
+                "healthy": not account.guard.disabled and account.guard.unavailable_until <= now,
+                "rate_limited": account.rate_limited,
+                "last_error": account.last_error or None,
+                "sessions": bound.get(account.name, 0),
+            }
+            for account in self.accounts
+        }

@@ -1,0 +1,261 @@
+"""Anthropic Messages (``POST /v1/messages``) wire shapes for the simulated upstream (§5.1).
+
+Pure functions over a :class:`~relay.testing.sim_protocol.Plan` (kind ``anthropic``), like the
+OpenAI builders in :mod:`relay.testing.sim_protocol`:
+
+- non-stream: the Message object, content blocks in wire order ``thinking`` (with ``signature``),
+  ``text``, ``tool_use`` (``input`` is the parsed arguments object);
+- stream: ``event: <type>`` + ``data:`` framing: ``message_start`` (usage with the input side and
+  ``output_tokens: 0``), a ``ping``, per block ``content_block_start`` / ``…_delta`` /
+  ``content_block_stop`` (``thinking_delta``×N then one ``signature_delta``; ``text_delta``;
+  ``input_json_delta`` pieces), a ``ping`` after every :data:`PING_EVERY` token deltas,
+  ``message_delta`` (``stop_reason`` and the cumulative ``output_tokens``), ``message_stop``.
+
+Usage: every thinking/text/input-JSON delta is one output token; the signature is not a token.
+``input_tokens`` is the prompt estimate minus the ``cached=`` tokens, which are reported as
+``cache_read_input_tokens`` (Anthropic counts cache reads apart), so
+``input_tokens + cache_read_input_tokens`` equals the recorded ``usage["input_tokens"]``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from relay.testing.sim_protocol import META, TOKEN, Plan, dumps
+
+PING_EVERY = 32
+"""A ``ping`` event goes out after ``message_start`` and then after every this many tokens."""
+MIN_THINKING_BUDGET = 1024
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Errors and validation
+
+
+def error_body(status: int, message: str) -> bytes:
+    """Anthropic's error JSON: ``{"type":"error","error":{"type":…,"message":…}}``."""
+    error_type = ERROR_TYPES.get(status, "api_error")
+    return dumps({"type": "error", "error": {"type": error_type, "message": message}})
+
+
+def fault_response(fault: str, model: str) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Status, extra headers and body for the HTTP-error faults, in Anthropic's shape."""
+    if fault == "429":
+        message = (
+            "This request would exceed the rate limit for your organization of 3 requests per "
+            f"minute for {model or 'the model'}. For details, refer to: "
+            "https://docs.claude.com/en/api/rate-limits. You can see the response headers for "
+            "current usage. Please reduce the prompt length or the maximum tokens requested, or "
+            "try again later."
+        )
+        headers = [
+            ("retry-after", "2"),
+            ("anthropic-ratelimit-requests-limit", "3"),
+            ("anthropic-ratelimit-requests-remaining", "0"),
+            ("anthropic-ratelimit-requests-reset", "1970-01-01T00:00:02Z"),
+        ]
+        return 429, headers, error_body(429, message)
+    if fault == "401":
+        return 401, [], error_body(401, "invalid x-api-key")
+    if fault == "400":
+        return 400, [], error_body(400, "Invalid request (simulated fault).")
+    if fault in ("503", "529"):
+        return 529, [], error_body(529, "Overloaded")
+    return 500, [], error_body(500, "Internal server error")
+
+
+def validate(body: dict) -> str | None:
+    """The checks the real API makes that a relay must satisfy; the 400 message, or None.
+
+    ``model``, ``max_tokens`` and a non-empty ``messages`` list are required; a replayed
+    ``thinking`` block must carry its ``signature`` (any non-empty string is accepted); with
+    ``thinking.type == "enabled"``, ``budget_tokens`` must be ≥ 1024 and below ``max_tokens``.
+    """
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        return "model: Field required"
+    max_tokens = body.get("max_tokens")
+    if max_tokens is None:
+        return "max_tokens: Field required"
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        return "max_tokens: Input should be a valid integer greater than or equal to 1"
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return "messages: Field required"
+    if not messages:
+        return "messages: at least one message is required"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+            return f"messages.{i}.role: Input should be 'user' or 'assistant'"
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        for j, block in enumerate(content):
+            if (
+                isinstance(block, dict)
+                and block.get("type") == "thinking"
+                and not (isinstance(block.get("signature"), str) and block["signature"])
+            ):
+                return f"messages.{i}.content.{j}.thinking.signature: Field required"
+    thinking = body.get("thinking")
+    if isinstance(thinking, dict) and thinking.get("type") == "enabled":
+        budget = thinking.get("budget_tokens")
+        if not isinstance(budget, int) or isinstance(budget, bool):
+            return "thinking.enabled.budget_tokens: Field required"
+        if budget < MIN_THINKING_BUDGET:
+            return (
+                "thinking.enabled.budget_tokens: Input should be greater than or equal to "
+                f"{MIN_THINKING_BUDGET}"
+            )
+        if budget >= max_tokens:
+            return (
+                "`max_tokens` must be greater than `thinking.budget_tokens`. Please consult our "
+                "documentation at https://docs.claude.com/en/docs/build-with-claude/"
+                "extended-thinking#max-tokens-and-context-window-size"
+            )
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Response
+
+
+def tool_use_id(plan: Plan) -> str:
+    return "toolu_" + plan.uid
+
+
+def signature(plan: Plan) -> str:
+    """The thinking block's opaque signature (base64, like the real one)."""
+    return base64.b64encode(b"sim-thinking-signature:" + plan.uid.encode()).decode()
+
+
+def stop_reason(plan: Plan) -> str:
+    if plan.truncated:
+        return "max_tokens"
+    return "tool_use" if plan.has_tool_call else "end_turn"
+
+
+def usage(plan: Plan) -> dict:
+    return {
+        "input_tokens": plan.input_tokens - plan.cached_tokens,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": plan.cached_tokens,
+        "output_tokens": plan.output_tokens,
+    }
+
+
+def _tool_input(plan: Plan) -> Any:
+    """The tool_use ``input`` object (``{}`` if max_tokens cut the JSON short)."""
+    try:
+        value = json.loads("".join(plan.tool_args))
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _thinking_block(plan: Plan) -> dict:
+    return {"type": "thinking", "thinking": "".join(plan.reasoning), "signature": signature(plan)}
+
+
+def _tool_use_block(plan: Plan, tool_input: Any) -> dict:
+    return {
+        "type": "tool_use",
+        "id": tool_use_id(plan),
+        "name": plan.tool_name,
+        "input": tool_input,
+    }
+
+
+def _message(plan: Plan, content: list, stop: str | None, usage_: dict) -> dict:
+    return {
+        "id": plan.id,
+        "type": "message",
+        "role": "assistant",
+        "model": plan.model,
+        "content": content,
+        "stop_reason": stop,
+        "stop_sequence": None,
+        "usage": usage_,
+    }
+
+
+def message(plan: Plan) -> dict:
+    """The non-stream Message object."""
+    content: list[dict] = []
+    if plan.reasoning:
+        content.append(_thinking_block(plan))
+    if plan.text:
+        content.append({"type": "text", "text": "".join(plan.text)})
+    if plan.has_tool_call:
+        content.append(_tool_use_block(plan, _tool_input(plan)))
+    return _message(plan, content, stop_reason(plan), usage(plan))
+
+
+def _event(type_: str, payload: dict) -> bytes:
+    return b"event: " + type_.encode() + b"\ndata: " + dumps({"type": type_, **payload}) + b"\n\n"
+
+
+_PING = _event("ping", {})
+
+
+def stream_events(plan: Plan) -> Iterator[tuple[bytes, bool]]:
+    """``(sse_bytes, is_token)`` for each event of a Messages stream."""
+    start_usage = {**usage(plan), "output_tokens": 0}
+    yield _event("message_start", {"message": _message(plan, [], None, start_usage)}), META
+    yield _PING, META
+    tokens = 0
+
+    def deltas(
+        index: int, kind: str, field: str, pieces: list[str]
+    ) -> Iterator[tuple[bytes, bool]]:
+        nonlocal tokens
+        for piece in pieces:
+            delta = {"index": index, "delta": {"type": kind, field: piece}}
+            yield _event("content_block_delta", delta), TOKEN
+            tokens += 1
+            if tokens % PING_EVERY == 0:
+                yield _PING, META
+
+    def start(index: int, block: dict) -> bytes:
+        return _event("content_block_start", {"index": index, "content_block": block})
+
+    def stop(index: int) -> bytes:
+        return _event("content_block_stop", {"index": index})
+
+    index = 0
+    if plan.reasoning:
+        yield start(index, {"type": "thinking", "thinking": "", "signature": ""}), META
+        yield from deltas(index, "thinking_delta", "thinking", plan.reasoning)
+        sig = {"index": index, "delta": {"type": "signature_delta", "signature": signature(plan)}}
+        yield _event("content_block_delta", sig), META
+        yield stop(index), META
+        index += 1
+    if plan.text:
+        yield start(index, {"type": "text", "text": ""}), META
+        yield from deltas(index, "text_delta", "text", plan.text)
+        yield stop(index), META
+        index += 1
+    if plan.has_tool_call:
+        yield start(index, _tool_use_block(plan, {})), META
+        yield from deltas(index, "input_json_delta", "partial_json", plan.tool_args)
+        yield stop(index), META
+    final = {
+        "delta": {"stop_reason": stop_reason(plan), "stop_sequence": None},
+        "usage": {"output_tokens": plan.output_tokens},
+    }
+    yield _event("message_delta", final), META
+    yield _event("message_stop", {}), META

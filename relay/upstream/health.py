@@ -1,0 +1,88 @@
+"""Account health: cool-downs after rate limits and errors, and accounts out of service.
+
+Health is kept on each account's guard (``unavailable_until``, ``disabled``), so admission treats
+a resting account like a busy one: requests go to another account, or wait for this one's
+cool-down to end. The rules (DESIGN.md, "Account scheduling"):
+
+* upstream 429 → rest for the upstream's hint (``retry-after``, ``resets_in_seconds``, "try again
+  in Ns"), or ``rate_limit_cooldown_s`` when it gives none;
+* upstream 401/403 → out of service until an operator re-enables it (the relay's credential for
+  it is wrong; retrying cannot help);
+* three failures in a row (5xx, connect errors, timeouts) → rest ``error_cooldown_s``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+
+import trio
+
+from ..config import ServerConfig
+from ..errors import RelayError, UpstreamTimeout, UpstreamUnavailable
+from .routing import Account
+
+#: Failures in a row after which an account rests.
+FAILURES_BEFORE_COOLDOWN = 3
+
+_TRY_AGAIN = re.compile(r"try again in (\d+(?:\.\d+)?)\s*(ms|s|seconds?)\b", re.IGNORECASE)
+
+
+def retry_hint(headers: Mapping[str, str], message: str) -> float | None:
+    """Seconds the upstream asked us to wait, from its headers or its message."""
+    milliseconds = headers.get("retry-after-ms")
+    if milliseconds:
+        try:
+            return float(milliseconds) / 1000
+        except ValueError:
+            pass
+    seconds = headers.get("retry-after")
+    if seconds:
+        try:
+            return float(seconds)
+        except ValueError:
+            pass
+    match = _TRY_AGAIN.search(message or "")
+    if match:
+        value = float(match.group(1))
+        return value / 1000 if match.group(2).lower() == "ms" else value
+    return None
+
+
+def is_account_failure(error: RelayError) -> bool:
+    """Whether another account might succeed where this one failed (so fail over)."""
+    if isinstance(error, UpstreamUnavailable | UpstreamTimeout):
+        return True
+    return error.status in (401, 403, 429) or error.status >= 500
+
+
+class Health:
+    def __init__(self, server: ServerConfig) -> None:
+        self._server = server
+
+    def succeeded(self, account: Account) -> None:
+        account.consecutive_failures = 0
+
+    def failed(self, account: Account, error: RelayError) -> None:
+        now = trio.current_time()
+        account.last_error = f"{error.status} {error.code or error.type}: {error.message}"[:300]
+        account.last_error_at = time.time()
+        guard = account.guard
+        if error.status == 429:
+            wait = retry_hint(error.headers, error.message) or self._server.rate_limit_cooldown_s
+            guard.unavailable_until = max(guard.unavailable_until, now + wait)
+            account.rate_limited += 1
+        elif error.status in (401, 403):
+            guard.disabled = True
+        else:
+            account.consecutive_failures += 1
+            if account.consecutive_failures >= FAILURES_BEFORE_COOLDOWN:
+                guard.unavailable_until = now + self._server.error_cooldown_s
+                account.consecutive_failures = 0
+
+    def enable(self, account: Account) -> None:
+        """Put an account back in service (an operator fixed its credential)."""
+        account.guard.disabled = False
+        account.guard.unavailable_until = 0.0
+        account.consecutive_failures = 0
