@@ -72,6 +72,7 @@ class SimProfile:
     reasoning_tokens: int = 0
     capacity_tps: float | None = None
     api_key: str | None = None
+    fault: str | None = None  # a fault for every request without its own (e.g. "429")
 
 
 # Accepted JSON types of each profile field for POST /_sim/profile, and whether null is allowed.
@@ -82,6 +83,7 @@ _PROFILE_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
     "reasoning_tokens": ((int,), False),
     "capacity_tps": ((int, float), True),
     "api_key": ((str,), True),
+    "fault": ((str,), True),
 }
 
 
@@ -674,7 +676,7 @@ class SimUpstream:
         )
         if plan.model:
             self._models_seen.setdefault(plan.model, None)
-        fault = directives.fault
+        fault = directives.fault or profile.fault
         slow = directives.slow_headers or 0.0
         if fault in sp.HTTP_FAULTS:
             if kind == "anthropic":
