@@ -46,8 +46,8 @@ rpm = 60
 [packages.storm]
 pool = "shared"
 max_concurrency = 8
-max_queue = 40
-queue_timeout_s = 0.3
+max_queue = 20                          # below the ~33 clients per key: some meet a full queue
+queue_timeout_s = 1
 
 [[accounts]]
 name = "sim-chat"
@@ -72,7 +72,9 @@ CHAT = "/v1/chat/completions"
 
 @pytest.fixture(scope="module")
 def guarded(sim: Sim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
-    server = start_relay(tmp_path_factory.mktemp("guarded"), sim.url, body=GUARDED)
+    # Storms inject upstream 5xx on purpose: a short rest keeps the one chat account serving.
+    server = start_relay(tmp_path_factory.mktemp("guarded"), sim.url, body=GUARDED,
+                         error_cooldown_s=0.05)
     yield server
     log = server.process.stop()
     assert "Traceback" not in log, log
@@ -165,7 +167,7 @@ async def test_disconnect_while_queued_frees_the_place(guarded: Relay, sim: Sim)
     async with httpx2.AsyncClient(base_url=guarded.url, timeout=10) as client, \
             trio.open_nursery() as nursery:
         nursery.start_soon(
-            lambda: client.post(CHAT, json=chat("#sim tokens=8 delay=0.1"), headers=auth(key))
+            lambda: client.post(CHAT, json=chat("#sim tokens=4 delay=0.1"), headers=auth(key))
         )
         await _wait_until(guarded, lambda s: s["admission"]["pools"]["shared"]["in_flight"] >= 1)
         with trio.move_on_after(0.15):
@@ -174,7 +176,7 @@ async def test_disconnect_while_queued_frees_the_place(guarded: Relay, sim: Sim)
         state = await trio.to_thread.run_sync(guarded.state)
         assert state["admission"]["queued"] == 0
         again = await client.post(CHAT, json=chat("#sim tokens=1"), headers=auth(key))
-    assert again.status_code == 200  # it queued (place free) and was served
+    assert again.status_code == 200, again.text  # it queued (place free) and was served
     assert not [r for r in sim.requests() if marker in json.dumps(r["body"])]  # never sent
     state = guarded.wait_idle()
     assert state["admission"]["total"] == 0 and state["admission"]["reserved_tokens"] == 0
