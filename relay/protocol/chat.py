@@ -116,9 +116,7 @@ def read_chat_request(body: dict) -> Conversation:
     if effort is None and isinstance(body.get("reasoning"), dict):  # Cursor sends this shape
         effort = body["reasoning"].get("effort")
     conv.reasoning_effort = effort if isinstance(effort, str) else None
-    conv.max_output_tokens = _int(body.get("max_completion_tokens")) or _int(
-        body.get("max_tokens")
-    )
+    conv.max_output_tokens = _int(body.get("max_completion_tokens")) or _int(body.get("max_tokens"))
     conv.temperature = _number(body.get("temperature"))
     conv.top_p = _number(body.get("top_p"))
     stop = body.get("stop")
@@ -190,7 +188,9 @@ def _read_user_content(content: Any, where: str) -> list:
             if not url:
                 raise InvalidRequest(f"'{part_where}.image_url.url' is required.", param=part_where)
             check_image_url(url, part_where)
-            detail = part["image_url"].get("detail") if isinstance(part["image_url"], dict) else None
+            detail = (
+                part["image_url"].get("detail") if isinstance(part["image_url"], dict) else None
+            )
             if is_pdf_data_url(url):
                 parts.append(File(data=url, filename="document.pdf"))
             else:
@@ -397,8 +397,14 @@ def write_chat_request(conv: Conversation, *, model: str, reasoning_effort: str 
 
 
 def _chat_messages(conv: Conversation) -> list[dict]:
-    messages = []
+    messages: list[dict] = []
+    # Chat tool messages carry text only: images and files a tool returned (Codex's view_image)
+    # follow the tool messages of the turn as one user message.
+    attachments: list = []
     for message in arrange_tool_results(conv.messages):
+        if message.role != "tool" and attachments:
+            messages.append({"role": "user", "content": _chat_user_content(attachments)})
+            attachments = []
         if message.role == "system":
             messages.append({"role": "system", "content": "\n\n".join(message.texts())})
         elif message.role == "user":
@@ -407,9 +413,16 @@ def _chat_messages(conv: Conversation) -> list[dict]:
             messages.append(_chat_assistant(message))
         else:
             result = message.parts[0]
+            content = [] if isinstance(result.content, str) else result.content
+            media = [part for part in content if not isinstance(part, Text)]
+            if media:
+                attachments.append(Text(f"Attachments returned by tool call {result.call_id}:"))
+                attachments.extend(media)
             messages.append(
                 {"role": "tool", "tool_call_id": result.call_id, "content": _tool_text(result)}
             )
+    if attachments:
+        messages.append({"role": "user", "content": _chat_user_content(attachments)})
     return messages
 
 
@@ -451,13 +464,12 @@ def _chat_file(part: File) -> dict:
 def _tool_text(result: ToolResult) -> str:
     if isinstance(result.content, str):
         return result.content
-    # Chat tool messages take text only; say what was left out rather than drop it silently.
     texts = []
     for part in result.content:
         if isinstance(part, Text):
             texts.append(part.text)
         else:
-            texts.append("[image omitted]" if isinstance(part, Image) else "[file omitted]")
+            texts.append("[attached below]")
     return "".join(texts)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..errors import InvalidRequest
 
@@ -155,7 +156,8 @@ class Conversation:
     stop: list[str] = field(default_factory=list)
     reasoning_effort: str | None = None
     reasoning_summary: str | None = None
-    response_format: dict | None = None  # {"type": "json_schema", name, schema, strict} | json_object
+    #: {"type": "json_schema", "name", "schema", "strict"} or {"type": "json_object"}
+    response_format: dict | None = None
     verbosity: str | None = None
     user: str | None = None
     prompt_cache_key: str | None = None
@@ -280,6 +282,10 @@ _EXTENSIONS = {
 }
 
 
+#: URL "extensions" that name a script serving the file, not the file's type.
+_PAGES = frozenset({"php", "asp", "aspx", "jsp", "cgi"})
+
+
 def data_url_media_type(url: str) -> str | None:
     match = _DATA_URL.match(url)
     return match.group(1).strip().lower() or None if match else None
@@ -293,7 +299,7 @@ def data_url_payload(url: str) -> str:
 def media_type_for_name(name: str) -> str | None:
     """The media type a file name or URL path implies, if it has a known extension."""
     path = name.split("?", 1)[0].split("#", 1)[0]
-    stem, dot, extension = path.rpartition(".")
+    _, dot, extension = path.rpartition(".")
     if not dot or "/" in extension:
         return None
     return _EXTENSIONS.get(extension.lower())
@@ -324,9 +330,13 @@ def check_file(
         if media is None and has_extension(filename):
             media = "unknown"
     if media is None and url and not url.startswith("data:"):
-        media = media_type_for_name(url)
+        path = urlsplit(url).path
+        media = media_type_for_name(path)
+        extension = path.rsplit("/", 1)[-1].rpartition(".")[2].lower()
+        if media is None and has_extension(path) and extension not in _PAGES:
+            media = "unknown"
     if media is not None and not is_supported_media(media):
-        shown = filename or media
+        shown = filename or (url if media == "unknown" else media)
         raise InvalidRequest(
             f"Invalid file input at '{where}' ({shown}): {FILE_TYPES_MESSAGE}.",
             param=where,

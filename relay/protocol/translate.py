@@ -1,0 +1,591 @@
+"""The relay's one entry point for talking to any upstream in any client protocol.
+
+The HTTP layer calls, for every relayed request:
+
+1. :func:`build_upstream_request` — the upstream path, body and headers, plus the
+   :class:`TranslationContext` the answer side needs;
+2. for a stream, a :class:`StreamTranslator` fed the upstream's bytes; for a plain answer,
+   :func:`translate_response` and :func:`response_usage`;
+3. on an upstream error status, :func:`translate_error` (what the client sees) and
+   :func:`retry_after_hint` (how long the account cools down).
+
+When the client's protocol is the upstream's (Chat client on an ``openai-chat`` account,
+Responses client on an ``openai-responses`` one) the body gets only the relay's few rewrites and
+the answer's bytes are relayed unchanged. Otherwise the request goes through a
+:class:`~.conversation.Conversation` (one reader per client protocol, one writer per upstream
+kind) and the answer through the events of :mod:`.events` (one decoder per upstream kind, one
+encoder per client protocol). Everything here is pure: no I/O, no clock except for the
+``created`` timestamp and the ``resets_at`` retry hint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+from . import anthropic, chat, gemini, responses
+from .events import Event, Failure, TranslationContext, UsageEvent, counts_as_delta
+from .requests import Endpoint
+from .sse import EventSplitter, StreamMeter, Usage, error_event, event_data
+
+__all__ = [
+    "UPSTREAM_KINDS",
+    "StreamTranslator",
+    "TranslationContext",
+    "UpstreamRequest",
+    "build_upstream_request",
+    "response_usage",
+    "retry_after_hint",
+    "translate_error",
+    "translate_response",
+]
+
+UPSTREAM_KINDS = ("openai-chat", "openai-responses", "anthropic", "gemini")
+
+#: Responses request fields a Response object repeats back.
+_ECHOED = (
+    "instructions",
+    "max_output_tokens",
+    "metadata",
+    "parallel_tool_calls",
+    "prompt_cache_key",
+    "reasoning",
+    "store",
+    "temperature",
+    "text",
+    "tool_choice",
+    "tools",
+    "top_p",
+)
+
+
+@dataclass
+class UpstreamRequest:
+    """What to send upstream: ``POST {base_url}/{path}`` with ``body`` and ``headers``."""
+
+    path: str
+    body: dict
+    headers: dict[str, str]
+    stream: bool
+    context: TranslationContext
+
+
+def _check_kind(upstream_kind: str) -> None:
+    if upstream_kind not in UPSTREAM_KINDS:
+        raise ValueError(f"unknown upstream kind {upstream_kind!r}")
+
+
+def build_upstream_request(
+    client_body: dict,
+    client: Endpoint,
+    upstream_kind: str,
+    *,
+    model: str,
+    api_key: str | None,
+    reasoning_effort: str | None = None,
+) -> UpstreamRequest:
+    """The upstream request for a validated client body.
+
+    ``model`` is the upstream model id (alias resolved); ``reasoning_effort`` (from an alias)
+    wins over the client's. Raises :class:`~relay.errors.InvalidRequest` for input the upstream
+    cannot be given: files other than images and PDFs (for every upstream), and, when
+    translating, ``n`` > 1, audio, ``previous_response_id``, OpenAI ``file_id`` references for
+    non-OpenAI upstreams, and item or part types with no counterpart.
+    """
+    _check_kind(upstream_kind)
+    stream = client_body.get("stream") is True
+    options = client_body.get("stream_options")
+    include_usage = (
+        client is Endpoint.CHAT
+        and stream
+        and isinstance(options, dict)
+        and options.get("include_usage") is True
+    )
+    requested = client_body.get("model")
+    context = TranslationContext(
+        client=client,
+        upstream_kind=upstream_kind,
+        model=requested if isinstance(requested, str) and requested else model,
+        stream=stream,
+        include_usage=include_usage,
+        response_id=f"resp_{uuid.uuid4().hex}",
+        created=int(time.time()),
+    )
+    if client is Endpoint.RESPONSES:
+        context.echo = {name: client_body[name] for name in _ECHOED if name in client_body}
+        if reasoning_effort:
+            context.echo["reasoning"] = {
+                **(client_body.get("reasoning") or {}),
+                "effort": reasoning_effort,
+            }
+    if context.passthrough:
+        body = _same_protocol_body(client_body, client, model, reasoning_effort, stream)
+    else:
+        if client is Endpoint.CHAT:
+            chat.check_chat_files(client_body)
+            conv = chat.read_chat_request(client_body)
+            namespaced: dict[str, tuple[str, str]] = {}
+        else:
+            responses.check_responses_files(client_body)
+            conv, namespaced = responses.read_responses_request(client_body)
+        conv.stream = stream
+        writer = _WRITERS[upstream_kind]
+        body = writer(conv, model=model, reasoning_effort=reasoning_effort)
+        context.custom_tools = frozenset(tool.name for tool in conv.tools if tool.custom)
+        context.namespaced = namespaced
+    return UpstreamRequest(
+        path=_path(upstream_kind, model, stream),
+        body=body,
+        headers=_headers(upstream_kind, api_key),
+        stream=stream,
+        context=context,
+    )
+
+
+_WRITERS = {
+    "openai-chat": chat.write_chat_request,
+    "openai-responses": responses.write_responses_request,
+    "anthropic": anthropic.write_anthropic_request,
+    "gemini": gemini.write_gemini_request,
+}
+
+
+def _same_protocol_body(
+    client_body: dict,
+    client: Endpoint,
+    model: str,
+    reasoning_effort: str | None,
+    stream: bool,
+) -> dict:
+    """The client's body with the relay's rewrites only (see :func:`requests.upstream_payload`),
+    plus one: reasoning items the relay made for another upstream (``rly1.`` encrypted content)
+    are removed, because OpenAI accepts only its own encrypted reasoning."""
+    if client is Endpoint.CHAT:
+        chat.check_chat_files(client_body)
+    else:
+        responses.check_responses_files(client_body)
+    body = dict(client_body)
+    body["model"] = model
+    if reasoning_effort is not None:
+        if client is Endpoint.CHAT:
+            body["reasoning_effort"] = reasoning_effort
+        else:
+            reasoning = body.get("reasoning")
+            body["reasoning"] = {
+                **(reasoning if isinstance(reasoning, dict) else {}),
+                "effort": reasoning_effort,
+            }
+    session_id = body.pop("session_id", None)
+    if isinstance(session_id, str) and session_id and not body.get("prompt_cache_key"):
+        body["prompt_cache_key"] = session_id
+    if client is Endpoint.CHAT and stream:
+        options = body.get("stream_options")
+        body["stream_options"] = {
+            **(options if isinstance(options, dict) else {}),
+            "include_usage": True,
+        }
+    if client is Endpoint.RESPONSES and isinstance(body.get("input"), list):
+        body["input"] = [item for item in body["input"] if not _relay_reasoning(item)]
+    return body
+
+
+def _relay_reasoning(item: Any) -> bool:
+    return (
+        isinstance(item, dict)
+        and item.get("type") == "reasoning"
+        and isinstance(item.get("encrypted_content"), str)
+        and item["encrypted_content"].startswith("rly1.")
+    )
+
+
+def _path(upstream_kind: str, model: str, stream: bool) -> str:
+    if upstream_kind == "openai-chat":
+        return "chat/completions"
+    if upstream_kind == "openai-responses":
+        return "responses"
+    if upstream_kind == "anthropic":
+        return "messages"
+    return gemini.gemini_path(model, stream)
+
+
+def _headers(upstream_kind: str, api_key: str | None) -> dict[str, str]:
+    if upstream_kind == "anthropic":
+        headers = {"anthropic-version": anthropic.ANTHROPIC_VERSION}
+        if api_key:
+            headers["x-api-key"] = api_key
+        return headers
+    if upstream_kind == "gemini":
+        return {"x-goog-api-key": api_key} if api_key else {}
+    return {"authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+# --------------------------------------------------------------------------------------------
+# Answers
+
+_DECODERS = {
+    "openai-chat": chat.ChatDecoder,
+    "openai-responses": responses.ResponsesDecoder,
+    "anthropic": anthropic.AnthropicDecoder,
+    "gemini": gemini.GeminiDecoder,
+}
+
+
+def _encoder(context: TranslationContext, upstream_kind: str):
+    if context.client is Endpoint.CHAT:
+        return chat.ChatEncoder(context, upstream_kind)
+    return responses.ResponsesEncoder(context, upstream_kind)
+
+
+def _parse_event(event: bytes) -> tuple[str | None, Any]:
+    """An SSE event's name and JSON data (``"[DONE]"`` for Chat's end marker; None if the
+    event has no data or it is not JSON)."""
+    name = None
+    for line in event.splitlines():
+        if line.startswith(b"event:"):
+            name = line[6:].strip().decode("utf-8", "replace")
+    data = event_data(event).strip()
+    if not data:
+        return name, None
+    if data == b"[DONE]":
+        return name, "[DONE]"
+    try:
+        return name, json.loads(data)
+    except ValueError:
+        return name, None
+
+
+class StreamTranslator:
+    """Upstream stream bytes in, client stream bytes out.
+
+    Feed it the upstream's bytes in any chunking; each call returns the client bytes ready now
+    (whole SSE events only). :meth:`finish` closes a stream the upstream ended cleanly;
+    :meth:`fail` closes it with the client's error form. After either, the translator returns
+    ``b""``. ``usage``, ``deltas`` and ``finished`` are kept current for billing.
+    """
+
+    def __init__(self, upstream_kind: str, context: TranslationContext) -> None:
+        _check_kind(upstream_kind)
+        self._context = context
+        self._splitter = EventSplitter()
+        self._passthrough = upstream_kind == context.client.upstream_kind
+        self._meter: StreamMeter | None = None
+        self._closed = False
+        if self._passthrough:
+            self._meter = StreamMeter(
+                context.client,
+                drop_usage_chunk=context.client is Endpoint.CHAT and not context.include_usage,
+            )
+        else:
+            self._decoder = _DECODERS[upstream_kind]()
+            self._encoder = _encoder(context, upstream_kind)
+        self._usage: Usage | None = None
+        self._deltas = 0
+
+    @property
+    def usage(self) -> Usage | None:
+        return self._meter.usage if self._meter is not None else self._usage
+
+    @property
+    def deltas(self) -> int:
+        return self._meter.deltas if self._meter is not None else self._deltas
+
+    @property
+    def finished(self) -> bool:
+        return self._meter.finished if self._meter is not None else self._decoder.finished
+
+    def feed(self, data: bytes) -> bytes:
+        if self._closed:
+            return b""
+        events = self._splitter.feed(data)
+        if self._meter is not None:
+            return self._meter.forwardable(events)
+        return self._translate(events)
+
+    def _translate(self, raw_events: list[bytes]) -> bytes:
+        out = []
+        for raw in raw_events:
+            name, data = _parse_event(raw)
+            if data is None:
+                continue
+            out.append(self._emit(self._decoder.feed(name, data)))
+        return b"".join(out)
+
+    def _emit(self, events: list[Event]) -> bytes:
+        out = []
+        for event in events:
+            if counts_as_delta(event):
+                self._deltas += 1
+            if isinstance(event, UsageEvent):
+                self._usage = event.usage
+            out.append(self._encoder.encode(event))
+            if isinstance(event, Failure):
+                self._closed = True
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        if self._closed:
+            return b""
+        tail = self._splitter.tail()
+        out = b""
+        if tail.strip():  # a last event without its blank line
+            out = self.feed(b"\n\n")
+            if self._closed:
+                return out
+        self._closed = True
+        if self._meter is not None:
+            return out
+        return out + self._emit(self._decoder.end()) + self._encoder.finish()
+
+    def fail(self, message: str, code: str) -> bytes:
+        if self._closed:
+            return b""
+        self._closed = True
+        if self._meter is not None:
+            return error_event(
+                self._context.client,
+                self._meter,
+                message=message,
+                code=code,
+                type="rate_limit_error" if code == "rate_limit_exceeded" else "server_error",
+                fallback_id=self._context.response_id,
+            )
+        return self._encoder.fail(message, code)
+
+
+def translate_response(upstream_kind: str, context: TranslationContext, body: dict) -> dict:
+    """A non-streamed upstream answer as the client's non-streamed answer."""
+    _check_kind(upstream_kind)
+    if upstream_kind == context.client.upstream_kind:
+        return body
+    decoder = _DECODERS[upstream_kind]()
+    encoder = _encoder(context, upstream_kind)
+    for event in decoder.decode_body(body):
+        encoder.encode(event)
+    if isinstance(encoder, chat.ChatEncoder):
+        return encoder.body()
+    if not encoder.closed:
+        encoder.finish()
+    return encoder.body()
+
+
+def response_usage(upstream_kind: str, body: dict) -> Usage | None:
+    """The usage a non-streamed upstream answer reports, or None."""
+    _check_kind(upstream_kind)
+    if not isinstance(body, dict):
+        return None
+    if upstream_kind == "openai-chat":
+        return Usage.from_body(Endpoint.CHAT, body)
+    if upstream_kind == "openai-responses":
+        return Usage.from_body(Endpoint.RESPONSES, body)
+    if upstream_kind == "anthropic":
+        usage = body.get("usage")
+        return anthropic.anthropic_usage(usage) if isinstance(usage, dict) else None
+    metadata = body.get("usageMetadata")
+    return gemini.gemini_usage(metadata) if isinstance(metadata, dict) else None
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+_TYPES_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    408: "timeout_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+    504: "timeout_error",
+}
+
+#: Anthropic error type → (client status, OpenAI type, OpenAI code).
+_ANTHROPIC_ERRORS = {
+    "invalid_request_error": (400, "invalid_request_error", None),
+    "authentication_error": (401, "invalid_request_error", "invalid_api_key"),
+    "permission_error": (403, "permission_error", "permission_denied"),
+    "not_found_error": (404, "invalid_request_error", "not_found"),
+    "request_too_large": (413, "invalid_request_error", "request_too_large"),
+    "rate_limit_error": (429, "rate_limit_error", "rate_limit_exceeded"),
+    "api_error": (500, "server_error", None),
+    "overloaded_error": (503, "service_unavailable_error", "server_is_overloaded"),
+}
+
+#: Gemini (google.rpc) status → (client status, OpenAI type, OpenAI code).
+_GEMINI_ERRORS = {
+    "INVALID_ARGUMENT": (400, "invalid_request_error", None),
+    "FAILED_PRECONDITION": (400, "invalid_request_error", None),
+    "OUT_OF_RANGE": (400, "invalid_request_error", None),
+    "UNAUTHENTICATED": (401, "invalid_request_error", "invalid_api_key"),
+    "PERMISSION_DENIED": (403, "permission_error", "permission_denied"),
+    "NOT_FOUND": (404, "invalid_request_error", "model_not_found"),
+    "RESOURCE_EXHAUSTED": (429, "rate_limit_error", "rate_limit_exceeded"),
+    "CANCELLED": (499, "server_error", None),
+    "INTERNAL": (500, "server_error", None),
+    "UNAVAILABLE": (503, "service_unavailable_error", "server_is_overloaded"),
+    "DEADLINE_EXCEEDED": (504, "timeout_error", "timeout"),
+}
+
+_CONTEXT_TOO_LONG = re.compile(
+    r"prompt is too long|context.{0,20}(length|window)|exceeds the maximum number of tokens"
+    r"|maximum context length|too many tokens",
+    re.IGNORECASE,
+)
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def translate_error(upstream_kind: str, status: int, body: bytes) -> tuple[int, dict]:
+    """An upstream error answer as (status for the client, OpenAI error body).
+
+    OpenAI upstreams' errors keep their fields. Anthropic's and Gemini's are mapped by their
+    error type/status (Anthropic 529 ``overloaded_error`` → 503 ``server_is_overloaded``; Gemini
+    ``RESOURCE_EXHAUSTED`` → 429 with the RetryInfo delay as "Please try again in Ns.", the
+    phrase the Codex CLI and other clients parse). A context overflow is reported with code
+    ``context_length_exceeded`` whatever the upstream called it.
+    """
+    _check_kind(upstream_kind)
+    payload = _json(body)
+    if isinstance(payload, list) and payload:  # Gemini sometimes wraps errors in an array
+        payload = payload[0]
+    error = payload.get("error") if isinstance(payload, dict) else None
+    message: str | None = None
+    kind: str | None = None
+    code: str | None = None
+    param: str | None = None
+    out_status = 503 if status == 529 else status
+    if upstream_kind in ("openai-chat", "openai-responses"):
+        if isinstance(error, dict):
+            message = _str(error.get("message"))
+            kind = _str(error.get("type"))
+            code = _str(error.get("code"))
+            param = _str(error.get("param"))
+        elif isinstance(error, str):
+            message = error
+    elif upstream_kind == "anthropic":
+        if isinstance(error, dict):
+            message = _str(error.get("message"))
+            mapped = _ANTHROPIC_ERRORS.get(str(error.get("type")))
+            if mapped:
+                out_status, kind, code = mapped
+    elif isinstance(error, dict):  # gemini
+        message = _str(error.get("message"))
+        mapped = _GEMINI_ERRORS.get(str(error.get("status")))
+        if mapped:
+            out_status, kind, code = mapped
+        delay = _gemini_retry_delay(error)
+        if out_status == 429 and delay is not None and message and "try again" not in message:
+            message = f"{message.rstrip()} Please try again in {max(1, round(delay))}s."
+    if message is None:
+        text = body.decode("utf-8", "replace").strip()
+        message = text[:1000] if text else f"The upstream answered with HTTP {status}."
+    if out_status == 400 and code is None and _CONTEXT_TOO_LONG.search(message):
+        code = "context_length_exceeded"
+    if kind is None:
+        kind = _TYPES_BY_STATUS.get(out_status, "server_error" if out_status >= 500 else "")
+        kind = kind or "invalid_request_error"
+    return out_status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _str(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value if isinstance(value, str) else str(value)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
+_TRY_AGAIN = re.compile(
+    r"(?:try again|retry)(?: after| in)?\s+(\d+(?:\.\d+)?)\s*"
+    r"(ms|milliseconds?|s|secs?|seconds?|m|mins?|minutes?)\b",
+    re.IGNORECASE,
+)
+
+
+def _gemini_retry_delay(error: dict) -> float | None:
+    for detail in error.get("details") or []:
+        if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("RetryInfo"):
+            delay = detail.get("retryDelay")
+            match = _DURATION.match(delay) if isinstance(delay, str) else None
+            if match:
+                return float(match.group(1))
+    return None
+
+
+def retry_after_hint(
+    upstream_kind: str, status: int, headers: Mapping[str, str], body: bytes
+) -> float | None:
+    """Seconds the account should cool down, if the upstream said.
+
+    In order: ``retry-after-ms``, ``retry-after`` (seconds or an HTTP date), the body's
+    ``resets_in_seconds`` / ``resets_at`` (ChatGPT backend), Gemini's RetryInfo ``retryDelay``,
+    and "try again in Ns" (or ms, minutes) in the message.
+    """
+    lowered = {key.lower(): value for key, value in headers.items()}
+    value = lowered.get("retry-after-ms")
+    if value is not None:
+        seconds = _float(value)
+        if seconds is not None:
+            return seconds / 1000
+    value = lowered.get("retry-after")
+    if value is not None:
+        seconds = _float(value)
+        if seconds is None:
+            try:
+                seconds = parsedate_to_datetime(value).timestamp() - time.time()
+            except (TypeError, ValueError, IndexError):
+                seconds = None
+        if seconds is not None:
+            return max(0.0, seconds)
+    payload = _json(body)
+    if isinstance(payload, list) and payload:
+        payload = payload[0]
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(error, dict):
+        seconds = _float(error.get("resets_in_seconds"))
+        if seconds is not None:
+            return max(0.0, seconds)
+        resets_at = _float(error.get("resets_at"))
+        if resets_at is not None:
+            return max(0.0, resets_at - time.time())
+        delay = _gemini_retry_delay(error)
+        if delay is not None:
+            return delay
+        message = error.get("message")
+    else:
+        message = body.decode("utf-8", "replace")
+    if isinstance(message, str):
+        match = _TRY_AGAIN.search(message)
+        if match:
+            number, unit = float(match.group(1)), match.group(2).lower()
+            if unit.startswith("ms") or unit.startswith("milli"):
+                return number / 1000
+            if unit.startswith("m"):
+                return number * 60
+            return number
+    return None
+
+
+def _float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return None
