@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -11,9 +12,12 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+
+import httpx2
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -137,3 +141,95 @@ def machine_info() -> dict[str, object]:
         "implementation": platform.python_implementation(),
         "kernel": platform.release(),
     }
+
+
+# -- helpers for the benchmarks that start their own relay (bench.fairness, bench.tpm) ----------
+
+BENCH_SIM_KEY = "bench-sim-key"
+BENCH_ADMIN_TOKEN = "bench-admin-token"
+BENCH_ADMIN_ENV = "RELAY_BENCH_ADMIN_TOKEN"
+
+
+def machine_line(machine: dict[str, object]) -> str:
+    """One line naming the machine, for the top of a report."""
+    return (
+        f"machine: {machine['cpu_model']}, {machine['cores']} cores, "
+        f"Python {machine['python']} ({machine['implementation']}), Linux {machine['kernel']}"
+    )
+
+
+def start_sim(tmp: Path, *options: str) -> Server:
+    """The simulated upstream on a free port, with ``options`` (``--capacity-tps``, …)."""
+    args = ["-m", "relay.testing.upstream", "--port", "0", "--api-key", BENCH_SIM_KEY, *options]
+    return start_server("sim", args, r"listening on (\S+)", tmp / "sim.log")
+
+
+def create_key(config: Path, package: str, name: str, **limits: float) -> dict:
+    """``python -m relay keys create``; ``limits`` are its per-key options (weight=3, tpm=…).
+    Returns the CLI's JSON: ``key`` (the secret), ``id`` (as in /admin/state), ``limits``, …"""
+    args = ["-m", "relay", "keys", "create", "--config", str(config), "--package", package]
+    args += ["--name", name, "--json"]
+    for option, value in limits.items():
+        args += [f"--{option.replace('_', '-')}", f"{value:g}"]
+    done = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=30, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"keys create failed: {done.stderr}")
+    return json.loads(done.stdout)
+
+
+def start_relay(tmp: Path, config_text: str, log_name: str = "relay.log") -> Server:
+    """Write ``config_text`` to ``tmp/relay.toml`` and serve it (keys must exist already, or be
+    created with :func:`create_key` on ``tmp/relay.toml`` before calling this)."""
+    env = {"SIM_UPSTREAM_KEY": BENCH_SIM_KEY, BENCH_ADMIN_ENV: BENCH_ADMIN_TOKEN}
+    env["RELAY_LOG_LEVEL"] = "WARNING"
+    args = ["-m", "relay", "serve", "--config", str(tmp / "relay.toml")]
+    return start_server("relay", args, r"relay listening on (\S+)", tmp / log_name, env=env)
+
+
+def admin_state(relay_url: str) -> dict:
+    """``GET /admin/state`` of a relay started by :func:`start_relay`."""
+    request = urllib.request.Request(
+        relay_url + "/admin/state", headers={"authorization": f"Bearer {BENCH_ADMIN_TOKEN}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+class StreamFailed(Exception):
+    """A relayed stream that did not end with its usage chunk and ``[DONE]``, or a non-200."""
+
+
+def bench_client(base_url: str, connections: int, timeout_s: float = 180.0) -> httpx2.AsyncClient:
+    """A keep-alive client with a connection for every concurrent request; the timeout is long
+    because requests may wait in the relay's queue before the first byte."""
+    return httpx2.AsyncClient(
+        base_url=base_url,
+        headers={"content-type": "application/json"},
+        limits=httpx2.Limits(
+            max_connections=connections, max_keepalive_connections=connections, keepalive_expiry=600
+        ),
+        timeout=httpx2.Timeout(timeout_s),
+    )
+
+
+async def chat_stream_usage(
+    client: httpx2.AsyncClient, key: str, body: dict
+) -> tuple[dict, httpx2.Headers]:
+    """POST a streaming chat request (``stream_options.include_usage`` must be set in ``body``);
+    returns the usage chunk's ``usage`` and the response headers."""
+    content = json.dumps(body).encode()
+    headers = {"authorization": f"Bearer {key}"}
+    async with client.stream("POST", "/chat/completions", content=content, headers=headers) as r:
+        data = await r.aread()
+        if r.status_code != 200:
+            raise StreamFailed(f"HTTP {r.status_code}: {data[:200]!r}")
+    events = [e.strip() for e in data.split(b"\n\n") if e.strip()]
+    if not events or events[-1] != b"data: [DONE]":
+        raise StreamFailed(f"stream ended without [DONE]: {data[-200:]!r}")
+    for event in reversed(events[:-1]):
+        chunk = json.loads(event.removeprefix(b"data: "))
+        if chunk.get("usage"):
+            return chunk["usage"], r.headers
+    raise StreamFailed("stream without a usage chunk")
