@@ -122,10 +122,16 @@ class RateLimited(RelayError):
 
 
 class UpstreamError(RelayError):
-    """The upstream answered with an error status before any byte reached the client."""
+    """The upstream answered with an error status before any byte reached the client.
+
+    ``upstream_status`` is what the upstream answered (``status`` is what the client is told:
+    Anthropic's 529 becomes 503, for example); ``retry_after_s`` is the rest it asked for.
+    """
 
     status = 502
     type = "upstream_error"
+    upstream_status: int = 502
+    retry_after_s: float | None = None
 
 
 class UpstreamUnavailable(RelayError):

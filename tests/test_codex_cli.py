@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .conftest import Relay, Sim
+from .conftest import Relay, Sim, start_relay
 
 CODEX = Path(__file__).parent / "node" / "node_modules" / ".bin" / "codex"
 SESSION_HEADERS = ("session-id", "session_id", "conversation_id", "thread-id")
@@ -73,3 +76,75 @@ def test_codex_exec_prints_upstream_answer(
     assert request["body"]["prompt_cache_key"] == session
     assert request["body"]["stream"] is True
     assert request["headers"]["authorization"] == "Bearer sim-upstream-key"
+
+
+CHAT_ONLY = """
+[pools.p]
+
+[packages.team]
+pool = "p"
+
+[[accounts]]
+name = "deepseek"
+pool = "p"
+provider = "openai-chat"
+base_url = "SIM_URL/v1"
+api_key_env = "SIM_UPSTREAM_KEY"
+models = ["deepseek-chat"]
+"""
+
+
+@pytest.fixture(scope="module")
+def chat_only(sim: Sim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
+    server = start_relay(tmp_path_factory.mktemp("chat-only"), sim.url, body=CHAT_ONLY)
+    yield server
+    log = server.process.stop()
+    assert "Traceback" not in log, log
+
+
+def test_codex_runs_a_shell_tool_call_from_a_chat_only_upstream(
+    tmp_path: Path, chat_only: Relay, sim: Sim
+) -> None:
+    """Codex speaks Responses; the only account speaks Chat. The upstream asks for a shell
+    command, the CLI runs it, and its output goes back upstream as a Chat tool message."""
+    if not CODEX.exists():
+        pytest.fail(f"the Codex CLI is not installed at {CODEX}: run scripts/test")
+    work = tmp_path / "work"
+    work.mkdir()
+    marker = f"tool-turn-{uuid.uuid4().hex[:8]}"
+    # \\u0020 keeps the directive's JSON free of spaces (directive pairs split on whitespace).
+    command = "echo\\u0020relay-tool-ok\\u0020>\\u0020proof.txt"
+    prompt = (
+        f"{marker} Write the proof file. "
+        f'#sim tool=exec_command args={{"cmd":"{command}"}} tokens=2 text=written'
+    )
+    env = codex_home(tmp_path, chat_only, "/openai")
+    config = Path(env["CODEX_HOME"]) / "config.toml"
+    config.write_text(config.read_text().replace('model = "gpt-5.5"', 'model = "deepseek-chat"'))
+    done = subprocess.run(
+        [str(CODEX), "exec", "--skip-git-repo-check",
+         "--dangerously-bypass-approvals-and-sandbox", prompt],
+        env=env,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (work / "proof.txt").read_text().strip() == "relay-tool-ok"
+    assert "written written" in done.stdout, done.stdout + done.stderr
+
+    turn = [r for r in sim.requests() if marker in json.dumps(r["body"])]
+    assert [r["path"] for r in turn] == ["/v1/chat/completions"] * 2, turn
+    first, follow_up = (r["body"] for r in turn)
+    assert first["stream"] is True and "input" not in first  # a Chat body, not Responses
+    assert any(t["function"]["name"] == "exec_command" for t in first["tools"])
+    calls = [m for m in follow_up["messages"] if m.get("tool_calls")]
+    results = [m for m in follow_up["messages"] if m["role"] == "tool"]
+    assert len(calls) == 1 and len(results) == 1
+    call = calls[0]["tool_calls"][0]
+    assert call["function"]["name"] == "exec_command"
+    assert json.loads(call["function"]["arguments"])["cmd"] == "echo relay-tool-ok > proof.txt"
+    assert results[0]["tool_call_id"] == call["id"]
+    assert results[0]["content"], "the command's output went back upstream"

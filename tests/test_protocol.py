@@ -15,9 +15,9 @@ from relay.protocol.requests import (
     decode_json_body,
     parse_request,
     session_key,
-    upstream_payload,
 )
 from relay.protocol.sse import EventSplitter, StreamMeter, Usage, error_event, event_data
+from relay.protocol.translate import build_upstream_request
 
 
 def chat_chunk(content: str | None, usage: dict | None = None, choices: bool = True) -> bytes:
@@ -176,14 +176,24 @@ def test_session_key_precedence() -> None:
     assert session_key({}, {}) is None
 
 
-def test_upstream_payload_rewrites() -> None:
+def _passthrough_body(request, model: str, effort: str | None) -> dict:
+    """The body the relay sends an upstream that speaks the client's own protocol."""
+    built = build_upstream_request(
+        request.body, request.endpoint, request.endpoint.upstream_kind,
+        model=model, api_key="k", reasoning_effort=effort,
+    )
+    assert built.context.passthrough
+    return built.body
+
+
+def test_same_protocol_upstream_body_has_only_the_relays_rewrites() -> None:
     chat = parse_request(
         Endpoint.CHAT,
         {"model": "gpt-5-high", "messages": [{"role": "user", "content": "x"}], "stream": True,
          "session_id": "s1", "reasoning_effort": "low"},
         {},
     )
-    body = json.loads(upstream_payload(chat, "gpt-5", "high"))
+    body = _passthrough_body(chat, "gpt-5", "high")
     assert body["model"] == "gpt-5"
     assert body["reasoning_effort"] == "high"  # the alias names the effort
     assert body["prompt_cache_key"] == "s1" and "session_id" not in body
@@ -195,12 +205,12 @@ def test_upstream_payload_rewrites() -> None:
          "session_id": "other"},
         {},
     )
-    body = json.loads(upstream_payload(responses, "gpt-5", "low"))
+    body = _passthrough_body(responses, "gpt-5", "low")
     assert body["reasoning"] == {"summary": "auto", "effort": "low"}
     assert body["prompt_cache_key"] == "k"
     assert "stream_options" not in body
 
     plain = parse_request(Endpoint.CHAT, {"model": "m", "messages": [{"role": "user"}]}, {})
-    assert json.loads(upstream_payload(plain, "m", None)) == {
+    assert _passthrough_body(plain, "m", None) == {
         "model": "m", "messages": [{"role": "user"}]
     }

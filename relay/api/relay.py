@@ -38,14 +38,15 @@ from ..errors import (
 )
 from ..guards.admission import AdmissionRefused, KeyLimits, Lease, Ticket
 from ..ledger.usage import UsageRecord
-from ..protocol.requests import (
-    ClientRequest,
-    Endpoint,
-    decode_json_body,
-    parse_request,
-    upstream_payload,
+from ..protocol.requests import ClientRequest, Endpoint, decode_json_body, parse_request
+from ..protocol.sse import StreamMeter, Usage, error_event
+from ..protocol.translate import (
+    StreamTranslator,
+    UpstreamRequest,
+    build_upstream_request,
+    response_usage,
+    translate_response,
 )
-from ..protocol.sse import EventSplitter, StreamMeter, Usage, error_event
 from ..upstream.health import is_account_failure
 from ..upstream.routing import Account, ModelRoute
 from .http import SSE_HEADERS, Request, Responder
@@ -71,10 +72,33 @@ class Call:
     route: ModelRoute
     ticket: Ticket
     candidates: list[Account]
-    payload: bytes
     record: UsageRecord
     started: float
     recorded: bool = False
+    #: The upstream request built for each account tried (its protocol decides the body).
+    prepared: dict[str, tuple[UpstreamRequest, bytes]] = dataclasses.field(default_factory=dict)
+    #: The running stream's translator, once an account answered (keep-alives come from it).
+    translator: StreamTranslator | None = None
+
+    def upstream_request(self, account: Account) -> tuple[UpstreamRequest, bytes]:
+        """What to send ``account``, in its protocol, and the body's bytes (built once).
+
+        Raises :class:`~relay.errors.InvalidRequest` for input that account cannot be given
+        (files other than images and PDFs; when translating, fields with no counterpart).
+        """
+        prepared = self.prepared.get(account.name)
+        if prepared is None:
+            request = build_upstream_request(
+                self.client.body,
+                self.client.endpoint,
+                account.config.provider,
+                model=self.route.target,
+                api_key=account.config.api_key(),
+                reasoning_effort=self.route.reasoning_effort,
+            )
+            body = json.dumps(request.body, ensure_ascii=False, separators=(",", ":")).encode()
+            prepared = self.prepared[account.name] = (request, body)
+        return prepared
 
     def commit(self) -> None:
         """Write the usage record: exactly once, never blocking (safe while cancelled)."""
@@ -151,10 +175,11 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
                 limits=KeyLimits.of(package, key.limits),
             ),
             candidates=candidates,
-            payload=upstream_payload(client, route.target, route.reasoning_effort),
             record=record,
             started=started,
         )
+        # Input no upstream could take is refused before it waits in a queue.
+        call.upstream_request(candidates[0])
         responder.header_hook = functools.partial(_rate_limit_headers, call)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, call, nursery.cancel_scope)
@@ -243,7 +268,7 @@ async def _cancel_on_disconnect(call: Call, scope: trio.CancelScope) -> None:
 @asynccontextmanager
 async def _upstream_call(
     call: Call, *, stream: bool
-) -> AsyncIterator[tuple[Lease, httpx2.Response]]:
+) -> AsyncIterator[tuple[Lease, Account, httpx2.Response]]:
     """Admission, an account, and its upstream response, held for the caller's block.
 
     While nothing has reached the client, an attempt that fails in a way another account might
@@ -277,11 +302,13 @@ async def _upstream_call(
         record.account = account.name
         lease.used_tokens = 0  # until the upstream answers, nothing was used
         try:
+            upstream, payload = call.upstream_request(account)
             response = await stack.enter_async_context(
                 runtime.upstream.post(
-                    f"{account.config.base_url}/{call.client.endpoint.value}",
-                    call.payload,
-                    api_key=account.config.api_key(),
+                    f"{account.config.base_url}/{upstream.path}",
+                    payload,
+                    kind=account.config.provider,
+                    headers=upstream.headers,
                     client_headers=call.request.headers,
                     stream=stream,
                     account=account.name,
@@ -304,7 +331,7 @@ async def _upstream_call(
                 call.route.pool, call.client.session_key, account.name, trio.current_time()
             )
         async with stack:
-            yield lease, response
+            yield lease, account, response
         return
     if failure is None:
         raise NoHealthyAccount(
@@ -329,32 +356,44 @@ def _bound_guard(call: Call, accounts: list[Account]):
 
 
 async def _relay_once(call: Call) -> None:
-    async with _upstream_call(call, stream=False) as (lease, response):
-        account = call.record.account
+    async with _upstream_call(call, stream=False) as (lease, account, response):
         try:
             body = await response.aread()
         except httpx2.TimeoutException:
             raise UpstreamTimeout(
-                f"The upstream account '{account}' did not finish its answer in time."
+                f"The upstream account '{account.name}' did not finish its answer in time."
             ) from None
         except httpx2.HTTPError as exc:
             raise UpstreamUnavailable(
-                f"The connection to upstream account '{account}' broke before "
+                f"The connection to upstream account '{account.name}' broke before "
                 f"its answer was complete ({type(exc).__name__})."
             ) from None
-        content_type = response.headers.get("content-type", "application/json")
-        usage = None
+        upstream, _ = call.upstream_request(account)
+        kind = account.config.provider
         try:
-            usage = Usage.from_body(call.client.endpoint, json.loads(body))
-        except (ValueError, AttributeError):
-            log.warning("upstream answer for %s is not a JSON object", call.request.request_id)
+            answer = json.loads(body)
+        except ValueError:
+            answer = None
+        usage = response_usage(kind, answer) if isinstance(answer, dict) else None
+        if usage is None:
+            log.warning("upstream answer for %s has no usage", call.request.request_id)
         lease.used_tokens = call.take_usage(usage)
+        if upstream.context.passthrough:
+            content_type = response.headers.get("content-type", "application/json").encode()
+        elif isinstance(answer, dict):
+            body = json.dumps(translate_response(kind, upstream.context, answer)).encode()
+            content_type = b"application/json"
+        else:
+            raise UpstreamUnavailable(
+                f"The upstream account '{account.name}' answered with something other than a "
+                "JSON object."
+            )
     # Slots and the upstream connection are released before the answer is written: a client
     # that is slow to read it holds nothing shared.
     call.record.status = 200
     call.record.ttft_ms = (trio.current_time() - call.started) * 1000
     call.commit()
-    await call.responder.raw(200, body, content_type.encode())
+    await call.responder.raw(200, body, content_type)
 
 
 class _ClientWriter:
@@ -388,13 +427,35 @@ async def _relay_stream(call: Call) -> None:
                 else:
                     await call.responder.start(200, SSE_HEADERS)
                     await writer.write(first)
-                    async for data in receive_channel:
-                        await writer.write(_with_backlog(data, receive_channel))
+                    await _write_rest(call, writer, receive_channel)
                     await call.responder.end()
         finally:
             nursery.cancel_scope.cancel()
     if failure is not None:
         raise failure
+
+
+async def _write_rest(
+    call: Call, writer: _ClientWriter, channel: trio.MemoryReceiveChannel[bytes]
+) -> None:
+    """Write the stream's events as they come, and a keep-alive after each
+    ``keepalive_event_s`` of upstream silence (an agent's reasoning upstream may think for
+    minutes; clients and proxies give up on a connection that says nothing)."""
+    interval = call.runtime.config.server.keepalive_event_s
+    while True:
+        with trio.move_on_after(interval) as quiet:
+            try:
+                data = await channel.receive()
+            except trio.EndOfChannel:
+                return
+        if quiet.cancelled_caught:
+            # The channel is empty, so the pump is waiting on the upstream: no event it encodes
+            # can be ahead of this one.
+            keepalive = call.translator.keepalive() if call.translator is not None else b""
+            if keepalive:
+                await writer.write(keepalive)
+            continue
+        await writer.write(_with_backlog(data, channel))
 
 
 def _with_backlog(data: bytes, channel: trio.MemoryReceiveChannel) -> bytes:
@@ -434,24 +495,26 @@ async def _pump(
     call: Call, out: trio.MemorySendChannel[bytes | RelayError], scope: trio.CancelScope
 ) -> None:
     """Own the slots and the upstream stream; feed the client's bytes into ``out``."""
-    record, endpoint = call.record, call.client.endpoint
-    meter = StreamMeter(endpoint, drop_usage_chunk=not call.client.include_usage)
-    started = False
+    record = call.record
+    translator: StreamTranslator | None = None
     async with out:
         with scope:
             try:
-                async with _upstream_call(call, stream=True) as (lease, response):
+                async with _upstream_call(call, stream=True) as (lease, account, response):
                     record.status = 200
-                    started = True
+                    upstream, _ = call.upstream_request(account)
+                    translator = call.translator = StreamTranslator(
+                        account.config.provider, upstream.context
+                    )
                     try:
-                        await _relay_events(call, response, meter, out, record.account)
+                        await _relay_events(response, translator, out, account.name)
                     finally:
-                        lease.used_tokens = call.take_usage(meter.usage, meter.deltas)
+                        lease.used_tokens = call.take_usage(translator.usage, translator.deltas)
             except RelayError as error:
                 record.status = record.status or error.status
                 record.error_code = error.code or error.type
-                if started:
-                    await out.send(_error_bytes(call, meter, error))
+                if translator is not None:
+                    await out.send(translator.fail(error.message, error.code or "server_error"))
                 else:
                     await out.send(error)
             finally:
@@ -459,16 +522,14 @@ async def _pump(
 
 
 async def _relay_events(
-    call: Call,
     response: httpx2.Response,
-    meter: StreamMeter,
+    translator: StreamTranslator,
     out: trio.MemorySendChannel[bytes | RelayError],
     account: str,
 ) -> None:
-    splitter = EventSplitter()
     try:
         async for chunk in response.aiter_raw():
-            data = meter.forwardable(splitter.feed(chunk))
+            data = translator.feed(chunk)
             if data:
                 await out.send(data)
     except httpx2.TimeoutException:
@@ -480,24 +541,13 @@ async def _relay_events(
             f"The connection to upstream account '{account}' broke in the middle of the "
             f"answer ({type(exc).__name__})."
         ) from None
-    tail = splitter.tail()
-    if tail.strip():
-        # An upstream that ends without the final blank line: forward its last event whole.
-        data = meter.forwardable([tail + b"\n\n"])
+    data = translator.flush()
+    if not translator.finished:
         if data:
             await out.send(data)
-    if not meter.finished:
         raise UpstreamUnavailable(
             f"The upstream account '{account}' ended the stream before the answer was complete."
         )
-
-
-def _error_bytes(call: Call, meter: StreamMeter, error: RelayError) -> bytes:
-    return error_event(
-        call.client.endpoint,
-        meter,
-        message=error.message,
-        code=error.code or "server_error",
-        type=error.type,
-        fallback_id="resp_" + call.request.request_id.removeprefix("req_"),
-    )
+    data += translator.finish()
+    if data:
+        await out.send(data)

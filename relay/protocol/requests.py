@@ -264,35 +264,3 @@ def _json_type(value: Any) -> str:
     if isinstance(value, list):
         return "an array"
     return "an object"
-
-
-def upstream_payload(
-    request: ClientRequest, target_model: str, reasoning_effort: str | None
-) -> bytes:
-    """The body sent upstream: the client's, with the relay's few rewrites.
-
-    * ``model`` becomes the alias's target, and an alias's reasoning effort is applied (the alias
-      names the effort, so it wins over a field the client also sent);
-    * body ``session_id`` (an alias some relays accept) becomes ``prompt_cache_key``, which the
-      upstream understands;
-    * a streamed Chat request always asks for the usage chunk: the relay bills from it, and drops
-      it on the way back if the client did not ask for it.
-    """
-    body = dict(request.body)
-    body["model"] = target_model
-    if reasoning_effort is not None:
-        if request.endpoint is Endpoint.CHAT:
-            body["reasoning_effort"] = reasoning_effort
-        else:
-            reasoning = body.get("reasoning")
-            body["reasoning"] = {
-                **(reasoning if isinstance(reasoning, dict) else {}),
-                "effort": reasoning_effort,
-            }
-    session_id = body.pop("session_id", None)
-    if isinstance(session_id, str) and session_id and not body.get("prompt_cache_key"):
-        body["prompt_cache_key"] = session_id
-    if request.endpoint is Endpoint.CHAT and request.stream:
-        options = body.get("stream_options") or {}
-        body["stream_options"] = {**options, "include_usage": True}
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()

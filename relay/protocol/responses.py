@@ -1048,6 +1048,13 @@ class ResponsesEncoder:
         )
         return out + self._event("response.completed", {"response": self.final})
 
+    def keepalive(self) -> bytes:
+        """A repeated ``response.in_progress`` (once the stream has begun): a harmless event
+        that resets clients' idle timers while the upstream is silent."""
+        if self.closed or not self._started:
+            return b""
+        return self._event("response.in_progress", {"response": self._response("in_progress")})
+
     def fail(self, message: str, code: str) -> bytes:
         if self.closed:
             return b""

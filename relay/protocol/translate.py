@@ -44,9 +44,13 @@ __all__ = [
     "retry_after_hint",
     "translate_error",
     "translate_response",
+    "upstream_headers",
 ]
 
 UPSTREAM_KINDS = ("openai-chat", "openai-responses", "anthropic", "gemini")
+
+#: An SSE comment line: keeps a quiet stream's connection busy; clients dispatch nothing.
+KEEPALIVE_COMMENT = b": keep-alive\n\n"
 
 #: Responses request fields a Response object repeats back.
 _ECHOED = (
@@ -142,7 +146,7 @@ def build_upstream_request(
     return UpstreamRequest(
         path=_path(upstream_kind, model, stream),
         body=body,
-        headers=_headers(upstream_kind, api_key),
+        headers=upstream_headers(upstream_kind, api_key),
         stream=stream,
         context=context,
     )
@@ -214,7 +218,8 @@ def _path(upstream_kind: str, model: str, stream: bool) -> str:
     return gemini.gemini_path(model, stream)
 
 
-def _headers(upstream_kind: str, api_key: str | None) -> dict[str, str]:
+def upstream_headers(upstream_kind: str, api_key: str | None) -> dict[str, str]:
+    """The headers an upstream of ``upstream_kind`` authenticates and versions requests by."""
     if upstream_kind == "anthropic":
         headers = {"anthropic-version": anthropic.ANTHROPIC_VERSION}
         if api_key:
@@ -328,6 +333,13 @@ class StreamTranslator:
                 self._closed = True
         return b"".join(out)
 
+    def flush(self) -> bytes:
+        """The client bytes of a last event the upstream ended without its blank line. Call it
+        when the upstream's bytes end, before reading :attr:`finished`."""
+        if self._closed or not self._splitter.tail().strip():
+            return b""
+        return self.feed(b"\n\n")
+
     def finish(self) -> bytes:
         if self._closed:
             return b""
@@ -341,6 +353,20 @@ class StreamTranslator:
         if self._meter is not None:
             return out
         return out + self._emit(self._decoder.end()) + self._encoder.finish()
+
+    def keepalive(self) -> bytes:
+        """Bytes that tell the client the answer is still coming, during a long upstream silence.
+
+        A relayed stream gets an SSE comment: it collides with nothing the upstream numbers, and
+        SDKs skip it. A translated Responses stream, whose events the relay numbers itself, gets
+        a real ``response.in_progress`` event: the Codex CLI restarts its idle timer on events,
+        and may not on comments (protocols.md §2.5).
+        """
+        if self._closed:
+            return b""
+        if self._meter is None and isinstance(self._encoder, responses.ResponsesEncoder):
+            return self._encoder.keepalive()
+        return KEEPALIVE_COMMENT
 
     def fail(self, message: str, code: str) -> bytes:
         if self._closed:

@@ -8,7 +8,7 @@ behind. Transport failures become :mod:`relay.errors` exceptions here, and nowhe
 
 from __future__ import annotations
 
-import json
+import math
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
@@ -16,6 +16,10 @@ import httpx2
 
 from ..config import ServerConfig
 from ..errors import RelayError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from ..protocol.translate import retry_after_hint, translate_error
+
+#: Provider kinds that speak OpenAI's protocols and get the client's conversation headers.
+OPENAI_KINDS = ("openai-chat", "openai-responses")
 
 #: Idle upstream connections are kept this long (real APIs keep theirs for 60 s or more).
 KEEPALIVE_EXPIRY_S = 90.0
@@ -70,26 +74,29 @@ class UpstreamClient:
         url: str,
         body: bytes,
         *,
-        api_key: str | None,
+        kind: str,
+        headers: Mapping[str, str],
         client_headers: Mapping[str, str],
         stream: bool,
         account: str,
     ) -> AsyncIterator[httpx2.Response]:
-        """POST ``body`` and yield the open response once it answered 2xx.
+        """POST ``body`` to an upstream of provider ``kind`` and yield the open response once it
+        answered 2xx.
 
-        A non-2xx answer is raised as a :class:`RelayError` with the upstream's status, before
-        the caller sends anything to its client.
+        ``headers`` are the upstream's own (authentication, API version). A non-2xx answer is
+        raised as a :class:`UpstreamError` with the status and OpenAI error fields the client
+        should see (translated from Anthropic's or Gemini's error shapes) and the cool-down the
+        upstream asked for, before the caller sends anything to its client.
         """
-        headers = {"content-type": "application/json", "accept-encoding": "identity"}
+        sent = {"content-type": "application/json", "accept-encoding": "identity", **headers}
         if stream:
-            headers["accept"] = "text/event-stream"
-        if api_key:
-            headers["authorization"] = f"Bearer {api_key}"
-        for name in FORWARDED_HEADERS:
-            value = client_headers.get(name)
-            if value is not None:
-                headers[name] = value
-        request = self._client.build_request("POST", url, content=body, headers=headers)
+            sent["accept"] = "text/event-stream"
+        if kind in OPENAI_KINDS:
+            for name in FORWARDED_HEADERS:
+                value = client_headers.get(name)
+                if value is not None:
+                    sent[name] = value
+        request = self._client.build_request("POST", url, content=body, headers=sent)
         try:
             response = await self._client.send(request, stream=True)
         except httpx2.TimeoutException as exc:
@@ -101,7 +108,7 @@ class UpstreamClient:
             ) from None
         try:
             if response.status_code >= 300:
-                raise await _error_from_response(response, account)
+                raise await _error_from_response(response, kind, account)
             yield response
         except httpx2.TimeoutException as exc:
             raise _timeout(exc, account) from None
@@ -122,8 +129,8 @@ def _timeout(exc: httpx2.TimeoutException, account: str) -> RelayError:
     return UpstreamTimeout(f"The upstream account '{account}' did not answer in time.")
 
 
-async def _error_from_response(response: httpx2.Response, account: str) -> RelayError:
-    """The upstream's error status and OpenAI error fields, with a message a user can act on."""
+async def _error_from_response(response: httpx2.Response, kind: str, account: str) -> UpstreamError:
+    """The upstream's error as the client should see it, with a message a user can act on."""
     body = b""
     try:
         async for chunk in response.aiter_raw():
@@ -132,46 +139,29 @@ async def _error_from_response(response: httpx2.Response, account: str) -> Relay
                 break
     except httpx2.HTTPError:
         pass
-    status = response.status_code
-    upstream_message, error_type, code, param = "", None, None, None
-    try:
-        payload = json.loads(body)
-        error = payload.get("error") if isinstance(payload, dict) else None
-        if isinstance(error, dict):
-            upstream_message = str(error.get("message") or "")
-            error_type = error.get("type") if isinstance(error.get("type"), str) else None
-            code = error.get("code") if isinstance(error.get("code"), str) else None
-            param = error.get("param") if isinstance(error.get("param"), str) else None
-        elif isinstance(error, str):
-            upstream_message = error
-    except ValueError:
-        upstream_message = body[:500].decode("utf-8", "replace").strip()
+    upstream_status = response.status_code
+    status, payload = translate_error(kind, upstream_status, body)
+    error = payload["error"]
+    message, error_type, code = error["message"], error["type"], error["code"]
+    retry_after = retry_after_hint(kind, upstream_status, response.headers, body)
     headers = {}
-    for name in ("retry-after", "retry-after-ms"):
-        if name in response.headers:
-            headers[name] = response.headers[name]
-    if status in (401, 403):
+    if retry_after is not None:
+        headers["retry-after"] = str(max(1, math.ceil(retry_after)))
+        headers["retry-after-ms"] = str(round(retry_after * 1000))
+    if upstream_status in (401, 403):
         # The upstream refused the relay's own credential: not the client's key's fault.
         message = (
-            f"The upstream account '{account}' rejected the relay's credentials ({status}). "
-            "This is a relay configuration problem, not your API key; tell the operator."
+            f"The upstream account '{account}' rejected the relay's credentials "
+            f"({upstream_status}). This is a relay configuration problem, not your API key; "
+            "tell the operator."
         )
         error_type = "upstream_auth_error"
         code = "upstream_credentials_rejected"
-    else:
-        message = upstream_message or f"The upstream answered HTTP {status}."
-        if error_type is None:
-            error_type = _default_type(status)
     if status < 400:  # a redirect: nothing a client can follow through the relay
         status = 502
-    return UpstreamError(
-        message, status=status, type=error_type, code=code, param=param, headers=headers
+    failure = UpstreamError(
+        message, status=status, type=error_type, code=code, param=error["param"], headers=headers
     )
-
-
-def _default_type(status: int) -> str:
-    if status == 429:
-        return "rate_limit_error"
-    if status >= 500:
-        return "server_error"
-    return "invalid_request_error"
+    failure.upstream_status = upstream_status
+    failure.retry_after_s = retry_after
+    return failure

@@ -4,8 +4,9 @@ Health is kept on each account's guard (``unavailable_until``, ``disabled``), so
 a resting account like a busy one: requests go to another account, or wait for this one's
 cool-down to end. The rules (DESIGN.md, "Account scheduling"):
 
-* upstream 429 → rest for the upstream's hint (``retry-after``, ``resets_in_seconds``, "try again
-  in Ns"), or ``rate_limit_cooldown_s`` when it gives none;
+* upstream 429 → rest for the upstream's hint (``retry-after``, ``resets_in_seconds``, Gemini's
+  ``retryDelay``, "try again in Ns": :func:`relay.protocol.translate.retry_after_hint`, read
+  by the upstream client), or ``rate_limit_cooldown_s`` when it gives none;
 * upstream 401/403 → out of service until an operator re-enables it (the relay's credential for
   it is wrong; retrying cannot help);
 * three failures in a row (5xx, connect errors, timeouts) → rest ``error_cooldown_s``.
@@ -13,9 +14,7 @@ cool-down to end. The rules (DESIGN.md, "Account scheduling"):
 
 from __future__ import annotations
 
-import re
 import time
-from collections.abc import Mapping
 
 import trio
 
@@ -25,29 +24,6 @@ from .routing import Account
 
 #: Failures in a row after which an account rests.
 FAILURES_BEFORE_COOLDOWN = 3
-
-_TRY_AGAIN = re.compile(r"try again in (\d+(?:\.\d+)?)\s*(ms|s|seconds?)\b", re.IGNORECASE)
-
-
-def retry_hint(headers: Mapping[str, str], message: str) -> float | None:
-    """Seconds the upstream asked us to wait, from its headers or its message."""
-    milliseconds = headers.get("retry-after-ms")
-    if milliseconds:
-        try:
-            return float(milliseconds) / 1000
-        except ValueError:
-            pass
-    seconds = headers.get("retry-after")
-    if seconds:
-        try:
-            return float(seconds)
-        except ValueError:
-            pass
-    match = _TRY_AGAIN.search(message or "")
-    if match:
-        value = float(match.group(1))
-        return value / 1000 if match.group(2).lower() == "ms" else value
-    return None
 
 
 def is_account_failure(error: RelayError) -> bool:
@@ -70,7 +46,8 @@ class Health:
         account.last_error_at = time.time()
         guard = account.guard
         if error.status == 429:
-            wait = retry_hint(error.headers, error.message) or self._server.rate_limit_cooldown_s
+            hint = getattr(error, "retry_after_s", None)
+            wait = hint if hint is not None else self._server.rate_limit_cooldown_s
             guard.unavailable_until = max(guard.unavailable_until, now + wait)
             account.rate_limited += 1
         elif error.status in (401, 403):

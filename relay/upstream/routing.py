@@ -2,9 +2,9 @@
 
 :class:`Catalog` answers "what can this package call, and what does this model name mean"
 (aliases resolved to a target model and a reasoning effort). :class:`Scheduler` lists the
-accounts that serve the model in the client's protocol, best priority first; admission then takes
-the least-loaded one that has room (its concurrency, TPM and RPM are guards like any other).
-Sticky sessions, health and failover plug in here.
+accounts that serve the model, in any protocol, best priority first; admission then takes the
+least-loaded one that has room (its concurrency, TPM and RPM are guards like any other). Sticky
+sessions (:mod:`.sessions`) and health (:mod:`.health`) plug in here.
 """
 
 from __future__ import annotations
@@ -93,30 +93,36 @@ class Scheduler:
         self.by_name = {account.name: account for account in self.accounts}
         self.sessions = SessionBindings(config.server.session_ttl_s)
 
-    def candidates(self, route: ModelRoute, provider: str) -> list[Account]:
-        """Accounts of the route's pool that serve its model in ``provider``'s protocol,
-        highest priority first; 404 if there are none."""
+    def candidates(self, route: ModelRoute, native_kind: str) -> list[Account]:
+        """Accounts of the route's pool that serve its model, whatever protocol they speak
+        (the answer is translated), highest priority first; 404 if there are none.
+
+        Within a priority, accounts that speak the client's protocol (``native_kind``) come
+        first: admission takes the least-loaded account and keeps the first on a tie, so an
+        idle relayed path (bytes passed through) is preferred to an idle translated one.
+        """
         found = [
             account
             for account in self.accounts
-            if account.config.pool == route.pool
-            and account.config.provider == provider
-            and route.target in account.config.models
+            if account.config.pool == route.pool and route.target in account.config.models
         ]
         if not found:
-            endpoint = "/v1/chat/completions" if provider == "openai-chat" else "/v1/responses"
             raise ModelNotFound(
-                f"The model '{route.requested}' is not available through {endpoint} on this "
-                "relay: no upstream account serves it in that protocol.",
+                f"The model '{route.requested}' is not served by any upstream account of this "
+                "relay. GET /v1/models lists the models your key can use.",
                 param="model",
             )
-        return sorted(found, key=lambda account: -account.config.priority)
+        return sorted(
+            found,
+            key=lambda account: (-account.config.priority, account.config.provider != native_kind),
+        )
 
     def status(self) -> dict[str, dict]:
         now = trio.current_time()
         bound = self.sessions.per_account()
         return {
             account.name: {
+                "provider": account.config.provider,
                 **account.guard.status(now),
                 "healthy": not account.guard.disabled and account.guard.unavailable_until <= now,
                 "rate_limited": account.rate_limited,
