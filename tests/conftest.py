@@ -216,6 +216,14 @@ def relay_config(sim_url: str, database: Path, **server: object) -> str:
         models = ["gpt-5.5", "gpt-5", "deepseek-chat"]
 
         [[accounts]]
+        name = "sim-anthropic"
+        pool = "main"
+        provider = "anthropic"
+        base_url = "{sim_url}/v1"
+        api_key_env = "SIM_UPSTREAM_KEY"
+        models = ["claude-sim"]
+
+        [[accounts]]
         name = "nowhere"
         pool = "main"
         provider = "openai-chat"

@@ -1,5 +1,6 @@
 """Structured concurrency seen from outside: a client that leaves cancels the upstream call and
-frees every slot, for both endpoints; a client that stops reading cannot pin the upstream."""
+frees every slot, for both endpoints, relayed or translated; a client that stops reading cannot
+pin the upstream."""
 
 from __future__ import annotations
 
@@ -25,6 +26,16 @@ STREAMS = {
         "/v1/responses",
         {"model": "gpt-5.5", "stream": True, "input": "#sim tokens=400 delay=0.01"},
     ),
+    # Translated: only a Chat account serves deepseek-chat, only an Anthropic one claude-sim.
+    "responses-on-chat": (
+        "/v1/responses",
+        {"model": "deepseek-chat", "stream": True, "input": "#sim tokens=400 delay=0.01"},
+    ),
+    "chat-on-anthropic": (
+        "/v1/chat/completions",
+        {"model": "claude-sim", "stream": True,
+         "messages": [{"role": "user", "content": "#sim tokens=400 delay=0.01"}]},
+    ),
 }
 
 
@@ -41,7 +52,7 @@ def wait_upstream_closed(sim: Sim, marker: str, timeout: float = 5.0) -> dict:
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("endpoint", ["chat", "responses"])
+@pytest.mark.parametrize("endpoint", list(STREAMS))
 def test_disconnect_mid_stream_closes_upstream_and_frees_slots(
     relay: Relay, sim: Sim, endpoint: str
 ) -> None:
@@ -82,7 +93,7 @@ def test_disconnect_mid_stream_closes_upstream_and_frees_slots(
     assert row["usage_source"] == "estimate"
 
 
-@pytest.mark.parametrize("endpoint", ["chat", "responses"])
+@pytest.mark.parametrize("endpoint", list(STREAMS))
 def test_disconnect_before_first_token_cancels_upstream(
     relay: Relay, sim: Sim, endpoint: str
 ) -> None:

@@ -129,7 +129,9 @@ def test_unknown_model_raises_not_found(client: openai.OpenAI) -> None:
 
 def test_models_list_and_retrieve(client: openai.OpenAI) -> None:
     ids = [model.id for model in client.models.list()]
-    assert ids == sorted(["gpt-5.5", "gpt-5", "deepseek-chat", "gpt-5-high", "unreachable-model"])
+    assert ids == sorted(
+        ["gpt-5.5", "gpt-5", "deepseek-chat", "claude-sim", "gpt-5-high", "unreachable-model"]
+    )
     assert client.models.retrieve("gpt-5-high").id == "gpt-5-high"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("nope")
