@@ -14,6 +14,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -260,6 +261,18 @@ def start_relay(tmp: Path, sim_url: str, *, body: str | None = None, **server: o
     return Relay(process, config_path, database, process.url)
 
 
+@contextmanager
+def running_relay(tmp: Path, sim_url: str, **options: object) -> Iterator[Relay]:
+    """``start_relay(tmp, sim_url, **options)`` for a block (a test module's fixture); when the
+    relay stops, its log must hold no traceback."""
+    server = start_relay(tmp, sim_url, **options)
+    try:
+        yield server
+    finally:
+        log = server.process.stop()
+    assert "Traceback" not in log, log
+
+
 @pytest.fixture(scope="session")
 def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
     log = tmp_path_factory.mktemp("sim") / "sim.log"
@@ -277,7 +290,5 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
 
 @pytest.fixture(scope="session")
 def relay(sim: Sim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
-    server = start_relay(tmp_path_factory.mktemp("relay"), sim.url, stall_timeout_s=2.0)
-    yield server
-    log = server.process.stop()
-    assert "Traceback" not in log, log
+    with running_relay(tmp_path_factory.mktemp("relay"), sim.url, stall_timeout_s=2.0) as server:
+        yield server

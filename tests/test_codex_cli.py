@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Relay, Sim, start_relay
+from .conftest import Relay, Sim, running_relay
 
 CODEX = Path(__file__).parent / "node" / "node_modules" / ".bin" / "codex"
 SESSION_HEADERS = ("session-id", "session_id", "conversation_id", "thread-id")
@@ -96,10 +96,8 @@ models = ["deepseek-chat"]
 
 @pytest.fixture(scope="module")
 def chat_only(sim: Sim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
-    server = start_relay(tmp_path_factory.mktemp("chat-only"), sim.url, body=CHAT_ONLY)
-    yield server
-    log = server.process.stop()
-    assert "Traceback" not in log, log
+    with running_relay(tmp_path_factory.mktemp("chat-only"), sim.url, body=CHAT_ONLY) as server:
+        yield server
 
 
 def test_codex_runs_a_shell_tool_call_from_a_chat_only_upstream(

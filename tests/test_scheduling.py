@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import httpx2
 import pytest
 
-from .conftest import SIM_KEY, Relay, Sim, start_process, start_relay
+from .conftest import SIM_KEY, Relay, Sim, running_relay, start_process
 
 ACCOUNTS = """
 [pools.p]
@@ -62,10 +62,8 @@ def sim_b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
 @pytest.fixture(scope="module")
 def scheduled(sim: Sim, sim_b: Sim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
     body = ACCOUNTS.replace("SIM_B_URL", sim_b.url)
-    server = start_relay(tmp_path_factory.mktemp("scheduled"), sim.url, body=body)
-    yield server
-    log = server.process.stop()
-    assert "Traceback" not in log, log
+    with running_relay(tmp_path_factory.mktemp("scheduled"), sim.url, body=body) as server:
+        yield server
 
 
 def ask(relay: Relay, text: str, *, model: str = "deepseek-chat", session: str | None = None,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import openai
 import pytest
 
-from .conftest import Relay, Sim, start_relay
+from .conftest import Relay, Sim, running_relay
 
 KINDS = {
     "openai-chat": ("m-chat", "/v1"),
@@ -71,10 +71,8 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def matrix(sim: Sim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
-    server = start_relay(tmp_path_factory.mktemp("matrix"), sim.url, body=MATRIX_CONFIG)
-    yield server
-    log = server.process.stop()
-    assert "Traceback" not in log, log
+    with running_relay(tmp_path_factory.mktemp("matrix"), sim.url, body=MATRIX_CONFIG) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -307,12 +305,10 @@ def test_client_protocol_on_upstream_kind(
 @pytest.fixture(scope="module")
 def chatty(sim: Sim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
     """The matrix relay with keep-alives after 0.1 s of upstream silence."""
-    server = start_relay(
+    with running_relay(
         tmp_path_factory.mktemp("keepalive"), sim.url, body=MATRIX_CONFIG, keepalive_event_s=0.1
-    )
-    yield server
-    log = server.process.stop()
-    assert "Traceback" not in log, log
+    ) as server:
+        yield server
 
 
 def test_a_quiet_relayed_stream_gets_keepalive_comments(chatty: Relay) -> None:
