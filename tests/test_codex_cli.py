@@ -44,18 +44,17 @@ stream_max_retries = 0
     }
 
 
-@pytest.mark.parametrize("base_path", ["/openai", "/v1"])
-def test_codex_exec_prints_upstream_answer(
-    tmp_path: Path, relay: Relay, sim: Sim, base_path: str
-) -> None:
+def codex_exec(
+    tmp_path: Path, env: dict[str, str], *args: str
+) -> tuple[subprocess.CompletedProcess, Path]:
+    """``codex exec ARGS`` in a fresh working folder; returns the run and the folder."""
     if not CODEX.exists():
         pytest.fail(f"the Codex CLI is not installed at {CODEX}: run scripts/test")
     work = tmp_path / "work"
     work.mkdir()
-    before = len(sim.requests())
     done = subprocess.run(
-        [str(CODEX), "exec", "--skip-git-repo-check", "Reply with pong. #sim tokens=3 text=pong"],
-        env=codex_home(tmp_path, relay, base_path),
+        [str(CODEX), "exec", "--skip-git-repo-check", *args],
+        env=env,
         cwd=work,
         capture_output=True,
         text=True,
@@ -63,6 +62,17 @@ def test_codex_exec_prints_upstream_answer(
         stdin=subprocess.DEVNULL,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    return done, work
+
+
+@pytest.mark.parametrize("base_path", ["/openai", "/v1"])
+def test_codex_exec_prints_upstream_answer(
+    tmp_path: Path, relay: Relay, sim: Sim, base_path: str
+) -> None:
+    before = len(sim.requests())
+    done, _ = codex_exec(
+        tmp_path, codex_home(tmp_path, relay, base_path), "Reply with pong. #sim tokens=3 text=pong"
+    )
     assert "pong pong pong" in done.stdout, done.stdout + done.stderr
 
     upstream = [r for r in sim.requests()[before:] if r["path"].endswith("/responses")]
@@ -105,10 +115,6 @@ def test_codex_runs_a_shell_tool_call_from_a_chat_only_upstream(
 ) -> None:
     """Codex speaks Responses; the only account speaks Chat. The upstream asks for a shell
     command, the CLI runs it, and its output goes back upstream as a Chat tool message."""
-    if not CODEX.exists():
-        pytest.fail(f"the Codex CLI is not installed at {CODEX}: run scripts/test")
-    work = tmp_path / "work"
-    work.mkdir()
     marker = f"tool-turn-{uuid.uuid4().hex[:8]}"
     # \\u0020 keeps the directive's JSON free of spaces (directive pairs split on whitespace).
     command = "echo\\u0020relay-tool-ok\\u0020>\\u0020proof.txt"
@@ -119,17 +125,7 @@ def test_codex_runs_a_shell_tool_call_from_a_chat_only_upstream(
     env = codex_home(tmp_path, chat_only, "/openai")
     config = Path(env["CODEX_HOME"]) / "config.toml"
     config.write_text(config.read_text().replace('model = "gpt-5.5"', 'model = "deepseek-chat"'))
-    done = subprocess.run(
-        [str(CODEX), "exec", "--skip-git-repo-check",
-         "--dangerously-bypass-approvals-and-sandbox", prompt],
-        env=env,
-        cwd=work,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        stdin=subprocess.DEVNULL,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    done, work = codex_exec(tmp_path, env, "--dangerously-bypass-approvals-and-sandbox", prompt)
     assert (work / "proof.txt").read_text().strip() == "relay-tool-ok"
     assert "written written" in done.stdout, done.stdout + done.stderr
 
