@@ -8,7 +8,7 @@ and turns every failure into OpenAI's error JSON.
 
 Routes: the relay routes (``relay/api/relay.py``), the self-service routes of a key
 (``relay/api/selfservice.py``) under every base path, the admin API (``relay/api/admin.py``),
-and ``/metrics`` (``relay/api/metrics.py``).
+``/metrics`` (``relay/api/metrics.py``) and the key workbench page (``relay/api/web.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from .api import admin, selfservice
 from .api import relay as relay_routes
 from .api.http import ClientDisconnected, Receive, Request, Responder, Scope, Send
 from .api.metrics import Metrics, serve_metrics
+from .api.web import Web
 from .config import Config
 from .errors import (
     InternalError,
@@ -138,6 +139,7 @@ class RelayApp:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self.web = Web()
         self._routes: dict[str, dict[str, Handler]] = {}
         self._patterns: list[tuple[re.Pattern[str], dict[str, Handler]]] = []
         for base in BASE_PATHS:
@@ -154,7 +156,9 @@ class RelayApp:
         self._add("/openai/responses", "POST", _responses)
         self._add("/openai", "GET", _health)
         self._add("/healthz", "GET", _health)
-        self._add("/", "GET", _index)
+        self._add("/", "GET", self._index)
+        self._add("/workbench", "GET", self.web.page)
+        self._add("/web/{name}", "GET", self.web.asset)
         self._add("/metrics", "GET", serve_metrics)
         for method, path, handler in admin.ROUTES:
             self._add(path, method, handler)
@@ -188,7 +192,7 @@ class RelayApp:
             raise NotFound(
                 f"Invalid URL ({request.method} {request.path}). The relay serves "
                 "/v1/chat/completions, /v1/responses and /v1/models (also under /openai/v1, "
-                "/codex/v1 and /api/v1).",
+                "/codex/v1 and /api/v1); the key workbench page is at /workbench.",
                 code="unknown_url",
             )
         handler = methods.get(request.method)
@@ -199,6 +203,13 @@ class RelayApp:
                 headers={"allow": allowed},
             )
         return handler
+
+    async def _index(self, runtime: Runtime, request: Request, responder: Responder) -> None:
+        """The workbench page for a browser; the relay's self-description for anything else."""
+        if self.web.wants_page(request):
+            await self.web.page(runtime, request, responder)
+        else:
+            await _index(runtime, request, responder)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -292,6 +303,7 @@ async def _index(runtime: Runtime, request: Request, responder: Responder) -> No
             "object": "relay",
             "status": "ok",
             "base_urls": [*BASE_PATHS, "/openai (Codex: appends /responses)"],
+            "workbench": "/workbench",
         },
     )
 
