@@ -201,6 +201,30 @@ def test_a_batch_that_fails_writes_neither_rows_nor_debits(tmp_path) -> None:
     store.close()
 
 
+def test_a_database_from_before_credits_is_migrated(tmp_path) -> None:
+    """Keys made before credits existed start at zero credits; old usage rows cost nothing."""
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        """
+        create table api_keys (id text primary key, key_hash text not null, hint text,
+            name text, package text not null, created_at float not null, revoked_at float,
+            limits text);
+        create table usage (id integer primary key, ts float, request_id text, key_id text,
+            output_tokens integer);
+        insert into api_keys values ('key_old', 'h', 'cr_…', '', 'p', 1.0, null, '{}');
+        insert into usage (ts, request_id, key_id, output_tokens) values (1.0, 'r', 'key_old', 5);
+        """
+    )
+    old.close()
+    store = Store(path)
+    record = store.get_key("key_old")
+    assert (record.credits_granted_nano, record.credits_used_nano) == (0, 0)
+    assert store.usage_rows()[0]["cost_nano"] == 0
+    assert store.top_up("key_old", NANO).credits_granted_nano == NANO
+    store.close()
+
+
 # -- through a real relay ------------------------------------------------------------------
 
 

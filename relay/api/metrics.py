@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from ..config import Config
 from ..ledger.prices import to_credits
 from ..ledger.usage import UsageRecord
+from .admin import check_admin
 from .http import Request, Responder
 
 if TYPE_CHECKING:
@@ -307,7 +308,5 @@ def render(runtime: Runtime) -> str:
 
 async def serve_metrics(runtime: Runtime, request: Request, responder: Responder) -> None:
     """``GET /metrics`` (admin token required)."""
-    from .admin import check_admin
-
     check_admin(runtime, request)
     await responder.raw(200, render(runtime).encode(), CONTENT_TYPE)
