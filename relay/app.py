@@ -1,16 +1,20 @@
 """The relay's runtime (shared state and background tasks) and its ASGI application.
 
-:func:`open_runtime` builds everything a request needs — store, key ring, usage writer, guards,
-scheduler, upstream client — and runs the two background tasks (usage writer, key refresher) in
-its own nursery for exactly as long as the relay serves. :class:`RelayApp` is the ASGI entry
-point: it routes, gives every response an ``x-request-id``, and turns every failure into OpenAI's
-error JSON.
+:func:`open_runtime` builds everything a request needs — store, key ring, credits, usage writer,
+metrics, guards, scheduler, upstream client — and runs the background tasks (usage writer, key
+refresher, admission timer) in its own nursery for exactly as long as the relay serves.
+:class:`RelayApp` is the ASGI entry point: it routes, gives every response an ``x-request-id``,
+and turns every failure into OpenAI's error JSON.
+
+Routes: the relay routes (``relay/api/relay.py``), the self-service routes of a key
+(``relay/api/selfservice.py``) under every base path, the admin API (``relay/api/admin.py``),
+``/metrics`` (``relay/api/metrics.py``) and the key workbench page (``relay/api/web.py``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,11 +23,13 @@ from dataclasses import dataclass
 
 import trio
 
+from .api import admin, selfservice
 from .api import relay as relay_routes
 from .api.http import ClientDisconnected, Receive, Request, Responder, Scope, Send
+from .api.metrics import Metrics, serve_metrics
+from .api.web import Web
 from .config import Config
 from .errors import (
-    AuthenticationFailed,
     InternalError,
     MethodNotAllowed,
     ModelNotFound,
@@ -32,7 +38,9 @@ from .errors import (
     RelayError,
 )
 from .guards.admission import Admission
+from .ledger.credits import Credits
 from .ledger.keys import KeyRing
+from .ledger.prices import PriceTable
 from .ledger.store import Store
 from .ledger.usage import UsageWriter
 from .protocol.requests import Endpoint
@@ -52,6 +60,8 @@ class Runtime:
     config: Config
     store: Store
     keys: KeyRing
+    credits: Credits
+    metrics: Metrics
     usage: UsageWriter
     admission: Admission
     scheduler: Scheduler
@@ -72,6 +82,7 @@ class Runtime:
                 "rebinds": self.scheduler.sessions.rebinds,
             },
             "usage_records": {"written": self.usage.written, "queued": self.usage.queued},
+            "credits": self.credits.status(),
         }
 
 
@@ -81,13 +92,18 @@ async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
     store = Store(config.server.database)
     keys = KeyRing(store)
     keys.load()
-    usage = UsageWriter(store)
+    credits = Credits(PriceTable(config.prices), keys.records())
+    metrics = Metrics(config)
+    # Priced and debited first, then counted (the metrics read the cost).
+    usage = UsageWriter(store, observers=[credits.charge, metrics.observe])
     upstream = UpstreamClient(config.server)
     admission = Admission(config)
     runtime = Runtime(
         config=config,
         store=store,
         keys=keys,
+        credits=credits,
+        metrics=metrics,
         usage=usage,
         admission=admission,
         scheduler=Scheduler(config),
@@ -123,21 +139,42 @@ class RelayApp:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self.web = Web()
         self._routes: dict[str, dict[str, Handler]] = {}
+        self._patterns: list[tuple[re.Pattern[str], dict[str, Handler]]] = []
         for base in BASE_PATHS:
             self._add(base + "/chat/completions", "POST", _chat)
             self._add(base + "/responses", "POST", _responses)
             self._add(base + "/models", "GET", _list_models)
+            self._add(base + "/models/{model}", "GET", _get_model)
             self._add(base, "GET", _health)
+            for path, handler in selfservice.ROUTES:
+                self._add(base + path, "GET", handler)
+        for path, handler in selfservice.ROOT_ROUTES:
+            self._add(path, "GET", handler)
         # The Codex CLI appends "/responses" to a base URL given without "/v1".
         self._add("/openai/responses", "POST", _responses)
         self._add("/openai", "GET", _health)
         self._add("/healthz", "GET", _health)
-        self._add("/", "GET", _index)
-        self._add("/admin/state", "GET", _admin_state)
+        self._add("/", "GET", self._index)
+        self._add("/workbench", "GET", self.web.page)
+        self._add("/web/{name}", "GET", self.web.asset)
+        self._add("/metrics", "GET", serve_metrics)
+        for method, path, handler in admin.ROUTES:
+            self._add(path, method, handler)
 
     def _add(self, path: str, method: str, handler: Handler) -> None:
-        self._routes.setdefault(path, {})[method] = handler
+        """Route ``method path`` to ``handler``; ``{name}`` in ``path`` matches one segment
+        (``/models/{model}`` the rest of the path), found in ``request.params``."""
+        if "{" not in path:
+            self._routes.setdefault(path, {})[method] = handler
+            return
+        pattern = _compile(path)
+        for existing, methods in self._patterns:
+            if existing.pattern == pattern.pattern:
+                methods[method] = handler
+                return
+        self._patterns.append((pattern, {method: handler}))
 
     def _find(self, request: Request) -> Handler:
         path = request.path
@@ -145,17 +182,17 @@ class RelayApp:
             path = path.rstrip("/") or "/"
         methods = self._routes.get(path)
         if methods is None:
-            for base in BASE_PATHS:
-                if path.startswith(base + "/models/"):
-                    methods = {"GET": _get_model}
+            for pattern, candidates in self._patterns:
+                match = pattern.match(path)
+                if match:
+                    request.params = match.groupdict()
+                    methods = candidates
                     break
-            if path.startswith("/admin/accounts/") and path.endswith("/enable"):
-                methods = {"POST": _admin_enable_account}
         if methods is None:
             raise NotFound(
                 f"Invalid URL ({request.method} {request.path}). The relay serves "
                 "/v1/chat/completions, /v1/responses and /v1/models (also under /openai/v1, "
-                "/codex/v1 and /api/v1).",
+                "/codex/v1 and /api/v1); the key workbench page is at /workbench.",
                 code="unknown_url",
             )
         handler = methods.get(request.method)
@@ -166,6 +203,13 @@ class RelayApp:
                 headers={"allow": allowed},
             )
         return handler
+
+    async def _index(self, runtime: Runtime, request: Request, responder: Responder) -> None:
+        """The workbench page for a browser; the relay's self-description for anything else."""
+        if self.web.wants_page(request):
+            await self.web.page(runtime, request, responder)
+        else:
+            await _index(runtime, request, responder)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -194,6 +238,18 @@ class RelayApp:
                 await responder.error(InternalError(request_id))
             elif not responder.finished:
                 await responder.end()
+
+
+def _compile(path: str) -> re.Pattern[str]:
+    """``/admin/keys/{key_id}`` as a regex; ``{model}`` may span segments (``org/model``)."""
+    parts = []
+    for segment in re.split(r"(\{\w+\})", path):
+        name = re.fullmatch(r"\{(\w+)\}", segment)
+        if name:
+            parts.append(f"(?P<{name[1]}>{'.+' if name[1] == 'model' else '[^/]+'})")
+        else:
+            parts.append(re.escape(segment))
+    return re.compile("".join(parts) + "$")
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
@@ -247,6 +303,7 @@ async def _index(runtime: Runtime, request: Request, responder: Responder) -> No
             "object": "relay",
             "status": "ok",
             "base_urls": [*BASE_PATHS, "/openai (Codex: appends /responses)"],
+            "workbench": "/workbench",
         },
     )
 
@@ -281,41 +338,10 @@ async def _list_models(runtime: Runtime, request: Request, responder: Responder)
 
 async def _get_model(runtime: Runtime, request: Request, responder: Responder) -> None:
     package = await _package_of(runtime, request)
-    model = request.path.rstrip("/").split("/models/", 1)[1]
+    model = request.params["model"]
     if model not in runtime.catalog.models_for(package):
         raise ModelNotFound(
             f"The model '{model}' does not exist or you do not have access to it.",
             param="model",
         )
     await responder.json(200, _model_object(runtime, model))
-
-
-def _check_admin(runtime: Runtime, request: Request) -> None:
-    env_name = runtime.config.server.admin_token_env
-    token = os.environ.get(env_name)
-    if not token:
-        raise NotFound(
-            f"The admin API is disabled: set the environment variable {env_name} to enable it.",
-            code="admin_disabled",
-        )
-    offered = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    if offered != token:
-        raise AuthenticationFailed(
-            "The admin token is missing or wrong.", code="invalid_admin_token"
-        )
-
-
-async def _admin_state(runtime: Runtime, request: Request, responder: Responder) -> None:
-    _check_admin(runtime, request)
-    await responder.json(200, runtime.state())
-
-
-async def _admin_enable_account(runtime: Runtime, request: Request, responder: Responder):
-    """Put an account that was taken out of service (upstream 401/403) back in service."""
-    _check_admin(runtime, request)
-    name = request.path.removeprefix("/admin/accounts/").removesuffix("/enable")
-    account = runtime.scheduler.by_name.get(name)
-    if account is None:
-        raise NotFound(f"No account named '{name}'.", code="account_not_found")
-    runtime.health.enable(account)
-    await responder.json(200, {"account": name, **runtime.scheduler.status()[name]})

@@ -1,8 +1,13 @@
-"""The ``relay`` command: demo, serve, keys and check-config.
+"""The ``relay`` command: demo, serve, keys, accounts, queues and check-config.
 
 Every subcommand that needs a configuration takes ``--config PATH`` or reads ``RELAY_CONFIG``.
 Errors are printed as one line each, without a traceback, and the exit status says whether the
 command did what was asked (0) or not (1; 2 for usage errors, as argparse does).
+
+``keys …`` works on the database directly, so it works whether or not the relay runs (a running
+relay sees the change within a second). ``accounts …`` and ``queues`` show and change live state
+in the running relay, so they go through its admin API (``--url``, by default the configured
+listen address; the token from the variable ``server.admin_token_env`` names).
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import sys
 import time
 from pathlib import Path
 
+import httpx2
 import trio
 
 from .config import Config, ConfigError, check_environment, load_config, parse_config
+from .ledger.prices import format_credits, parse_credits, to_credits, unpriced_models
 from .ledger.store import Store, hash_key
 
 DEMO_UPSTREAM_KEY_ENV = "RELAY_DEMO_UPSTREAM_KEY"
@@ -71,9 +78,22 @@ def _parser() -> argparse.ArgumentParser:
     _config_option(create)
     create.add_argument("--package", required=True, help="package the key belongs to")
     create.add_argument("--name", default="", help="a note to recognise the key by")
+    create.add_argument(
+        "--credits", default=None, metavar="N",
+        help="credits to start with (default: the package's initial_credits)",
+    )
     create.add_argument("--json", action="store_true", help="print JSON")
     _limit_options(create)
     create.set_defaults(run=_keys_create)
+    topup = key_commands.add_parser(
+        "topup", help="add credits to a key (by id or plaintext; negative takes some back)"
+    )
+    _config_option(topup)
+    topup.add_argument("key", metavar="KEY_OR_ID")
+    topup.add_argument("credits", metavar="CREDITS")
+    topup.add_argument("--note", default="", help="why (kept with the grant)")
+    topup.add_argument("--json", action="store_true", help="print JSON")
+    topup.set_defaults(run=_keys_topup)
     limits = key_commands.add_parser(
         "set-limits", help="override a key's package limits (by id or plaintext)"
     )
@@ -90,6 +110,29 @@ def _parser() -> argparse.ArgumentParser:
     _config_option(revoke)
     revoke.add_argument("key", metavar="KEY_OR_ID")
     revoke.set_defaults(run=_keys_revoke)
+
+    accounts = commands.add_parser(
+        "accounts", help="upstream accounts of the running relay: health, enable, disable"
+    )
+    account_commands = accounts.add_subparsers(title="account commands")
+    listing = account_commands.add_parser("list", help="health, cool-downs and load")
+    _admin_options(listing)
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(run=_accounts_list)
+    for action in ("enable", "disable"):
+        command = account_commands.add_parser(
+            action,
+            help="put the account back in service" if action == "enable"
+            else "take the account out of service (until enabled or restarted)",
+        )
+        _admin_options(command)
+        command.add_argument("name", metavar="ACCOUNT")
+        command.set_defaults(run=_accounts_change, action=action)
+
+    queues = commands.add_parser("queues", help="live queues per pool of the running relay")
+    _admin_options(queues)
+    queues.add_argument("--json", action="store_true", help="print JSON")
+    queues.set_defaults(run=_queues)
 
     check = commands.add_parser("check-config", help="validate a configuration file")
     check.add_argument("path", nargs="?", help="config file (default: $RELAY_CONFIG)")
@@ -129,6 +172,14 @@ def _limits_from(args: argparse.Namespace) -> dict:
 def _config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", "-c", default=None, help="configuration file (default: $RELAY_CONFIG)"
+    )
+
+
+def _admin_options(parser: argparse.ArgumentParser) -> None:
+    _config_option(parser)
+    parser.add_argument(
+        "--url", default=None,
+        help="the running relay (default: http://HOST:PORT of server.listen)",
     )
 
 
@@ -189,7 +240,9 @@ def demo_config(host: str, port: int, upstream_url: str, database: str) -> Confi
     data = {
         "server": {"listen": listen, "database": database},
         "pools": {"demo-pool": {"max_concurrency": 64}},
-        "packages": {"demo": {"pool": "demo-pool", "max_concurrency": 8}},
+        "packages": {
+            "demo": {"pool": "demo-pool", "max_concurrency": 8, "initial_credits": 100}
+        },
         "accounts": [
             {
                 "name": "sim-responses",
@@ -209,8 +262,20 @@ def demo_config(host: str, port: int, upstream_url: str, database: str) -> Confi
             },
         ],
         "models": aliases,
+        "prices": DEMO_PRICES,
     }
     return parse_config(data, base_dir=Path.cwd(), source="<demo>")
+
+
+#: Credits per million tokens in the demo (illustrative figures).
+DEMO_PRICES = {
+    "gpt-5.5": {"input": 1.75, "cached_input": 0.175, "output": 14.0},
+    "gpt-5.4": {"input": 1.5, "cached_input": 0.15, "output": 12.0},
+    "gpt-5": {"input": 1.25, "cached_input": 0.125, "output": 10.0},
+    "gpt-5-codex": {"input": 1.25, "cached_input": 0.125, "output": 10.0},
+    "deepseek-chat": {"input": 0.27, "cached_input": 0.07, "output": 1.1},
+    "deepseek-reasoner": {"input": 0.55, "cached_input": 0.14, "output": 2.19},
+}
 
 
 def demo_curl(base: str, key: str) -> str:
@@ -229,6 +294,7 @@ relay demo is running (simulated upstream; press Ctrl-C to stop)
   base URL (Chat Completions, SDKs, IDE plugins): {base}/v1
   base URL (Codex CLI, Responses):                {base}/openai
   API key:                                        {key}
+  key workbench (usage, credits, setup):          {base}/workbench
 
 Try it:
 
@@ -267,7 +333,10 @@ def _demo(args: argparse.Namespace) -> int:
             )
             store = Store(config.server.database)
             try:
-                key, _ = store.create_key("demo", prefix="cr_", name=f"demo {time.ctime()}")
+                key, _ = store.create_key(
+                    "demo", prefix="cr_", name=f"demo {time.ctime()}",
+                    credits_nano=parse_credits(config.packages["demo"].initial_credits),
+                )
             finally:
                 store.close()
             async with trio.open_nursery() as relay_nursery:
@@ -289,10 +358,15 @@ def _keys_create(args: argparse.Namespace) -> int:
     if package is None:
         known = ", ".join(sorted(config.packages)) or "none"
         raise CommandError(f"unknown package '{args.package}' (packages in the config: {known})")
+    credits = _credits_arg(args.credits if args.credits is not None else package.initial_credits)
+    if credits < 0:
+        raise CommandError("--credits must not be negative")
+    limits = _limits_from(args)
     store = Store(config.server.database)
     try:
         key, record = store.create_key(
-            package.name, prefix=package.key_prefix, name=args.name, limits=_limits_from(args)
+            package.name, prefix=package.key_prefix, name=args.name, limits=limits,
+            credits_nano=credits,
         )
     finally:
         store.close()
@@ -301,9 +375,40 @@ def _keys_create(args: argparse.Namespace) -> int:
     else:
         print(key)
         print(
-            f"created {record.id} in package '{package.name}'. The key is shown only now: "
-            "store it safely.",
+            f"created {record.id} in package '{package.name}' with "
+            f"{format_credits(credits)} credits. The key is shown only now: store it safely.",
             file=sys.stderr,
+        )
+    return 0
+
+
+def _credits_arg(value: object) -> int:
+    try:
+        return parse_credits(value)  # type: ignore[arg-type]
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+
+
+def _keys_topup(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    amount = _credits_arg(args.credits)
+    if amount == 0:
+        raise CommandError("the amount of credits must not be zero")
+    store = Store(config.server.database)
+    try:
+        record = store.top_up(args.key, amount, args.note)
+    finally:
+        store.close()
+    if record is None:
+        raise CommandError(f"no key matches '{_redact(args.key)}'")
+    if args.json:
+        print(json.dumps(record.public()))
+    else:
+        left = record.credits_granted_nano - record.credits_used_nano
+        print(
+            f"{record.id} ({record.hint}): {'+' if amount > 0 else ''}{format_credits(amount)} "
+            f"credits; granted {format_credits(record.credits_granted_nano)}, "
+            f"left {format_credits(left)}"
         )
     return 0
 
@@ -313,23 +418,46 @@ def _keys_list(args: argparse.Namespace) -> int:
     store = Store(config.server.database)
     try:
         records = store.list_keys()
+        usage = store.usage_by_key()
     finally:
         store.close()
     if args.json:
-        print(json.dumps([record.public() for record in records]))
+        print(json.dumps([_key_listing(record, usage.get(record.id)) for record in records]))
         return 0
     if not records:
         print("no keys yet: create one with 'relay keys create --package NAME'")
         return 0
-    print(f"{'ID':<22} {'KEY':<16} {'PACKAGE':<14} {'STATUS':<8} {'CREATED':<20} NAME")
+    print(
+        f"{'ID':<22} {'KEY':<16} {'PACKAGE':<14} {'STATUS':<8} {'CREATED':<20} "
+        f"{'CREDITS LEFT':>14} {'USED':>12} {'CALLS':>7} NAME"
+    )
     for record in records:
         status = "active" if record.active else "revoked"
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created_at))
+        left = record.credits_granted_nano - record.credits_used_nano
+        calls = (usage.get(record.id) or {}).get("calls", 0)
         print(
             f"{record.id:<22} {record.hint:<16} {record.package:<14} {status:<8} "
-            f"{created:<20} {record.name}"
+            f"{created:<20} {format_credits(left):>14} "
+            f"{format_credits(record.credits_used_nano):>12} {calls:>7} {record.name}"
         )
     return 0
+
+
+def _key_listing(record, usage: dict | None) -> dict:
+    """A key with its all-time usage, as ``keys list --json`` prints it."""
+    usage = usage or {}
+    return {
+        **record.public(),
+        "credits_left": to_credits(record.credits_granted_nano - record.credits_used_nano),
+        "usage": {
+            name: usage.get(name, 0)
+            for name in (
+                "calls", "errors", "input_tokens", "cached_tokens", "output_tokens",
+                "reasoning_tokens",
+            )
+        },
+    }
 
 
 def _keys_set_limits(args: argparse.Namespace) -> int:
@@ -368,6 +496,91 @@ def _redact(text: str) -> str:
     return text if text.startswith("key_") else text[:6] + "…"
 
 
+# -- accounts and queues (through the admin API) -------------------------------------------
+
+
+def _admin_call(args: argparse.Namespace, method: str, path: str) -> dict:
+    config = _load(args.config)
+    url = args.url or _local_url(config)
+    env_name = config.server.admin_token_env
+    token = os.environ.get(env_name)
+    if not token:
+        raise CommandError(
+            f"set {env_name} to the relay's admin token (the variable server.admin_token_env "
+            "names)"
+        )
+    try:
+        response = httpx2.request(
+            method, url.rstrip("/") + path, headers={"authorization": f"Bearer {token}"},
+            timeout=10,
+        )
+    except httpx2.HTTPError as error:
+        raise CommandError(f"cannot reach the relay at {url} ({error}); is it running?") from None
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if response.status_code >= 400:
+        message = (body.get("error") or {}).get("message") or response.text
+        raise CommandError(f"{method} {path}: {response.status_code} {message}")
+    return body
+
+
+def _local_url(config: Config) -> str:
+    host, port = config.server.host, config.server.port
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _accounts_list(args: argparse.Namespace) -> int:
+    accounts = _admin_call(args, "GET", "/admin/accounts")["data"]
+    if args.json:
+        print(json.dumps(accounts))
+        return 0
+    print(
+        f"{'ACCOUNT':<20} {'POOL':<16} {'STATE':<22} {'IN FLIGHT':>9} {'FAILURES':<16} "
+        "LAST ERROR"
+    )
+    for account in accounts:
+        if account.get("disabled"):
+            state = "out of service"
+        elif account.get("cooling_down_s"):
+            state = f"cooling down {account['cooling_down_s']:.0f}s"
+        else:
+            state = "healthy"
+        failures = ", ".join(f"{k}×{v}" for k, v in account.get("failures", {}).items()) or "-"
+        print(
+            f"{account['name']:<20} {account['pool']:<16} {state:<22} "
+            f"{account.get('in_flight', 0):>9} {failures:<16} {account.get('last_error') or ''}"
+        )
+    return 0
+
+
+def _accounts_change(args: argparse.Namespace) -> int:
+    account = _admin_call(args, "POST", f"/admin/accounts/{args.name}/{args.action}")
+    state = "out of service" if account.get("disabled") else "in service"
+    print(f"{args.name}: {state}")
+    return 0
+
+
+def _queues(args: argparse.Namespace) -> int:
+    queues = _admin_call(args, "GET", "/admin/queues")
+    if args.json:
+        print(json.dumps(queues))
+        return 0
+    print(f"{'POOL':<20} {'QUEUED':>7} {'OLDEST WAIT':>12} {'IN FLIGHT':>10}  KEYS WAITING")
+    for name, pool in queues["pools"].items():
+        waiting = ", ".join(
+            f"{key_id}×{entry['queued']}" for key_id, entry in pool["keys"].items()
+            if entry["queued"]
+        ) or "-"
+        print(
+            f"{name:<20} {pool.get('queue_depth', 0):>7} {pool.get('oldest_wait_s', 0):>11.1f}s "
+            f"{pool.get('in_flight', 0):>10}  {waiting}"
+        )
+    return 0
+
+
 # -- check-config -------------------------------------------------------------------------
 
 
@@ -375,6 +588,9 @@ def _check_config(args: argparse.Namespace) -> int:
     config = _load(args.path)
     for issue in check_environment(config):
         print(f"warning: {issue}")
+    unpriced = unpriced_models(config)
+    if unpriced:
+        print(f"warning: no [prices] entry applies to {', '.join(unpriced)}: they are free")
     print(
         f"{config.source}: OK ({len(config.pools)} pools, {len(config.packages)} packages, "
         f"{len(config.accounts)} accounts, {len(config.models)} model aliases, "

@@ -67,6 +67,16 @@ class AuthenticationFailed(RelayError):
     code = "invalid_api_key"
 
 
+class InsufficientQuota(RelayError):
+    """402: the key's credits do not cover the request's estimated cost; nothing was sent
+    upstream. (OpenAI itself uses 429 for this; relays and DeepSeek use 402, which the OpenAI
+    SDKs raise as a plain ``APIStatusError`` that is not retried.)"""
+
+    status = 402
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
 class PermissionDenied(RelayError):
     status = 403
     type = "permission_error"

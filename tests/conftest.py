@@ -128,6 +128,24 @@ class Relay:
         response.raise_for_status()
         return response.json()
 
+    def admin(self, method: str, path: str, body: dict | None = None) -> httpx2.Response:
+        """A call to the admin API with the admin token."""
+        return httpx2.request(
+            method, self.url + path, json=body, timeout=10,
+            headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
+        )
+
+    def create_paid_key(self, package: str = "paid", credits: str | None = None) -> tuple[str, str]:
+        """A new key of ``package`` (optionally with ``credits``): ``(key, key id)``."""
+        args = ["--credits", credits] if credits is not None else []
+        done = self.cli(
+            "keys", "create", "--config", str(self.config_path), "--package", package,
+            "--name", "billing test", "--json", *args,
+        )
+        assert done.returncode == 0, done.stderr
+        created = json.loads(done.stdout)
+        return created["key"], created["id"]
+
     def enable_accounts(self) -> None:
         """Put every account back in service (an upstream 401/403 takes one out)."""
         for name in self.state()["accounts"]:
@@ -171,6 +189,7 @@ def _idle(state: dict) -> bool:
         state["active_requests"] == 0
         and state["admission"]["total"] == 0
         and not any(account["in_flight"] for account in state["accounts"].values())
+        and state["credits"]["holds"] == 0
     )
 
 
@@ -239,7 +258,75 @@ def relay_config(sim_url: str, database: Path, **server: object) -> str:
     )
 
 
-def start_relay(tmp: Path, sim_url: str, *, body: str | None = None, **server: object) -> Relay:
+#: A relay that bills: prices high enough that every token shows in the credits (1 credit per
+#: 1,000 input tokens), a small tight package for queue and balance tests, a free model.
+BILLING_BODY = textwrap.dedent(
+    """
+    [pools.main]
+    max_concurrency = 100
+
+    [packages.paid]
+    pool = "main"
+    max_concurrency = 40
+    initial_credits = 10
+
+    [packages.tight]
+    pool = "main"
+    max_concurrency = 1
+    max_queue = 8
+    queue_timeout_s = 0.5
+    initial_credits = 10
+
+    [[accounts]]
+    name = "sim-responses"
+    pool = "main"
+    provider = "openai-responses"
+    base_url = "SIM_URL/v1"
+    api_key_env = "SIM_UPSTREAM_KEY"
+    models = ["gpt-5.5", "gpt-5", "gpt-free"]
+
+    [[accounts]]
+    name = "sim-chat"
+    pool = "main"
+    provider = "openai-chat"
+    base_url = "SIM_URL/v1"
+    api_key_env = "SIM_UPSTREAM_KEY"
+    models = ["gpt-5.5", "gpt-5", "deepseek-chat", "gpt-free"]
+
+    [models.gpt-5-high]
+    target = "gpt-5"
+    reasoning_effort = "high"
+
+    [models.gpt-5-low]
+    target = "gpt-5"
+    reasoning_effort = "low"
+
+    [prices.gpt-5]
+    input = 1000
+    cached_input = 100
+    output = 2000
+
+    [prices."gpt-5.5"]
+    input = 1250.5
+    output = 3000.25
+
+    [prices.deepseek-chat]
+    input = 270
+    cached_input = 70
+    output = 1100
+
+    [prices.gpt-5-high]
+    input = 3000
+    cached_input = 300
+    output = 6000
+    """
+)
+
+
+def start_relay(
+    tmp: Path, sim_url: str, *, body: str | None = None, log_level: str = "WARNING",
+    **server: object,
+) -> Relay:
     """Start ``relay serve`` with the standard test config, or with [server] and ``body``."""
     database = tmp / "relay.db"
     config_path = tmp / "relay.toml"
@@ -255,7 +342,7 @@ def start_relay(tmp: Path, sim_url: str, *, body: str | None = None, **server: o
         env={
             "SIM_UPSTREAM_KEY": SIM_KEY,
             "RELAY_TEST_ADMIN_TOKEN": ADMIN_TOKEN,
-            "RELAY_LOG_LEVEL": "WARNING",
+            "RELAY_LOG_LEVEL": log_level,
         },
     )
     return Relay(process, config_path, database, process.url)
@@ -286,6 +373,15 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
     )
     yield Sim(process)
     process.stop()
+
+
+@pytest.fixture(scope="session")
+def billed(sim: Sim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
+    """A relay with prices and credits (:data:`BILLING_BODY`)."""
+    server = start_relay(tmp_path_factory.mktemp("billed"), sim.url, body=BILLING_BODY)
+    yield server
+    log = server.process.stop()
+    assert "Traceback" not in log, log
 
 
 @pytest.fixture(scope="session")

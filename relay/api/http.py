@@ -10,6 +10,7 @@ releasing it (stack-notes: quart-trio's 60 s truncation, connection-close bug an
 from __future__ import annotations
 
 import json
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
@@ -37,7 +38,9 @@ class ClientDisconnected(Exception):
 class Request:
     """One HTTP request: its scope, headers (lower-case, str) and a bounded body reader."""
 
-    __slots__ = ("_receive", "headers", "method", "path", "query", "request_id", "scope")
+    __slots__ = (
+        "_receive", "headers", "method", "params", "path", "query", "request_id", "scope"
+    )
 
     def __init__(self, scope: Scope, receive: Receive, request_id: str) -> None:
         self.scope = scope
@@ -50,6 +53,11 @@ class Request:
         for name, value in scope["headers"]:
             headers[name.decode("latin-1")] = value.decode("latin-1")
         self.headers = headers
+        self.params: dict[str, str] = {}  # the route's path parameters ({key_id}, …)
+
+    def query_params(self) -> dict[str, str]:
+        """The query string's parameters (the last one wins when a name repeats)."""
+        return dict(urllib.parse.parse_qsl(self.query.decode("latin-1")))
 
     async def receive(self) -> Message:
         return await self._receive()

@@ -29,6 +29,7 @@ import httpx2
 import trio
 
 from ..errors import (
+    InsufficientQuota,
     NoHealthyAccount,
     PermissionDenied,
     RateLimited,
@@ -184,17 +185,27 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, call, nursery.cancel_scope)
             try:
-                if client.stream:
-                    await _relay_stream(call)
-                else:
-                    await _relay_once(call)
+                # 402 before admission and any upstream call; the estimate stays held until
+                # the usage record is charged (inside this block on every path that costs).
+                with runtime.credits.hold(
+                    key,
+                    record,
+                    input_tokens=client.estimated_input_tokens,
+                    output_tokens=client.estimated_tokens - client.estimated_input_tokens,
+                ):
+                    if client.stream:
+                        await _relay_stream(call)
+                    else:
+                        await _relay_once(call)
             except RelayError as error:
                 record.status = error.status
                 record.error_code = error.code or error.type
                 if not responder.started:
-                    if isinstance(error, RateLimited) and _wants_stream_failure(call):
+                    if isinstance(error, RateLimited | InsufficientQuota) and (
+                        _wants_stream_failure(call)
+                    ):
                         record.status = 200
-                        await _codex_rate_limited(call, error)
+                        await _codex_stream_failure(call, error)
                     else:
                         await responder.error(error)
             finally:
@@ -242,12 +253,15 @@ def _wants_stream_failure(call: Call) -> bool:
     )
 
 
-async def _codex_rate_limited(call: Call, error: RateLimited) -> None:
+async def _codex_stream_failure(call: Call, error: RateLimited | InsufficientQuota) -> None:
+    """A refusal as one ``response.failed``: Codex retries ``rate_limit_exceeded`` after the
+    delay in the message and stops at ``insufficient_quota`` (QuotaExceeded) instead of
+    re-sending the turn five times, as it would after an HTTP 429 or 402."""
     event = error_event(
         Endpoint.RESPONSES,
         StreamMeter(Endpoint.RESPONSES),
         message=error.message,
-        code="rate_limit_exceeded",
+        code="rate_limit_exceeded" if isinstance(error, RateLimited) else "insufficient_quota",
         type=error.type,
         fallback_id="resp_" + call.request.request_id.removeprefix("req_"),
     )

@@ -42,6 +42,15 @@ class KeyRing:
         self._by_hash = {record.key_hash: record for record in self._store.list_keys()}
         self._version = version
 
+    def records(self) -> list[KeyRecord]:
+        """Every key known in memory (all of the store's as of the last load)."""
+        return list(self._by_hash.values())
+
+    def update(self, record: KeyRecord) -> None:
+        """Take a record this process just changed in the store (its own writes do not change
+        ``data_version``, so the refresher would not see them)."""
+        self._by_hash[record.key_hash] = record
+
     async def refresh_forever(self) -> None:
         while True:
             await trio.sleep(REFRESH_INTERVAL_S)

@@ -1,8 +1,16 @@
-"""The SQLite store: API keys (as hashes) and usage records.
+"""The SQLite store: API keys (as hashes), their credits, and usage records.
 
 sqlite-utils is synchronous, so every method here is a plain function meant to be called through
 ``trio.to_thread.run_sync`` (or from the CLI directly). One connection is shared behind a lock;
-WAL mode lets the CLI create or revoke keys while a relay process is serving.
+WAL mode lets the CLI create, top up or revoke keys while a relay process is serving.
+
+Credits are integers of nanocredits (``relay/ledger/prices.py``). A key's row carries
+``credits_granted_nano`` (every grant: the initial credits and each top-up, each also a row of
+``credit_grants``) and ``credits_used_nano`` (the sum of its usage rows' ``cost_nano``). The
+second is only ever changed by :meth:`Store.insert_usage`, in the same transaction that inserts
+the usage rows, so ``credits_used_nano`` equals the sum of the key's ``usage.cost_nano`` at
+every commit; the first only by :meth:`Store.create_key` and :meth:`Store.top_up`, each in one
+transaction with its ``credit_grants`` row.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import sqlite_utils
+
+from .prices import to_credits
 
 #: Random characters after the prefix: 32 URL-safe characters carry 192 bits.
 KEY_RANDOM_CHARS = 32
@@ -45,6 +55,8 @@ class KeyRecord:
     created_at: float
     revoked_at: float | None = None
     limits: dict = field(default_factory=dict)  # the key's own overrides of its package's
+    credits_granted_nano: int = 0  # initial credits plus every top-up
+    credits_used_nano: int = 0  # as of the last committed usage batch
 
     @property
     def active(self) -> bool:
@@ -61,10 +73,13 @@ class KeyRecord:
             created_at=row["created_at"],
             revoked_at=row["revoked_at"],
             limits=json.loads(row.get("limits") or "{}"),
+            credits_granted_nano=row.get("credits_granted_nano") or 0,
+            credits_used_nano=row.get("credits_used_nano") or 0,
         )
 
     def public(self) -> dict:
-        """What the CLI and admin API may show: everything except the hash."""
+        """What the CLI and admin API may show: everything except the hash (credits as
+        stored, in credits)."""
         return {
             "id": self.id,
             "hint": self.hint,
@@ -74,6 +89,8 @@ class KeyRecord:
             "revoked_at": self.revoked_at,
             "active": self.active,
             "limits": self.limits,
+            "credits_granted": to_credits(self.credits_granted_nano),
+            "credits_used": to_credits(self.credits_used_nano),
         }
 
 
@@ -98,6 +115,25 @@ USAGE_COLUMNS = {
     "ttft_ms": float,
     "queue_ms": float,
     "client_disconnected": int,
+    "cost_nano": int,
+}
+
+#: Aggregates of usage rows, as SQL over the ``usage`` table (one row per request).
+USAGE_TOTALS_SQL = (
+    "count(*) as calls, "
+    "coalesce(sum(case when status >= 400 or error_code != '' then 1 else 0 end), 0) as errors, "
+    "coalesce(sum(input_tokens), 0) as input_tokens, "
+    "coalesce(sum(cached_tokens), 0) as cached_tokens, "
+    "coalesce(sum(output_tokens), 0) as output_tokens, "
+    "coalesce(sum(reasoning_tokens), 0) as reasoning_tokens, "
+    "coalesce(sum(cost_nano), 0) as cost_nano"
+)
+
+#: ``group_by`` values of :meth:`Store.usage_summary` and the SQL expression of each group.
+USAGE_GROUPS = {
+    "model": "model",
+    "day": "strftime('%Y-%m-%d', ts, 'unixepoch')",
+    "hour": "strftime('%Y-%m-%dT%H:00:00Z', ts, 'unixepoch')",
 }
 
 
@@ -140,12 +176,25 @@ class Store:
                     not_null={"key_hash", "package", "created_at"},
                 )
                 keys.create_index(["key_hash"], unique=True)
-            if "limits" not in keys.columns_dict:
+            columns = keys.columns_dict
+            if "limits" not in columns:
                 keys.add_column("limits", str)
+            for column in ("credits_granted_nano", "credits_used_nano"):
+                if column not in columns:
+                    keys.add_column(column, int, not_null_default=0)
             usage = self.db["usage"]
             if not usage.exists():
                 usage.create({"id": int, **USAGE_COLUMNS}, pk="id")
                 usage.create_index(["key_id", "ts"])
+            elif "cost_nano" not in usage.columns_dict:
+                usage.add_column("cost_nano", int, not_null_default=0)
+            grants = self.db["credit_grants"]
+            if not grants.exists():
+                grants.create(
+                    {"id": int, "ts": float, "key_id": str, "amount_nano": int, "note": str},
+                    pk="id",
+                )
+                grants.create_index(["key_id", "ts"])
 
     def close(self) -> None:
         with self._lock:
@@ -154,9 +203,18 @@ class Store:
     # -- keys -----------------------------------------------------------------------------
 
     def create_key(
-        self, package: str, *, prefix: str, name: str = "", limits: dict | None = None
+        self,
+        package: str,
+        *,
+        prefix: str,
+        name: str = "",
+        limits: dict | None = None,
+        credits_nano: int = 0,
     ) -> tuple[str, KeyRecord]:
-        """Create a key and return ``(plaintext, record)``; the plaintext is not kept."""
+        """Create a key with ``credits_nano`` granted; return ``(plaintext, record)``.
+
+        The plaintext is not kept. The key and its initial grant are one transaction.
+        """
         plaintext = new_plaintext_key(prefix)
         record = KeyRecord(
             id="key_" + secrets.token_hex(8),
@@ -166,21 +224,75 @@ class Store:
             package=package,
             created_at=time.time(),
             limits=dict(limits or {}),
+            credits_granted_nano=credits_nano,
         )
-        with self._lock:
-            self.db["api_keys"].insert(
-                {
-                    "id": record.id,
-                    "key_hash": record.key_hash,
-                    "hint": record.hint,
-                    "name": record.name,
-                    "package": record.package,
-                    "created_at": record.created_at,
-                    "revoked_at": None,
-                    "limits": json.dumps(record.limits),
-                }
+        row = {
+            "id": record.id,
+            "key_hash": record.key_hash,
+            "hint": record.hint,
+            "name": record.name,
+            "package": record.package,
+            "created_at": record.created_at,
+            "revoked_at": None,
+            "limits": json.dumps(record.limits),
+            "credits_granted_nano": credits_nano,
+            "credits_used_nano": 0,
+        }
+        # Plain SQL inside one ``with conn``: sqlite-utils' insert commits on its own, which
+        # would split the key from its grant.
+        with self._lock, self.db.conn:
+            self.db.conn.execute(
+                f"insert into api_keys ({', '.join(row)}) values ({', '.join('?' for _ in row)})",
+                list(row.values()),
             )
+            if credits_nano:
+                self._grant_row(record.id, credits_nano, "initial credits", record.created_at)
         return plaintext, record
+
+    def _grant_row(self, key_id: str, amount_nano: int, note: str, ts: float) -> None:
+        self.db.conn.execute(
+            "insert into credit_grants (ts, key_id, amount_nano, note) values (?, ?, ?, ?)",
+            (ts, key_id, amount_nano, note),
+        )
+
+    def top_up(self, key_or_id: str, amount_nano: int, note: str = "") -> KeyRecord | None:
+        """Grant ``amount_nano`` more (negative takes credits back) to a key, by id or
+        plaintext; None if no such key. The grant row and the new total are one transaction."""
+        with self._lock, self.db.conn:
+            row = self._find_row(key_or_id)
+            if row is None:
+                return None
+            self._grant_row(row["id"], amount_nano, note or "top-up", time.time())
+            self.db.conn.execute(
+                "update api_keys set credits_granted_nano = credits_granted_nano + ? "
+                "where id = ?",
+                (amount_nano, row["id"]),
+            )
+            row = self._find_row(row["id"])
+        return KeyRecord.from_row(row)
+
+    def grants(self, key_id: str, limit: int = 100) -> list[dict]:
+        """A key's grants, newest first."""
+        with self._lock:
+            return list(
+                self.db["credit_grants"].rows_where(
+                    "key_id = ?", [key_id], order_by="id desc", limit=limit
+                )
+            )
+
+    def _find_row(self, key_or_id: str) -> dict | None:
+        rows = list(
+            self.db["api_keys"].rows_where(
+                "id = ? or key_hash = ?", [key_or_id, hash_key(key_or_id)], limit=1
+            )
+        )
+        return rows[0] if rows else None
+
+    def get_key(self, key_or_id: str) -> KeyRecord | None:
+        """A key by id or plaintext."""
+        with self._lock:
+            row = self._find_row(key_or_id)
+        return KeyRecord.from_row(row) if row else None
 
     def list_keys(self) -> list[KeyRecord]:
         with self._lock:
@@ -195,14 +307,9 @@ class Store:
     def set_limits(self, key_or_id: str, limits: dict) -> KeyRecord | None:
         """Replace a key's own limit overrides (by id or plaintext); None if no such key."""
         with self._lock:
-            rows = list(
-                self.db["api_keys"].rows_where(
-                    "id = ? or key_hash = ?", [key_or_id, hash_key(key_or_id)], limit=1
-                )
-            )
-            if not rows:
+            row = self._find_row(key_or_id)
+            if row is None:
                 return None
-            row = rows[0]
             row["limits"] = json.dumps(limits)
             self.db["api_keys"].update(row["id"], {"limits": row["limits"]})
         return KeyRecord.from_row(row)
@@ -210,14 +317,9 @@ class Store:
     def revoke_key(self, key_or_id: str) -> KeyRecord | None:
         """Revoke by id (``key_…``) or by the plaintext key; None when no such key exists."""
         with self._lock:
-            rows = list(
-                self.db["api_keys"].rows_where(
-                    "id = ? or key_hash = ?", [key_or_id, hash_key(key_or_id)], limit=1
-                )
-            )
-            if not rows:
+            row = self._find_row(key_or_id)
+            if row is None:
                 return None
-            row = rows[0]
             if row["revoked_at"] is None:
                 row["revoked_at"] = time.time()
                 self.db["api_keys"].update(row["id"], {"revoked_at": row["revoked_at"]})
@@ -231,17 +333,81 @@ class Store:
     # -- usage ----------------------------------------------------------------------------
 
     def insert_usage(self, records: Iterable[dict]) -> int:
-        """Insert usage rows (dicts with :data:`USAGE_COLUMNS`) in one transaction.
+        """Insert usage rows (dicts with :data:`USAGE_COLUMNS`) and debit each row's
+        ``cost_nano`` from its key, all in one transaction: either every row is written and
+        charged, or none is.
 
         A prepared ``executemany`` rather than sqlite-utils' ``insert_all``, which re-reads the
         schema on every call: this runs for every batch the writer flushes.
         """
+        records = list(records)
         rows = [tuple(row[name] for name in USAGE_COLUMNS) for row in records]
+        debits: dict[str, int] = {}
+        for row in records:
+            if row["cost_nano"]:
+                debits[row["key_id"]] = debits.get(row["key_id"], 0) + row["cost_nano"]
         if rows:
             with self._lock:
                 with self.db.conn:
                     self.db.conn.executemany(_INSERT_USAGE, rows)
+                    self.db.conn.executemany(
+                        "update api_keys set credits_used_nano = credits_used_nano + ? "
+                        "where id = ?",
+                        [(amount, key_id) for key_id, amount in debits.items()],
+                    )
         return len(rows)
+
+    def usage_summary(
+        self, key_id: str | None, start: float, end: float, group_by: str | None = None
+    ) -> tuple[dict, list[dict]]:
+        """Totals (:data:`USAGE_TOTALS_SQL`) of the usage rows with ``start <= ts < end``,
+        of one key (or all), and the same per group (:data:`USAGE_GROUPS`), groups sorted."""
+        where = "ts >= ? and ts < ?"
+        params: list = [start, end]
+        if key_id is not None:
+            where = "key_id = ? and " + where
+            params.insert(0, key_id)
+        with self._lock:
+            conn = self.db.conn
+            conn_rows = conn.execute(f"select {USAGE_TOTALS_SQL} from usage where {where}", params)
+            names = [d[0] for d in conn_rows.description]
+            totals = dict(zip(names, conn_rows.fetchone(), strict=True))
+            groups: list[dict] = []
+            if group_by is not None:
+                expression = USAGE_GROUPS[group_by]
+                cursor = conn.execute(
+                    f"select {expression} as grp, {USAGE_TOTALS_SQL} from usage "
+                    f"where {where} group by grp order by grp",
+                    params,
+                )
+                names = [d[0] for d in cursor.description]
+                groups = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        return totals, groups
+
+    def daily_costs(self, key_id: str, start: float, end: float) -> list[tuple[str, str, int]]:
+        """``(day, model, cost_nano)`` of one key's usage rows with ``start <= ts < end``
+        (days in UTC), by day then model."""
+        day = USAGE_GROUPS["day"]
+        with self._lock:
+            return [
+                tuple(row)
+                for row in self.db.conn.execute(
+                    f"select {day} as day, model, coalesce(sum(cost_nano), 0) from usage "
+                    "where key_id = ? and ts >= ? and ts < ? group by day, model "
+                    "order by day, model",
+                    [key_id, start, end],
+                )
+            ]
+
+    def usage_by_key(self) -> dict[str, dict]:
+        """All-time totals per key id (with the time of its last request)."""
+        with self._lock:
+            cursor = self.db.conn.execute(
+                f"select key_id, max(ts) as last_used_at, {USAGE_TOTALS_SQL} "
+                "from usage group by key_id"
+            )
+            names = [d[0] for d in cursor.description]
+            return {row[0]: dict(zip(names, row, strict=True)) for row in cursor.fetchall()}
 
     def usage_rows(self, *, key_id: str | None = None, limit: int = 1000) -> list[dict]:
         with self._lock:

@@ -4,6 +4,11 @@ Every relayed request leaves exactly one :class:`UsageRecord`. Handlers hand it 
 :meth:`UsageWriter.record`, which never blocks and never checkpoints, so it is safe to call in a
 ``finally`` block of a cancelled request; the writer task batches records into SQLite off the
 request's path.
+
+:meth:`UsageWriter.record` first shows the record to its observers, in order: the credit ledger
+prices it and debits the key in memory (``relay/ledger/credits.py``), the metrics count it. The
+batch the writer then commits carries each record's ``cost_nano``, and the store debits the keys
+in the same transaction that inserts the rows.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -49,6 +55,7 @@ class UsageRecord:
     ttft_ms: float | None = None
     queue_ms: float = 0.0
     client_disconnected: bool = False
+    cost_nano: int = 0  # what the key was charged (relay/ledger/prices.py), set when recorded
 
     def row(self) -> dict:
         row = dataclasses.asdict(self)
@@ -65,13 +72,22 @@ class UsageWriter:
     what is queued before returning.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(
+        self, store: Store, observers: Sequence[Callable[[UsageRecord], None]] = ()
+    ) -> None:
         self._store = store
+        self._observers = list(observers)
         self._send, self._receive = trio.open_memory_channel[UsageRecord](math.inf)
         self.written = 0
         self.queued = 0
 
     def record(self, record: UsageRecord) -> None:
+        """Price, count and queue one record; never raises, never checkpoints."""
+        for observe in self._observers:
+            try:
+                observe(record)
+            except Exception:  # a bug in pricing or metrics must not lose the record
+                log.exception("observer %r failed on %s", observe, record.request_id)
         self.queued += 1
         self._send.send_nowait(record)
 

@@ -36,12 +36,17 @@ def is_account_failure(error: RelayError) -> bool:
 class Health:
     def __init__(self, server: ServerConfig) -> None:
         self._server = server
+        #: Failed attempts per (account, upstream status), failed-over ones included: the
+        #: metrics' upstream errors by account.
+        self.failures: dict[tuple[str, int], int] = {}
 
     def succeeded(self, account: Account) -> None:
         account.consecutive_failures = 0
 
     def failed(self, account: Account, error: RelayError) -> None:
         now = trio.current_time()
+        counted = (account.name, error.status)
+        self.failures[counted] = self.failures.get(counted, 0) + 1
         account.last_error = f"{error.status} {error.code or error.type}: {error.message}"[:300]
         account.last_error_at = time.time()
         guard = account.guard
@@ -57,6 +62,11 @@ class Health:
             if account.consecutive_failures >= FAILURES_BEFORE_COOLDOWN:
                 guard.unavailable_until = now + self._server.error_cooldown_s
                 account.consecutive_failures = 0
+
+    def disable(self, account: Account) -> None:
+        """Take an account out of service until it is enabled again (an operator's choice;
+        like an upstream 401/403, it lasts until :meth:`enable` or a restart)."""
+        account.guard.disabled = True
 
     def enable(self, account: Account) -> None:
         """Put an account back in service (an operator fixed its credential)."""

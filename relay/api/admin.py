@@ -1,0 +1,349 @@
+"""The admin API under ``/admin``: keys, credits, accounts and live queues.
+
+Every route takes ``Authorization: Bearer TOKEN`` where TOKEN is the value of the environment
+variable named by ``server.admin_token_env``; with that variable unset the admin API answers
+404 ``admin_disabled`` to everyone. Keys are named by their id (``key_…``) in URLs, never by the
+key itself: a URL ends up in logs and histories.
+
+| Route | What |
+|---|---|
+| ``GET /admin/state`` | live guard state (as the leak tests read it) |
+| ``GET /admin/keys`` | every key with its live credits and all-time usage |
+| ``POST /admin/keys`` | ``{"package", "name"?, "credits"?, "limits"?}`` → 201, with the key |
+| ``GET /admin/keys/{id}`` | one key, with its grants |
+| ``POST /admin/keys/{id}/topup`` | ``{"credits": N, "note"?}`` (negative takes credits back) |
+| ``POST /admin/keys/{id}/limits`` | ``{"tpm": N, …}`` (null drops an override; ``"clear"``) |
+| ``POST /admin/keys/{id}/revoke``, ``DELETE /admin/keys/{id}`` | revoke |
+| ``GET /admin/accounts`` | health, cool-downs, in-flight and failures per account |
+| ``POST /admin/accounts/{name}/enable`` / ``…/disable`` | put in / take out of service |
+| ``GET /admin/queues`` | per pool: depth, oldest wait, in-flight, and the keys waiting |
+
+Changes made here take effect at once in this process: the key ring is given the changed
+record (this process's own writes do not wake its refresher).
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import os
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ..errors import AuthenticationFailed, InvalidRequest, NotFound
+from ..ledger.prices import parse_credits, to_credits
+from ..ledger.store import KeyRecord
+from ..protocol.requests import decode_json_body
+from .http import Request, Responder
+
+if TYPE_CHECKING:
+    from ..app import Runtime
+
+#: Admin request bodies are small JSON objects.
+MAX_ADMIN_BODY = 64 * 1024
+
+#: A key's own limits (they override its package's) and the type of each.
+LIMIT_TYPES: dict[str, type] = {
+    "tpm": int,
+    "rpm": int,
+    "max_concurrency": int,
+    "max_queue": int,
+    "queue_timeout_s": float,
+    "weight": float,
+}
+
+
+def check_admin(runtime: Runtime, request: Request) -> None:
+    """404 when the admin API is disabled, 401 unless the request carries the admin token."""
+    env_name = runtime.config.server.admin_token_env
+    token = os.environ.get(env_name)
+    if not token:
+        raise NotFound(
+            f"The admin API is disabled: set the environment variable {env_name} to enable it.",
+            code="admin_disabled",
+        )
+    offered = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(offered.encode(), token.encode()):
+        raise AuthenticationFailed(
+            "The admin token is missing or wrong.", code="invalid_admin_token"
+        )
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    request.require_json()
+    return decode_json_body(await request.read_body(MAX_ADMIN_BODY))
+
+
+def validate_limits(changes: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """``current`` with ``changes`` applied (a None value drops that override); 400 naming the
+    field when a name is unknown or a value is not a positive number (``max_queue`` may be 0)."""
+    limits = dict(current)
+    for name, value in changes.items():
+        kind = LIMIT_TYPES.get(name)
+        if kind is None:
+            raise InvalidRequest(
+                f"Unknown limit '{name}'; a key's limits are {', '.join(LIMIT_TYPES)}.",
+                param=name,
+            )
+        if value is None:
+            limits.pop(name, None)
+            continue
+        number_ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if kind is int:
+            number_ok = number_ok and float(value).is_integer()
+        low_ok = number_ok and math.isfinite(value) and (
+            value >= 0 if name == "max_queue" else value > 0
+        )
+        if not low_ok:
+            what = (
+                "a non-negative integer" if name == "max_queue" else f"a positive {kind.__name__}"
+            )
+            raise InvalidRequest(f"'{name}' must be {what}, got {value!r}.", param=name)
+        limits[name] = kind(value)
+    return limits
+
+
+def _credits(value: Any, param: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise InvalidRequest(f"'{param}' must be a number of credits.", param=param)
+    try:
+        return parse_credits(value)
+    except ValueError as error:
+        raise InvalidRequest(f"'{param}': {error}.", param=param) from None
+
+
+def key_view(runtime: Runtime, record: KeyRecord, usage: dict | None = None) -> dict:
+    """A key as the admin sees it: no hash, live credits, all-time usage."""
+    view = record.public()
+    del view["credits_granted"], view["credits_used"]  # the stored values; live ones below
+    view["credits"] = runtime.credits.balance(record).as_credits()
+    usage = usage or {}
+    view["usage"] = {
+        "calls": usage.get("calls", 0),
+        "errors": usage.get("errors", 0),
+        "input_tokens": usage.get("input_tokens", 0),
+        "cached_tokens": usage.get("cached_tokens", 0),
+        "output_tokens": usage.get("output_tokens", 0),
+        "reasoning_tokens": usage.get("reasoning_tokens", 0),
+        "credits": to_credits(usage.get("cost_nano", 0)),
+        "last_used_at": usage.get("last_used_at"),
+    }
+    return view
+
+
+async def _key_by_id(runtime: Runtime, request: Request) -> KeyRecord:
+    key_id = request.params["key_id"]
+    if not key_id.startswith("key_"):
+        raise NotFound(
+            "Name a key by its id (key_…) in admin URLs, never by the key itself: "
+            "`relay keys list` or GET /admin/keys shows the ids.",
+            code="key_not_found",
+        )
+    record = await trio.to_thread.run_sync(runtime.store.get_key, key_id)
+    if record is None:
+        raise NotFound(f"No key with id '{key_id}'.", code="key_not_found")
+    return record
+
+
+async def state(runtime: Runtime, request: Request, responder: Responder) -> None:
+    check_admin(runtime, request)
+    await responder.json(200, runtime.state())
+
+
+async def list_keys(runtime: Runtime, request: Request, responder: Responder) -> None:
+    check_admin(runtime, request)
+    records = await trio.to_thread.run_sync(runtime.store.list_keys)
+    usage = await trio.to_thread.run_sync(runtime.store.usage_by_key)
+    data = [key_view(runtime, record, usage.get(record.id)) for record in records]
+    await responder.json(200, {"object": "list", "data": data})
+
+
+async def create_key(runtime: Runtime, request: Request, responder: Responder) -> None:
+    check_admin(runtime, request)
+    body = await _body(request)
+    unknown = set(body) - {"package", "name", "credits", "limits"}
+    if unknown:
+        name = sorted(unknown)[0]
+        raise InvalidRequest(
+            f"Unknown field '{name}'; a new key takes package, name, credits and limits.",
+            param=name,
+        )
+    package_name = body.get("package")
+    package = runtime.config.packages.get(package_name) if isinstance(package_name, str) else None
+    if package is None:
+        known = ", ".join(sorted(runtime.config.packages)) or "none"
+        raise InvalidRequest(
+            f"'package' must name a package of the configuration ({known}).", param="package"
+        )
+    name = body.get("name", "")
+    if not isinstance(name, str):
+        raise InvalidRequest("'name' must be a string.", param="name")
+    credits = (
+        _credits(body["credits"], "credits")
+        if body.get("credits") is not None
+        else parse_credits(package.initial_credits)
+    )
+    limits_body = body.get("limits") or {}
+    if not isinstance(limits_body, dict):
+        raise InvalidRequest("'limits' must be an object.", param="limits")
+    limits = validate_limits(limits_body, {})
+    plaintext, record = await trio.to_thread.run_sync(
+        lambda: runtime.store.create_key(
+            package.name, prefix=package.key_prefix, name=name, limits=limits,
+            credits_nano=credits,
+        )
+    )
+    runtime.keys.update(record)
+    await responder.json(201, {"key": plaintext, **key_view(runtime, record)})
+
+
+async def get_key(runtime: Runtime, request: Request, responder: Responder) -> None:
+    check_admin(runtime, request)
+    record = await _key_by_id(runtime, request)
+    usage = await trio.to_thread.run_sync(runtime.store.usage_by_key)
+    grants = await trio.to_thread.run_sync(runtime.store.grants, record.id)
+    view = key_view(runtime, record, usage.get(record.id))
+    view["grants"] = [
+        {"ts": g["ts"], "credits": to_credits(g["amount_nano"]), "note": g["note"]}
+        for g in grants
+    ]
+    await responder.json(200, view)
+
+
+async def top_up(runtime: Runtime, request: Request, responder: Responder) -> None:
+    check_admin(runtime, request)
+    record = await _key_by_id(runtime, request)
+    body = await _body(request)
+    amount = _credits(body.get("credits"), "credits")
+    if amount == 0:
+        raise InvalidRequest("'credits' must not be zero.", param="credits")
+    note = body.get("note", "")
+    if not isinstance(note, str):
+        raise InvalidRequest("'note' must be a string.", param="note")
+    record = await trio.to_thread.run_sync(runtime.store.top_up, record.id, amount, note)
+    runtime.keys.update(record)
+    await responder.json(200, key_view(runtime, record))
+
+
+async def set_limits(runtime: Runtime, request: Request, responder: Responder) -> None:
+    check_admin(runtime, request)
+    record = await _key_by_id(runtime, request)
+    body = await _body(request)
+    clear = body.pop("clear", False)
+    if not isinstance(clear, bool):
+        raise InvalidRequest("'clear' must be true or false.", param="clear")
+    limits = validate_limits(body, {} if clear else record.limits)
+    record = await trio.to_thread.run_sync(runtime.store.set_limits, record.id, limits)
+    runtime.keys.update(record)
+    await responder.json(200, key_view(runtime, record))
+
+
+async def revoke(runtime: Runtime, request: Request, responder: Responder) -> None:
+    check_admin(runtime, request)
+    record = await _key_by_id(runtime, request)
+    record = await trio.to_thread.run_sync(runtime.store.revoke_key, record.id)
+    runtime.keys.update(record)
+    await responder.json(200, key_view(runtime, record))
+
+
+def _account_view(runtime: Runtime, name: str, status: dict) -> dict:
+    account = runtime.scheduler.by_name[name]
+    config = account.config
+    failures = {
+        str(code): count
+        for (account_name, code), count in sorted(runtime.health.failures.items())
+        if account_name == name
+    }
+    return {
+        "name": name,
+        "pool": config.pool,
+        "provider": config.provider,
+        "models": list(config.models),
+        "priority": config.priority,
+        "disabled": bool(status.get("disabled")),
+        "last_error_at": account.last_error_at,
+        "failures": failures,
+        **status,
+    }
+
+
+async def list_accounts(runtime: Runtime, request: Request, responder: Responder) -> None:
+    check_admin(runtime, request)
+    status = runtime.scheduler.status()
+    data = [_account_view(runtime, name, entry) for name, entry in status.items()]
+    await responder.json(200, {"object": "list", "data": data})
+
+
+def _account(runtime: Runtime, request: Request):
+    name = request.params["name"]
+    account = runtime.scheduler.by_name.get(name)
+    if account is None:
+        known = ", ".join(runtime.scheduler.by_name) or "none"
+        raise NotFound(f"No account named '{name}' (accounts: {known}).", code="account_not_found")
+    return account
+
+
+async def enable_account(runtime: Runtime, request: Request, responder: Responder) -> None:
+    """Put an account back in service (after an upstream 401/403, or a disable)."""
+    check_admin(runtime, request)
+    account = _account(runtime, request)
+    runtime.health.enable(account)
+    status = runtime.scheduler.status()[account.name]
+    view = _account_view(runtime, account.name, status)
+    await responder.json(200, {"account": account.name, **view})
+
+
+async def disable_account(runtime: Runtime, request: Request, responder: Responder) -> None:
+    """Take an account out of service until it is enabled again (or the relay restarts)."""
+    check_admin(runtime, request)
+    account = _account(runtime, request)
+    runtime.health.disable(account)
+    status = runtime.scheduler.status()[account.name]
+    view = _account_view(runtime, account.name, status)
+    await responder.json(200, {"account": account.name, **view})
+
+
+async def queues(runtime: Runtime, request: Request, responder: Responder) -> None:
+    check_admin(runtime, request)
+    admission = runtime.admission.status()
+    pool_of_key = {}
+    for record in runtime.keys.records():
+        package = runtime.config.packages.get(record.package)
+        if package is not None:
+            pool_of_key[record.id] = package.pool
+    pools: dict[str, dict] = {}
+    for name, pool in admission.get("pools", {}).items():
+        pools[name] = {**pool, "keys": {}}
+    for key_id, key in admission.get("keys", {}).items():
+        pool = pools.get(pool_of_key.get(key_id, ""))
+        if pool is not None and (key.get("queued") or key.get("in_flight")):
+            pool["keys"][key_id] = {
+                "queued": key.get("queued", 0),
+                "in_flight": key.get("in_flight", 0),
+            }
+    await responder.json(
+        200,
+        {
+            "pools": pools,
+            "global": admission.get("global", {}),
+            "queued": admission.get("queued", 0),
+        },
+    )
+
+
+#: (method, path, handler); ``{name}`` matches one path segment.
+ROUTES = [
+    ("GET", "/admin/state", state),
+    ("GET", "/admin/keys", list_keys),
+    ("POST", "/admin/keys", create_key),
+    ("GET", "/admin/keys/{key_id}", get_key),
+    ("DELETE", "/admin/keys/{key_id}", revoke),
+    ("POST", "/admin/keys/{key_id}/revoke", revoke),
+    ("POST", "/admin/keys/{key_id}/topup", top_up),
+    ("POST", "/admin/keys/{key_id}/limits", set_limits),
+    ("GET", "/admin/accounts", list_accounts),
+    ("POST", "/admin/accounts/{name}/enable", enable_account),
+    ("POST", "/admin/accounts/{name}/disable", disable_account),
+    ("GET", "/admin/queues", queues),
+]
