@@ -149,6 +149,8 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
                 pool=route.pool,
                 estimated_tokens=client.estimated_tokens,
                 limits=KeyLimits.of(package, key.limits),
+                input_tokens=client.estimated_input_tokens,
+                max_output_tokens=client.max_output_tokens,
             ),
             candidates=candidates,
             payload=upstream_payload(client, route.target, route.reasoning_effort),
@@ -349,6 +351,7 @@ async def _relay_once(call: Call) -> None:
         except (ValueError, AttributeError):
             log.warning("upstream answer for %s is not a JSON object", call.request.request_id)
         lease.used_tokens = call.take_usage(usage)
+        lease.output_tokens = usage.output_tokens if usage else None
     # Slots and the upstream connection are released before the answer is written: a client
     # that is slow to read it holds nothing shared.
     call.record.status = 200
@@ -444,9 +447,10 @@ async def _pump(
                     record.status = 200
                     started = True
                     try:
-                        await _relay_events(call, response, meter, out, record.account)
+                        await _relay_events(call, response, meter, out, lease)
                     finally:
                         lease.used_tokens = call.take_usage(meter.usage, meter.deltas)
+                        lease.output_tokens = meter.usage.output_tokens if meter.usage else None
             except RelayError as error:
                 record.status = record.status or error.status
                 record.error_code = error.code or error.type
@@ -463,12 +467,14 @@ async def _relay_events(
     response: httpx2.Response,
     meter: StreamMeter,
     out: trio.MemorySendChannel[bytes | RelayError],
-    account: str,
+    lease: Lease,
 ) -> None:
+    account = call.record.account
     splitter = EventSplitter()
     try:
         async for chunk in response.aiter_raw():
             data = meter.forwardable(splitter.feed(chunk))
+            lease.produced(meter.deltas)  # the guards charge the output as it is served
             if data:
                 await out.send(data)
     except httpx2.TimeoutException:
