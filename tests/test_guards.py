@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from relay.config import parse_config
 from relay.guards.admission import Admission, AdmissionRefused, KeyLimits, Ticket
+from relay.guards.buckets import TPM_REFILL
 from relay.guards.estimates import OutputEstimate
 
 CONFIG = parse_config(
@@ -119,8 +120,9 @@ async def test_tpm_waits_for_the_refill(autojump_clock) -> None:
             for _ in range(4):
                 clients.start_soon(use)
         nursery.cancel_scope.cancel()
-    # 600 banked: two at once; then 10 tokens/s refill: one every 30 s.
-    assert [round(t) for t in granted_at] == [0, 0, 30, 60]
+    # 600 banked: two at once; then the refill (99% of 10 tokens/s): one every 30.3 s.
+    rate = 600 * TPM_REFILL / 60
+    assert [round(t, 3) for t in granted_at] == [0, 0, round(300 / rate, 3), round(600 / rate, 3)]
 
 
 async def test_reservation_is_reconciled_to_real_use(autojump_clock) -> None:
@@ -403,7 +405,7 @@ def test_tokens_delivered_in_any_window_stay_within_rate_times_time_plus_capacit
     So, with estimates that are never under, the tokens delivered in any window, at any scale,
     are at most rate × its length + the capacity."""
     tpm = 3000
-    rate = tpm / 60
+    rate = tpm * TPM_REFILL / 60
     config = parse_config({"pools": {"p": {}},
                            "packages": {"m": {"pool": "p", "tpm": tpm, "queue_timeout_s": 10_000}}})
     delivered: list[tuple[float, int]] = []

@@ -97,7 +97,7 @@ class Guard:
             max_concurrency if max_concurrency is not None else math.inf
         )
         self.max_concurrency = max_concurrency
-        self.tpm = TokenBucket.per_minute(tpm, now) if tpm else None
+        self.tpm = TokenBucket.tokens_per_minute(tpm, now) if tpm else None
         self.tps = TokenBucket.per_second(tps, now) if tps else None
         self.rpm = TokenBucket.per_minute(rpm, now) if rpm else None
         self.reserved = 0  # expected tokens of requests in flight, not yet charged (held)
