@@ -27,8 +27,9 @@ a key that arrives meanwhile is lifted to counters that will be refunded, and st
 counter charged as served holds no provisional charge, so the lift is to real service (VTC,
 Sheng et al., charge output as it is generated). The token buckets: tokens are charged when they
 are delivered, so the tokens delivered in any window are the refill plus the level at its start
-minus the level at its end, and admission, which requires the input *and* the expected output of
-every request in flight to fit (``held``), keeps that level close to steady.
+minus the level at its end; admission, which requires the input *and* the expected output of
+every request in flight to fit (``held``), keeps that level within about one request of steady
+(a TPM bucket refills 1% below its limit to absorb that swing: :data:`.buckets.TPM_REFILL`).
 
 Guarantees:
 
@@ -37,7 +38,7 @@ Guarantees:
 * A request cancelled while queued (its client left) is removed from the queue at once and was
   never charged.
 * A key over its own limits is skipped, never allowed to block other keys of its pool.
-* Admitting a request needs its reservation (input + expected output) to fit in each per-minute
+* Admitting a request needs its reservation (input + expected output) to fit in each TPM
   bucket on top of what the guard already holds for requests in flight. A per-second bucket
   (TPS) is checked for the reservation alone: a one-second cap cannot hold back the rest of a
   stream that lasts many seconds; it limits how fast work is started.
