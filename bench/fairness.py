@@ -352,36 +352,69 @@ def timeline(load: Load, seconds: float) -> list[list[tuple[float, float]]]:
     return lines
 
 
+def deviations(load: Load, start: float, seconds: float) -> list[list[tuple[float, float]]]:
+    """Per key: (t, S_i/w_i − mean over keys of S_j/w_j) at every completion, with S counted
+    from ``start`` (when every key is backlogged). 0 for all keys = exactly weighted."""
+    cumulative = [0.0] * len(WEIGHTS)
+    lines: list[list[tuple[float, float]]] = [[(start, 0.0)] for _ in WEIGHTS]
+    for d in load.done:
+        if start <= d.t < seconds:
+            cumulative[d.key] += d.total_tokens / WEIGHTS[d.key]
+            mean = sum(cumulative) / len(cumulative)
+            for index, line in enumerate(lines):
+                line.append((d.t, cumulative[index] - mean))
+    return lines
+
+
 def plot(results: list[dict], loads: list[Load], seconds: float, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = -(-len(results) // 3)
-    fig, grid = plt.subplots(rows, 3, figsize=(15, 4.2 * rows), sharey=True, squeeze=False)
-    axes = list(grid.flat)
-    for ax in axes[len(results) :]:
-        ax.set_visible(False)
-    for ax, result, load in zip(axes, results, loads, strict=False):
+    columns = len(results)
+    fig, grid = plt.subplots(2, columns, figsize=(4.4 * columns, 8), squeeze=False)
+    top, bottom = grid
+    starts = [seconds * LATE_AT if r["run"]["late"] else 0.0 for r in results]
+    gaps = [deviations(load, start, seconds) for load, start in zip(loads, starts, strict=True)]
+    # One scale for the fair runs' deviations, so they compare (FIFO's is far larger).
+    shared = max(
+        (abs(v) for result, lines in zip(results, gaps, strict=True)
+         if result["run"]["queue"] == "fair" for line in lines for _, v in line),
+        default=1.0,
+    )
+    for column, (result, load) in enumerate(zip(results, loads, strict=True)):
+        ax, dev = top[column], bottom[column]
         for index, line in enumerate(timeline(load, seconds)):
             xs, ys = zip(*line, strict=True)
             ax.step(xs, ys, where="post", label=f"key {index + 1} (w={WEIGHTS[index]})")
-        if result["run"]["late"]:
-            ax.axvline(seconds * LATE_AT, color="grey", linestyle="--", linewidth=1)
+        late, start = result["run"]["late"], starts[column]
+        for line in gaps[column]:
+            xs, ys = zip(*line, strict=True)
+            dev.step(xs, ys, where="post", linewidth=1)
+        if late:
+            for axis in (ax, dev):
+                axis.axvline(start, color="grey", linestyle="--", linewidth=1)
         figures = result["figures"]
         worst = max((abs(e) for e in figures["ratio_error_pct"] if e is not None), default=0)
         ax.set_title(
             f"{result['run']['name']}: Jain {figures['jain']:.3f}, worst ratio error {worst:.1f}%",
             fontsize=10,
         )
-        ax.set_xlabel("seconds")
-        ax.grid(alpha=0.3)
-    for row in grid:
-        row[0].set_ylabel("cumulative tokens / weight")
-    axes[0].legend(fontsize=8)
+        dev.set_title(f"{result['run']['name']}: deviation from the keys' mean", fontsize=10)
+        dev.set_xlim(0, seconds)
+        dev.set_xlabel("seconds")
+        for axis in (ax, dev):
+            axis.grid(alpha=0.3)
+    for column, result in enumerate(results):
+        top[column].sharey(top[0])
+        if result["run"]["queue"] == "fair":
+            bottom[column].set_ylim(-shared * 1.1, shared * 1.1)
+    top[0].set_ylabel("cumulative tokens / weight")
+    bottom[0].set_ylabel("S/w − mean S/w, from the last key's arrival")
+    top[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

@@ -174,6 +174,8 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
                 pool=route.pool,
                 estimated_tokens=client.estimated_tokens,
                 limits=KeyLimits.of(package, key.limits),
+                input_tokens=client.estimated_input_tokens,
+                max_output_tokens=client.max_output_tokens,
             ),
             candidates=candidates,
             record=record,
@@ -392,6 +394,7 @@ async def _relay_once(call: Call) -> None:
         if usage is None:
             log.warning("upstream answer for %s has no usage", call.request.request_id)
         lease.used_tokens = call.take_usage(usage)
+        lease.output_tokens = usage.output_tokens if usage else None
         if upstream.context.passthrough:
             content_type = response.headers.get("content-type", "application/json").encode()
         elif isinstance(answer, dict):
@@ -521,9 +524,11 @@ async def _pump(
                         account.config.provider, upstream.context
                     )
                     try:
-                        await _relay_events(response, translator, out, account.name)
+                        await _relay_events(response, translator, out, lease, account.name)
                     finally:
-                        lease.used_tokens = call.take_usage(translator.usage, translator.deltas)
+                        usage = translator.usage
+                        lease.used_tokens = call.take_usage(usage, translator.deltas)
+                        lease.output_tokens = usage.output_tokens if usage else None
             except RelayError as error:
                 record.status = record.status or error.status
                 record.error_code = error.code or error.type
@@ -539,11 +544,13 @@ async def _relay_events(
     response: httpx2.Response,
     translator: StreamTranslator,
     out: trio.MemorySendChannel[bytes | RelayError],
+    lease: Lease,
     account: str,
 ) -> None:
     try:
         async for chunk in response.aiter_raw():
             data = translator.feed(chunk)
+            lease.produced(translator.deltas)  # the guards charge the output as it is served
             if data:
                 await out.send(data)
     except httpx2.TimeoutException:

@@ -11,11 +11,25 @@ How a request goes through (``async with admission.enter(ticket) as lease``):
    pool's queue is full).
 2. The dispatcher grants queued requests in fair order whenever capacity frees up: a concurrency
    slot is released, a token bucket refills (a timer), or a request arrives. Granting takes every
-   layer's concurrency slot and reserves the request's token estimate in every bucket.
-3. A request not granted within its key's ``queue_timeout_s`` leaves with 429 ``queue_timeout``.
-4. When the block exits, the reservation is reconciled to ``lease.used_tokens`` (what the request
-   really cost, which the caller sets; a failed or cancelled request sets what was produced) and
-   every slot is released.
+   layer's concurrency slot, charges the request's input (estimate) to every token bucket and to
+   its virtual counters, and *holds* its expected output (see :mod:`.estimates`) in every guard.
+3. While the answer streams, the caller reports the output produced so far
+   (:meth:`Lease.produced`): each new token is charged to the buckets and the counters and taken
+   off what the guard holds. A request is therefore charged what it is served, when it is served.
+4. A request not granted within its key's ``queue_timeout_s`` leaves with 429 ``queue_timeout``.
+5. When the block exits, the charges are corrected to ``lease.used_tokens`` (what the request
+   really cost, which the caller sets; a failed or cancelled request sets what was produced),
+   whatever is still held for it is released, and every slot is released.
+
+Why charge as served rather than the whole estimate at grant. The fair queue: a counter charged
+an over-estimate (1,024 expected output for an answer of 40) carries it while the request runs;
+a key that arrives meanwhile is lifted to counters that will be refunded, and starts behind. A
+counter charged as served holds no provisional charge, so the lift is to real service (VTC,
+Sheng et al., charge output as it is generated). The token buckets: tokens are charged when they
+are delivered, so the tokens delivered in any window are the refill plus the level at its start
+minus the level at its end; admission, which requires the input *and* the expected output of
+every request in flight to fit (``held``), keeps that level within about one request of steady
+(a TPM bucket refills 1% below its limit to absorb that swing: :data:`.buckets.TPM_REFILL`).
 
 Guarantees:
 
@@ -24,6 +38,10 @@ Guarantees:
 * A request cancelled while queued (its client left) is removed from the queue at once and was
   never charged.
 * A key over its own limits is skipped, never allowed to block other keys of its pool.
+* Admitting a request needs its reservation (input + expected output) to fit in each TPM
+  bucket on top of what the guard already holds for requests in flight. A per-second bucket
+  (TPS) is checked for the reservation alone: a one-second cap cannot hold back the rest of a
+  stream that lasts many seconds; it limits how fast work is started.
 
 Concurrency caps are ``trio.CapacityLimiter``\\s taken on behalf of the :class:`Lease`, so the
 task that enters and the task that exits may differ. Nothing here knows about HTTP.
@@ -42,6 +60,7 @@ import trio
 
 from ..config import Config, PackageConfig
 from .buckets import TokenBucket
+from .estimates import OutputEstimate
 from .fair_queue import FairQueue
 
 
@@ -79,10 +98,10 @@ class Guard:
             max_concurrency if max_concurrency is not None else math.inf
         )
         self.max_concurrency = max_concurrency
-        self.tpm = TokenBucket.per_minute(tpm, now) if tpm else None
+        self.tpm = TokenBucket.tokens_per_minute(tpm, now) if tpm else None
         self.tps = TokenBucket.per_second(tps, now) if tps else None
         self.rpm = TokenBucket.per_minute(rpm, now) if rpm else None
-        self.reserved = 0  # tokens reserved by requests in flight
+        self.reserved = 0  # expected tokens of requests in flight, not yet charged (held)
         # Set by whoever knows the subject's health (the upstream layer, for accounts):
         self.unavailable_until = 0.0  # resting (cool-down) until this trio time
         self.disabled = False  # out of service until re-enabled
@@ -93,33 +112,39 @@ class Guard:
         return self.limiter.borrowed_tokens
 
     def wait_time(self, tokens: int, now: float) -> float:
-        """0 if a request of ``tokens`` may go now; else seconds to wait (``inf``: until a
-        concurrency slot frees, which is signalled, not timed)."""
+        """0 if a request reserving ``tokens`` may go now; else seconds to wait (``inf``: until
+        a concurrency slot frees or requests in flight end, which is signalled, not timed)."""
         if self.disabled or self.limiter.available_tokens < 1:
             return math.inf
         wait = max(0.0, self.unavailable_until - now)
-        for bucket in (self.tpm, self.tps):
-            if bucket is not None:
-                wait = max(wait, bucket.wait_time(tokens, now))
+        if self.tpm is not None:
+            wait = max(wait, self.tpm.wait_time(tokens, now, held=self.reserved))
+        if self.tps is not None:
+            wait = max(wait, self.tps.wait_time(tokens, now))
         if self.rpm is not None:
             wait = max(wait, self.rpm.wait_time(1, now))
         return wait
 
-    def take(self, lease: Lease, tokens: int, now: float) -> None:
+    def take(self, lease: Lease, charged: int, held: int, now: float) -> None:
+        """Take a slot, charge ``charged`` tokens now and hold ``held`` more for the request."""
         self.limiter.acquire_on_behalf_of_nowait(lease)
-        for bucket in (self.tpm, self.tps):
-            if bucket is not None:
-                bucket.take(tokens, now)
+        self.charge(charged, 0, now)
         if self.rpm is not None:
             self.rpm.take(1, now)
-        self.reserved += tokens
+        self.reserved += held
 
-    def settle(self, lease: Lease, reserved: int, used: int, now: float) -> None:
-        """Correct the reservation to what was used and free the concurrency slot."""
+    def charge(self, tokens: int, released: int, now: float) -> None:
+        """Charge ``tokens`` served (negative: give back), ``released`` of them from what is
+        held for the request."""
         for bucket in (self.tpm, self.tps):
             if bucket is not None:
-                bucket.give(reserved - used, now)
-        self.reserved -= reserved
+                bucket.give(-tokens, now)
+        self.reserved -= released
+
+    def settle(self, lease: Lease, correction: int, released: int, now: float) -> None:
+        """Correct the charges by ``correction``, release what is still held for the request
+        (``released``) and free the concurrency slot."""
+        self.charge(correction, released, now)
         self.limiter.release_on_behalf_of(lease)
 
     def status(self, now: float) -> dict:
@@ -130,11 +155,20 @@ class Guard:
             state["cooling_down_s"] = round(self.unavailable_until - now, 3)
         if self.max_concurrency is not None:
             state["max_concurrency"] = self.max_concurrency
-        for name in ("tpm", "tps", "rpm"):
+        if self.tpm is not None:
+            # What a new request may still reserve: the level minus what is held. Plus
+            # reserved_tokens, it is the bucket's level (tokens delivered are taken from it).
+            state["tpm_remaining"] = math.floor(self.tpm.level(now) - self.reserved)
+        for name in ("tps", "rpm"):
             bucket = getattr(self, name)
             if bucket is not None:
                 state[f"{name}_remaining"] = math.floor(bucket.level(now))
         return state
+
+    def tokens_remaining(self, now: float) -> float:
+        """The TPM bucket's room for new reservations (for ``x-ratelimit-remaining-tokens``)."""
+        assert self.tpm is not None
+        return self.tpm.level(now) - self.reserved
 
 
 @dataclass(frozen=True)
@@ -164,7 +198,14 @@ class KeyLimits:
 
 @dataclass(frozen=True)
 class Ticket:
-    """Who is asking, for how much, and which accounts could serve it (preferred first)."""
+    """Who is asking, for how much, and which accounts could serve it (preferred first).
+
+    ``estimated_tokens`` is the protocol layer's estimate (input + the client's output cap, else
+    a default). With ``input_tokens`` (its input part) the request is charged as it is served:
+    the input at grant, the output as reported, and the expected output (the key's recent mean,
+    within ``max_output_tokens``) is held meanwhile. Without it, the whole estimate is charged at
+    grant (for callers that report no progress).
+    """
 
     key_id: str
     pool: str
@@ -172,22 +213,39 @@ class Ticket:
     limits: KeyLimits = KeyLimits()
     accounts: Sequence[Guard] = ()
     preferred: Guard | None = None  # a sticky session's account: taken whenever it has room
+    input_tokens: int | None = None
+    max_output_tokens: int | None = None
 
 
 @dataclass(eq=False)
 class Lease:
     """What one admitted request holds; also the borrower trio's limiters see.
 
-    The caller sets ``used_tokens`` to the request's real cost before the block exits; if it
-    stays None, the reservation is kept as the cost (the safe side for the limits).
+    While the answer streams, the caller reports the output tokens produced so far with
+    :meth:`produced` (cheap: no I/O, no dispatch). Before the block exits it sets
+    ``used_tokens`` to the request's real cost and, if the answer is complete,
+    ``output_tokens`` to its real output (the key's expected output learns from it). If
+    ``used_tokens`` stays None, the reservation is kept as the cost (the safe side for limits).
     """
 
     ticket: Ticket
     account: Guard | None = None
     queued_s: float = 0.0
     used_tokens: int | None = None
+    output_tokens: int | None = None
     held: list[Guard] = field(default_factory=list)
-    reserved: int = 0
+    charged: int = 0  # tokens charged so far: the input at grant, then the output reported
+    expected: int = 0  # expected output still held (reserved, not charged yet)
+    output_seen: int = 0  # output tokens reported with produced()
+    admission: Admission | None = field(default=None, repr=False)
+
+    def produced(self, output_tokens: int) -> None:
+        """The answer has produced ``output_tokens`` so far (a running total): charge the new
+        ones to every guard's buckets and the fair queue's counters now."""
+        new = output_tokens - self.output_seen
+        if new > 0 and self.admission is not None and self.held:
+            self.output_seen = output_tokens
+            self.admission._serve(self, new)
 
 
 @dataclass(eq=False)
@@ -217,6 +275,9 @@ class _Pool:
 class Admission:
     """The guards of one relay process and the fair queue in front of them."""
 
+    #: Keys whose output estimate is kept (the most recently used ones), to bound memory.
+    MAX_ESTIMATES = 100_000
+
     def __init__(self, config: Config) -> None:
         now = trio.current_time() if _in_trio() else 0.0
         self._config = config
@@ -233,6 +294,7 @@ class Admission:
                 name, guard, pool.weight, pool.max_queue, fifo=pool.queue == "fifo"
             )
         self.keys: dict[str, Guard] = {}
+        self.estimates: dict[str, OutputEstimate] = {}
         self._waiting: dict[str, int] = {}  # key id → queued requests
         self._wake_at = math.inf
         self._rearm = trio.Event()
@@ -257,8 +319,10 @@ class Admission:
             with trio.move_on_after(ticket.limits.queue_timeout_s):
                 await waiter.event.wait()
         except BaseException:
-            # Cancelled (the client left) just as it was granted: give everything back.
+            # Cancelled (the client left) just as it was granted: nothing reached an upstream,
+            # so give everything back, uncharged.
             if waiter.lease is not None:
+                waiter.lease.used_tokens = 0
                 self._release(waiter.lease)
             raise
         finally:
@@ -295,6 +359,9 @@ class Admission:
         keys = {}
         for key_id, guard in self.keys.items():
             keys[key_id] = {**guard.status(now), "queued": self._waiting.get(key_id, 0)}
+            estimate = self.estimates.get(key_id)
+            if estimate is not None and estimate.count:
+                keys[key_id]["expected_output"] = round(estimate.mean, 1)
             for pool in self.pools.values():
                 flow = pool.queue.flows.get(key_id)
                 if flow is not None:
@@ -327,8 +394,8 @@ class Admission:
             state["reset-requests"] = key.rpm.reset_time(now)
         if key.tpm is not None:
             state["limit-tokens"] = ticket.limits.tpm or 0
-            state["remaining-tokens"] = max(0, math.floor(key.tpm.level(now)))
-            state["reset-tokens"] = key.tpm.reset_time(now)
+            state["remaining-tokens"] = max(0, math.floor(key.tokens_remaining(now)))
+            state["reset-tokens"] = key.tpm.reset_time(now, held=key.reserved)
         return state
 
     async def run(self) -> None:
@@ -373,7 +440,7 @@ class Admission:
         if limits.max_queue is not None and self._waiting.get(ticket.key_id, 0) >= max(
             limits.max_queue, 0
         ):
-            if limits.max_queue == 0 and key.wait_time(ticket.estimated_tokens, now) == 0:
+            if limits.max_queue == 0 and key.wait_time(self._reservation(ticket), now) == 0:
                 return  # no queueing allowed, but nothing to wait for either
             reason = "rate_limited" if limits.max_queue == 0 else "queue_full"
             self.refused[reason] += 1
@@ -398,10 +465,8 @@ class Admission:
     def _retry_after(self, ticket: Ticket, pool: _Pool, key: Guard) -> float:
         """A useful Retry-After: when the limiting bucket will have room, at least 1 s."""
         now = trio.current_time()
-        waits = [
-            guard.wait_time(ticket.estimated_tokens, now)
-            for guard in (key, pool.guard, self.global_guard)
-        ]
+        tokens = self._reservation(ticket)
+        waits = [guard.wait_time(tokens, now) for guard in (key, pool.guard, self.global_guard)]
         finite = [wait for wait in waits if wait != math.inf]
         return float(max(1, math.ceil(max(finite, default=1.0))))
 
@@ -433,7 +498,7 @@ class Admission:
                     flow, waiter: _Waiter, pool: _Pool = pool, blocked: list[float] = blocked
                 ) -> bool | None:
                     ticket = waiter.ticket
-                    tokens = ticket.estimated_tokens
+                    tokens = self._reservation(ticket)
                     wait = self.global_guard.wait_time(tokens, now)
                     if wait:
                         blocked.append(wait)
@@ -446,7 +511,7 @@ class Admission:
                     if wait:
                         blocked.append(wait)
                         return False
-                    if ticket.accounts and self._pick_account(ticket, now) is None:
+                    if ticket.accounts and self._pick_account(ticket, tokens, now) is None:
                         # Every account for it is busy (a release will wake us) or resting
                         # (the timer will).
                         blocked.append(min(g.wait_time(tokens, now) for g in ticket.accounts))
@@ -462,51 +527,93 @@ class Admission:
             if not granted:
                 return self._arm(now, soonest)
 
-    def _pick_account(self, ticket: Ticket, now: float) -> Guard | None:
-        """The least-loaded account that can take the request, among those of the best
-        priority that have room (``ticket.accounts`` is sorted by priority, best first)."""
+    def _pick_account(self, ticket: Ticket, tokens: int, now: float) -> Guard | None:
+        """The least-loaded account that can take the request (reserving ``tokens``), among
+        those of the best priority that have room (``ticket.accounts`` is sorted by priority,
+        best first)."""
         preferred = ticket.preferred
-        if preferred is not None and preferred.wait_time(ticket.estimated_tokens, now) == 0:
+        if preferred is not None and preferred.wait_time(tokens, now) == 0:
             return preferred
         best: Guard | None = None
         for guard in ticket.accounts:
             if best is not None and guard.priority != best.priority:
                 break
-            if guard.wait_time(ticket.estimated_tokens, now) == 0:
+            if guard.wait_time(tokens, now) == 0:
                 if best is None or _load(guard) < _load(best):
                     best = guard
         return best
 
+    def _split(self, ticket: Ticket) -> tuple[int, int]:
+        """(tokens charged at grant, expected output held meanwhile) for a request."""
+        if ticket.input_tokens is None:
+            return ticket.estimated_tokens, 0
+        default = max(0, ticket.estimated_tokens - ticket.input_tokens)
+        estimate = self.estimates.get(ticket.key_id)
+        if estimate is None:
+            return ticket.input_tokens, default
+        return ticket.input_tokens, estimate.expected(default, ticket.max_output_tokens)
+
+    def _reservation(self, ticket: Ticket) -> int:
+        """What must fit for the request to be admitted: its input plus its expected output."""
+        charged, held = self._split(ticket)
+        return charged + held
+
     def _grant(self, pool: _Pool, waiter: _Waiter, now: float) -> None:
         ticket = waiter.ticket
-        lease = Lease(ticket, queued_s=now - waiter.enqueued_at)
-        tokens = ticket.estimated_tokens
+        lease = Lease(ticket, queued_s=now - waiter.enqueued_at, admission=self)
+        charged, expected = self._split(ticket)
         guards = [self.global_guard, pool.guard, self.keys[ticket.key_id]]
         if ticket.accounts:
-            lease.account = self._pick_account(ticket, now)
+            lease.account = self._pick_account(ticket, charged + expected, now)
             guards.append(lease.account)
         for guard in guards:
-            guard.take(lease, tokens, now)
+            guard.take(lease, charged, expected, now)
             lease.held.append(guard)
-        lease.reserved = tokens
-        pool.queue.charge(pool.flow_of(ticket), tokens)
-        pool.counter += tokens / pool.weight
+        lease.charged, lease.expected = charged, expected
+        self._count(pool, ticket, charged)
         waiter.lease = lease
         waiter.event.set()
         self.granted += 1
 
+    def _serve(self, lease: Lease, tokens: int) -> None:
+        """``tokens`` more of the answer were produced: charge them now (Lease.produced)."""
+        now = trio.current_time()
+        released = min(tokens, lease.expected)
+        for guard in lease.held:
+            guard.charge(tokens, released, now)
+        lease.charged += tokens
+        lease.expected -= released
+        self._count(self.pools[lease.ticket.pool], lease.ticket, tokens)
+
+    def _count(self, pool: _Pool, ticket: Ticket, tokens: int) -> None:
+        """Add ``tokens`` served to the key's virtual counter and its pool's."""
+        pool.queue.charge(pool.flow_of(ticket), tokens)
+        pool.counter += tokens / pool.weight
+
     def _release(self, lease: Lease) -> None:
         now = trio.current_time()
-        used = lease.reserved if lease.used_tokens is None else lease.used_tokens
+        ticket = lease.ticket
+        reserved = lease.charged + lease.expected
+        used = reserved if lease.used_tokens is None else lease.used_tokens
+        correction = used - lease.charged
         for guard in lease.held:
-            guard.settle(lease, lease.reserved, used, now)
+            guard.settle(lease, correction, lease.expected, now)
         lease.held.clear()
-        correction = used - lease.reserved
+        lease.charged, lease.expected = used, 0
         if correction:
-            pool = self.pools[lease.ticket.pool]
-            pool.queue.charge(pool.flow_of(lease.ticket), correction)
-            pool.counter += correction / pool.weight
+            self._count(self.pools[ticket.pool], ticket, correction)
+        if lease.output_tokens is not None and ticket.input_tokens is not None:
+            self._estimate(ticket.key_id).learn(lease.output_tokens, ticket.max_output_tokens)
         self._dispatch()
+
+    def _estimate(self, key_id: str) -> OutputEstimate:
+        estimate = self.estimates.pop(key_id, None)
+        if estimate is None:
+            estimate = OutputEstimate()
+            if len(self.estimates) >= self.MAX_ESTIMATES:
+                del self.estimates[next(iter(self.estimates))]  # the least recently used
+        self.estimates[key_id] = estimate  # (re)inserted last: most recently used
+        return estimate
 
     def _arm(self, now: float, wait: float) -> None:
         if wait == math.inf:

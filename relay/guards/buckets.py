@@ -1,10 +1,15 @@
 """Token buckets: rates held over time, with debt.
 
-A bucket refills at ``rate`` per second up to ``capacity``. Admission takes a request's estimate
-from it; when the request ends, the difference between estimate and real use is given back or
-taken on top, so the level may go below zero (debt) and later requests wait for the refill to pay
-it off. That is what keeps a TPM limit accurate when estimates are wrong: over any long window the
-tokens delivered equal ``rate`` × time, plus at most one ``capacity`` of burst.
+A bucket refills at ``rate`` per second up to ``capacity``. Whoever uses it takes tokens as they
+are spent (admission takes a request's input when it is granted and its output as it streams) and
+gives back what was taken in excess, so the level may go below zero (debt) and later requests wait
+for the refill to pay it off. That is what keeps a TPM limit accurate when estimates are wrong:
+over any window the tokens taken equal ``rate`` × time plus the level at its start minus the level
+at its end, and the level never exceeds ``capacity``.
+
+A user may also *hold* tokens it has promised but not yet taken (the expected output of requests
+in flight): ``can_take`` and ``wait_time`` accept ``held``, so an amount is admitted only when it
+fits on top of the promises.
 
 Time is passed in (``now``), so the bucket is a pure value that tests drive with any clock.
 """
@@ -12,6 +17,14 @@ Time is passed in (``now``), so the bucket is a pure value that tests drive with
 from __future__ import annotations
 
 import math
+
+#: A TPM bucket refills at this share of its limit. Tokens are delivered in lumps (a prompt's
+#: input arrives at once; at 60,000 TPM a 2,000-token prompt is 3.3% of a minute), so the tokens
+#: delivered in a given minute swing around the refill by about 1% (bench/README.md,
+#: ``bench.tpm``). Refilling 1% below the limit makes the limit a ceiling that a minute
+#: rarely passes, instead of an average that half the minutes pass. The capacity (the burst
+#: after idle) stays one full minute of the limit.
+TPM_REFILL = 0.99
 
 
 class TokenBucket:
@@ -37,6 +50,11 @@ class TokenBucket:
         return cls(limit / 60.0, limit, now)
 
     @classmethod
+    def tokens_per_minute(cls, limit: float, now: float = 0.0) -> TokenBucket:
+        """A TPM limit: one minute's worth may be used at once, refilled at ``TPM_REFILL``."""
+        return cls(limit * TPM_REFILL / 60.0, limit, now)
+
+    @classmethod
     def per_second(cls, limit: float, now: float = 0.0) -> TokenBucket:
         """A limit per second (TPS): at most one second's worth in a burst."""
         return cls(limit, limit, now)
@@ -51,8 +69,10 @@ class TokenBucket:
         """Whether ``amount`` can ever be taken at once (it is within the capacity)."""
         return amount <= self.capacity
 
-    def can_take(self, amount: float, now: float) -> bool:
-        return self.level(now) >= min(amount, self.capacity)
+    def can_take(self, amount: float, now: float, held: float = 0.0) -> bool:
+        """Whether ``amount`` fits now on top of ``held`` promised tokens. An amount above the
+        capacity fits when the bucket is full and nothing is held (it could never fit else)."""
+        return self.level(now) - held >= min(amount, self.capacity)
 
     def take(self, amount: float, now: float) -> None:
         self.level(now)
@@ -63,13 +83,16 @@ class TokenBucket:
         self.level(now)
         self._level = min(self.capacity, self._level + amount)
 
-    def wait_time(self, amount: float, now: float) -> float:
-        """Seconds until ``can_take(amount)``: 0 if now, ``inf`` never."""
-        missing = min(amount, self.capacity) - self.level(now)
+    def wait_time(self, amount: float, now: float, held: float = 0.0) -> float:
+        """Seconds until ``can_take(amount, held=held)`` if ``held`` stays: 0 if now, ``inf``
+        never (the promises alone exceed the capacity: they must be kept or released first)."""
+        missing = min(amount, self.capacity) + held - self.level(now)
         if missing <= 0:
             return 0.0
-        return missing / self.rate if self.rate > 0 else math.inf
+        if min(amount, self.capacity) + held > self.capacity:
+            return math.inf
+        return missing / self.rate
 
-    def reset_time(self, now: float) -> float:
-        """Seconds until the bucket is full again (for ``x-ratelimit-reset-*``)."""
-        return max(0.0, (self.capacity - self.level(now)) / self.rate)
+    def reset_time(self, now: float, held: float = 0.0) -> float:
+        """Seconds until the bucket is full again with nothing held (``x-ratelimit-reset-*``)."""
+        return max(0.0, (self.capacity - self.level(now) + held) / self.rate)

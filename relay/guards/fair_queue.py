@@ -7,6 +7,11 @@ counter that may go now. A flow that becomes backlogged again after being idle h
 lifted to the smallest counter among the flows already backlogged, so idle time banks no credit:
 it re-enters level with the others, not ahead of them.
 
+What a counter is charged is the caller's choice; admission charges what a flow is served, as it
+is served (the input when a request is granted, its output as it streams, the correction to the
+real usage at its end). So a counter holds no provisional charge that a later refund takes
+back, and the lift above is to real service, not to estimates.
+
 This module is pure bookkeeping over counters and queues, with no clock and no I/O, so its
 guarantees are tested with hypothesis directly.
 """
