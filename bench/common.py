@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -233,3 +234,21 @@ async def chat_stream_usage(
         if chunk.get("usage"):
             return chunk["usage"], r.headers
     raise StreamFailed("stream without a usage chunk")
+
+
+def process_rss_bytes(pid: int) -> int:
+    """Resident memory of a process now (VmRSS, from /proc/PID/status), in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def raise_open_files_limit() -> int:
+    """Lift this process's soft limit on open files to the hard limit (children inherit it):
+    a thousand concurrent streams need a few thousand sockets. Returns the new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
