@@ -2,6 +2,7 @@
 
 python -m bench all [--quick]        relay vs direct upstream, LiteLLM and a hypercorn echo
 python -m bench profile [--quick]    py-spy profile of the relay's hot paths
+python -m bench ab REF               the relay at git REF against the working tree
 python -m bench overhead [--quick]   relay vs direct upstream (httpx2 client)
 python -m bench fairness [--quick]   weighted fair queueing under saturation
 python -m bench tpm [--quick]        a key's TPM limit, minute by minute
@@ -15,6 +16,7 @@ import sys
 COMMANDS = {
     "all": "bench.compare",
     "profile": "bench.profile",
+    "ab": "bench.ab",
     "overhead": "bench.overhead",
     "fairness": "bench.fairness",
     "tpm": "bench.tpm",

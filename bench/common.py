@@ -53,12 +53,18 @@ class Server:
 
 
 def start_server(
-    name: str, args: list[str], pattern: str, log: Path, env: dict[str, str] | None = None
+    name: str,
+    args: list[str],
+    pattern: str,
+    log: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path = ROOT,
 ) -> Server:
-    """Start ``python ARGS`` and wait for the line that says where it listens.
+    """Start ``python ARGS`` in ``cwd`` and wait for the line that says where it listens.
 
     The child runs in its own session so a Ctrl-C in the terminal reaches only this process,
-    which then stops the children itself (one SIGINT each, no double interrupt).
+    which then stops the children itself (one SIGINT each, no double interrupt). ``python -m``
+    imports from ``cwd`` first: another directory with a ``relay`` package runs that code.
     """
     log_file = open(log, "w")  # handed to the child, then to the drain thread
     proc = subprocess.Popen(
@@ -66,7 +72,7 @@ def start_server(
         stdout=subprocess.PIPE,
         stderr=log_file,
         text=True,
-        cwd=ROOT,
+        cwd=cwd,
         env={**os.environ, **(env or {})},
         start_new_session=True,
     )
