@@ -8,8 +8,9 @@ before/after figures.
     .venv/bin/python -m bench ab HEAD~1              # 3 slices per figure
     .venv/bin/python -m bench ab HEAD~1 --slices 5
 
-Figures: non-stream latency at concurrency 1 (p50, p99, relay CPU per request), throughput and
-CPU per request at concurrency 64, and paced streams (relay CPU per 1,000 events, gap p99).
+Figures: memory per open stream (1,000 idle streams, on fresh relays), non-stream latency at
+concurrency 1 (p50, p99, relay CPU per request), throughput and CPU per request at
+concurrency 64, and paced streams (relay CPU per 1,000 events, gap p99).
 """
 
 from __future__ import annotations
@@ -34,7 +35,17 @@ from .common import (
     raise_open_files_limit,
     start_server,
 )
-from .compare import FULL, CpuMeter, Samples, Target, chat_body, closed_loop, paced_streams
+from .compare import (
+    FULL,
+    LARGE_PROMPT_BYTES,
+    CpuMeter,
+    Samples,
+    Target,
+    chat_body,
+    closed_loop,
+    idle_streams,
+    paced_streams,
+)
 from .overhead import (
     ADMIN_ENV,
     ADMIN_TOKEN,
@@ -76,8 +87,17 @@ def start_relay(tmp: Path, name: str, sim_url: str, code: Path) -> tuple[Server,
 async def compare(targets: list[Target], slices: int, servers: dict[str, Server]) -> list[str]:
     request_body = chat_body(NONSTREAM_DIRECTIVE, stream=False)
     rows: list[tuple[str, dict[str, float | None]]] = []
-    for target in targets:
-        await closed_loop(target.pool(64), target.request(request_body), 1.0, None)
+    for target in targets:  # at concurrency 1: see compare.warm
+        await closed_loop(target.pool(1), target.request(request_body), 1.0, None)
+    # Memory first, on heaps that have not yet grown (see bench/README.md).
+    for prompt in (0, LARGE_PROMPT_BYTES):
+        memory = {
+            t.name: (await idle_streams(t, 1000, prompt))["kib_per_stream"] or 0.0 for t in targets
+        }
+        rows.append(
+            (f"memory per open stream, 1,000 idle streams, {prompt} B prompt (KiB)", memory)
+        )
+    print("  memory done", file=sys.stderr, flush=True)
 
     for concurrency, seconds in ((1, 2.0), (64, 2.0)):
         samples = {t.name: Samples() for t in targets}

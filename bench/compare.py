@@ -12,6 +12,7 @@ See bench/README.md for what each figure means and how it is measured.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -361,10 +362,19 @@ async def paced_streams(
 # -- memory per open stream --------------------------------------------------------------------
 
 
-async def idle_streams(target: Target, streams: int) -> dict:
+#: The prompt of the second memory measurement: agents resend their whole conversation with
+#: every turn, so real requests are tens or hundreds of KiB, and what a relay keeps of them for
+#: as long as the stream runs is part of its memory per stream.
+LARGE_PROMPT_BYTES = 32 * 1024
+
+
+async def idle_streams(target: Target, streams: int, prompt_bytes: int = 0) -> dict:
     """Open ``streams`` streams that get their first event and then nothing; the target's RSS
-    with all of them open minus its RSS before, per stream. Then every client leaves at once."""
-    request = target.request(chat_body("#sim tokens=2 ttft=0 delay=3600", stream=True))
+    with all of them open minus its RSS before, per stream. Then every client leaves at once.
+    ``prompt_bytes`` of filler text go before the directive in the prompt."""
+    filler = "lorem ipsum " * (prompt_bytes // 12)
+    content = f"{filler}#sim tokens=2 ttft=0 delay=3600"
+    request = target.request(chat_body(content, stream=True))
     pid = target.process.pid
     opened = 0
     all_open = trio.Event()
@@ -411,6 +421,7 @@ async def idle_streams(target: Target, streams: int) -> dict:
     return {
         "target": target.name,
         "streams": streams,
+        "prompt_bytes": len(content),
         "opened": opened,
         "errors": samples.errors,
         "first_error": samples.first_error,
@@ -497,9 +508,15 @@ async def disconnects(target: Target, sim: Server, count: int, concurrency: int)
 
 
 async def warm(targets: list[Target], settings: Settings) -> None:
-    """Open every connection the sweep will use (the relay's to the sim included)."""
+    """A first second of load at the smallest concurrency (each slice has its own warm-up).
+
+    Not at the largest: the relay (and LiteLLM) would keep those upstream connections idle in
+    their pools for the phases that follow, and httpx2 probes every idle connection's socket
+    on each request, which would make the concurrency-1 figures those of a relay after a burst
+    (bench/README.md, "Caveats").
+    """
     body = chat_body(NONSTREAM_DIRECTIVE, stream=False)
-    size = max(settings.concurrencies)
+    size = min(settings.concurrencies)
     for target in targets:
         await closed_loop(target.pool(size), target.request(body), 1.0, None)
 
@@ -519,9 +536,10 @@ async def run_all(
 
     async def memory() -> list[dict]:
         rows = []
-        for target in stream_targets:
-            rows.append(await idle_streams(target, settings.idle_streams))
-            log(f"  idle streams {target.name} done")
+        for prompt_bytes in (0, LARGE_PROMPT_BYTES):
+            for target in stream_targets:
+                rows.append(await idle_streams(target, settings.idle_streams, prompt_bytes))
+                log(f"  idle streams {target.name} ({prompt_bytes} B prompts) done")
         return rows
 
     async def streaming() -> list[dict]:
@@ -663,10 +681,11 @@ def figures(results: dict, peer_available: bool) -> list[dict]:
             if (r := _row(streams, n, streams=count))
         }
         add(f"CPU per 1,000 events, {count} paced streams", "ms", values)
-    memory = {r["target"]: r for r in results["memory"]}
-    values = {n: r["kib_per_stream"] for n, r in memory.items()}
+    small = [r for r in results["memory"] if r["prompt_bytes"] < LARGE_PROMPT_BYTES]
+    large = [r for r in results["memory"] if r["prompt_bytes"] >= LARGE_PROMPT_BYTES]
+    values = {r["target"]: r["kib_per_stream"] for r in small}
     relay_kib = values.get("relay")
-    count = next(iter(memory.values()))["streams"] if memory else 0
+    count = small[0]["streams"] if small else 0
     add(
         f"memory per open stream ({count} idle streams)",
         "KiB",
@@ -674,6 +693,10 @@ def figures(results: dict, peer_available: bool) -> list[dict]:
         "≤ 64 KiB",
         relay_kib is not None and relay_kib <= 64,
     )
+    if large:
+        values = {r["target"]: r["kib_per_stream"] for r in large}
+        kib = large[0]["prompt_bytes"] // 1024
+        add(f"memory per open stream, {kib} KiB prompts ({count} idle streams)", "KiB", values)
     for p in ("p50", "p99"):
         values = {
             r["target"]: r["delay_ms"][p]
@@ -765,13 +788,14 @@ def _process_name(target: str) -> str:
 
 def memory_table(rows: list[dict]) -> str:
     lines = [
-        "| target | streams opened | errors | RSS before MiB | RSS open MiB | RSS after MiB "
-        "| KiB per stream |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| target | prompt bytes | streams opened | errors | RSS before MiB | RSS open MiB "
+        "| RSS after MiB | KiB per stream |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['target']} | {r['opened']} | {r['errors']} | {r['rss_before_mib']} "
+            f"| {r['target']} | {r['prompt_bytes']} | {r['opened']} | {r['errors']} "
+            f"| {r['rss_before_mib']} "
             f"| {r['rss_open_mib']} | {r['rss_after_mib']} | {fmt(r['kib_per_stream'], 1)} |"
         )
     return "\n".join(lines)
@@ -854,8 +878,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="shorter phases, about 2 minutes")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON file to write")
     parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM peer")
+    parser.add_argument(
+        "--stream-delay",
+        type=float,
+        help=f"seconds between two events of a paced stream (default {FULL.stream_delay_s:g})",
+    )
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
+    if args.stream_delay:
+        settings = dataclasses.replace(settings, stream_delay_s=args.stream_delay)
     machine = machine_info()
     log(machine_line(machine))
     raise_open_files_limit()
