@@ -100,6 +100,17 @@ class Call:
             prepared = self.prepared[account.name] = (request, body)
         return prepared
 
+    def drop_bodies(self, account: Account) -> None:
+        """``account`` answered, so no other account will be tried: let go of the request's
+        bodies (the client's parsed JSON, and each encoded upstream body). A stream would hold
+        them, about three times the request's size (agents resend whole conversations), for as
+        long as it runs. What :meth:`upstream_request` returns for ``account`` from now on keeps
+        its path, headers and context, which is all the answer's side reads."""
+        upstream, _ = self.upstream_request(account)
+        upstream.body = {}
+        self.prepared = {account.name: (upstream, b"")}
+        self.client.body = {}
+
     def commit(self) -> None:
         """Write the usage record: exactly once, never blocking (safe while cancelled)."""
         if self.recorded:
@@ -157,6 +168,7 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
     call: Call | None = None
     try:
         client = parse_request(endpoint, decode_json_body(raw), request.headers)
+        del raw  # parsed: not held for the rest of the request
         record.model = client.model
         record.stream = client.stream
         route = runtime.catalog.resolve(package, client.model)
@@ -326,6 +338,7 @@ async def _upstream_call(
             await stack.aclose()
             raise
         runtime.health.succeeded(account)
+        call.drop_bodies(account)
         if call.client.session_key:
             scheduler.sessions.bind(
                 call.route.pool, call.client.session_key, account.name, trio.current_time()
