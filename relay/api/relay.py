@@ -571,7 +571,12 @@ async def _relay_events(
         async for chunk in response.aiter_raw():
             data = translator.feed(chunk)
             if data:
-                await out.send(data)
+                try:
+                    # No checkpoint when there is room: the upstream read just made one, and
+                    # send() would reschedule the pump once more for every event.
+                    out.send_nowait(data)
+                except trio.WouldBlock:
+                    await out.send(data)  # the client is behind: wait for it
     except httpx2.TimeoutException:
         raise UpstreamTimeout(
             f"The upstream account '{account}' went silent in the middle of the answer."
