@@ -84,19 +84,25 @@ def start_relay(tmp: Path, name: str, sim_url: str, code: Path) -> tuple[Server,
     return server, key
 
 
-async def compare(targets: list[Target], slices: int, servers: dict[str, Server]) -> list[str]:
+async def compare(
+    targets: list[Target], fresh: list[Target], slices: int, servers: dict[str, Server]
+) -> list[str]:
     request_body = chat_body(NONSTREAM_DIRECTIVE, stream=False)
     rows: list[tuple[str, dict[str, float | None]]] = []
     for target in targets:  # at concurrency 1: see compare.warm
         await closed_loop(target.pool(1), target.request(request_body), 1.0, None)
-    # Memory first, on heaps that have not yet grown (see bench/README.md).
-    for prompt in (0, LARGE_PROMPT_BYTES):
-        memory = {
-            t.name: (await idle_streams(t, 1000, prompt))["kib_per_stream"] or 0.0 for t in targets
-        }
-        rows.append(
-            (f"memory per open stream, 1,000 idle streams, {prompt} B prompt (KiB)", memory)
-        )
+    # Memory first, on heaps that have not yet grown (see bench/README.md); large prompts on
+    # fresh relays, which are stopped afterwards.
+    memory = {t.name: (await idle_streams(t, 1000))["kib_per_stream"] or 0.0 for t in targets}
+    rows.append(("memory per open stream, 1,000 idle streams (KiB)", memory))
+    memory = {}
+    for target in fresh:
+        await closed_loop(target.pool(1), target.request(request_body), 1.0, None)
+        row = await idle_streams(target, 1000, LARGE_PROMPT_BYTES)
+        memory[target.name] = row["kib_per_stream"] or 0.0
+        await trio.to_thread.run_sync(target.process.stop)
+    label = f"memory per open stream, 1,000 idle streams, {LARGE_PROMPT_BYTES // 1024} KiB prompts"
+    rows.append((f"{label} (KiB)", memory))
     print("  memory done", file=sys.stderr, flush=True)
 
     for concurrency, seconds in ((1, 2.0), (64, 2.0)):
@@ -179,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             tmp / "sim.log",
         )
         servers = {"sim": sim}
+        fresh: list[Target] = []
         try:
             before, before_key = start_relay(tmp, "before", sim.url, code)
             servers["before"] = before
@@ -188,9 +195,12 @@ def main(argv: list[str] | None = None) -> int:
                 Target("before", before.url, before_key, before),
                 Target("after", after.url, after_key, after),
             ]
-            lines = trio.run(compare, targets, args.slices, servers)
+            for name, at in (("before", code), ("after", ROOT)):
+                server, key = start_relay(tmp, f"{name}-fresh", sim.url, at)
+                fresh.append(Target(name, server.url, key, server))
+            lines = trio.run(compare, targets, fresh, args.slices, servers)
         finally:
-            for server in servers.values():
+            for server in [*servers.values(), *(t.process for t in fresh)]:
                 server.stop()
     print(f"before = {args.ref}, after = working tree; {args.slices} alternating slices each\n")
     print("\n".join(lines))

@@ -36,9 +36,19 @@ from .common import (
     percentile,
     process_rss_bytes,
     raise_open_files_limit,
+    start_relay,
     start_server,
 )
-from .overhead import ADMIN_TOKEN, MODEL, NONSTREAM_DIRECTIVE, SIM_KEY, interrupted, start_servers
+from .overhead import (
+    ADMIN_TOKEN,
+    MODEL,
+    NONSTREAM_DIRECTIVE,
+    SIM_KEY,
+    create_key,
+    interrupted,
+    relay_config,
+    start_servers,
+)
 from .wire import Connection, WireError, prepare
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "all.json"
@@ -522,13 +532,22 @@ async def warm(targets: list[Target], settings: Settings) -> None:
 
 
 async def run_all(
-    targets: list[Target], sim: Server, settings: Settings, meters: dict[str, Server]
+    targets: list[Target],
+    sim: Server,
+    settings: Settings,
+    meters: dict[str, Server],
+    fresh: list[Target],
 ) -> dict:
+    """Every phase, in order. ``fresh`` are a second relay and LiteLLM, started only for the
+    memory figure with large prompts and stopped after it: a process that has had a thousand
+    streams keeps the memory they freed and reuses it, so the second figure needs a heap that
+    has not grown yet, as the first one does."""
     by_name = {t.name: t for t in targets}
     stream_targets = [by_name[n] for n in ("direct", "relay", "litellm") if n in by_name]
     results: dict = {}
     log("warming up every connection")
     await warm(targets, settings)
+    warm_body = chat_body(NONSTREAM_DIRECTIVE, stream=False)
 
     async def phase(name: str, fn: Callable[[], Awaitable[object]]) -> None:
         log(f"{name}…")
@@ -536,10 +555,14 @@ async def run_all(
 
     async def memory() -> list[dict]:
         rows = []
-        for prompt_bytes in (0, LARGE_PROMPT_BYTES):
-            for target in stream_targets:
-                rows.append(await idle_streams(target, settings.idle_streams, prompt_bytes))
-                log(f"  idle streams {target.name} ({prompt_bytes} B prompts) done")
+        for target in stream_targets:
+            rows.append(await idle_streams(target, settings.idle_streams))
+            log(f"  idle streams {target.name} done")
+        for target in fresh:
+            await closed_loop(target.pool(1), target.request(warm_body), 1.0, None)
+            rows.append(await idle_streams(target, settings.idle_streams, LARGE_PROMPT_BYTES))
+            log(f"  idle streams with {LARGE_PROMPT_BYTES} B prompts {target.name} done")
+            await trio.to_thread.run_sync(target.process.stop)
         return rows
 
     async def streaming() -> list[dict]:
@@ -865,6 +888,29 @@ def report(result: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
+def start_fresh(tmp: Path, sim: Server, targets: list[Target]) -> list[Target]:
+    """A second relay (and LiteLLM, if the first one started) on the same sim, for the memory
+    figure with large prompts (see :func:`run_all`)."""
+    home = tmp / "fresh"
+    home.mkdir()
+    fresh = [Target("relay", *_start_relay(home, sim))]
+    if any(t.name == "litellm" for t in targets):
+        try:
+            litellm, master_key = litellm_peer.start(home, sim.url, MODEL, SIM_KEY)
+            fresh.append(Target("litellm", litellm.url, master_key, litellm))
+        except litellm_peer.PeerUnavailable as exc:
+            log(f"second LiteLLM unavailable: {exc}")
+    return fresh  # not metered: they are stopped after the memory phase
+
+
+def _start_relay(home: Path, sim: Server) -> tuple[str, str, Server]:
+    config = home / "relay.toml"
+    config.write_text(relay_config(sim.url, home / "relay.db"))
+    key = create_key(config)
+    relay = start_relay(home, config.read_text(), "relay-fresh.log")
+    return relay.url, key, relay
+
+
 def relay_state(relay: Server) -> dict:
     request = urllib.request.Request(
         relay.url + "/admin/state", headers={"authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -894,6 +940,7 @@ def main(argv: list[str] | None = None) -> int:
     peer = {"available": False, "version": litellm_peer.VERSION, "description": ""}
     wall_start = time.perf_counter()
     servers: dict[str, Server] = {}
+    fresh: list[Target] = []
     try:
         with tempfile.TemporaryDirectory(prefix="relay-bench-all-") as tmp_name:
             tmp = Path(tmp_name)
@@ -929,11 +976,14 @@ def main(argv: list[str] | None = None) -> int:
                         peer["description"] = f"**unavailable**: {exc}. No LiteLLM figures."
                         log(f"LiteLLM unavailable: {exc}")
                 targets.append(Target("echo", echo.url, "none", echo))
+                fresh += start_fresh(tmp, sim, targets)
                 log(", ".join(f"{n} pid {s.pid} at {s.url}" for n, s in servers.items()))
-                results = trio.run(run_all, targets, sim, settings, servers)
+                results = trio.run(run_all, targets, sim, settings, servers, fresh)
                 state = relay_state(relay)
             finally:
                 codes = {name: server.stop() for name, server in servers.items()}
+                for target in fresh:
+                    target.process.stop()
             logs = {name: server.log.read_text() for name, server in servers.items()}
     except BaseException as exc:
         if not interrupted(exc):
