@@ -338,6 +338,7 @@ async def _upstream_call(
             await stack.aclose()
             raise
         runtime.health.succeeded(account)
+        del payload  # see drop_bodies
         call.drop_bodies(account)
         if call.client.session_key:
             scheduler.sessions.bind(
