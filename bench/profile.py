@@ -83,6 +83,42 @@ def summarise(collapsed: Path, top: int = 25) -> str:
     return "\n".join(out)
 
 
+#: Libraries a sample is charged to: the innermost frame of one of these (trio's own frames and
+#: the standard library are charged to whichever of these called them).
+OWNERS = ("relay/", "httpx2/", "httpcore2/", "hypercorn/", "h11/")
+
+
+def by_owner(collapsed: Path) -> str:
+    """Samples per owning library and, for the relay, per function: who caused the CPU use
+    (a socket send that hypercorn makes counts for hypercorn, a cancel scope the relay opens
+    for the relay)."""
+    owners: collections.Counter[str] = collections.Counter()
+    relay: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        total += n
+        owner = "trio run loop / other"
+        for frame in reversed(stack.split(";")):
+            found = next((lib for lib in OWNERS if lib in frame), None)
+            if found:
+                owner = found.rstrip("/")
+                if owner == "relay" and "relay/cli.py" in frame:
+                    owner = "trio run loop / other"  # the run loop's root frame
+                elif owner == "relay":
+                    relay[_frame(frame)] += n
+                break
+        owners[owner] += n
+    out = ["charged to the library that caused it:"]
+    out += [f"  {100 * n / total:5.1f}%  {o}" for o, n in owners.most_common()]
+    out += ["", "relay functions (with the trio and stdlib work they cause):"]
+    out += [f"  {100 * n / total:5.1f}%  {f}" for f, n in relay.most_common(12)]
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench profile", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="6 s per load instead of 15")
@@ -135,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                 trio.run(run)
                 print(f"\n## {load}  ({out})\n")
                 print(summarise(out))
+                print()
+                print(by_owner(out))
         finally:
             relay.stop()
             sim.stop()
