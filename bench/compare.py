@@ -884,7 +884,10 @@ def report(result: dict) -> str:
                     f"first: {row['first_error']}"
                 )
     if result["logs_with_tracebacks"]:
-        parts.append(f"tracebacks in the logs of: {', '.join(result['logs_with_tracebacks'])}")
+        parts.append(
+            f"tracebacks in the logs of: {', '.join(result['logs_with_tracebacks'])} "
+            f"(kept in {result['logs_dir']})"
+        )
     return "\n".join(parts) + "\n"
 
 
@@ -985,6 +988,10 @@ def main(argv: list[str] | None = None) -> int:
                 for target in fresh:
                     target.process.stop()
             logs = {name: server.log.read_text() for name, server in servers.items()}
+            kept = args.out.parent / f"{args.out.stem}-logs"  # the temporary directory goes
+            kept.mkdir(parents=True, exist_ok=True)
+            for name, text in logs.items():
+                (kept / f"{name}.log").write_text(text)
     except BaseException as exc:
         if not interrupted(exc):
             raise
@@ -1006,6 +1013,7 @@ def main(argv: list[str] | None = None) -> int:
         "relay_state_after": state,
         "exit_codes": codes,
         "logs_with_tracebacks": [name for name, text in logs.items() if "Traceback" in text],
+        "logs_dir": str(args.out.parent / f"{args.out.stem}-logs"),
     }
     others = [
         row["cpu"]["other_util"] for section in ("nonstream", "streams") for row in results[section]
