@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -52,12 +53,18 @@ class Server:
 
 
 def start_server(
-    name: str, args: list[str], pattern: str, log: Path, env: dict[str, str] | None = None
+    name: str,
+    args: list[str],
+    pattern: str,
+    log: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path = ROOT,
 ) -> Server:
-    """Start ``python ARGS`` and wait for the line that says where it listens.
+    """Start ``python ARGS`` in ``cwd`` and wait for the line that says where it listens.
 
     The child runs in its own session so a Ctrl-C in the terminal reaches only this process,
-    which then stops the children itself (one SIGINT each, no double interrupt).
+    which then stops the children itself (one SIGINT each, no double interrupt). ``python -m``
+    imports from ``cwd`` first: another directory with a ``relay`` package runs that code.
     """
     log_file = open(log, "w")  # handed to the child, then to the drain thread
     proc = subprocess.Popen(
@@ -65,7 +72,7 @@ def start_server(
         stdout=subprocess.PIPE,
         stderr=log_file,
         text=True,
-        cwd=ROOT,
+        cwd=cwd,
         env={**os.environ, **(env or {})},
         start_new_session=True,
     )
@@ -233,3 +240,21 @@ async def chat_stream_usage(
         if chunk.get("usage"):
             return chunk["usage"], r.headers
     raise StreamFailed("stream without a usage chunk")
+
+
+def process_rss_bytes(pid: int) -> int:
+    """Resident memory of a process now (VmRSS, from /proc/PID/status), in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def raise_open_files_limit() -> int:
+    """Lift this process's soft limit on open files to the hard limit (children inherit it):
+    a thousand concurrent streams need a few thousand sockets. Returns the new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard

@@ -32,6 +32,10 @@ SIM_KEY = "bench-sim-key"
 ADMIN_TOKEN = "bench-admin-token"
 ADMIN_ENV = "RELAY_BENCH_ADMIN_TOKEN"
 MODEL = "gpt-5.5"
+#: Served only by the relay's ``openai-responses`` account (and MODEL only by its ``openai-chat``
+#: one), so that every request is relayed in its own protocol: with one model on both accounts
+#: the least-loaded account is taken, and under load half the requests would be translated.
+RESPONSES_MODEL = "gpt-5.5-responses"
 CONCURRENCIES = (1, 64)
 DEFAULT_OUT = ROOT / "bench" / "results" / "overhead.json"
 IDLE_SECONDS = 2.0  # the relay's own background CPU is measured this long before the load
@@ -108,7 +112,7 @@ MODES = (
     Mode(
         "responses-stream",
         "/responses",
-        _json({"model": MODEL, "input": STREAM_DIRECTIVE, "stream": True}),
+        _json({"model": RESPONSES_MODEL, "input": STREAM_DIRECTIVE, "stream": True}),
         stream=True,
         done_marker=b"response.completed",
     ),
@@ -371,9 +375,13 @@ async def run_all(sim: Server, relay: Server, key: str, settings: Settings) -> l
 
 
 def relay_config(sim_url: str, database: Path) -> str:
-    """One pool and one package without any limit, one account per protocol on the sim."""
+    """One pool and one package without any limit, one account per protocol on the sim, each
+    with its own model (see RESPONSES_MODEL)."""
     accounts = ""
-    for name, provider in (("sim-chat", "openai-chat"), ("sim-responses", "openai-responses")):
+    for name, provider, model in (
+        ("sim-chat", "openai-chat", MODEL),
+        ("sim-responses", "openai-responses", RESPONSES_MODEL),
+    ):
         accounts += textwrap.dedent(f"""
             [[accounts]]
             name = "{name}"
@@ -381,7 +389,7 @@ def relay_config(sim_url: str, database: Path) -> str:
             provider = "{provider}"
             base_url = "{sim_url}/v1"
             api_key_env = "SIM_UPSTREAM_KEY"
-            models = ["{MODEL}"]
+            models = ["{model}"]
             """)
     return (
         textwrap.dedent(f"""\
@@ -580,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
             **asdict(settings),
             "concurrencies": list(CONCURRENCIES),
             "model": MODEL,
+            "responses_model": RESPONSES_MODEL,
             "nonstream_directive": NONSTREAM_DIRECTIVE,
             "stream_directive": STREAM_DIRECTIVE,
         },

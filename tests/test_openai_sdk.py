@@ -135,3 +135,19 @@ def test_models_list_and_retrieve(client: openai.OpenAI) -> None:
     assert client.models.retrieve("gpt-5-high").id == "gpt-5-high"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("nope")
+
+
+def test_upstream_gets_the_request_body_with_its_length_not_chunked(
+    client: openai.OpenAI, sim: Sim
+) -> None:
+    """The relay hands the body to httpx2 as a stream (so it is not kept for the whole answer)
+    but declares its length: upstreams may refuse a chunked request body."""
+    content = "long " * 20_000 + "#sim tokens=2"
+    stream = client.chat.completions.create(
+        model="gpt-5.5", messages=[{"role": "user", "content": content}], stream=True
+    )
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    upstream = last_upstream_request(sim, "/chat/completions")
+    assert upstream["body"]["messages"][0]["content"] == content
+    assert "transfer-encoding" not in upstream["headers"]
+    assert int(upstream["headers"]["content-length"]) > len(content)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 
 import pytest
 from hypothesis import given
@@ -54,6 +56,39 @@ def test_splitter_yields_the_same_events_for_any_chunking(cuts: list[int]) -> No
     assert b"".join(events) == CHAT_STREAM
     assert len(events) == 4
     assert splitter.tail() == b""
+
+
+def _split_by_regex(chunks: list[bytes]) -> tuple[list[bytes], bytes]:
+    """The reference: every event ends at the first blank line, ``\n`` or ``\r\n`` style."""
+    events, buffer = [], b""
+    for chunk in chunks:
+        buffer += chunk
+        start = 0
+        for match in re.finditer(rb"\r?\n\r?\n", buffer):
+            events.append(buffer[start : match.end()])
+            start = match.end()
+        buffer = buffer[start:]
+    return events, buffer
+
+
+@given(
+    st.lists(
+        st.sampled_from([b"a", b"data: x", b"\n", b"\r", b"\n\n", b"\r\n\r\n"]), max_size=30
+    ),
+    st.lists(st.integers(min_value=0, max_value=200), max_size=6),
+    st.booleans(),
+)
+def test_splitter_cuts_any_bytes_in_any_chunking_like_the_reference(
+    parts: list[bytes], cuts: list[int], lf_only: bool
+) -> None:
+    stream = b"".join(parts)
+    if lf_only:  # the fast path: no "\r" anywhere
+        stream = stream.replace(b"\r", b"")
+    bounds = [0, *sorted({cut for cut in cuts if cut <= len(stream)}), len(stream)]
+    chunks = [stream[a:b] for a, b in itertools.pairwise(bounds)]
+    splitter = EventSplitter()
+    events = [event for chunk in chunks for event in splitter.feed(chunk)]
+    assert (events, splitter.tail()) == _split_by_regex(chunks)
 
 
 def test_splitter_handles_crlf_and_keeps_the_tail() -> None:

@@ -101,6 +101,17 @@ class Call:
             prepared = self.prepared[account.name] = (request, body)
         return prepared
 
+    def drop_bodies(self, account: Account) -> None:
+        """``account`` answered, so no other account will be tried: let go of the request's
+        bodies (the client's parsed JSON, and each encoded upstream body). A stream would hold
+        them, about three times the request's size (agents resend whole conversations), for as
+        long as it runs. What :meth:`upstream_request` returns for ``account`` from now on keeps
+        its path, headers and context, which is all the answer's side reads."""
+        upstream, _ = self.upstream_request(account)
+        upstream.body = {}
+        self.prepared = {account.name: (upstream, b"")}
+        self.client.body = {}
+
     def commit(self) -> None:
         """Write the usage record: exactly once, never blocking (safe while cancelled)."""
         if self.recorded:
@@ -158,6 +169,7 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
     call: Call | None = None
     try:
         client = parse_request(endpoint, decode_json_body(raw), request.headers)
+        del raw  # parsed: not held for the rest of the request
         record.model = client.model
         record.stream = client.stream
         route = runtime.catalog.resolve(package, client.model)
@@ -342,6 +354,8 @@ async def _upstream_call(
             await stack.aclose()
             raise
         runtime.health.succeeded(account)
+        del payload  # see drop_bodies
+        call.drop_bodies(account)
         if call.client.session_key:
             scheduler.sessions.bind(
                 call.route.pool, call.client.session_key, account.name, trio.current_time()
@@ -414,11 +428,16 @@ async def _relay_once(call: Call) -> None:
 
 
 class _ClientWriter:
-    """Writes relayed bytes to the client and exposes how long the current write has taken."""
+    """Writes relayed bytes to the client and notes the times the stream's watcher needs: since
+    when the current write has been going on (``writing_since``) and when the last one ended
+    (``quiet_since``; None until the first write)."""
+
+    __slots__ = ("call", "quiet_since", "writing_since")
 
     def __init__(self, call: Call) -> None:
         self.call = call
         self.writing_since: float | None = None
+        self.quiet_since: float | None = None
 
     async def write(self, data: bytes) -> None:
         self.writing_since = trio.current_time()
@@ -426,6 +445,7 @@ class _ClientWriter:
             self.call.record.ttft_ms = (self.writing_since - self.call.started) * 1000
         await self.call.responder.body(data)
         self.writing_since = None
+        self.quiet_since = trio.current_time()
 
 
 async def _relay_stream(call: Call) -> None:
@@ -435,7 +455,7 @@ async def _relay_stream(call: Call) -> None:
     failure: RelayError | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_pump, call, send_channel, pump_scope)
-        nursery.start_soon(_stall_watchdog, call, writer, pump_scope)
+        nursery.start_soon(_watch_stream, call, writer, send_channel, pump_scope)
         try:
             async with receive_channel:
                 first = await _first_message(receive_channel)
@@ -444,35 +464,13 @@ async def _relay_stream(call: Call) -> None:
                 else:
                     await call.responder.start(200, SSE_HEADERS)
                     await writer.write(first)
-                    await _write_rest(call, writer, receive_channel)
+                    async for data in receive_channel:  # keep-alives included
+                        await writer.write(_with_backlog(data, receive_channel))
                     await call.responder.end()
         finally:
             nursery.cancel_scope.cancel()
     if failure is not None:
         raise failure
-
-
-async def _write_rest(
-    call: Call, writer: _ClientWriter, channel: trio.MemoryReceiveChannel[bytes]
-) -> None:
-    """Write the stream's events as they come, and a keep-alive after each
-    ``keepalive_event_s`` of upstream silence (an agent's reasoning upstream may think for
-    minutes; clients and proxies give up on a connection that says nothing)."""
-    interval = call.runtime.config.server.keepalive_event_s
-    while True:
-        with trio.move_on_after(interval) as quiet:
-            try:
-                data = await channel.receive()
-            except trio.EndOfChannel:
-                return
-        if quiet.cancelled_caught:
-            # The channel is empty, so the pump is waiting on the upstream: no event it encodes
-            # can be ahead of this one.
-            keepalive = call.translator.keepalive() if call.translator is not None else b""
-            if keepalive:
-                await writer.write(keepalive)
-            continue
-        await writer.write(_with_backlog(data, channel))
 
 
 def _with_backlog(data: bytes, channel: trio.MemoryReceiveChannel) -> bytes:
@@ -496,16 +494,59 @@ async def _first_message(channel: trio.MemoryReceiveChannel) -> bytes | RelayErr
         return UpstreamUnavailable("The upstream ended the request without an answer.")
 
 
-async def _stall_watchdog(call: Call, writer: _ClientWriter, pump_scope: trio.CancelScope):
-    limit = call.runtime.config.server.stall_timeout_s
+async def _watch_stream(
+    call: Call,
+    writer: _ClientWriter,
+    out: trio.MemorySendChannel[bytes | RelayError],
+    pump_scope: trio.CancelScope,
+) -> None:
+    """The stream's two timers, in one task that wakes only when one of them is due:
+
+    - keep-alive: after each ``keepalive_event_s`` without a write, once the answer has begun
+      (an agent's reasoning upstream may think for minutes; clients and proxies give up on a
+      connection that says nothing). It is queued in the pump's channel, and only when that is
+      empty and no write is in progress: the pump is then waiting on the upstream, so no event
+      it encodes can be ahead of the keep-alive (a translated Responses stream numbers them).
+    - stall: a client that accepted no data for ``stall_timeout_s`` gets the pump cancelled,
+      which releases the upstream and the slots although the write to it cannot be interrupted.
+
+    Why not a timeout around each event's ``receive``: a cancel scope per event was a visible
+    share of the per-event CPU with a thousand streams; here the writer only notes the time.
+    """
+    server = call.runtime.config.server
+    stall, interval = server.stall_timeout_s, server.keepalive_event_s
+    poll = max(stall / 4, 0.05)
     while True:
-        await trio.sleep(max(limit / 4, 0.05))
+        now = trio.current_time()
         since = writer.writing_since
-        if since is not None and trio.current_time() - since > limit:
-            log.info("%s: client accepted no data for %.0fs", call.request.request_id, limit)
+        if since is not None and now - since > stall:
+            log.info("%s: client accepted no data for %.0fs", call.request.request_id, stall)
             call.record.error_code = "client_stalled"
             pump_scope.cancel()
             return
+        wake = now + poll
+        quiet = writer.quiet_since
+        if quiet is None:  # the answer has not begun: look again in an interval
+            wake = min(wake, now + interval)
+        elif since is None:
+            if now - quiet >= interval:
+                _queue_keepalive(call, out)
+                writer.quiet_since = quiet = now
+            wake = min(wake, quiet + interval)
+        await trio.sleep_until(wake)
+
+
+def _queue_keepalive(call: Call, out: trio.MemorySendChannel[bytes | RelayError]) -> None:
+    """Queue the translator's keep-alive if nothing is waiting to be written (no checkpoint
+    between the check and the queueing, so the pump cannot slip an event in between)."""
+    if call.translator is None or out.statistics().current_buffer_used:
+        return
+    keepalive = call.translator.keepalive()
+    if keepalive:
+        try:
+            out.send_nowait(keepalive)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # the pump has finished: the stream is ending anyway
 
 
 async def _pump(
@@ -552,7 +593,12 @@ async def _relay_events(
             data = translator.feed(chunk)
             lease.produced(translator.deltas)  # the guards charge the output as it is served
             if data:
-                await out.send(data)
+                try:
+                    # No checkpoint when there is room: the upstream read just made one, and
+                    # send() would reschedule the pump once more for every event.
+                    out.send_nowait(data)
+                except trio.WouldBlock:
+                    await out.send(data)  # the client is behind: wait for it
     except httpx2.TimeoutException:
         raise UpstreamTimeout(
             f"The upstream account '{account}' went silent in the middle of the answer."

@@ -39,9 +39,21 @@ class EventSplitter:
         buffer = self._buffer + data if self._buffer else data
         events = []
         start = 0
-        for match in _EVENT_END.finditer(buffer):
-            events.append(buffer[start : match.end()])
-            start = match.end()
+        if b"\r" in buffer:
+            for match in _EVENT_END.finditer(buffer):
+                events.append(buffer[start : match.end()])
+                start = match.end()
+        else:
+            # The usual framing ("\n\n" only): find() is cheaper than the regex, and a chunk
+            # that is exactly one event (most chunks of a paced stream) is returned as it is.
+            end = buffer.find(b"\n\n")
+            if end >= 0 and end == len(buffer) - 2:
+                self._buffer = b""
+                return [buffer]
+            while end >= 0:
+                events.append(buffer[start : end + 2])
+                start = end + 2
+                end = buffer.find(b"\n\n", start)
         self._buffer = buffer[start:]
         return events
 
@@ -153,7 +165,7 @@ class StreamMeter:
         self.last_event = event
         if b"delta" in event:
             self.deltas += 1
-        if _USAGE_OBJECT.search(event):
+        if b'"usage"' in event and _USAGE_OBJECT.search(event):  # the regex only if it may match
             return self._capture_usage(event)
         if self._endpoint is Endpoint.CHAT:
             if _DONE in event and event_data(event).strip() == _DONE:

@@ -1,0 +1,35 @@
+"""``python -m bench COMMAND``: one entry point for the benchmarks.
+
+python -m bench all [--quick]        relay vs direct upstream, LiteLLM and a hypercorn echo
+python -m bench profile [--quick]    py-spy profile of the relay's hot paths
+python -m bench ab REF               the relay at git REF against the working tree
+python -m bench overhead [--quick]   relay vs direct upstream (httpx2 client)
+python -m bench fairness [--quick]   weighted fair queueing under saturation
+python -m bench tpm [--quick]        a key's TPM limit, minute by minute
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "all": "bench.compare",
+    "profile": "bench.profile",
+    "ab": "bench.ab",
+    "overhead": "bench.overhead",
+    "fairness": "bench.fairness",
+    "tpm": "bench.tpm",
+}
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[sys.argv[1]])
+    return module.main(sys.argv[2:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
