@@ -6,6 +6,7 @@ python -m bench ab REF               the relay at git REF against the working tr
 python -m bench overhead [--quick]   relay vs direct upstream (httpx2 client)
 python -m bench fairness [--quick]   weighted fair queueing under saturation
 python -m bench tpm [--quick]        a key's TPM limit, minute by minute
+python -m bench ledger               what credit holds, pricing and metrics cost per request
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ COMMANDS = {
     "overhead": "bench.overhead",
     "fairness": "bench.fairness",
     "tpm": "bench.tpm",
+    "ledger": "bench.ledger",
 }
 
 

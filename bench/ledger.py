@@ -45,10 +45,10 @@ def per_request_us(started: float, count: int) -> float:
     return (time.perf_counter() - started) / count * 1e6
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200_000)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     count = args.requests
     config = parse_config(CONFIG)
     with tempfile.TemporaryDirectory() as tmp:
