@@ -57,7 +57,7 @@ from .events import (
     ToolCallStart,
     UsageEvent,
 )
-from .sse import Usage
+from .sse import Usage, token_count
 
 ANTHROPIC_VERSION = "2023-06-01"
 
@@ -356,8 +356,7 @@ def anthropic_usage(usage: dict) -> Usage:
     """Anthropic usage in the relay's vocabulary (§5.1): input counts cache reads and writes."""
 
     def number(name: str) -> int:
-        value = usage.get(name)
-        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+        return token_count(usage.get(name))
 
     cached = number("cache_read_input_tokens")
     return Usage(

@@ -55,7 +55,7 @@ from .events import (
     ToolCallStart,
     UsageEvent,
 )
-from .sse import Usage
+from .sse import Usage, token_count
 
 #: Placeholder signature Google documents for function calls whose real signature is unknown.
 SKIP_SIGNATURE = "skip_thought_signature_validator"
@@ -404,8 +404,7 @@ def gemini_usage(metadata: dict) -> Usage:
     """``usageMetadata`` in the relay's vocabulary (§5.2): thoughts are part of the output."""
 
     def number(name: str) -> int:
-        value = metadata.get(name)
-        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+        return token_count(metadata.get(name))
 
     thoughts = number("thoughtsTokenCount")
     return Usage(

@@ -92,10 +92,10 @@ class Usage:
         if cached is None:  # DeepSeek reports cache hits under its own name
             cached = usage.get("prompt_cache_hit_tokens", 0)
         return cls(
-            input_tokens=_int(usage.get("prompt_tokens")),
-            cached_tokens=_int(cached),
-            output_tokens=_int(usage.get("completion_tokens")),
-            reasoning_tokens=_int(completion_details.get("reasoning_tokens")),
+            input_tokens=token_count(usage.get("prompt_tokens")),
+            cached_tokens=token_count(cached),
+            output_tokens=token_count(usage.get("completion_tokens")),
+            reasoning_tokens=token_count(completion_details.get("reasoning_tokens")),
         )
 
     @classmethod
@@ -103,10 +103,10 @@ class Usage:
         input_details = usage.get("input_tokens_details") or {}
         output_details = usage.get("output_tokens_details") or {}
         return cls(
-            input_tokens=_int(usage.get("input_tokens")),
-            cached_tokens=_int(input_details.get("cached_tokens")),
-            output_tokens=_int(usage.get("output_tokens")),
-            reasoning_tokens=_int(output_details.get("reasoning_tokens")),
+            input_tokens=token_count(usage.get("input_tokens")),
+            cached_tokens=token_count(input_details.get("cached_tokens")),
+            output_tokens=token_count(usage.get("output_tokens")),
+            reasoning_tokens=token_count(output_details.get("reasoning_tokens")),
         )
 
     @classmethod
@@ -118,7 +118,8 @@ class Usage:
         return cls.from_chat(usage) if endpoint is Endpoint.CHAT else cls.from_responses(usage)
 
 
-def _int(value: object) -> int:
+def token_count(value: object) -> int:
+    """A token count from an upstream's usage object: the integer, or 0 for anything else."""
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
