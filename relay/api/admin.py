@@ -38,7 +38,10 @@ from ..protocol.requests import decode_json_body
 from .http import Request, Responder
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ..app import Runtime
+    from ..upstream.routing import Account
 
 #: Admin request bodies are small JSON objects.
 MAX_ADMIN_BODY = 64 * 1024
@@ -275,7 +278,7 @@ async def list_accounts(runtime: Runtime, request: Request, responder: Responder
     await responder.json(200, {"object": "list", "data": data})
 
 
-def _account(runtime: Runtime, request: Request):
+def _account(runtime: Runtime, request: Request) -> Account:
     name = request.params["name"]
     account = runtime.scheduler.by_name.get(name)
     if account is None:
@@ -286,19 +289,20 @@ def _account(runtime: Runtime, request: Request):
 
 async def enable_account(runtime: Runtime, request: Request, responder: Responder) -> None:
     """Put an account back in service (after an upstream 401/403, or a disable)."""
-    check_admin(runtime, request)
-    account = _account(runtime, request)
-    runtime.health.enable(account)
-    status = runtime.scheduler.status()[account.name]
-    view = _account_view(runtime, account.name, status)
-    await responder.json(200, {"account": account.name, **view})
+    await _set_service(runtime, request, responder, runtime.health.enable)
 
 
 async def disable_account(runtime: Runtime, request: Request, responder: Responder) -> None:
     """Take an account out of service until it is enabled again (or the relay restarts)."""
+    await _set_service(runtime, request, responder, runtime.health.disable)
+
+
+async def _set_service(
+    runtime: Runtime, request: Request, responder: Responder, change: Callable[[Account], None]
+) -> None:
     check_admin(runtime, request)
     account = _account(runtime, request)
-    runtime.health.disable(account)
+    change(account)
     status = runtime.scheduler.status()[account.name]
     view = _account_view(runtime, account.name, status)
     await responder.json(200, {"account": account.name, **view})
