@@ -20,12 +20,12 @@ import dataclasses
 import functools
 import json
 import logging
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import httpx2
 import trio
 
 from ..errors import (
@@ -48,6 +48,7 @@ from ..protocol.translate import (
     response_usage,
     translate_response,
 )
+from ..upstream import http11
 from ..upstream.health import is_account_failure
 from ..upstream.routing import Account, ModelRoute
 from .http import SSE_HEADERS, Request, Responder
@@ -296,7 +297,7 @@ async def _cancel_on_disconnect(call: Call, scope: trio.CancelScope) -> None:
 @asynccontextmanager
 async def _upstream_call(
     call: Call, *, stream: bool
-) -> AsyncIterator[tuple[Lease, Account, httpx2.Response]]:
+) -> AsyncIterator[tuple[Lease, Account, http11.Response]]:
     """Admission, an account, and its upstream response, held for the caller's block.
 
     While nothing has reached the client, an attempt that fails in a way another account might
@@ -389,14 +390,14 @@ async def _relay_once(call: Call) -> None:
     async with _upstream_call(call, stream=False) as (lease, account, response):
         try:
             body = await response.aread()
-        except httpx2.TimeoutException:
+        except http11.ReadTimeout:
             raise UpstreamTimeout(
                 f"The upstream account '{account.name}' did not finish its answer in time."
             ) from None
-        except httpx2.HTTPError as exc:
+        except (http11.TransportError, zlib.error) as exc:
             raise UpstreamUnavailable(
                 f"The connection to upstream account '{account.name}' broke before "
-                f"its answer was complete ({type(exc).__name__})."
+                f"its answer was complete ({exc})."
             ) from None
         upstream, _ = call.upstream_request(account)
         kind = account.config.provider
@@ -582,14 +583,14 @@ async def _pump(
 
 
 async def _relay_events(
-    response: httpx2.Response,
+    response: http11.Response,
     translator: StreamTranslator,
     out: trio.MemorySendChannel[bytes | RelayError],
     lease: Lease,
     account: str,
 ) -> None:
     try:
-        async for chunk in response.aiter_raw():
+        async for chunk in response:
             data = translator.feed(chunk)
             lease.produced(translator.deltas)  # the guards charge the output as it is served
             if data:
@@ -599,14 +600,14 @@ async def _relay_events(
                     out.send_nowait(data)
                 except trio.WouldBlock:
                     await out.send(data)  # the client is behind: wait for it
-    except httpx2.TimeoutException:
+    except http11.ReadTimeout:
         raise UpstreamTimeout(
             f"The upstream account '{account}' went silent in the middle of the answer."
         ) from None
-    except httpx2.HTTPError as exc:
+    except http11.TransportError as exc:
         raise UpstreamUnavailable(
             f"The connection to upstream account '{account}' broke in the middle of the "
-            f"answer ({type(exc).__name__})."
+            f"answer ({exc})."
         ) from None
     data = translator.flush()
     if not translator.finished:

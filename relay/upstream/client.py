@@ -1,9 +1,10 @@
 """The one HTTP client the relay uses to reach upstream accounts.
 
-httpx2 over HTTP/1.1 (stack-notes): its pool stays cheap with hundreds of open streams, and
-closing an HTTP/1.1 response closes the socket, so the upstream sees a cancelled request at once.
+HTTP/1.1 through the relay's own connection pool (:mod:`.http11`, why there), so closing a
+response closes the socket and the upstream sees a cancelled request at once (stack-notes).
 Every response is owned by an ``async with`` so a cancelled request can never leave a pool slot
-behind. Transport failures become :mod:`relay.errors` exceptions here, and nowhere else.
+behind. Failures before the answer begins become :mod:`relay.errors` exceptions here; the
+callers map the ones in the middle of an answer (:class:`.http11.TransportError`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,18 @@ from contextlib import asynccontextmanager
 
 import httpx2
 
+from .. import __version__
 from ..config import ServerConfig
-from ..errors import RelayError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from ..errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from ..protocol.translate import retry_after_hint, translate_error
+from .http11 import (
+    ConnectionPool,
+    ConnectTimeout,
+    PoolTimeout,
+    ReadTimeout,
+    Response,
+    TransportError,
+)
 
 #: Provider kinds that speak OpenAI's protocols and get the client's conversation headers.
 OPENAI_KINDS = ("openai-chat", "openai-responses")
@@ -46,30 +56,25 @@ FORWARDED_HEADERS = (
 
 class UpstreamClient:
     def __init__(self, server: ServerConfig) -> None:
-        self._client = httpx2.AsyncClient(
-            http1=True,
-            http2=False,
-            timeout=httpx2.Timeout(
-                connect=server.upstream_connect_timeout_s,
-                read=server.upstream_read_timeout_s,
-                write=server.upstream_read_timeout_s,
-                pool=server.upstream_connect_timeout_s,
-            ),
-            limits=httpx2.Limits(
-                max_connections=server.upstream_max_connections,
-                max_keepalive_connections=min(server.upstream_max_connections, 200),
-                # httpx's 5 s default would redo TCP+TLS for every agent turn after a pause.
-                keepalive_expiry=KEEPALIVE_EXPIRY_S,
-            ),
-            follow_redirects=False,
-            trust_env=False,
+        self._pool = ConnectionPool(
+            max_connections=server.upstream_max_connections,
+            max_idle_connections=min(server.upstream_max_connections, 200),
+            # A 5 s expiry (httpx's default) would redo TCP+TLS for every agent turn after a pause.
+            keepalive_expiry_s=KEEPALIVE_EXPIRY_S,
+            connect_timeout_s=server.upstream_connect_timeout_s,
+            read_timeout_s=server.upstream_read_timeout_s,
+            pool_timeout_s=server.upstream_connect_timeout_s,
+            # The certificate stores httpx2 trusts, without the environment's overrides.
+            ssl_context_factory=lambda: httpx2.create_ssl_context(trust_env=False),
+            user_agent=f"relay/{__version__}",
         )
-        # build_request takes 38 us with a URL string and 22 us with a parsed URL; the relay
-        # calls a few URLs (accounts' base URLs and paths, from the config): parse each once.
-        self._urls: dict[str, httpx2.URL] = {}
+
+    @property
+    def pool(self) -> ConnectionPool:
+        return self._pool
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._pool.aclose()
 
     @asynccontextmanager
     async def post(
@@ -82,7 +87,7 @@ class UpstreamClient:
         client_headers: Mapping[str, str],
         stream: bool,
         account: str,
-    ) -> AsyncIterator[httpx2.Response]:
+    ) -> AsyncIterator[Response]:
         """POST ``body`` to an upstream of provider ``kind`` and yield the open response once it
         answered 2xx.
 
@@ -93,7 +98,7 @@ class UpstreamClient:
         """
         sent = {
             "content-type": "application/json",
-            "content-length": str(len(body)),  # httpx2 sends a body stream chunked otherwise
+            "content-length": str(len(body)),
             "accept-encoding": "identity",
             **headers,
         }
@@ -104,74 +109,39 @@ class UpstreamClient:
                 value = client_headers.get(name)
                 if value is not None:
                     sent[name] = value
-        parsed = self._urls.get(url)
-        if parsed is None:
-            parsed = self._urls[url] = httpx2.URL(url)
-        request = self._client.build_request("POST", parsed, content=_Once(body), headers=sent)
-        del body  # only the stream holds it now, until it is sent
         try:
-            response = await self._client.send(request, stream=True)
-        except httpx2.TimeoutException as exc:
-            raise _timeout(exc, account) from None
-        except httpx2.TransportError as exc:
+            response = await self._pool.post(url, list(sent.items()), body)
+        except (ConnectTimeout, PoolTimeout) as exc:
             raise UpstreamUnavailable(
-                f"The upstream account '{account}' could not be reached ({_describe(exc)}). "
+                f"The upstream account '{account}' could not be reached in time ({exc})."
+            ) from None
+        except ReadTimeout:
+            raise UpstreamTimeout(
+                f"The upstream account '{account}' did not answer in time."
+            ) from None
+        except TransportError as exc:
+            raise UpstreamUnavailable(
+                f"The upstream account '{account}' could not be reached ({exc}). "
                 "Try again; if it persists, tell the relay's operator."
             ) from None
+        del body  # sent: a stream's request is not held for the whole answer
         try:
             if response.status_code >= 300:
                 raise await _error_from_response(response, kind, account)
             yield response
-        except httpx2.TimeoutException as exc:
-            raise _timeout(exc, account) from None
         finally:
             await response.aclose()
 
 
-class _Once:
-    """``body`` as a one-chunk stream. An httpx2 request keeps the ``content`` it was given for
-    as long as its response lives, which for a stream is the whole answer; this one lets go of
-    the bytes as soon as they have been handed over for sending (agents' requests are tens to
-    hundreds of KiB). A class rather than an async generator: smaller, and not tracked by
-    trio's async-generator hooks."""
-
-    __slots__ = ("_body",)
-
-    def __init__(self, body: bytes) -> None:
-        self._body: bytes | None = body
-
-    def __aiter__(self) -> _Once:
-        return self
-
-    async def __anext__(self) -> bytes:
-        body, self._body = self._body, None
-        if body is None:
-            raise StopAsyncIteration
-        return body
-
-
-def _describe(exc: Exception) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _timeout(exc: httpx2.TimeoutException, account: str) -> RelayError:
-    if isinstance(exc, httpx2.ConnectTimeout | httpx2.PoolTimeout):
-        return UpstreamUnavailable(
-            f"The upstream account '{account}' could not be reached in time ({_describe(exc)})."
-        )
-    return UpstreamTimeout(f"The upstream account '{account}' did not answer in time.")
-
-
-async def _error_from_response(response: httpx2.Response, kind: str, account: str) -> UpstreamError:
+async def _error_from_response(response: Response, kind: str, account: str) -> UpstreamError:
     """The upstream's error as the client should see it, with a message a user can act on."""
     body = b""
     try:
-        async for chunk in response.aiter_raw():
+        async for chunk in response:
             body += chunk
             if len(body) >= ERROR_BODY_LIMIT:
                 break
-    except httpx2.HTTPError:
+    except TransportError:
         pass
     upstream_status = response.status_code
     status, payload = translate_error(kind, upstream_status, body)

@@ -40,9 +40,7 @@ class Catalog:
         """Model ids the package may call: served targets plus aliases onto them, sorted."""
         served = self._served.get(package.pool, set())
         names = set(served)
-        names.update(
-            alias for alias, spec in self._config.models.items() if spec.target in served
-        )
+        names.update(alias for alias, spec in self._config.models.items() if spec.target in served)
         if package.models is not None:
             names &= set(package.models)
         return sorted(names)

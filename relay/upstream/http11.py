@@ -1,0 +1,407 @@
+"""The upstream hop's HTTP/1.1 client: h11 over trio's sockets, with one connection pool.
+
+Why the relay has its own and no longer uses httpx2 here: on the relay's hot path httpx2 and
+httpcore2 were the largest single cost (issue 6's profile): 37% of a non-streamed request's CPU,
+and for every relayed stream event six nested async iterators, a ``fail_after`` and an
+exception-mapping context manager per read. The relay needs a small part of what they offer: POST
+a body to a few known origins, HTTP/1.1 only (closing a response must close the socket so the
+upstream stops generating, stack-notes), keep-alive, a connection cap, and the timeouts below.
+This module does that and nothing else; h11 does the parsing, as it does inside httpcore2.
+
+Timeouts: ``connect`` covers TCP and TLS set-up, ``pool`` the wait for a free connection when
+``max_connections`` are in use, ``read`` every wait for the upstream (sending the request, each
+gap between received bytes), as httpx's ``read`` timeout did.
+
+Connections: a response read to its end goes back to its origin's idle list (newest first) and
+is reused while it is younger than ``keepalive_expiry_s``; an idle connection the upstream has
+closed (readable while idle) is dropped when met. A response closed early closes its socket at
+once, synchronously, so no cancellation can leave a socket or a pool slot behind.
+"""
+
+from __future__ import annotations
+
+import select
+import ssl
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import h11
+import trio
+
+#: Bytes asked of the socket per read: a whole burst of events arrives in one read.
+READ_SIZE = 65536
+
+#: Bodies up to this size are sent in the same write as the request head.
+COALESCE_BODY_BYTES = 16384
+
+
+class TransportError(Exception):
+    """The upstream could not be reached, or the connection broke or spoke no valid HTTP/1.1."""
+
+
+class ConnectTimeout(TransportError):
+    """TCP or TLS set-up took longer than the connect timeout."""
+
+
+class PoolTimeout(TransportError):
+    """Every one of the pool's ``max_connections`` stayed busy for the pool timeout."""
+
+
+class ReadTimeout(TransportError):
+    """The upstream sent nothing (or accepted nothing) for the read timeout."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """A parsed URL: the pool key, the ``host`` header and the request target."""
+
+    origin: tuple[str, str, int]  # scheme, host, port
+    host_header: bytes
+    path: bytes
+
+
+def _parse_url(url: str) -> _Target:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    default_port = 443 if scheme == "https" else 80
+    port = parts.port or default_port
+    host = parts.hostname
+    shown = f"[{host}]" if ":" in host else host
+    host_header = shown if port == default_port else f"{shown}:{port}"
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return _Target((scheme, host, port), host_header.encode("idna"), path.encode("ascii"))
+
+
+class _Connection:
+    """One socket to an upstream origin and its h11 state machine."""
+
+    __slots__ = ("h11", "idle_since", "origin", "socket", "stream")
+
+    def __init__(
+        self, origin: tuple[str, str, int], stream: trio.abc.Stream, socket: trio.socket.SocketType
+    ) -> None:
+        self.origin = origin
+        self.stream = stream
+        self.socket = socket
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.idle_since = 0.0
+
+    def close(self) -> None:
+        """Close the socket now (no checkpoint: safe in any cleanup, cancelled or not). For TLS
+        this skips close_notify, as a reset does; HTTP/1.1 framing makes that harmless."""
+        self.socket.close()
+
+    def looks_closed(self) -> bool:
+        """An idle connection with something to read has been closed (or broken) by the peer."""
+        if self.socket.fileno() < 0:
+            return True
+        poller = select.poll()
+        poller.register(self.socket.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+
+
+class ConnectionPool:
+    """HTTP/1.1 connections to upstream origins, at most ``max_connections`` in use at once."""
+
+    def __init__(
+        self,
+        *,
+        max_connections: int,
+        max_idle_connections: int,
+        keepalive_expiry_s: float,
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        pool_timeout_s: float,
+        ssl_context_factory: Callable[[], ssl.SSLContext] = ssl.create_default_context,
+        user_agent: str = "relay",
+    ) -> None:
+        self._max_connections = max_connections
+        self._slots = trio.Semaphore(max_connections)
+        self._max_idle = max_idle_connections
+        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._idle_count = 0
+        self._keepalive_expiry = keepalive_expiry_s
+        self._connect_timeout = connect_timeout_s
+        self._read_timeout = read_timeout_s
+        self._pool_timeout = pool_timeout_s
+        self._ssl_context_factory = ssl_context_factory
+        self._ssl_context: ssl.SSLContext | None = None  # made at the first https connection
+        self._user_agent = user_agent.encode()
+        self._targets: dict[str, _Target] = {}  # a few URLs from the config: parse each once
+        self._closed = False
+
+    @property
+    def idle_connections(self) -> int:
+        return self._idle_count
+
+    @property
+    def busy_connections(self) -> int:
+        return self._max_connections - self._slots.value
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for connections in self._idle.values():
+            for connection in connections:
+                connection.close()
+        self._idle.clear()
+        self._idle_count = 0
+        await trio.lowlevel.checkpoint()
+
+    async def post(self, url: str, headers: list[tuple[str, str]], body: bytes) -> Response:
+        """Send ``POST url`` with ``body`` and return the response once its head has arrived.
+
+        The caller must ``aclose()`` the response (or read it to the end); until then it holds
+        one of the pool's connections.
+        """
+        target = self._targets.get(url)
+        if target is None:
+            target = self._targets[url] = _parse_url(url)
+        await self._take_slot()
+        try:
+            connection = self._checkout(target.origin) or await self._connect(target.origin)
+            try:
+                await self._send(connection, target, headers, body)
+                del body  # sent: not held while the upstream thinks
+                head = await self._receive_head(connection)
+            except BaseException:
+                connection.close()
+                raise
+        except BaseException:
+            self._slots.release()
+            raise
+        return Response(self, connection, head)
+
+    async def _take_slot(self) -> None:
+        if self._closed:
+            raise TransportError("the relay is shutting down")
+        try:
+            self._slots.acquire_nowait()
+            return
+        except trio.WouldBlock:
+            pass
+        with trio.move_on_after(self._pool_timeout):
+            await self._slots.acquire()
+            return
+        raise PoolTimeout(
+            f"all {self._max_connections} upstream connections stayed busy for "
+            f"{self._pool_timeout:g}s"
+        )
+
+    def _checkout(self, origin: tuple[str, str, int]) -> _Connection | None:
+        idle = self._idle.get(origin)
+        if not idle:
+            return None
+        oldest_usable = trio.current_time() - self._keepalive_expiry
+        while idle:
+            connection = idle.pop()
+            self._idle_count -= 1
+            if connection.idle_since >= oldest_usable and not connection.looks_closed():
+                return connection
+            connection.close()
+        return None
+
+    def _checkin(self, connection: _Connection) -> None:
+        """Keep a connection whose exchange ended cleanly, or close it."""
+        h = connection.h11
+        if (
+            self._closed
+            or h.our_state is not h11.DONE
+            or h.their_state is not h11.DONE
+            or self._idle_count >= self._max_idle
+        ):
+            connection.close()
+            return
+        h.start_next_cycle()
+        connection.idle_since = trio.current_time()
+        idle = self._idle.setdefault(connection.origin, [])
+        oldest_usable = connection.idle_since - self._keepalive_expiry
+        while idle and idle[0].idle_since < oldest_usable:  # expired ones, oldest first
+            idle.pop(0).close()
+            self._idle_count -= 1
+        idle.append(connection)
+        self._idle_count += 1
+
+    async def _connect(self, origin: tuple[str, str, int]) -> _Connection:
+        scheme, host, port = origin
+        stream: trio.abc.Stream | None = None
+        with trio.move_on_after(self._connect_timeout):
+            try:
+                tcp = stream = await trio.open_tcp_stream(host, port)
+                if scheme == "https":
+                    if self._ssl_context is None:
+                        self._ssl_context = self._ssl_context_factory()
+                    stream = trio.SSLStream(
+                        tcp,
+                        self._ssl_context,
+                        server_hostname=host,
+                        https_compatible=True,
+                    )
+                    await stream.do_handshake()
+                return _Connection(origin, stream, tcp.socket)
+            except (OSError, trio.BrokenResourceError) as exc:
+                if stream is not None:
+                    tcp.socket.close()
+                raise TransportError(f"{host}:{port}: {_describe(exc)}") from None
+            except BaseException:
+                if stream is not None:
+                    tcp.socket.close()
+                raise
+        if stream is not None:
+            tcp.socket.close()
+        raise ConnectTimeout(f"{host}:{port}: no connection within {self._connect_timeout:g}s")
+
+    async def _send(
+        self,
+        connection: _Connection,
+        target: _Target,
+        headers: list[tuple[str, str]],
+        body: bytes,
+    ) -> None:
+        h = connection.h11
+        try:
+            head = h.send(
+                h11.Request(
+                    method=b"POST",
+                    target=target.path,
+                    headers=[
+                        (b"host", target.host_header),
+                        (b"user-agent", self._user_agent),
+                        *headers,
+                    ],
+                )
+            )
+            parts = h.send_with_data_passthrough(h11.Data(data=body)) if body else []
+            tail = h.send(h11.EndOfMessage())
+        except h11.LocalProtocolError as exc:
+            raise TransportError(f"the request could not be framed: {exc}") from None
+        if len(body) <= COALESCE_BODY_BYTES:
+            writes = [b"".join([head, *parts, tail])]
+        else:
+            writes = [head, *parts, tail]
+        with trio.move_on_after(self._read_timeout):
+            try:
+                for data in writes:
+                    if data:
+                        await connection.stream.send_all(data)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise TransportError(f"sending the request failed: {_describe(exc)}") from None
+            return
+        raise ReadTimeout(f"the upstream accepted no data for {self._read_timeout:g}s")
+
+    async def _receive_head(self, connection: _Connection) -> h11.Response:
+        h = connection.h11
+        while True:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise TransportError(f"the answer is not valid HTTP/1.1: {exc}") from None
+            if event is h11.NEED_DATA:
+                if not await self._receive(connection):
+                    raise TransportError("the upstream closed the connection before answering")
+            elif type(event) is h11.Response:
+                return event
+            elif type(event) is not h11.InformationalResponse:
+                raise TransportError("the upstream closed the connection before answering")
+
+    async def _receive(self, connection: _Connection) -> bool:
+        """Feed h11 the next bytes from the socket; False at end of file."""
+        with trio.move_on_after(self._read_timeout):
+            try:
+                data = await connection.stream.receive_some(READ_SIZE)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise TransportError(f"the connection broke: {_describe(exc)}") from None
+            connection.h11.receive_data(data)
+            return bool(data)
+        raise ReadTimeout(f"the upstream sent nothing for {self._read_timeout:g}s")
+
+
+class Response:
+    """An upstream answer whose head has arrived. Iterate it for the body as it arrives (bytes
+    as sent, chunked framing removed; whatever arrived together comes as one piece), or
+    ``aread()`` it whole. ``aclose()`` it when done: idempotent, and what frees its connection
+    if the body was not read to the end."""
+
+    __slots__ = ("_connection", "_pool", "headers", "status_code")
+
+    def __init__(self, pool: ConnectionPool, connection: _Connection, head: h11.Response) -> None:
+        self._pool: ConnectionPool | None = pool
+        self._connection = connection
+        self.status_code: int = head.status_code
+        headers: dict[str, str] = {}
+        for name, value in head.headers:
+            key, text = name.decode("latin-1"), value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        self.headers = headers
+
+    def __aiter__(self) -> Response:
+        return self
+
+    async def __anext__(self) -> bytes:
+        pool = self._pool
+        if pool is None:
+            raise StopAsyncIteration
+        connection = self._connection
+        h = connection.h11
+        pieces: list[bytes] = []
+        try:
+            while True:
+                event = h.next_event()
+                kind = type(event)
+                if kind is h11.Data:
+                    pieces.append(event.data)
+                elif event is h11.NEED_DATA:
+                    if pieces:
+                        break
+                    await pool._receive(connection)
+                elif kind is h11.EndOfMessage:
+                    self._pool = None
+                    pool._slots.release()
+                    pool._checkin(connection)
+                    if not pieces:
+                        raise StopAsyncIteration
+                    break
+                else:
+                    raise TransportError("the upstream closed the connection mid-answer")
+        except h11.RemoteProtocolError as exc:
+            self._release()
+            raise TransportError(f"the upstream's answer broke off: {exc}") from None
+        except BaseException:
+            if self._pool is not None:
+                self._release()
+            raise
+        return bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
+
+    async def aread(self) -> bytes:
+        """The whole body, decoded if the upstream compressed it despite ``identity``."""
+        body = b"".join([piece async for piece in self])
+        encoding = self.headers.get("content-encoding", "identity").strip().lower()
+        if encoding in ("gzip", "x-gzip"):
+            return zlib.decompress(body, zlib.MAX_WBITS | 16)
+        if encoding == "deflate":
+            return zlib.decompress(body)
+        return body
+
+    def _release(self) -> None:
+        """Close the connection (its state is unknown) and free its slot."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            self._connection.close()
+            pool._slots.release()
+
+    async def aclose(self) -> None:
+        self._release()
+
+
+def _describe(exc: BaseException) -> str:
+    """What went wrong, for a message: the underlying socket or TLS error where trio wraps it."""
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):  # trio tried each address: say why the first failed
+        return f"{exc} ({_describe(cause.exceptions[0])})"
+    if isinstance(exc, trio.BrokenResourceError) and cause is not None:
+        exc = cause
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
