@@ -79,7 +79,7 @@ def _parse_url(url: str) -> _Target:
 class _Connection:
     """One socket to an upstream origin and its h11 state machine."""
 
-    __slots__ = ("h11", "idle_since", "origin", "socket", "stream")
+    __slots__ = ("h11", "idle_since", "origin", "receive", "socket", "stream")
 
     def __init__(
         self, origin: tuple[str, str, int], stream: trio.abc.Stream, socket: trio.socket.SocketType
@@ -87,6 +87,9 @@ class _Connection:
         self.origin = origin
         self.stream = stream
         self.socket = socket
+        # Plain TCP reads the socket itself: trio's SocketStream adds a conflict detector and
+        # an error-translating context manager to every read, a visible share per stream event.
+        self.receive = socket.recv if isinstance(stream, trio.SocketStream) else stream.receive_some
         self.h11 = h11.Connection(h11.CLIENT)
         self.idle_since = 0.0
 
@@ -311,7 +314,7 @@ class ConnectionPool:
         """Feed h11 the next bytes from the socket; False at end of file."""
         with trio.move_on_after(self._read_timeout):
             try:
-                data = await connection.stream.receive_some(READ_SIZE)
+                data = await connection.receive(READ_SIZE)
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise TransportError(f"the connection broke: {_describe(exc)}") from None
             connection.h11.receive_data(data)
