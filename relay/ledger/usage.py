@@ -58,7 +58,7 @@ class UsageRecord:
     cost_nano: int = 0  # what the key was charged (relay/ledger/prices.py), set when recorded
 
     def row(self) -> dict:
-        row = dataclasses.asdict(self)
+        row = dict(self.__dict__)  # every field is a scalar: asdict's deep copy cost ~16 us
         row["stream"] = int(self.stream)
         row["client_disconnected"] = int(self.client_disconnected)
         return row
