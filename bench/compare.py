@@ -52,7 +52,7 @@ from .overhead import (
 from .wire import Connection, WireError, prepare
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "all.json"
-TARGET_ORDER = ("direct", "relay", "litellm", "echo")
+TARGET_ORDER = ("direct", "relay", "litellm", "echo", "proxy")
 REQUEST_TIMEOUT_S = 30.0
 NOTE = (
     "the load generator, the relay, the simulated upstream and the peers share this machine's "
@@ -650,6 +650,7 @@ def figures(results: dict, peer_available: bool) -> list[dict]:
         if (row := _row(nonstream, name, concurrency=64)) is not None
     }
     if values:
+        values_rps = values
         relay, peer, echo = values.get("relay"), values.get("litellm"), values.get("echo")
         met_peer = bool(relay and peer and relay >= 3 * peer) if peer_available else None
         add(
@@ -675,6 +676,21 @@ def figures(results: dict, peer_available: bool) -> list[dict]:
             if (row := _row(nonstream, name, concurrency=64)) is not None
         }
         add("CPU per request (the target's own process), concurrency 64", "ms", values)
+        proxy = values_rps.get("proxy")
+        if proxy and echo:
+            add(
+                "bare proxy ÷ echo requests/s at concurrency 64 (the ceiling of relay ÷ echo)",
+                "ratio",
+                {"proxy": round(proxy / echo, 3)},
+                better="higher",
+            )
+        if proxy and relay:
+            add(
+                "relay ÷ bare proxy requests/s at concurrency 64",
+                "ratio",
+                {"relay": round(relay / proxy, 3)},
+                better="higher",
+            )
     for count in sorted({r["streams"] for r in streams}):
         base = _row(streams, "direct", streams=count)
         values = {
@@ -753,8 +769,9 @@ def fmt(value: object, digits: int = 2) -> str:
 def figures_table(rows: list[dict], peer_available: bool) -> str:
     peer = "LiteLLM" if peer_available else "LiteLLM (unavailable)"
     lines = [
-        f"| figure | direct (floor) | relay | {peer} | echo | relay ÷ LiteLLM | target | met |",
-        "|---|---:|---:|---:|---:|---:|---|---|",
+        f"| figure | direct (floor) | relay | {peer} | echo | bare proxy | relay ÷ LiteLLM "
+        "| target | met |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for row in rows:
         v = row["values"]
@@ -763,7 +780,8 @@ def figures_table(rows: list[dict], peer_available: bool) -> str:
         met = {True: "**yes**", False: "**no**", None: ""}[row["met"]]
         lines.append(
             f"| {row['figure']} ({row['unit']}) | {fmt(v.get('direct'))} | {fmt(v.get('relay'))} "
-            f"| {fmt(v.get('litellm'))} | {fmt(v.get('echo'))} | {ratio_text} "
+            f"| {fmt(v.get('litellm'))} | {fmt(v.get('echo'))} | {fmt(v.get('proxy'))} "
+            f"| {ratio_text} "
             f"| {row['target'] or ''} | {met} |"
         )
     return "\n".join(lines)
@@ -856,7 +874,10 @@ def report(result: dict) -> str:
         "",
         "added = target − direct at the same percentile. relay ÷ LiteLLM: the ratio of the two "
         "figures (for latencies lower is better, for rates higher). echo: a bare ASGI app on "
-        "the same hypercorn trio worker (no upstream call), the floor of the relay's stack.",
+        "the same hypercorn trio worker (no upstream call), the floor of the relay's stack. "
+        "bare proxy: the same app forwarding each body to the sim through the relay's upstream "
+        "pool and returning the answer untouched (no parsing, guards or accounting), the floor "
+        "of any relay on this stack with one upstream call per request.",
         "",
         "## Non-streamed chat completions",
         "",
@@ -957,6 +978,16 @@ def main(argv: list[str] | None = None) -> int:
                     tmp / "echo.log",
                 )
                 servers["echo"] = echo
+                proxy = start_server(
+                    "proxy",
+                    [
+                        *("-m", "bench.echo", "--port", "0"),
+                        *("--upstream", sim.url, "--upstream-key", SIM_KEY),
+                    ],
+                    r"proxy listening on (\S+)",
+                    tmp / "proxy.log",
+                )
+                servers["proxy"] = proxy
                 targets = [
                     Target("direct", sim.url, SIM_KEY, sim),
                     Target("relay", relay.url, key, relay),
@@ -979,6 +1010,7 @@ def main(argv: list[str] | None = None) -> int:
                         peer["description"] = f"**unavailable**: {exc}. No LiteLLM figures."
                         log(f"LiteLLM unavailable: {exc}")
                 targets.append(Target("echo", echo.url, "none", echo))
+                targets.append(Target("proxy", proxy.url, "none", proxy))
                 fresh += start_fresh(tmp, sim, targets)
                 log(", ".join(f"{n} pid {s.pid} at {s.url}" for n, s in servers.items()))
                 results = trio.run(run_all, targets, sim, settings, servers, fresh)

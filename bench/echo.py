@@ -5,7 +5,13 @@ non-streamed chat answer, with no routing, no auth and no upstream call. The rel
 same server, worker and settings, so "relay req/s ÷ echo req/s" says how much of one hypercorn
 worker's capacity is left to the relay's own work (issue 6 target: ≥ 70%).
 
+With ``--upstream URL`` it is a **bare proxy** instead: each request's body goes to the same
+path at ``URL`` through the relay's upstream connection pool (``relay/upstream/http11.py``) and
+the answer comes back as it is, with no parsing, routing, guards or accounting. That is the
+floor of any relay on this stack that makes one upstream call per request.
+
     python -m bench.echo --port 0      # prints "echo listening on http://127.0.0.1:PORT"
+    python -m bench.echo --port 0 --upstream http://127.0.0.1:8090 --upstream-key sk-sim
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
 from relay.server import make_listener
+from relay.upstream.http11 import ConnectionPool
 
 #: About the size of the sim's answer to a 20-token chat completion (642 bytes).
 BODY = json.dumps({"object": "echo", "padding": "x" * 600}).encode()
@@ -43,7 +50,55 @@ async def app(scope, receive, send) -> None:
     await send({"type": "http.response.body", "body": BODY, "more_body": False})
 
 
-async def serve(host: str, port: int) -> None:
+def proxy_app(upstream: str, key: str):
+    """The bare proxy's ASGI app (see the module docstring)."""
+    pool = ConnectionPool(
+        max_connections=1000,
+        max_idle_connections=200,
+        keepalive_expiry_s=90.0,
+        connect_timeout_s=10.0,
+        read_timeout_s=300.0,
+        pool_timeout_s=10.0,
+    )
+    auth = ("authorization", f"Bearer {key}")
+
+    async def proxy(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await app(scope, receive, send)  # lifespan
+        parts = []
+        while True:
+            message = await receive()
+            parts.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = b"".join(parts)
+        headers = [
+            ("content-type", "application/json"),
+            ("content-length", str(len(body))),
+            auth,
+        ]
+        response = await pool.post(upstream + scope["path"], headers, body)
+        try:
+            answer = await response.aread()
+        finally:
+            await response.aclose()
+        content_type = response.headers.get("content-type", "application/json").encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": [
+                    (b"content-type", content_type),
+                    (b"content-length", b"%d" % len(answer)),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": answer, "more_body": False})
+
+    return proxy
+
+
+async def serve(host: str, port: int, asgi=app) -> None:
     listener = make_listener(host, port)
     listener.listen(1024)
     config = Config()
@@ -61,23 +116,27 @@ async def serve(host: str, port: int) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(
             lambda task_status: worker_serve(
-                wrap_app(app, None, "asgi"),
+                wrap_app(asgi, None, "asgi"),
                 config,
                 sockets=sockets,
                 shutdown_trigger=shutdown,
                 task_status=task_status,
             )
         )
-        print(f"echo listening on http://{bound[0]}:{bound[1]}", flush=True)
+        name = "echo" if asgi is app else "proxy"
+        print(f"{name} listening on http://{bound[0]}:{bound[1]}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.echo", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8095)
+    parser.add_argument("--upstream", help="be a bare proxy to this base URL instead")
+    parser.add_argument("--upstream-key", default="", help="the upstream's API key")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    trio.run(serve, args.host, args.port)
+    asgi = proxy_app(args.upstream.rstrip("/"), args.upstream_key) if args.upstream else app
+    trio.run(serve, args.host, args.port, asgi)
 
 
 if __name__ == "__main__":
