@@ -77,6 +77,15 @@ async def test_served_requests_leave_no_reference_cycle(tmp_path, nursery, monke
                 assert body.rstrip().endswith(b"data: [DONE]")
                 missing = await client.post("/chat/completions", json={**chat, "model": "nope"})
                 assert missing.status_code == 404
+            # Failures: an upstream error streamed and not, and a malformed body.
+            failing = [{"role": "user", "content": "#sim fault=500"}]
+            for stream_flag in (False, True):
+                failed = await client.post(
+                    "/chat/completions", json={**chat, "messages": failing, "stream": stream_flag}
+                )
+                assert failed.status_code == 500
+            malformed = await client.post("/chat/completions", content=b"{")
+            assert malformed.status_code == 400
             # A client that leaves in the middle of a stream.
             paced = [{"role": "user", "content": "#sim tokens=500 delay=0.01"}]
             long = {**chat, "stream": True, "messages": paced}
@@ -91,5 +100,5 @@ async def test_served_requests_leave_no_reference_cycle(tmp_path, nursery, monke
         stop.set()
         gc.unfreeze()  # serve() froze this test process's heap and raised its thresholds
         gc.set_threshold(*thresholds)
-    assert sim.requests and len(sim.requests) == 11
+    assert len(sim.requests) == 15  # each 500 was retried once (failover)
     assert found == {}, f"reference cycles of relay objects: {dict(found)}"

@@ -372,7 +372,10 @@ async def _upstream_call(
             f"No upstream account can serve '{call.route.requested}' right now: every account "
             "for it is out of service. Tell the relay's operator."
         )
-    raise failure
+    try:
+        raise failure
+    finally:
+        failure = None  # its traceback holds this frame: no reference cycle (see _relay_stream)
 
 
 def _bound_guard(call: Call, accounts: list[Account]):
@@ -474,7 +477,12 @@ async def _relay_stream(call: Call) -> None:
         finally:
             nursery.cancel_scope.cancel()
     if failure is not None:
-        raise failure
+        try:
+            raise failure
+        finally:
+            # The error's traceback holds this frame; a local still naming the error would
+            # make a cycle that keeps the whole request for the garbage collector.
+            failure = first = None
 
 
 def _with_backlog(data: bytes, channel: trio.MemoryReceiveChannel) -> bytes:
