@@ -520,10 +520,10 @@ async def disconnects(target: Target, sim: Server, count: int, concurrency: int)
 async def warm(targets: list[Target], settings: Settings) -> None:
     """A first second of load at the smallest concurrency (each slice has its own warm-up).
 
-    Not at the largest: the relay (and LiteLLM) would keep those upstream connections idle in
-    their pools for the phases that follow, and httpx2 probes every idle connection's socket
-    on each request, which would make the concurrency-1 figures those of a relay after a burst
-    (bench/README.md, "Caveats").
+    Not at the largest: the targets would keep those upstream connections idle in their pools
+    for the phases that follow, and a pool that probes every idle connection on each request
+    (httpx2's did, when the relay used it) would make the concurrency-1 figures those of a
+    target after a burst (bench/README.md, "Caveats").
     """
     body = chat_body(NONSTREAM_DIRECTIVE, stream=False)
     size = min(settings.concurrencies)

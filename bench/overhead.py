@@ -306,8 +306,8 @@ async def measure(
 ) -> list[dict]:
     """Alternate between the targets slice by slice (A B A B …), so a change in the machine's
     background load hits both alike. Each slice is preceded by an unmeasured warm-up: the
-    relay's upstream pool drops connections idle for 5 s (httpx2's default keep-alive expiry),
-    so without it every slice would start by reconnecting. CPU is read around each slice."""
+    relay's upstream pool drops connections idle for 90 s, so without it a slice after a pause
+    would start by reconnecting. CPU is read around each slice."""
     warm = settings.warmup_requests if not mode.stream else max(3, concurrency)
     requests = settings.stream_requests if mode.stream else settings.nonstream_requests
     phases = {target.name: Phase() for target in targets}
