@@ -26,8 +26,9 @@ from hypercorn.config import Config, Sockets
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
+from relay.config import ServerConfig
 from relay.server import make_listener
-from relay.upstream.http11 import ConnectionPool
+from relay.upstream.client import UpstreamClient
 
 #: About the size of the sim's answer to a 20-token chat completion (642 bytes).
 BODY = json.dumps({"object": "echo", "padding": "x" * 600}).encode()
@@ -52,14 +53,7 @@ async def app(scope, receive, send) -> None:
 
 def proxy_app(upstream: str, key: str):
     """The bare proxy's ASGI app (see the module docstring)."""
-    pool = ConnectionPool(
-        max_connections=1000,
-        max_idle_connections=200,
-        keepalive_expiry_s=90.0,
-        connect_timeout_s=10.0,
-        read_timeout_s=300.0,
-        pool_timeout_s=10.0,
-    )
+    pool = UpstreamClient(ServerConfig()).pool  # the relay's own pool, with its defaults
     auth = ("authorization", f"Bearer {key}")
 
     async def proxy(scope, receive, send) -> None:
