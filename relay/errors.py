@@ -160,6 +160,15 @@ class NoHealthyAccount(RelayError):
     code = "no_healthy_account"
 
 
+class RelayBusy(RelayError):
+    """503: the relay itself is at a limit of its own (all its upstream connections in use);
+    no account is at fault, so none is marked unhealthy and the request is not failed over."""
+
+    status = 503
+    type = "service_unavailable_error"
+    code = "relay_busy"
+
+
 class UpstreamTimeout(RelayError):
     status = 504
     type = "timeout_error"

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import h11
+import httpx2
 import pytest
 import trio
 
@@ -20,7 +21,10 @@ from relay.upstream.http11 import (
     PoolTimeout,
     ReadTimeout,
     TransportError,
+    UnsendableRequest,
 )
+
+from .conftest import Sim, running_relay
 
 HEADERS = [("content-type", "application/json"), ("authorization", "Bearer sk-sim")]
 
@@ -52,7 +56,7 @@ async def post(client: ConnectionPool, url: str, body: bytes):
 
 
 @pytest.fixture
-async def sim(nursery: trio.Nursery) -> tuple[SimUpstream, str]:
+async def local_sim(nursery: trio.Nursery) -> tuple[SimUpstream, str]:
     upstream = SimUpstream(SimProfile(ttft_s=0, token_delay_s=0, output_tokens=5))
     port = await nursery.start(upstream.serve)
     return upstream, f"http://127.0.0.1:{port}/v1/chat/completions"
@@ -64,8 +68,8 @@ async def wait_for(predicate, timeout: float = 2.0) -> None:
             await trio.sleep(0.01)
 
 
-async def test_a_finished_answer_leaves_its_connection_for_the_next_request(sim) -> None:
-    upstream, url = sim
+async def test_a_finished_answer_leaves_its_connection_for_the_next_request(local_sim) -> None:
+    upstream, url = local_sim
     client = pool()
     answers = []
     for _ in range(3):
@@ -79,8 +83,8 @@ async def test_a_finished_answer_leaves_its_connection_for_the_next_request(sim)
     await client.aclose()
 
 
-async def test_a_stream_arrives_as_sent_and_closing_it_early_frees_everything(sim) -> None:
-    upstream, url = sim
+async def test_a_stream_arrives_as_sent_and_closing_it_early_frees_everything(local_sim) -> None:
+    upstream, url = local_sim
     client = pool()
     response = await post(client, url, chat("#sim tokens=50 delay=0.02", stream=True))
     assert response.headers["content-type"].startswith("text/event-stream")
@@ -101,8 +105,8 @@ async def test_a_stream_arrives_as_sent_and_closing_it_early_frees_everything(si
     assert (client.idle_connections, client.busy_connections) == (1, 0)
 
 
-async def test_a_stream_cut_by_the_upstream_is_a_transport_error(sim) -> None:
-    _, url = sim
+async def test_a_stream_cut_by_the_upstream_is_a_transport_error(local_sim) -> None:
+    _, url = local_sim
     client = pool()
     for fault in ("drop", "reset"):
         response = await post(client, url, chat(f"#sim fault={fault} tokens=10", stream=True))
@@ -114,8 +118,8 @@ async def test_a_stream_cut_by_the_upstream_is_a_transport_error(sim) -> None:
         await post(client, url, chat("#sim fault=drop"))
 
 
-async def test_silence_beyond_the_read_timeout(sim) -> None:
-    upstream, url = sim
+async def test_silence_beyond_the_read_timeout(local_sim) -> None:
+    upstream, url = local_sim
     client = pool(read_timeout_s=0.3)
     response = await post(client, url, chat("#sim fault=stall", stream=True))
     started = trio.current_time()
@@ -129,8 +133,8 @@ async def test_silence_beyond_the_read_timeout(sim) -> None:
         await post(client, url, chat("#sim slow_headers=1"))
 
 
-async def test_every_connection_busy_waits_for_the_pool_timeout_then_fails(sim) -> None:
-    _, url = sim
+async def test_every_connection_busy_waits_for_the_pool_timeout_then_fails(local_sim) -> None:
+    _, url = local_sim
     client = pool(max_connections=1, pool_timeout_s=0.2)
     first = await post(client, url, chat("#sim tokens=100 delay=0.05", stream=True))
     with pytest.raises(PoolTimeout, match="all 1 upstream connections stayed busy"):
@@ -259,3 +263,92 @@ async def test_an_https_upstream_with_its_certificate_checked(nursery, certifica
 
     with pytest.raises(TransportError, match="CERTIFICATE_VERIFY_FAILED"):
         await post(pool(), url, chat("hi"))  # the system's trust store does not know it
+
+
+async def serve_early_answer(nursery: trio.Nursery) -> int:
+    """An upstream that refuses an oversized body as soon as it has read the head: 413 and
+    close, without reading the rest (as proxies and APIs in front of size limits do)."""
+
+    async def connection(stream: trio.SocketStream) -> None:
+        head = b""
+        async with stream:
+            while b"\r\n\r\n" not in head:
+                head += await stream.receive_some(65536)
+            await stream.send_all(
+                raw_answer(b'{"error":{"message":"too large"}}', "connection: close")
+                .replace(b"200 OK", b"413 Payload Too Large")
+            )
+
+    listeners = await nursery.start(trio.serve_tcp, connection, 0)
+    return listeners[0].socket.getsockname()[1]
+
+
+async def test_an_answer_sent_before_the_body_was_read_is_what_the_caller_gets(nursery) -> None:
+    port = await serve_early_answer(nursery)
+    client = pool()
+    big = b'{"pad": "' + b"x" * (8 * 2**20) + b'"}'  # more than the socket buffers hold
+    response = await post(client, f"http://127.0.0.1:{port}/x", big)
+    assert response.status_code == 413
+    assert b"too large" in await response.aread()
+    assert (client.idle_connections, client.busy_connections) == (0, 0)
+
+
+async def test_bytes_beyond_the_answer_are_never_served_to_the_next_request(nursery) -> None:
+    # The upstream sends its answer and, in the same write, one nobody asked for.
+    port = await serve_raw(
+        nursery, raw_answer(b"first") + raw_answer(b"stale"), close_after_s=None
+    )
+    client = pool()
+    url = f"http://127.0.0.1:{port}/x"
+    assert await (await post(client, url, b"{}")).aread() == b"first"
+    assert client.idle_connections == 0  # not kept: it holds bytes past the answer
+    assert await (await post(client, url, b"{}")).aread() == b"first"
+
+
+async def test_the_idle_cap_evicts_the_longest_idle_not_the_newcomer(nursery) -> None:
+    a = await serve_raw(nursery, raw_answer(b"a"), close_after_s=None)
+    b = await serve_raw(nursery, raw_answer(b"b"), close_after_s=None)
+    client = pool(max_idle_connections=1)
+    await (await post(client, f"http://127.0.0.1:{a}/x", b"{}")).aread()
+    kept_a = client._idle[("http", "127.0.0.1", a)][0]
+    await (await post(client, f"http://127.0.0.1:{b}/x", b"{}")).aread()
+    assert kept_a.socket.fileno() == -1  # closed to make room
+    assert len(client._idle[("http", "127.0.0.1", b)]) == 1
+    assert client.idle_connections == 1
+
+
+async def test_a_header_h11_refuses_is_the_callers_error(local_sim) -> None:
+    _, url = local_sim
+    client = pool()
+    with pytest.raises(UnsendableRequest, match="header"):
+        await client.post(url, [*with_length(b"{}"), ("x-note", "bad\r\nx-injected: 1")], b"{}")
+    assert client.busy_connections == 0
+
+
+async def test_all_connections_busy_is_a_503_that_blames_no_account(
+    sim: Sim, tmp_path
+) -> None:
+    with running_relay(
+        tmp_path, sim.url, upstream_max_connections=1, upstream_connect_timeout_s=0.3
+    ) as relay:
+        key = relay.key()
+        headers = {"authorization": f"Bearer {key}"}
+        long = {
+            "model": "gpt-5",
+            "stream": True,
+            "messages": [{"role": "user", "content": "#sim tokens=200 delay=0.01"}],
+        }
+        async with httpx2.AsyncClient(base_url=relay.url + "/v1", headers=headers) as http:
+            async with http.stream("POST", "/chat/completions", json=long) as holding:
+                assert holding.status_code == 200
+                busy = await http.post(
+                    "/chat/completions",
+                    json={"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]},
+                )
+        assert busy.status_code == 503
+        error = busy.json()["error"]
+        assert error["code"] == "relay_busy"
+        assert "upstream_max_connections" in error["message"]
+        assert busy.headers["retry-after"] == "1"
+        accounts = relay.state()["accounts"]
+        assert all(a["healthy"] and not a["last_error"] for a in accounts.values()), accounts

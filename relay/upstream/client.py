@@ -14,10 +14,17 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 import httpx2
+import trio
 
 from .. import __version__
 from ..config import ServerConfig
-from ..errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from ..errors import (
+    InvalidRequest,
+    RelayBusy,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from ..protocol.translate import retry_after_hint, translate_error
 from .http11 import (
     ConnectionPool,
@@ -26,6 +33,7 @@ from .http11 import (
     ReadTimeout,
     Response,
     TransportError,
+    UnsendableRequest,
 )
 
 #: Provider kinds that speak OpenAI's protocols and get the client's conversation headers.
@@ -34,8 +42,10 @@ OPENAI_KINDS = ("openai-chat", "openai-responses")
 #: Idle upstream connections are kept this long (real APIs keep theirs for 60 s or more).
 KEEPALIVE_EXPIRY_S = 90.0
 
-#: How much of an upstream error body is read to build the client's error message.
+#: How much of an upstream error body is read to build the client's error message, and for
+#: how long at most.
 ERROR_BODY_LIMIT = 64 * 1024
+ERROR_BODY_TIMEOUT_S = 5.0
 
 # Client headers forwarded upstream: the conversation ids (accounts' prompt caches are keyed on
 # them) and the Codex CLI's routing hints. Everything else, above all the client's credentials,
@@ -111,13 +121,23 @@ class UpstreamClient:
                     sent[name] = value
         try:
             response = await self._pool.post(url, list(sent.items()), body)
-        except (ConnectTimeout, PoolTimeout) as exc:
+        except PoolTimeout as exc:
+            raise RelayBusy(
+                f"The relay is at its limit of upstream connections ({exc}). Try again shortly; "
+                "if it persists, tell the relay's operator (server.upstream_max_connections).",
+                headers={"retry-after": "1"},
+            ) from None
+        except ConnectTimeout as exc:
             raise UpstreamUnavailable(
                 f"The upstream account '{account}' could not be reached in time ({exc})."
             ) from None
-        except ReadTimeout:
+        except ReadTimeout as exc:
             raise UpstreamTimeout(
-                f"The upstream account '{account}' did not answer in time."
+                f"The upstream account '{account}' did not answer in time ({exc})."
+            ) from None
+        except UnsendableRequest as exc:
+            raise InvalidRequest(
+                f"The request cannot be forwarded upstream: {exc}. Check the request's headers."
             ) from None
         except TransportError as exc:
             raise UpstreamUnavailable(
@@ -136,13 +156,14 @@ class UpstreamClient:
 async def _error_from_response(response: Response, kind: str, account: str) -> UpstreamError:
     """The upstream's error as the client should see it, with a message a user can act on."""
     body = b""
-    try:
-        async for chunk in response:
-            body += chunk
-            if len(body) >= ERROR_BODY_LIMIT:
-                break
-    except TransportError:
-        pass
+    with trio.move_on_after(ERROR_BODY_TIMEOUT_S):  # a stalled error body must not hold failover
+        try:
+            async for chunk in response:
+                body += chunk
+                if len(body) >= ERROR_BODY_LIMIT:
+                    break
+        except TransportError:
+            pass
     upstream_status = response.status_code
     status, payload = translate_error(kind, upstream_status, body)
     error = payload["error"]

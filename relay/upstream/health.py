@@ -19,7 +19,7 @@ import time
 import trio
 
 from ..config import ServerConfig
-from ..errors import RelayError, UpstreamTimeout, UpstreamUnavailable
+from ..errors import RelayBusy, RelayError, UpstreamTimeout, UpstreamUnavailable
 from .routing import Account
 
 #: Failures in a row after which an account rests.
@@ -28,6 +28,8 @@ FAILURES_BEFORE_COOLDOWN = 3
 
 def is_account_failure(error: RelayError) -> bool:
     """Whether another account might succeed where this one failed (so fail over)."""
+    if isinstance(error, RelayBusy):
+        return False  # the relay's own limit: every account would meet it
     if isinstance(error, UpstreamUnavailable | UpstreamTimeout):
         return True
     return error.status in (401, 403, 429) or error.status >= 500

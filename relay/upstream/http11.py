@@ -36,6 +36,9 @@ READ_SIZE = 65536
 #: Bodies up to this size are sent in the same write as the request head.
 COALESCE_BODY_BYTES = 16384
 
+#: Larger bodies are sent in slices of this size, each with its own read (send) timeout.
+SEND_SLICE_BYTES = 65536
+
 
 class TransportError(Exception):
     """The upstream could not be reached, or the connection broke or spoke no valid HTTP/1.1."""
@@ -51,6 +54,11 @@ class PoolTimeout(TransportError):
 
 class ReadTimeout(TransportError):
     """The upstream sent nothing (or accepted nothing) for the read timeout."""
+
+
+class UnsendableRequest(ValueError):
+    """The request cannot be put on the wire (a header value h11 refuses): the caller's input,
+    not the upstream's fault."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +87,7 @@ def _parse_url(url: str) -> _Target:
 class _Connection:
     """One socket to an upstream origin and its h11 state machine."""
 
-    __slots__ = ("h11", "idle_since", "origin", "receive", "socket", "stream")
+    __slots__ = ("h11", "idle_since", "origin", "receive", "reusable", "socket", "stream")
 
     def __init__(
         self, origin: tuple[str, str, int], stream: trio.abc.Stream, socket: trio.socket.SocketType
@@ -92,6 +100,7 @@ class _Connection:
         self.receive = socket.recv if isinstance(stream, trio.SocketStream) else stream.receive_some
         self.h11 = h11.Connection(h11.CLIENT)
         self.idle_since = 0.0
+        self.reusable = True  # False once the exchange went wrong in a way h11 cannot see
 
     def close(self) -> None:
         """Close the socket now (no checkpoint: safe in any cleanup, cancelled or not). For TLS
@@ -167,9 +176,7 @@ class ConnectionPool:
         try:
             connection = self._checkout(target.origin) or await self._connect(target.origin)
             try:
-                await self._send(connection, target, headers, body)
-                del body  # sent: not held while the upstream thinks
-                head = await self._receive_head(connection)
+                head = await self._exchange(connection, target, headers, body)
             except BaseException:
                 connection.close()
                 raise
@@ -177,6 +184,32 @@ class ConnectionPool:
             self._slots.release()
             raise
         return Response(self, connection, head)
+
+    async def _exchange(
+        self,
+        connection: _Connection,
+        target: _Target,
+        headers: list[tuple[str, str]],
+        body: bytes,
+    ) -> h11.Response:
+        """Send the request and wait for the answer's head.
+
+        An upstream may answer before it has read the whole body (413 to an oversized request,
+        401) and close: the write then fails, but the answer is there to read, and it is what
+        the client must see, not "unreachable". The connection is not reused after that.
+        """
+        try:
+            await self._send(connection, target, headers, body)
+        except ReadTimeout:
+            raise
+        except TransportError as failure:
+            connection.reusable = False
+            try:
+                return await self._receive_head(connection)
+            except TransportError:
+                raise failure from None
+        del body  # sent: not held while the upstream thinks
+        return await self._receive_head(connection)
 
     async def _take_slot(self) -> None:
         if self._closed:
@@ -208,25 +241,44 @@ class ConnectionPool:
         return None
 
     def _checkin(self, connection: _Connection) -> None:
-        """Keep a connection whose exchange ended cleanly, or close it."""
+        """Keep a connection whose exchange ended cleanly, or close it.
+
+        Not reused: anything h11 holds beyond the answer's end (an upstream that sent more than
+        it framed would otherwise answer the next request with it). At the idle cap, expired
+        connections of every origin go first, then the one idle the longest, so one account's
+        idle connections cannot deny keep-alive to the others.
+        """
         h = connection.h11
         if (
             self._closed
+            or self._max_idle <= 0
+            or not connection.reusable
             or h.our_state is not h11.DONE
             or h.their_state is not h11.DONE
-            or self._idle_count >= self._max_idle
+            or h.trailing_data[0]
         ):
             connection.close()
             return
         h.start_next_cycle()
-        connection.idle_since = trio.current_time()
-        idle = self._idle.setdefault(connection.origin, [])
-        oldest_usable = connection.idle_since - self._keepalive_expiry
-        while idle and idle[0].idle_since < oldest_usable:  # expired ones, oldest first
-            idle.pop(0).close()
-            self._idle_count -= 1
-        idle.append(connection)
+        now = connection.idle_since = trio.current_time()
+        if self._idle_count >= self._max_idle:
+            self._drop_expired(now)
+        if self._idle_count >= self._max_idle:
+            self._drop_longest_idle()
+        self._idle.setdefault(connection.origin, []).append(connection)
         self._idle_count += 1
+
+    def _drop_expired(self, now: float) -> None:
+        oldest_usable = now - self._keepalive_expiry
+        for idle in self._idle.values():
+            while idle and idle[0].idle_since < oldest_usable:  # oldest first
+                idle.pop(0).close()
+                self._idle_count -= 1
+
+    def _drop_longest_idle(self) -> None:
+        idle = min((i for i in self._idle.values() if i), key=lambda i: i[0].idle_since)
+        idle.pop(0).close()
+        self._idle_count -= 1
 
     async def _connect(self, origin: tuple[str, str, int]) -> _Connection:
         scheme, host, port = origin
@@ -266,6 +318,8 @@ class ConnectionPool:
     ) -> None:
         h = connection.h11
         try:
+            # Values as latin-1 bytes: what the relay's server decoded a client's header with.
+            encoded = [(name.encode("ascii"), value.encode("latin-1")) for name, value in headers]
             head = h.send(
                 h11.Request(
                     method=b"POST",
@@ -273,27 +327,31 @@ class ConnectionPool:
                     headers=[
                         (b"host", target.host_header),
                         (b"user-agent", self._user_agent),
-                        *headers,
+                        *encoded,
                     ],
                 )
             )
             parts = h.send_with_data_passthrough(h11.Data(data=body)) if body else []
             tail = h.send(h11.EndOfMessage())
-        except h11.LocalProtocolError as exc:
-            raise TransportError(f"the request could not be framed: {exc}") from None
+        except (h11.LocalProtocolError, UnicodeEncodeError) as exc:
+            connection.reusable = False
+            raise UnsendableRequest(f"a header cannot be sent as HTTP/1.1: {exc}") from None
         if len(body) <= COALESCE_BODY_BYTES:
             writes = [b"".join([head, *parts, tail])]
         else:
             writes = [head, *parts, tail]
-        with trio.move_on_after(self._read_timeout):
-            try:
-                for data in writes:
-                    if data:
-                        await connection.stream.send_all(data)
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise TransportError(f"sending the request failed: {_describe(exc)}") from None
-            return
-        raise ReadTimeout(f"the upstream accepted no data for {self._read_timeout:g}s")
+        try:
+            for data in writes:
+                view = memoryview(data)
+                for start in range(0, len(view), SEND_SLICE_BYTES):
+                    with trio.move_on_after(self._read_timeout) as slice_scope:
+                        await connection.stream.send_all(view[start : start + SEND_SLICE_BYTES])
+                    if slice_scope.cancelled_caught:
+                        raise ReadTimeout(
+                            f"the upstream accepted no data for {self._read_timeout:g}s"
+                        )
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise TransportError(f"sending the request failed: {_describe(exc)}") from None
 
     async def _receive_head(self, connection: _Connection) -> h11.Response:
         h = connection.h11
