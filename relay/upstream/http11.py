@@ -339,17 +339,19 @@ class ConnectionPool:
         if len(body) <= COALESCE_BODY_BYTES:
             writes = [b"".join([head, *parts, tail])]
         else:
-            writes = [head, *parts, tail]
+            writes = [data for data in (head, *parts, tail) if data]
+        if any(len(data) > SEND_SLICE_BYTES for data in writes):
+            writes = [
+                memoryview(data)[start : start + SEND_SLICE_BYTES]
+                for data in writes
+                for start in range(0, len(data), SEND_SLICE_BYTES)
+            ]
         try:
             for data in writes:
-                view = memoryview(data)
-                for start in range(0, len(view), SEND_SLICE_BYTES):
-                    with trio.move_on_after(self._read_timeout) as slice_scope:
-                        await connection.stream.send_all(view[start : start + SEND_SLICE_BYTES])
-                    if slice_scope.cancelled_caught:
-                        raise ReadTimeout(
-                            f"the upstream accepted no data for {self._read_timeout:g}s"
-                        )
+                with trio.move_on_after(self._read_timeout) as slice_scope:
+                    await connection.stream.send_all(data)
+                if slice_scope.cancelled_caught:
+                    raise ReadTimeout(f"the upstream accepted no data for {self._read_timeout:g}s")
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise TransportError(f"sending the request failed: {_describe(exc)}") from None
 
