@@ -208,7 +208,6 @@ class ConnectionPool:
                 return await self._receive_head(connection)
             except TransportError:
                 raise failure from None
-        del body  # sent: not held while the upstream thinks
         return await self._receive_head(connection)
 
     async def _take_slot(self) -> None:
