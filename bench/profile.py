@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import trio
@@ -55,17 +56,21 @@ def _frame(frame: str) -> str:
     return f"{name} ({path})"
 
 
+def _samples(collapsed: Path) -> Iterator[tuple[list[str], int]]:
+    """Each line of py-spy's collapsed stacks: its frames, outermost first, and its count."""
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack:
+            yield stack.split(";"), int(count)
+
+
 def summarise(collapsed: Path, top: int = 25) -> str:
     """Inclusive and self time per function, and self time per package, as text."""
     inclusive: collections.Counter[str] = collections.Counter()
     own: collections.Counter[str] = collections.Counter()
     total = 0
-    for line in collapsed.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack:
-            continue
-        n = int(count)
-        frames = [_frame(f) for f in stack.split(";")]
+    for stack, n in _samples(collapsed):
+        frames = [_frame(f) for f in stack]
         total += n
         for frame in set(frames):
             inclusive[frame] += n
@@ -95,14 +100,10 @@ def by_owner(collapsed: Path) -> str:
     owners: collections.Counter[str] = collections.Counter()
     relay: collections.Counter[str] = collections.Counter()
     total = 0
-    for line in collapsed.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack:
-            continue
-        n = int(count)
+    for stack, n in _samples(collapsed):
         total += n
         owner = "trio run loop / other"
-        for frame in reversed(stack.split(";")):
+        for frame in reversed(stack):
             found = next((lib for lib in OWNERS if lib in frame), None)
             if found:
                 owner = found.rstrip("/")

@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import json
 import logging
-import zlib
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -400,7 +399,7 @@ async def _relay_once(call: Call) -> None:
             raise UpstreamTimeout(
                 f"The upstream account '{account.name}' did not finish its answer in time."
             ) from None
-        except (http11.TransportError, zlib.error) as exc:
+        except http11.TransportError as exc:
             raise UpstreamUnavailable(
                 f"The connection to upstream account '{account.name}' broke before "
                 f"its answer was complete ({exc})."

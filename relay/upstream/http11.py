@@ -135,7 +135,6 @@ class ConnectionPool:
         self._slots = trio.Semaphore(max_connections)
         self._max_idle = max_idle_connections
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
-        self._idle_count = 0
         self._keepalive_expiry = keepalive_expiry_s
         self._connect_timeout = connect_timeout_s
         self._read_timeout = read_timeout_s
@@ -148,7 +147,7 @@ class ConnectionPool:
 
     @property
     def idle_connections(self) -> int:
-        return self._idle_count
+        return sum(len(idle) for idle in self._idle.values())  # a few origins: the accounts
 
     @property
     def busy_connections(self) -> int:
@@ -160,7 +159,6 @@ class ConnectionPool:
             for connection in connections:
                 connection.close()
         self._idle.clear()
-        self._idle_count = 0
         await trio.lowlevel.checkpoint()
 
     async def post(self, url: str, headers: list[tuple[str, str]], body: bytes) -> Response:
@@ -233,7 +231,6 @@ class ConnectionPool:
         oldest_usable = trio.current_time() - self._keepalive_expiry
         while idle:
             connection = idle.pop()
-            self._idle_count -= 1
             if connection.idle_since >= oldest_usable and not connection.looks_closed():
                 return connection
             connection.close()
@@ -260,24 +257,21 @@ class ConnectionPool:
             return
         h.start_next_cycle()
         now = connection.idle_since = trio.current_time()
-        if self._idle_count >= self._max_idle:
+        if self.idle_connections >= self._max_idle:
             self._drop_expired(now)
-        if self._idle_count >= self._max_idle:
+        if self.idle_connections >= self._max_idle:
             self._drop_longest_idle()
         self._idle.setdefault(connection.origin, []).append(connection)
-        self._idle_count += 1
 
     def _drop_expired(self, now: float) -> None:
         oldest_usable = now - self._keepalive_expiry
         for idle in self._idle.values():
             while idle and idle[0].idle_since < oldest_usable:  # oldest first
                 idle.pop(0).close()
-                self._idle_count -= 1
 
     def _drop_longest_idle(self) -> None:
         idle = min((i for i in self._idle.values() if i), key=lambda i: i[0].idle_since)
         idle.pop(0).close()
-        self._idle_count -= 1
 
     async def _connect(self, origin: tuple[str, str, int]) -> _Connection:
         scheme, host, port = origin
@@ -441,10 +435,13 @@ class Response:
         """The whole body, decoded if the upstream compressed it despite ``identity``."""
         body = b"".join([piece async for piece in self])
         encoding = self.headers.get("content-encoding", "identity").strip().lower()
-        if encoding in ("gzip", "x-gzip"):
-            return zlib.decompress(body, zlib.MAX_WBITS | 16)
-        if encoding == "deflate":
-            return zlib.decompress(body)
+        try:
+            if encoding in ("gzip", "x-gzip"):
+                return zlib.decompress(body, zlib.MAX_WBITS | 16)
+            if encoding == "deflate":
+                return zlib.decompress(body)
+        except zlib.error as exc:
+            raise TransportError(f"the {encoding} body does not decompress: {exc}") from None
         return body
 
     def _release(self) -> None:
