@@ -228,6 +228,40 @@ def test_upstream_silence_is_504(tmp_path, sim) -> None:
         impatient.process.stop()
 
 
+def test_upstream_silence_mid_stream_ends_with_error_event(tmp_path, sim) -> None:
+    """The stream's watcher, not a timeout per read, notices the upstream stopped sending."""
+    from .conftest import start_relay
+
+    impatient = start_relay(tmp_path, sim.url, upstream_read_timeout_s=0.5)
+    headers = {"authorization": f"Bearer {impatient.key()}"}
+    try:
+        chat = {**HELLO, "stream": True,
+                "messages": [{"role": "user", "content": "#sim fault=stall tokens=10"}]}
+        started = time.monotonic()
+        with httpx2.stream("POST", impatient.url + CHAT, json=chat, headers=headers) as response:
+            assert response.status_code == 200
+            datas = [line[6:] for line in response.iter_lines() if line.startswith("data:")]
+        assert time.monotonic() - started < 5
+        assert any(json.loads(d).get("choices") for d in datas[:-1])  # the answer had begun
+        last = json.loads(datas[-1])
+        assert last["error"]["code"] == "upstream_timeout"
+        assert "went silent" in last["error"]["message"]
+        row = impatient.usage_row(response.headers["x-request-id"])
+        assert (row["status"], row["error_code"]) == (200, "upstream_timeout")
+        assert row["output_tokens"] > 0
+
+        codex = {"model": "gpt-5.5", "stream": True, "input": "#sim fault=stall tokens=10"}
+        with httpx2.stream("POST", impatient.url + RESPONSES, json=codex,
+                           headers=headers) as response:
+            events = [json.loads(line[6:]) for line in response.iter_lines()
+                      if line.startswith("data:")]
+        assert events[-1]["type"] == "response.failed"
+        assert events[-1]["response"]["error"]["code"] == "upstream_timeout"
+        assert impatient.wait_idle()["admission"]["total"] == 0
+    finally:
+        impatient.process.stop()
+
+
 def test_upstream_drop_mid_stream_ends_with_error_event(relay: Relay) -> None:
     body = {**HELLO, "stream": True,
             "messages": [{"role": "user", "content": "#sim fault=drop tokens=10"}]}

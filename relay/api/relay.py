@@ -454,14 +454,30 @@ class _ClientWriter:
         self.quiet_since = trio.current_time()
 
 
+class _UpstreamWatch:
+    """How the stream's watcher sees an upstream fall silent mid-answer, with no timeout per
+    read: the pump notes when it last heard from the upstream (``heard_at``; None while it is
+    not waiting on it: before the answer, or held up by a slow client), and the watcher cancels
+    ``reading``, the pump's reading of the answer, once that is longer ago than ``timeout_s``
+    (the pool's read timeout, which the pump's reads then do without)."""
+
+    __slots__ = ("heard_at", "reading", "timeout_s")
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.heard_at: float | None = None
+        self.reading = trio.CancelScope()
+
+
 async def _relay_stream(call: Call) -> None:
     send_channel, receive_channel = trio.open_memory_channel[bytes | RelayError](STREAM_BUFFER)
     writer = _ClientWriter(call)
+    upstream = _UpstreamWatch(call.runtime.config.server.upstream_read_timeout_s)
     pump_scope = trio.CancelScope()
     failure: RelayError | None = None
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_pump, call, send_channel, pump_scope)
-        nursery.start_soon(_watch_stream, call, writer, send_channel, pump_scope)
+        nursery.start_soon(_pump, call, send_channel, pump_scope, upstream)
+        nursery.start_soon(_watch_stream, call, writer, upstream, send_channel, pump_scope)
         try:
             async with receive_channel:
                 first = await _first_message(receive_channel)
@@ -508,10 +524,11 @@ async def _first_message(channel: trio.MemoryReceiveChannel) -> bytes | RelayErr
 async def _watch_stream(
     call: Call,
     writer: _ClientWriter,
+    upstream: _UpstreamWatch,
     out: trio.MemorySendChannel[bytes | RelayError],
     pump_scope: trio.CancelScope,
 ) -> None:
-    """The stream's two timers, in one task that wakes only when one of them is due:
+    """The stream's three timers, in one task that wakes only when one of them is due:
 
     - keep-alive: after each ``keepalive_event_s`` without a write, once the answer has begun
       (an agent's reasoning upstream may think for minutes; clients and proxies give up on a
@@ -520,15 +537,23 @@ async def _watch_stream(
       it encodes can be ahead of the keep-alive (a translated Responses stream numbers them).
     - stall: a client that accepted no data for ``stall_timeout_s`` gets the pump cancelled,
       which releases the upstream and the slots although the write to it cannot be interrupted.
+    - silence: an upstream that sent nothing for ``upstream_read_timeout_s`` in the middle of
+      its answer gets the pump's reading cancelled, which ends the stream with an error.
 
-    Why not a timeout around each event's ``receive``: a cancel scope per event was a visible
-    share of the per-event CPU with a thousand streams; here the writer only notes the time.
+    Why not a timeout around each event's ``receive`` or write: a cancel scope per event was a
+    visible share of the per-event CPU with a thousand streams; here the writer and the pump
+    only note the time.
     """
     server = call.runtime.config.server
     stall, interval = server.stall_timeout_s, server.keepalive_event_s
+    read_timeout = upstream.timeout_s
     poll = max(stall / 4, 0.05)
     while True:
         now = trio.current_time()
+        heard = upstream.heard_at
+        if heard is not None and now - heard > read_timeout:
+            upstream.heard_at = None
+            upstream.reading.cancel()
         since = writer.writing_since
         if since is not None and now - since > stall:
             log.info("%s: client accepted no data for %.0fs", call.request.request_id, stall)
@@ -544,6 +569,9 @@ async def _watch_stream(
                 _queue_keepalive(call, out)
                 writer.quiet_since = quiet = now
             wake = min(wake, quiet + interval)
+        # Not waiting on the upstream now, the pump may be soon: look again within a timeout.
+        heard = upstream.heard_at
+        wake = min(wake, (now if heard is None else heard) + read_timeout)
         await trio.sleep_until(wake)
 
 
@@ -561,7 +589,10 @@ def _queue_keepalive(call: Call, out: trio.MemorySendChannel[bytes | RelayError]
 
 
 async def _pump(
-    call: Call, out: trio.MemorySendChannel[bytes | RelayError], scope: trio.CancelScope
+    call: Call,
+    out: trio.MemorySendChannel[bytes | RelayError],
+    scope: trio.CancelScope,
+    watch: _UpstreamWatch,
 ) -> None:
     """Own the slots and the upstream stream; feed the client's bytes into ``out``."""
     record = call.record
@@ -576,7 +607,7 @@ async def _pump(
                         account.config.provider, upstream.context
                     )
                     try:
-                        await _relay_events(response, translator, out, lease, account.name)
+                        await _relay_events(response, translator, out, lease, account.name, watch)
                     finally:
                         usage = translator.usage
                         lease.used_tokens = call.take_usage(usage, translator.deltas)
@@ -598,27 +629,36 @@ async def _relay_events(
     out: trio.MemorySendChannel[bytes | RelayError],
     lease: Lease,
     account: str,
+    watch: _UpstreamWatch,
 ) -> None:
+    response.timed_reads = False  # the stream's watcher times the upstream's silence
     try:
-        async for chunk in response:
-            data = translator.feed(chunk)
-            lease.produced(translator.deltas)  # the guards charge the output as it is served
-            if data:
-                try:
-                    # No checkpoint when there is room: the upstream read just made one, and
-                    # send() would reschedule the pump once more for every event.
-                    out.send_nowait(data)
-                except trio.WouldBlock:
-                    await out.send(data)  # the client is behind: wait for it
-    except http11.ReadTimeout:
-        raise UpstreamTimeout(
-            f"The upstream account '{account}' went silent in the middle of the answer."
-        ) from None
+        with watch.reading:
+            watch.heard_at = trio.current_time()
+            async for chunk in response:
+                watch.heard_at = trio.current_time()
+                data = translator.feed(chunk)
+                lease.produced(translator.deltas)  # the guards charge the output as it is served
+                if data:
+                    try:
+                        # No checkpoint when there is room: the upstream read just made one,
+                        # and send() would reschedule the pump once more for every event.
+                        out.send_nowait(data)
+                    except trio.WouldBlock:
+                        watch.heard_at = None  # not waiting on the upstream meanwhile
+                        await out.send(data)  # the client is behind: wait for it
+                        watch.heard_at = trio.current_time()
+            watch.heard_at = None
     except http11.TransportError as exc:
         raise UpstreamUnavailable(
             f"The connection to upstream account '{account}' broke in the middle of the "
             f"answer ({exc})."
         ) from None
+    if watch.reading.cancelled_caught:
+        raise UpstreamTimeout(
+            f"The upstream account '{account}' went silent in the middle of the answer "
+            f"(nothing for {watch.timeout_s:g}s)."
+        )
     data = translator.flush()
     if not translator.finished:
         if data:

@@ -10,7 +10,8 @@ This module does that and nothing else; h11 does the parsing, as it does inside 
 
 Timeouts: ``connect`` covers TCP and TLS set-up, ``pool`` the wait for a free connection when
 ``max_connections`` are in use, ``read`` every wait for the upstream (sending the request, each
-gap between received bytes), as httpx's ``read`` timeout did.
+gap between received bytes), as httpx's ``read`` timeout did; a caller that watches a response
+for silence itself turns the last off for that response (``Response.timed_reads``).
 
 Connections: a response read to its end goes back to its origin's idle list (newest first) and
 is reused while it is younger than ``keepalive_expiry_s``; an idle connection the upstream has
@@ -20,6 +21,7 @@ once, synchronously, so no cancellation can leave a socket or a pool slot behind
 
 from __future__ import annotations
 
+import os
 import select
 import ssl
 import zlib
@@ -87,7 +89,17 @@ def _parse_url(url: str) -> _Target:
 class _Connection:
     """One socket to an upstream origin and its h11 state machine."""
 
-    __slots__ = ("h11", "idle_since", "origin", "receive", "reusable", "socket", "stream")
+    __slots__ = (
+        "_read",
+        "_waits",
+        "drained",
+        "h11",
+        "idle_since",
+        "origin",
+        "reusable",
+        "socket",
+        "stream"
+    )
 
     def __init__(
         self, origin: tuple[str, str, int], stream: trio.abc.Stream, socket: trio.socket.SocketType
@@ -97,10 +109,34 @@ class _Connection:
         self.socket = socket
         # Plain TCP reads the socket itself: trio's SocketStream adds a conflict detector and
         # an error-translating context manager to every read, a visible share per stream event.
-        self.receive = socket.recv if isinstance(stream, trio.SocketStream) else stream.receive_some
+        plain = isinstance(stream, trio.SocketStream)
+        self._read = socket.recv if plain else stream.receive_some
+        self._waits = plain and os.name == "posix"
+        self.drained = True  # the last read left nothing behind (nothing was read yet)
         self.h11 = h11.Connection(h11.CLIENT)
         self.idle_since = 0.0
         self.reusable = True  # False once the exchange went wrong in a way h11 cannot see
+
+    async def receive(self, size: int) -> bytes:
+        """The next bytes from the upstream, waiting for them if need be.
+
+        After a short read the socket is empty, and the next read would only fail with EAGAIN
+        before trio waits: for a streamed answer that is every event. So a plain TCP socket is
+        waited on first and then read (``os.read`` on its non-blocking descriptor), one system
+        call and one exception fewer per event. Closing the socket wakes the wait with
+        ``ClosedResourceError``, as trio's own read does; a socket closed by another task
+        after the wake has no descriptor (-1), and its read fails instead of reading another's.
+        """
+        if self.drained and self._waits:
+            await trio.lowlevel.wait_readable(self.socket)
+            try:
+                data = os.read(self.socket.fileno(), size)
+            except BlockingIOError:  # woken without data after all: trio's read waits again
+                data = await self._read(size)
+        else:
+            data = await self._read(size)
+        self.drained = len(data) < size
+        return data
 
     def close(self) -> None:
         """Close the socket now (no checkpoint: safe in any cleanup, cancelled or not). For TLS
@@ -363,16 +399,22 @@ class ConnectionPool:
             elif type(event) is not h11.InformationalResponse:
                 raise TransportError("the upstream closed the connection before answering")
 
-    async def _receive(self, connection: _Connection) -> bool:
-        """Feed h11 the next bytes from the socket; False at end of file."""
+    async def _receive(self, connection: _Connection, timed: bool = True) -> bool:
+        """Feed h11 the next bytes from the socket; False at end of file. ``timed=False``: no
+        read timeout, the caller keeps the time (see ``Response.timed_reads``)."""
+        if not timed:
+            return await self._receive_untimed(connection)
         with trio.move_on_after(self._read_timeout):
-            try:
-                data = await connection.receive(READ_SIZE)
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise TransportError(f"the connection broke: {_describe(exc)}") from None
-            connection.h11.receive_data(data)
-            return bool(data)
+            return await self._receive_untimed(connection)
         raise ReadTimeout(f"the upstream sent nothing for {self._read_timeout:g}s")
+
+    async def _receive_untimed(self, connection: _Connection) -> bool:
+        try:
+            data = await connection.receive(READ_SIZE)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise TransportError(f"the connection broke: {_describe(exc)}") from None
+        connection.h11.receive_data(data)
+        return bool(data)
 
 
 class Response:
@@ -381,11 +423,15 @@ class Response:
     ``aread()`` it whole. ``aclose()`` it when done: idempotent, and what frees its connection
     if the body was not read to the end."""
 
-    __slots__ = ("_connection", "_pool", "headers", "status_code")
+    __slots__ = ("_connection", "_pool", "headers", "status_code", "timed_reads")
 
     def __init__(self, pool: ConnectionPool, connection: _Connection, head: h11.Response) -> None:
         self._pool: ConnectionPool | None = pool
         self._connection = connection
+        #: Each read waits at most the pool's read timeout. A caller that watches a long stream
+        #: for silence itself (one timer for all its reads; a cancel scope per read was a
+        #: visible share of the CPU per event) sets this to False.
+        self.timed_reads = True
         self.status_code: int = head.status_code
         headers: dict[str, str] = {}
         for name, value in head.headers:
@@ -412,7 +458,7 @@ class Response:
                 elif event is h11.NEED_DATA:
                     if pieces:
                         break
-                    await pool._receive(connection)
+                    await pool._receive(connection, self.timed_reads)
                 elif kind is h11.EndOfMessage:
                     self._pool = None
                     pool._slots.release()
