@@ -317,7 +317,7 @@ async def test_the_idle_cap_evicts_the_longest_idle_not_the_newcomer(nursery) ->
     assert client.idle_connections == 1
 
 
-async def test_a_header_h11_refuses_is_the_callers_error(local_sim) -> None:
+async def test_a_header_http11_cannot_carry_is_the_callers_error(local_sim) -> None:
     _, url = local_sim
     client = pool()
     with pytest.raises(UnsendableRequest, match="header"):

@@ -1,4 +1,4 @@
-"""The upstream hop's HTTP/1.1 client: h11 over trio's sockets, with one connection pool.
+"""The upstream hop's HTTP/1.1 client: trio's sockets and one connection pool.
 
 Why the relay has its own and no longer uses httpx2 here: on the relay's hot path httpx2 and
 httpcore2 were the largest single cost (issue 6's profile): 37% of a non-streamed request's CPU,
@@ -6,7 +6,8 @@ and for every relayed stream event six nested async iterators, a ``fail_after`` 
 exception-mapping context manager per read. The relay needs a small part of what they offer: POST
 a body to a few known origins, HTTP/1.1 only (closing a response must close the socket so the
 upstream stops generating, stack-notes), keep-alive, a connection cap, and the timeouts below.
-This module does that and nothing else; h11 does the parsing, as it does inside httpcore2.
+This module does that and nothing else; ``h1.py`` writes the requests and frames the answers
+(h11 did, until it was measured: see there).
 
 Timeouts: ``connect`` covers TCP and TLS set-up, ``pool`` the wait for a free connection when
 ``max_connections`` are in use, ``read`` every wait for the upstream (sending the request, each
@@ -29,8 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import h11
 import trio
+
+from . import h1
 
 #: Bytes asked of the socket per read: a whole burst of events arrives in one read.
 READ_SIZE = 65536
@@ -59,8 +61,8 @@ class ReadTimeout(TransportError):
 
 
 class UnsendableRequest(ValueError):
-    """The request cannot be put on the wire (a header value h11 refuses): the caller's input,
-    not the upstream's fault."""
+    """The request cannot be put on the wire (a header value HTTP/1.1 cannot carry): the
+    caller's input, not the upstream's fault."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,15 +89,15 @@ def _parse_url(url: str) -> _Target:
 
 
 class _Connection:
-    """One socket to an upstream origin and its h11 state machine."""
+    """One socket to an upstream origin and the reader of its current answer."""
 
     __slots__ = (
         "_read",
         "_waits",
         "drained",
-        "h11",
         "idle_since",
         "origin",
+        "reader",
         "reusable",
         "socket",
         "stream"
@@ -113,9 +115,9 @@ class _Connection:
         self._read = socket.recv if plain else stream.receive_some
         self._waits = plain and os.name == "posix"
         self.drained = True  # the last read left nothing behind (nothing was read yet)
-        self.h11 = h11.Connection(h11.CLIENT)
+        self.reader = h1.ResponseReader()
         self.idle_since = 0.0
-        self.reusable = True  # False once the exchange went wrong in a way h11 cannot see
+        self.reusable = True  # False once the exchange went wrong in a way the reader cannot see
 
     async def receive(self, size: int) -> bytes:
         """The next bytes from the upstream, waiting for them if need be.
@@ -225,7 +227,7 @@ class ConnectionPool:
         target: _Target,
         headers: list[tuple[str, str]],
         body: bytes,
-    ) -> h11.Response:
+    ) -> h1.Head:
         """Send the request and wait for the answer's head.
 
         An upstream may answer before it has read the whole body (413 to an oversized request,
@@ -275,23 +277,20 @@ class ConnectionPool:
     def _checkin(self, connection: _Connection) -> None:
         """Keep a connection whose exchange ended cleanly, or close it.
 
-        Not reused: anything h11 holds beyond the answer's end (an upstream that sent more than
+        Not reused: anything received beyond the answer's end (an upstream that sent more than
         it framed would otherwise answer the next request with it). At the idle cap, expired
         connections of every origin go first, then the one idle the longest, so one account's
         idle connections cannot deny keep-alive to the others.
         """
-        h = connection.h11
         if (
             self._closed
             or self._max_idle <= 0
             or not connection.reusable
-            or h.our_state is not h11.DONE
-            or h.their_state is not h11.DONE
-            or h.trailing_data[0]
+            or not connection.reader.reusable
         ):
             connection.close()
             return
-        h.start_next_cycle()
+        connection.reader = h1.ResponseReader()
         now = connection.idle_since = trio.current_time()
         if self.idle_connections >= self._max_idle:
             self._drop_expired(now)
@@ -345,30 +344,28 @@ class ConnectionPool:
         headers: list[tuple[str, str]],
         body: bytes,
     ) -> None:
-        h = connection.h11
         try:
             # Values as latin-1 bytes: what the relay's server decoded a client's header with.
-            encoded = [(name.encode("ascii"), value.encode("latin-1")) for name, value in headers]
-            head = h.send(
-                h11.Request(
-                    method=b"POST",
-                    target=target.path,
-                    headers=[
-                        (b"host", target.host_header),
-                        (b"user-agent", self._user_agent),
-                        *encoded,
-                    ],
-                )
+            # The length is the pool's to write: it frames the body that follows.
+            encoded = [
+                (name.encode("ascii"), value.encode("latin-1"))
+                for name, value in headers
+                if name.lower() != "content-length"
+            ]
+            head = h1.request_head(
+                b"POST",
+                target.path,
+                [
+                    (b"host", target.host_header),
+                    (b"user-agent", self._user_agent),
+                    *encoded,
+                    (b"content-length", b"%d" % len(body)),
+                ],
             )
-            parts = h.send_with_data_passthrough(h11.Data(data=body)) if body else []
-            tail = h.send(h11.EndOfMessage())
-        except (h11.LocalProtocolError, UnicodeEncodeError) as exc:
+        except (h1.UnsendableHeader, UnicodeEncodeError) as exc:
             connection.reusable = False
             raise UnsendableRequest(f"a header cannot be sent as HTTP/1.1: {exc}") from None
-        if len(body) <= COALESCE_BODY_BYTES:
-            writes = [b"".join([head, *parts, tail])]
-        else:
-            writes = [data for data in (head, *parts, tail) if data]
+        writes = [head + body] if len(body) <= COALESCE_BODY_BYTES else [head, body]
         if any(len(data) > SEND_SLICE_BYTES for data in writes):
             writes = [
                 memoryview(data)[start : start + SEND_SLICE_BYTES]
@@ -384,23 +381,20 @@ class ConnectionPool:
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise TransportError(f"sending the request failed: {_describe(exc)}") from None
 
-    async def _receive_head(self, connection: _Connection) -> h11.Response:
-        h = connection.h11
+    async def _receive_head(self, connection: _Connection) -> h1.Head:
+        reader = connection.reader
         while True:
             try:
-                event = h.next_event()
-            except h11.RemoteProtocolError as exc:
+                head = reader.head()
+            except h1.ProtocolError as exc:
                 raise TransportError(f"the answer is not valid HTTP/1.1: {exc}") from None
-            if event is h11.NEED_DATA:
-                if not await self._receive(connection):
-                    raise TransportError("the upstream closed the connection before answering")
-            elif type(event) is h11.Response:
-                return event
-            elif type(event) is not h11.InformationalResponse:
+            if head is not None:
+                return head
+            if not await self._receive(connection):
                 raise TransportError("the upstream closed the connection before answering")
 
     async def _receive(self, connection: _Connection, timed: bool = True) -> bool:
-        """Feed h11 the next bytes from the socket; False at end of file. ``timed=False``: no
+        """Feed the reader the next bytes from the socket; False at end of file. ``timed=False``: no
         read timeout, the caller keeps the time (see ``Response.timed_reads``)."""
         if not timed:
             return await self._receive_untimed(connection)
@@ -413,7 +407,7 @@ class ConnectionPool:
             data = await connection.receive(READ_SIZE)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise TransportError(f"the connection broke: {_describe(exc)}") from None
-        connection.h11.receive_data(data)
+        connection.reader.feed(data)
         return bool(data)
 
 
@@ -425,7 +419,7 @@ class Response:
 
     __slots__ = ("_connection", "_pool", "headers", "status_code", "timed_reads")
 
-    def __init__(self, pool: ConnectionPool, connection: _Connection, head: h11.Response) -> None:
+    def __init__(self, pool: ConnectionPool, connection: _Connection, head: h1.Head) -> None:
         self._pool: ConnectionPool | None = pool
         self._connection = connection
         #: Each read waits at most the pool's read timeout. A caller that watches a long stream
@@ -447,35 +441,27 @@ class Response:
         if pool is None:
             raise StopAsyncIteration
         connection = self._connection
-        h = connection.h11
-        pieces: list[bytes] = []
+        reader = connection.reader
         try:
             while True:
-                event = h.next_event()
-                kind = type(event)
-                if kind is h11.Data:
-                    pieces.append(event.data)
-                elif event is h11.NEED_DATA:
-                    if pieces:
-                        break
-                    await pool._receive(connection, self.timed_reads)
-                elif kind is h11.EndOfMessage:
+                data = reader.read()
+                if reader.done:
                     self._pool = None
                     pool._slots.release()
                     pool._checkin(connection)
-                    if not pieces:
+                    if not data:
                         raise StopAsyncIteration
-                    break
-                else:
-                    raise TransportError("the upstream closed the connection mid-answer")
-        except h11.RemoteProtocolError as exc:
+                    return data
+                if data:
+                    return data
+                await pool._receive(connection, self.timed_reads)
+        except h1.ProtocolError as exc:
             self._release()
             raise TransportError(f"the upstream's answer broke off: {exc}") from None
         except BaseException:
             if self._pool is not None:
                 self._release()
             raise
-        return bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
 
     async def aread(self) -> bytes:
         """The whole body, decoded if the upstream compressed it despite ``identity``."""
