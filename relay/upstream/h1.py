@@ -168,10 +168,10 @@ class ResponseReader:
 
     def read(self) -> bytes:
         """The body's bytes decoded so far and not yet returned (possibly none)."""
-        if self.done or not self._started:
-            return b""
-        framing = self._framing
         buffer = self._buffer
+        if self.done or not self._started or not (buffer or self._eof):
+            return b""  # the common case between two streamed events: nothing new yet
+        framing = self._framing
         if framing == _LENGTH:
             take = min(len(buffer), self._remaining)
             if not take and self._eof:

@@ -140,6 +140,16 @@ class _Connection:
         self.drained = len(data) < size
         return data
 
+    def send_nowait(self, data: bytes | memoryview) -> int:
+        """Write what the socket takes at once (plain TCP; 0 for TLS): a request that fits in
+        the socket's buffer, which is nearly every one, needs no timeout scope and no wait."""
+        if not self._waits:
+            return 0
+        try:
+            return os.write(self.socket.fileno(), data)
+        except BlockingIOError:
+            return 0
+
     def close(self) -> None:
         """Close the socket now (no checkpoint: safe in any cleanup, cancelled or not). For TLS
         this skips close_notify, as a reset does; HTTP/1.1 framing makes that harmless."""
@@ -374,8 +384,11 @@ class ConnectionPool:
             ]
         try:
             for data in writes:
+                written = connection.send_nowait(data)
+                if written == len(data):
+                    continue
                 with trio.move_on_after(self._read_timeout) as slice_scope:
-                    await connection.stream.send_all(data)
+                    await connection.stream.send_all(memoryview(data)[written:])
                 if slice_scope.cancelled_caught:
                     raise ReadTimeout(f"the upstream accepted no data for {self._read_timeout:g}s")
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
