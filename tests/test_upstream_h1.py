@@ -109,8 +109,9 @@ def test_no_content_and_close_delimited() -> None:
         LENGTH.replace(b"x-a: 1", b"connection: keep-alive, close"),
         LENGTH.replace(b"HTTP/1.1", b"HTTP/1.0"),
         CHUNKED.replace(b"content-type", b"content-length: 3\r\ncontent-type"),
+        b"HTTP/1.1 204 No Content\r\ntransfer-encoding: chunked\r\n\r\n",
     ],
-    ids=["trailing-bytes", "connection-close", "http-1.0", "length-and-chunked"],
+    ids=["trailing-bytes", "connection-close", "http-1.0", "length-and-chunked", "204-with-body"],
 )
 def test_answers_after_which_the_connection_is_not_reused(answer: bytes) -> None:
     reader = frame(answer)[2]
@@ -132,6 +133,10 @@ def test_answers_after_which_the_connection_is_not_reused(answer: bytes) -> None
         (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort", "before the body's end"),
         (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel", "chunked body"),
         (b"HTTP/1.1 200 OK\r\ncontent-le", "before the answer's head"),
+        (b"HTTP/1.1 099 Low\r\n\r\n", "status code"),
+        (CHUNKED.replace(b"5;name=value", b"5;" + b"x" * (h1.MAX_LINE_BYTES + 1)), "too long"),
+        (CHUNKED.replace(b"x-trailer: yes", b"HTTP/1.1 200 OK"), "header line"),
+        (CHUNKED.replace(b"x-trailer: yes", b"x-t: \x00"), "invalid value"),
     ],
 )
 def test_answers_that_cannot_be_framed(answer: bytes, complaint: str) -> None:

@@ -317,11 +317,19 @@ async def test_the_idle_cap_evicts_the_longest_idle_not_the_newcomer(nursery) ->
     assert client.idle_connections == 1
 
 
-async def test_a_header_http11_cannot_carry_is_the_callers_error(local_sim) -> None:
+@pytest.mark.parametrize(
+    ("header", "complaint"),
+    [(("x-note", "bad\r\nx-injected: 1"), "header"),
+     (("transfer-encoding", "chunked"), "connection's"),
+     (("Connection", "upgrade"), "connection's")],
+)
+async def test_a_header_http11_cannot_carry_is_the_callers_error(
+    local_sim, header: tuple[str, str], complaint: str
+) -> None:
     _, url = local_sim
     client = pool()
-    with pytest.raises(UnsendableRequest, match="header"):
-        await client.post(url, [*with_length(b"{}"), ("x-note", "bad\r\nx-injected: 1")], b"{}")
+    with pytest.raises(UnsendableRequest, match=complaint):
+        await client.post(url, [*with_length(b"{}"), header], b"{}")
     assert client.busy_connections == 0
 
 

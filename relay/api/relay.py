@@ -632,6 +632,7 @@ async def _relay_events(
     watch: _UpstreamWatch,
 ) -> None:
     response.timed_reads = False  # the stream's watcher times the upstream's silence
+    late = b""
     try:
         with watch.reading:
             watch.heard_at = trio.current_time()
@@ -645,6 +646,11 @@ async def _relay_events(
                         # and send() would reschedule the pump once more for every event.
                         out.send_nowait(data)
                     except trio.WouldBlock:
+                        if watch.reading.cancel_called:
+                            # The watcher gave up on the upstream as this arrived: the bytes
+                            # are the client's still (and billed), so send them outside.
+                            late = data
+                            break
                         watch.heard_at = None  # not waiting on the upstream meanwhile
                         await out.send(data)  # the client is behind: wait for it
                         watch.heard_at = trio.current_time()
@@ -654,7 +660,9 @@ async def _relay_events(
             f"The connection to upstream account '{account}' broke in the middle of the "
             f"answer ({exc})."
         ) from None
-    if watch.reading.cancelled_caught:
+    if late:
+        await out.send(late)
+    if late or watch.reading.cancelled_caught:
         raise UpstreamTimeout(
             f"The upstream account '{account}' went silent in the middle of the answer "
             f"(nothing for {watch.timeout_s:g}s)."

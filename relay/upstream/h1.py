@@ -84,7 +84,16 @@ class ResponseReader:
     """
 
     __slots__ = (
-        "_buffer", "_chunk", "_eof", "_framing", "_keep_alive", "_remaining", "_started", "done"
+        "_buffer",
+        "_chunk",
+        "_eof",
+        "_framing",
+        "_keep_alive",
+        "_remaining",
+        "_scanned",
+        "_started",
+        "_trailer_bytes",
+        "done",
     )
 
     def __init__(self) -> None:
@@ -95,6 +104,8 @@ class ResponseReader:
         self._remaining = 0  # bytes of body (content-length) or of the current chunk left
         self._chunk = _SIZE_LINE
         self._keep_alive = False
+        self._scanned = 0  # how far the search for the head's end got (no rescan per read)
+        self._trailer_bytes = 0
         self.done = False
 
     def feed(self, data: bytes) -> None:
@@ -114,8 +125,9 @@ class ResponseReader:
         """The answer's head once it has arrived whole, else None (feed more)."""
         while True:
             buffer = self._buffer
-            blank = _BLANK_LINE.search(buffer)
+            blank = _BLANK_LINE.search(buffer, max(0, self._scanned - 2))
             if blank is None:
+                self._scanned = len(buffer)
                 if len(buffer) > MAX_HEAD_BYTES:
                     raise ProtocolError(f"the answer's head exceeds {MAX_HEAD_BYTES} bytes")
                 if self._eof:
@@ -125,8 +137,11 @@ class ResponseReader:
                 raise ProtocolError(f"the answer's head exceeds {MAX_HEAD_BYTES} bytes")
             block = bytes(buffer[: blank.start()])
             del buffer[: blank.end()]
+            self._scanned = 0
             head, version = _parse_head(block)
             status = head.status_code
+            if status < 100:
+                raise ProtocolError(f"invalid status code {status}")
             if status < 200:
                 if status == 101:
                     raise ProtocolError("the upstream switched protocols")
@@ -150,6 +165,8 @@ class ResponseReader:
         self._keep_alive = not close
         if head.status_code in (204, 304):
             self._framing, self._remaining = _LENGTH, 0
+            if encodings or lengths - {b"0"}:  # a body may follow after all: not on this socket
+                self._keep_alive = False
         elif encodings:
             if encodings != [b"chunked"]:
                 raise ProtocolError(f"unsupported transfer-encoding {b', '.join(encodings)!r}")
@@ -217,13 +234,20 @@ class ResponseReader:
                     if size - position > MAX_LINE_BYTES:
                         raise ProtocolError("a chunk-size or trailer line is too long")
                     break
+                if end - position > MAX_LINE_BYTES:
+                    raise ProtocolError("a chunk-size or trailer line is too long")
                 line = bytes(buffer[position:end])
                 position = end + 1
                 if state == _TRAILERS:
-                    if not line.removesuffix(b"\r"):
+                    field = line.removesuffix(b"\r")
+                    if not field:
                         self.done = True
                         break
-                    continue  # trailer fields: nothing the relay uses
+                    self._trailer_bytes += len(line)
+                    if self._trailer_bytes > MAX_HEAD_BYTES:
+                        raise ProtocolError(f"the trailers exceed {MAX_HEAD_BYTES} bytes")
+                    _parse_field(field)  # nothing the relay uses, but it must be a field
+                    continue
                 match = _CHUNK_SIZE.fullmatch(line[:-1]) if line[-1:] == b"\r" else None
                 if match is None:
                     raise ProtocolError(f"invalid chunk size line {line[:40]!r}")
@@ -244,16 +268,18 @@ def _parse_head(block: bytes) -> tuple[Head, bytes]:
     match = _STATUS_LINE.fullmatch(status_line)
     if match is None:
         raise ProtocolError(f"invalid status line {status_line[:60]!r}")
-    headers: list[tuple[bytes, bytes]] = []
-    for raw in lines[1:]:
-        line = raw.removesuffix(b"\r")
-        if line[:1] in (b" ", b"\t"):
-            raise ProtocolError("the answer's head uses obsolete line folding")
-        name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.fullmatch(name):
-            raise ProtocolError(f"invalid header line {line[:60]!r}")
-        value = value.strip(b" \t")
-        if not _VALUE.fullmatch(value):
-            raise ProtocolError(f"invalid value in header {name[:40]!r}")
-        headers.append((name.lower(), value))
+    headers = [_parse_field(raw.removesuffix(b"\r")) for raw in lines[1:]]
     return Head(int(match.group(2)), headers), match.group(1)
+
+
+def _parse_field(line: bytes) -> tuple[bytes, bytes]:
+    """One ``name: value`` line of the head or the trailers: the lower-cased name, the value."""
+    if line[:1] in (b" ", b"\t"):
+        raise ProtocolError("the answer uses obsolete line folding")
+    name, colon, value = line.partition(b":")
+    if not colon or not _TOKEN.fullmatch(name):
+        raise ProtocolError(f"invalid header line {line[:60]!r}")
+    value = value.strip(b" \t")
+    if not _VALUE.fullmatch(value):
+        raise ProtocolError(f"invalid value in header {name[:40]!r}")
+    return name.lower(), value

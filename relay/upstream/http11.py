@@ -43,6 +43,15 @@ COALESCE_BODY_BYTES = 16384
 #: Larger bodies are sent in slices of this size, each with its own read (send) timeout.
 SEND_SLICE_BYTES = 65536
 
+#: Headers the pool writes itself; a caller's are dropped.
+_POOL_HEADERS = frozenset({"host", "content-length"})
+#: Headers about the connection or the framing, which a request must not bring (a
+#: ``transfer-encoding`` next to the pool's length would make the upstream read another body).
+_HOP_HEADERS = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding"}
+    | {"upgrade"}
+)
+
 
 class TransportError(Exception):
     """The upstream could not be reached, or the connection broke or spoke no valid HTTP/1.1."""
@@ -356,12 +365,15 @@ class ConnectionPool:
     ) -> None:
         try:
             # Values as latin-1 bytes: what the relay's server decoded a client's header with.
-            # The length is the pool's to write: it frames the body that follows.
-            encoded = [
-                (name.encode("ascii"), value.encode("latin-1"))
-                for name, value in headers
-                if name.lower() != "content-length"
-            ]
+            # The host and the length are the pool's to write (the length frames the body).
+            encoded = []
+            for name, value in headers:
+                lowered = name.lower()
+                if lowered in _POOL_HEADERS:
+                    continue
+                if lowered in _HOP_HEADERS:
+                    raise h1.UnsendableHeader(f"{name!r} is the connection's, not the request's")
+                encoded.append((name.encode("ascii"), value.encode("latin-1")))
             head = h1.request_head(
                 b"POST",
                 target.path,
