@@ -3,8 +3,8 @@ reader that frames the answer the pool feeds it. No I/O (``http11.py`` does that
 
 Why not h11, which did this until issue 6's second profile: h11 is general (both roles, every
 state and event of RFC 9112) and costs for that on every exchange, about 78 us of CPU per
-non-streamed request and 7 us per streamed event on the benchmark machine, a tenth of what the
-relay spends on the whole request besides its server. The client side needs much less: write
+non-streamed request and 7 us per streamed event on the benchmark machine, a sixth of what the
+relay spent on a request besides its server's work. The client side needs much less: write
 one POST with a known length, then read one answer framed by ``content-length``, chunked
 transfer coding or the connection's close. This reader does that, strictly (a bare LF ends a
 line of the head, as RFC 9112 allows, but chunked framing wants CRLF): anything it cannot
