@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -118,6 +119,18 @@ def machine_busy_seconds() -> float:
         fields = [int(v) for v in stat.readline().split()[1:]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
     return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
+def markdown_table(columns: Sequence[str], align: str, rows: Iterable[Sequence[object]]) -> str:
+    """A Markdown table: ``columns`` as the header, ``align`` one letter per column (``l`` left,
+    ``r`` right), each row's cells as ``str`` gives them."""
+    rule = {"l": "---", "r": "---:"}
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join(rule[a] for a in align) + "|",
+    ]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def percentile(values: list[float], q: float) -> float | None:

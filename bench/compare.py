@@ -33,6 +33,7 @@ from .common import (
     machine_busy_seconds,
     machine_info,
     machine_line,
+    markdown_table,
     percentile,
     process_rss_bytes,
     raise_open_files_limit,
@@ -768,59 +769,51 @@ def fmt(value: object, digits: int = 2) -> str:
 
 def figures_table(rows: list[dict], peer_available: bool) -> str:
     peer = "LiteLLM" if peer_available else "LiteLLM (unavailable)"
-    lines = [
-        f"| figure | direct (floor) | relay | {peer} | echo | bare proxy | relay ÷ LiteLLM "
-        "| target | met |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---|",
-    ]
+    columns = ["figure", "direct (floor)", "relay", peer, "echo", "bare proxy", "relay ÷ LiteLLM"]
+    cells = []
     for row in rows:
         v = row["values"]
         ratio = row["relay_over_litellm"]
-        ratio_text = "–" if ratio is None else f"{ratio:.2f} ({row['better']} is better)"
-        met = {True: "**yes**", False: "**no**", None: ""}[row["met"]]
-        lines.append(
-            f"| {row['figure']} ({row['unit']}) | {fmt(v.get('direct'))} | {fmt(v.get('relay'))} "
-            f"| {fmt(v.get('litellm'))} | {fmt(v.get('echo'))} | {fmt(v.get('proxy'))} "
-            f"| {ratio_text} "
-            f"| {row['target'] or ''} | {met} |"
-        )
-    return "\n".join(lines)
+        cells.append([
+            f"{row['figure']} ({row['unit']})",
+            *(fmt(v.get(name)) for name in ("direct", "relay", "litellm", "echo", "proxy")),
+            "–" if ratio is None else f"{ratio:.2f} ({row['better']} is better)",
+            row["target"] or "",
+            {True: "**yes**", False: "**no**", None: ""}[row["met"]],
+        ])
+    return markdown_table([*columns, "target", "met"], "lrrrrrrll", cells)
 
 
 def nonstream_table(rows: list[dict]) -> str:
-    lines = [
-        "| target | conc | requests | errors | req/s | p50 ms | p99 ms | own CPU ms/req "
-        "| client CPU % | other CPU % |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    columns = ["target", "conc", "requests", "errors", "req/s", "p50 ms", "p99 ms",
+               "own CPU ms/req", "client CPU %", "other CPU %"]
+    cells = []
     for r in sorted(rows, key=lambda r: (r["concurrency"], TARGET_ORDER.index(r["target"]))):
         lat, cpu = r["latency_ms"], r["cpu"]
-        lines.append(
-            f"| {r['target']} | {r['concurrency']} | {r['requests']} | {r['errors']} "
-            f"| {r['req_per_s']:.0f} | {fmt(lat['p50'])} | {fmt(lat['p99'])} "
-            f"| {fmt(r['cpu_ms_per_request'], 3)} | {cpu.get('client_util', 0) * 100:.0f} "
-            f"| {cpu['other_util'] * 100:.0f} |"
-        )
-    return "\n".join(lines)
+        cells.append([
+            r["target"], r["concurrency"], r["requests"], r["errors"], f"{r['req_per_s']:.0f}",
+            fmt(lat["p50"]), fmt(lat["p99"]), fmt(r["cpu_ms_per_request"], 3),
+            f"{cpu.get('client_util', 0) * 100:.0f}", f"{cpu['other_util'] * 100:.0f}",
+        ])
+    return markdown_table(columns, "l" + "r" * 9, cells)
 
 
 def streams_table(rows: list[dict]) -> str:
-    lines = [
-        "| target | streams | completed | errors | offered ev/s | events/s | gap p50 ms "
-        "| gap p99 ms | own CPU ms/1k events | own CPU % | client CPU % | other CPU % |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    columns = ["target", "streams", "completed", "errors", "offered ev/s", "events/s",
+               "gap p50 ms", "gap p99 ms", "own CPU ms/1k events", "own CPU %",
+               "client CPU %", "other CPU %"]
+    cells = []
     for r in rows:
         cpu = r["cpu"]
         own = cpu.get(f"{_process_name(r['target'])}_util", 0)
-        lines.append(
-            f"| {r['target']} | {r['streams']} | {r['completed']} | {r['errors']} "
-            f"| {r['offered_events_per_s']:.0f} | {r['events_per_s']:.0f} "
-            f"| {fmt(r['gap_ms']['p50'])} | {fmt(r['gap_ms']['p99'])} "
-            f"| {fmt(r['cpu_ms_per_1000_events'])} | {own * 100:.0f} "
-            f"| {cpu.get('client_util', 0) * 100:.0f} | {cpu['other_util'] * 100:.0f} |"
-        )
-    return "\n".join(lines)
+        cells.append([
+            r["target"], r["streams"], r["completed"], r["errors"],
+            f"{r['offered_events_per_s']:.0f}", f"{r['events_per_s']:.0f}",
+            fmt(r["gap_ms"]["p50"]), fmt(r["gap_ms"]["p99"]),
+            fmt(r["cpu_ms_per_1000_events"]), f"{own * 100:.0f}",
+            f"{cpu.get('client_util', 0) * 100:.0f}", f"{cpu['other_util'] * 100:.0f}",
+        ])
+    return markdown_table(columns, "l" + "r" * 11, cells)
 
 
 def _process_name(target: str) -> str:
@@ -828,32 +821,25 @@ def _process_name(target: str) -> str:
 
 
 def memory_table(rows: list[dict]) -> str:
-    lines = [
-        "| target | prompt bytes | streams opened | errors | RSS before MiB | RSS open MiB "
-        "| RSS after MiB | KiB per stream |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    columns = ["target", "prompt bytes", "streams opened", "errors", "RSS before MiB",
+               "RSS open MiB", "RSS after MiB", "KiB per stream"]
+    cells = [
+        [r["target"], r["prompt_bytes"], r["opened"], r["errors"], r["rss_before_mib"],
+         r["rss_open_mib"], r["rss_after_mib"], fmt(r["kib_per_stream"], 1)]
+        for r in rows
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['target']} | {r['prompt_bytes']} | {r['opened']} | {r['errors']} "
-            f"| {r['rss_before_mib']} "
-            f"| {r['rss_open_mib']} | {r['rss_after_mib']} | {fmt(r['kib_per_stream'], 1)} |"
-        )
-    return "\n".join(lines)
+    return markdown_table(columns, "l" + "r" * 7, cells)
 
 
 def disconnect_table(rows: list[dict]) -> str:
-    lines = [
-        "| target | disconnects | errors | upstream still open | p50 ms | p99 ms | max ms |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+    columns = ["target", "disconnects", "errors", "upstream still open", "p50 ms", "p99 ms",
+               "max ms"]
+    cells = [
+        [r["target"], r["disconnects"], r["errors"], r["upstream_still_open"],
+         fmt(r["delay_ms"]["p50"]), fmt(r["delay_ms"]["p99"]), fmt(r["delay_ms"]["max"])]
+        for r in rows
     ]
-    for r in rows:
-        d = r["delay_ms"]
-        lines.append(
-            f"| {r['target']} | {r['disconnects']} | {r['errors']} | {r['upstream_still_open']} "
-            f"| {fmt(d['p50'])} | {fmt(d['p99'])} | {fmt(d['max'])} |"
-        )
-    return "\n".join(lines)
+    return markdown_table(columns, "l" + "r" * 6, cells)
 
 
 def report(result: dict) -> str:

@@ -26,7 +26,15 @@ from pathlib import Path
 import httpx2
 import trio
 
-from .common import ROOT, Server, machine_busy_seconds, machine_info, percentile, start_server
+from .common import (
+    ROOT,
+    Server,
+    machine_busy_seconds,
+    machine_info,
+    markdown_table,
+    percentile,
+    start_server,
+)
 
 SIM_KEY = "bench-sim-key"
 ADMIN_TOKEN = "bench-admin-token"
@@ -440,40 +448,37 @@ def fmt(value: float | None, digits: int = 2) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [
-        "| target | mode | conc | requests | errors | req/s | p50 ms | p99 ms | added p50 ms "
-        "| added p99 ms | events/s | gap p99 ms | added gap p99 ms | relay CPU ms/req |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    columns = ["target", "mode", "conc", "requests", "errors", "req/s", "p50 ms", "p99 ms",
+               "added p50 ms", "added p99 ms", "events/s", "gap p99 ms", "added gap p99 ms",
+               "relay CPU ms/req"]
+    cells = []
     for row in rows:
         main = row["ttfb_ms"] or row["latency_ms"]
         added = row.get("added_ms", {})
         gap = row["gap_ms"] or {}
-        lines.append(
-            f"| {row['target']} | {row['mode']} | {row['concurrency']} | {row['requests']} "
-            f"| {row['errors']} | {row['req_per_s']:.0f} | {fmt(main['p50'])} "
-            f"| {fmt(main['p99'])} | {fmt(added.get('p50'))} | {fmt(added.get('p99'))} "
-            f"| {fmt(row['events_per_s'], 0)} | {fmt(gap.get('p99'))} "
-            f"| {fmt(added.get('gap_p99'))} | {fmt(row['cpu'].get('relay_ms_per_request'), 3)} |"
-        )
-    return "\n".join(lines)
+        cells.append([
+            row["target"], row["mode"], row["concurrency"], row["requests"], row["errors"],
+            f"{row['req_per_s']:.0f}", fmt(main["p50"]), fmt(main["p99"]),
+            fmt(added.get("p50")), fmt(added.get("p99")), fmt(row["events_per_s"], 0),
+            fmt(gap.get("p99")), fmt(added.get("gap_p99")),
+            fmt(row["cpu"].get("relay_ms_per_request"), 3),
+        ])
+    return markdown_table(columns, "ll" + "r" * 12, cells)
 
 
 def cpu_table(rows: list[dict]) -> str:
-    lines = [
-        "| target | mode | conc | relay CPU % | sim CPU % | client CPU % | other CPU % "
-        "| relay ms/event |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    columns = ["target", "mode", "conc", "relay CPU %", "sim CPU %", "client CPU %",
+               "other CPU %", "relay ms/event"]
+    cells = []
     for row in rows:
         cpu = row["cpu"]
-        lines.append(
-            f"| {row['target']} | {row['mode']} | {row['concurrency']} "
-            f"| {cpu['relay_util'] * 100:.0f} | {cpu['sim_util'] * 100:.0f} "
-            f"| {cpu['client_util'] * 100:.0f} | {cpu['others_util'] * 100:.0f} "
-            f"| {fmt(cpu.get('relay_ms_per_event'), 3)} |"
-        )
-    return "\n".join(lines)
+        cells.append([
+            row["target"], row["mode"], row["concurrency"],
+            *(f"{cpu[name] * 100:.0f}" for name in ("relay_util", "sim_util", "client_util",
+                                                     "others_util")),
+            fmt(cpu.get("relay_ms_per_event"), 3),
+        ])
+    return markdown_table(columns, "ll" + "r" * 6, cells)
 
 
 def admin_state(relay: Server) -> dict:

@@ -552,7 +552,7 @@ async def _watch_stream(
         now = trio.current_time()
         heard = upstream.heard_at
         if heard is not None and now - heard > read_timeout:
-            upstream.heard_at = None
+            upstream.heard_at = heard = None
             upstream.reading.cancel()
         since = writer.writing_since
         if since is not None and now - since > stall:
@@ -570,7 +570,6 @@ async def _watch_stream(
                 writer.quiet_since = quiet = now
             wake = min(wake, quiet + interval)
         # Not waiting on the upstream now, the pump may be soon: look again within a timeout.
-        heard = upstream.heard_at
         wake = min(wake, (now if heard is None else heard) + read_timeout)
         await trio.sleep_until(wake)
 

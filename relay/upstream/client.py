@@ -106,9 +106,8 @@ class UpstreamClient:
         should see (translated from Anthropic's or Gemini's error shapes) and the cool-down the
         upstream asked for, before the caller sends anything to its client.
         """
-        sent = {
+        sent = {  # the pool writes the host and the length itself
             "content-type": "application/json",
-            "content-length": str(len(body)),
             "accept-encoding": "identity",
             **headers,
         }

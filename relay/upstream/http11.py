@@ -101,8 +101,8 @@ class _Connection:
     """One socket to an upstream origin and the reader of its current answer."""
 
     __slots__ = (
+        "_plain_fd",
         "_read",
-        "_waits",
         "drained",
         "idle_since",
         "origin",
@@ -122,7 +122,8 @@ class _Connection:
         # an error-translating context manager to every read, a visible share per stream event.
         plain = isinstance(stream, trio.SocketStream)
         self._read = socket.recv if plain else stream.receive_some
-        self._waits = plain and os.name == "posix"
+        # A plain TCP socket on POSIX: its descriptor is waited on and read or written directly.
+        self._plain_fd = plain and os.name == "posix"
         self.drained = True  # the last read left nothing behind (nothing was read yet)
         self.reader = h1.ResponseReader()
         self.idle_since = 0.0
@@ -138,7 +139,7 @@ class _Connection:
         ``ClosedResourceError``, as trio's own read does; a socket closed by another task
         after the wake has no descriptor (-1), and its read fails instead of reading another's.
         """
-        if self.drained and self._waits:
+        if self.drained and self._plain_fd:
             await trio.lowlevel.wait_readable(self.socket)
             try:
                 data = os.read(self.socket.fileno(), size)
@@ -152,7 +153,7 @@ class _Connection:
     def send_nowait(self, data: bytes | memoryview) -> int:
         """Write what the socket takes at once (plain TCP; 0 for TLS): a request that fits in
         the socket's buffer, which is nearly every one, needs no timeout scope and no wait."""
-        if not self._waits:
+        if not self._plain_fd:
             return 0
         try:
             return os.write(self.socket.fileno(), data)
