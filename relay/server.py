@@ -40,6 +40,7 @@ import logging
 import signal
 import socket
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import h11
 import hypercorn.protocol
@@ -47,6 +48,8 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 from hypercorn.events import Closed, Event, RawData
+from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
@@ -112,7 +115,44 @@ _FRAMING_ERRORS = {
 
 class RelayH11Protocol(H11Protocol):
     """hypercorn's HTTP/1.1 protocol, answering what it cannot read in OpenAI's error JSON and
-    refusing an absurd chunk size at once (see the module docstring)."""
+    refusing an absurd chunk size at once (see the module docstring).
+
+    Two races of hypercorn's are closed too. When h11 fails to read what follows a request (a
+    bad chunk, a garbage pipelined request) while the application answers it, the reader's
+    error answer and the application's were interleaved, and the reader's close cut the
+    application's answer short or raised ``BusyResourceError`` (``send_eof`` while another
+    task sends). Now the error answer, once begun, is the only one (the application's is
+    dropped), it is written in one piece, and a close waits for the write in progress; while
+    the application's answer is being written, the reader's close waits for it to end
+    (hypercorn then closes the connection, as the request was not read cleanly).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._transport_send = self.send
+        self.send = self._send
+        self._writes = 0  # RawData sends in progress
+        self._took_over = False  # the reader answered with an error: the app's answer is dropped
+
+    async def _send(self, event: Event) -> None:
+        if isinstance(event, RawData):
+            self._writes += 1
+            try:
+                await self._transport_send(event)
+            finally:
+                self._writes -= 1
+            return
+        if isinstance(event, Closed):
+            if self.stream is not None and self.connection.our_state is h11.SEND_BODY:
+                return  # an answer is being written: _maybe_recycle closes once it has ended
+            while self._writes:  # rare: a close racing a write
+                await trio.sleep(0.005)
+        await self._transport_send(event)
+
+    async def stream_send(self, event: StreamEvent) -> None:
+        if self._took_over and not isinstance(event, StreamClosed):
+            return
+        await super().stream_send(event)
 
     async def handle(self, event: Event) -> None:
         await super().handle(event)
@@ -131,6 +171,22 @@ class RelayH11Protocol(H11Protocol):
                     )
                 await self.send(Closed())
 
+    async def _create_stream(self, request: h11.Request) -> None:
+        # RFC 9112 §6.3: a request with both is a smuggling attempt or a broken intermediary;
+        # h11 would read it by Transfer-Encoding. Refused here, before the application sees
+        # it, and the connection closed: what follows on it cannot be framed with confidence.
+        names = {name for name, _ in request.headers}
+        if b"content-length" in names and b"transfer-encoding" in names:
+            await self._send_json_error(
+                400,
+                "The request has both Content-Length and Transfer-Encoding headers, which "
+                "makes its length ambiguous; send only one of them.",
+                "ambiguous_framing",
+            )
+            await self.send(Closed())
+            return
+        await super()._create_stream(request)
+
     async def _send_error_response(self, status_code: int) -> None:
         message, code = _FRAMING_ERRORS.get(status_code, _FRAMING_ERRORS[400])
         await self._send_json_error(
@@ -138,6 +194,7 @@ class RelayH11Protocol(H11Protocol):
         )
 
     async def _send_json_error(self, status: int, message: str, code: str) -> None:
+        self._took_over = True
         body = RelayError(
             message, status=status, type="invalid_request_error", code=code
         ).to_json()
@@ -147,9 +204,18 @@ class RelayH11Protocol(H11Protocol):
             (b"connection", b"close"),
             *self.config.response_headers("h11"),
         ]
-        await self._send_h11_event(h11.Response(status_code=status, headers=headers))
-        await self._send_h11_event(h11.Data(data=body))
-        await self._send_h11_event(h11.EndOfMessage())
+        try:
+            data = b"".join(
+                self.connection.send(event) or b""
+                for event in (
+                    h11.Response(status_code=status, headers=headers),
+                    h11.Data(data=body),
+                    h11.EndOfMessage(),
+                )
+            )
+        except h11.LocalProtocolError:
+            return  # an answer had begun after all: the close that follows ends it
+        await self.send(RawData(data=data))
 
 
 def install_protocol() -> None:

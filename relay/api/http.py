@@ -61,10 +61,10 @@ class Request:
 
     Headers are read once, when the request is made. A field sent more than once is combined
     as RFC 9110 §5.3 says, its values joined with ", " in the order received, except the
-    :data:`SINGLETON_HEADERS`: for those differing values are a 400 naming the field. A request
-    with both ``Content-Length`` and ``Transfer-Encoding`` is a 400 as well (RFC 9112 §6.3:
-    the framing is ambiguous, the classic request-smuggling shape). Both 400s close the
-    connection. The common case (no field repeated) costs one dict build and a length check.
+    :data:`SINGLETON_HEADERS`: for those differing values are a 400 naming the field, which
+    closes the connection. (Content-Length with Transfer-Encoding is refused before, by
+    ``relay.server.RelayH11Protocol``.) The common case (no field repeated) costs one dict
+    build and a length check.
     """
 
     __slots__ = (
@@ -86,13 +86,6 @@ class Request:
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in raw}
         if len(headers) != len(raw):
             headers = _combine(raw)
-        if "transfer-encoding" in headers and "content-length" in headers:
-            raise InvalidRequest(
-                "The request has both Content-Length and Transfer-Encoding headers, which "
-                "makes its length ambiguous; send only one of them.",
-                code="ambiguous_framing",
-                headers=CLOSE,
-            )
         self.headers = headers
         self.params: dict[str, str] = {}  # the route's path parameters ({key_id}, …)
 
