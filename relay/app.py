@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -50,6 +50,8 @@ from .upstream.routing import Catalog, Scheduler
 
 log = logging.getLogger("relay")
 
+SHUTDOWN_MESSAGE = "The relay is shutting down and did not serve this request; retry it."
+
 #: Every path prefix clients are told to use (seed documents): OpenAI-style, Codex relays,
 #: multi-model gateways.
 BASE_PATHS = ("/openai/v1", "/v1", "/codex/v1", "/api/v1")
@@ -70,6 +72,26 @@ class Runtime:
     health: Health
     started_at: float
     active_requests: int = 0  # relay requests (chat, responses) in progress
+    #: Set on SIGTERM/SIGINT: relay requests are refused from then on (see :meth:`shut_down`).
+    shutting_down: bool = False
+    #: The drain scope of each relay request that may reach an upstream (see :meth:`cut`).
+    drains: set[trio.CancelScope] = field(default_factory=set)
+
+    def shut_down(self) -> None:
+        """Stop serving new relay requests: those still queued in admission are woken with a
+        refusal (a 503 for their client), those that arrive from now on are refused at once;
+        requests already admitted run on until :meth:`cut`."""
+        self.shutting_down = True
+        self.admission.refuse_waiting(SHUTDOWN_MESSAGE)
+
+    def cut(self) -> int:
+        """End every relay request still running, through its own nursery: each one's drain
+        scope is cancelled, and the request ends its answer with an error in its protocol
+        (``relay_shutdown``), is billed for what it produced and writes its usage record.
+        Returns how many were cut."""
+        for scope in self.drains:
+            scope.cancel()
+        return len(self.drains)
 
     def state(self) -> dict:
         """Live counters: what the admin endpoint shows and the leak tests check."""
@@ -222,8 +244,14 @@ class RelayApp:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = "req_" + uuid.uuid4().hex
-        request = Request(scope, receive, request_id)
         responder = Responder(send, request_id)
+        try:
+            request = Request(
+                scope, receive, request_id, self.runtime.config.server.body_read_timeout_s
+            )
+        except RelayError as error:  # headers the relay cannot trust (see Request)
+            await responder.error(error)
+            return
         try:
             handler = self._find(request)
             await handler(self.runtime, request, responder)

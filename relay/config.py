@@ -118,6 +118,8 @@ class ServerConfig:
     upstream_read_timeout_s: float = 300.0
     upstream_max_connections: int = 1000
     keep_alive_timeout_s: float = 5.0
+    body_read_timeout_s: float = 30.0  # the whole request body must arrive within this
+    drain_timeout_s: float = 25.0  # on SIGTERM, running requests may finish within this
     keepalive_event_s: float = 15.0
     session_ttl_s: float = 3600.0  # an unused sticky session's binding expires after this
     failover_attempts: int = 3  # accounts tried for one request before its error is returned
@@ -505,6 +507,12 @@ def _read_server(table: _Table, base_dir: Path | None) -> ServerConfig:
         ),
         keep_alive_timeout_s=table.number(
             "keep_alive_timeout_s", defaults.keep_alive_timeout_s, positive=True
+        ),
+        body_read_timeout_s=table.number(
+            "body_read_timeout_s", defaults.body_read_timeout_s, positive=True
+        ),
+        drain_timeout_s=table.number(
+            "drain_timeout_s", defaults.drain_timeout_s, positive=True
         ),
         keepalive_event_s=table.number(
             "keepalive_event_s", defaults.keepalive_event_s, positive=True

@@ -97,6 +97,14 @@ class MethodNotAllowed(RelayError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(RelayError):
+    """408: the client did not send its whole request body in time."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class PayloadTooLarge(RelayError):
     status = 413
     type = "invalid_request_error"
@@ -158,6 +166,18 @@ class NoHealthyAccount(RelayError):
     status = 503
     type = "service_unavailable_error"
     code = "no_healthy_account"
+
+
+class ShuttingDown(RelayError):
+    """503: the relay is shutting down (SIGTERM); the request was not (or no longer) served.
+    ``Retry-After`` tells the client to come back, to another instance or this one restarted."""
+
+    status = 503
+    type = "service_unavailable_error"
+    code = "relay_shutdown"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"retry-after": str(retry_after_s)})
 
 
 class RelayBusy(RelayError):

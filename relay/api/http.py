@@ -16,7 +16,13 @@ from typing import Any
 
 import trio
 
-from ..errors import PayloadTooLarge, RelayError, UnsupportedMediaType
+from ..errors import (
+    InvalidRequest,
+    PayloadTooLarge,
+    RelayError,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -35,23 +41,51 @@ class ClientDisconnected(Exception):
     """The client went away; there is nobody left to answer."""
 
 
+#: Fields the relay reads as one value (RFC 9110 §5.3: a sender must not repeat them), among
+#: them every header that picks the key, the body's framing and type, and the sticky session.
+#: Sent twice with different values they are ambiguous (which key? which session?) and the
+#: request is refused, naming the field; the same value twice is taken once.
+SINGLETON_HEADERS = frozenset(
+    {
+        "authorization", "x-api-key", "content-type", "content-length", "content-encoding",
+        "host", "session-id", "session_id", "conversation_id", "thread-id", "thread_id",
+    }
+)
+#: Closes the connection after the answer: what follows a refused request on it cannot be
+#: trusted to start where the relay thinks it does (RFC 9112 §6.3, request smuggling).
+CLOSE = {"connection": "close"}
+
+
 class Request:
-    """One HTTP request: its scope, headers (lower-case, str) and a bounded body reader."""
+    """One HTTP request: its scope, headers (lower-case, str) and a bounded body reader.
+
+    Headers are read once, when the request is made. A field sent more than once is combined
+    as RFC 9110 §5.3 says, its values joined with ", " in the order received, except the
+    :data:`SINGLETON_HEADERS`: for those differing values are a 400 naming the field, which
+    closes the connection. (Content-Length with Transfer-Encoding is refused before, by
+    ``relay.server.RelayH11Protocol``.) The common case (no field repeated) costs one dict
+    build and a length check.
+    """
 
     __slots__ = (
-        "_receive", "headers", "method", "params", "path", "query", "request_id", "scope"
+        "_body_timeout_s", "_receive", "headers", "method", "params", "path", "query",
+        "request_id", "scope",
     )
 
-    def __init__(self, scope: Scope, receive: Receive, request_id: str) -> None:
+    def __init__(
+        self, scope: Scope, receive: Receive, request_id: str, body_timeout_s: float = 30.0
+    ) -> None:
         self.scope = scope
         self._receive = receive
+        self._body_timeout_s = body_timeout_s
         self.request_id = request_id
         self.method: str = scope["method"]
         self.path: str = scope["path"]
         self.query: bytes = scope.get("query_string", b"")
-        headers: dict[str, str] = {}
-        for name, value in scope["headers"]:
-            headers[name.decode("latin-1")] = value.decode("latin-1")
+        raw = scope["headers"]
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in raw}
+        if len(headers) != len(raw):
+            headers = _combine(raw)
         self.headers = headers
         self.params: dict[str, str] = {}  # the route's path parameters ({key_id}, …)
 
@@ -78,29 +112,62 @@ class Request:
             )
 
     async def read_body(self, limit: int) -> bytes:
-        """The whole body, or 413 as soon as it is known to exceed ``limit`` bytes."""
+        """The whole body, or 413 as soon as it is known to exceed ``limit`` bytes.
+
+        The body must arrive within ``body_timeout_s`` (from the first call): a client that
+        trickles it or stops midway gets a 408 and the connection is closed, so it holds
+        neither a connection nor a handler for longer than that.
+        """
         declared = self.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise _too_large(limit)
         chunks = []
         size = 0
-        while True:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnected
-            chunk = message.get("body", b"")
-            if chunk:
-                size += len(chunk)
-                if size > limit:
-                    raise _too_large(limit)
-                chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        with trio.move_on_after(self._body_timeout_s):
+            while True:
+                message = await self._receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnected
+                chunk = message.get("body", b"")
+                if chunk:
+                    size += len(chunk)
+                    if size > limit:
+                        raise _too_large(limit)
+                    chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+        raise RequestTimeout(
+            f"The request body did not arrive within {self._body_timeout_s:g}s "
+            f"({size} bytes came); send the whole body at once.",
+            headers=CLOSE,
+        )
 
     async def wait_disconnect(self) -> None:
         """Return once the client has gone (after the body was read)."""
         while (await self._receive())["type"] != "http.disconnect":
             pass
+
+
+def _combine(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The headers of a request that repeats a field (see :class:`Request`)."""
+    headers: dict[str, str] = {}
+    for name_bytes, value_bytes in raw:
+        name, value = name_bytes.decode("latin-1"), value_bytes.decode("latin-1")
+        seen = headers.get(name)
+        if seen is None:
+            headers[name] = value
+        elif name in SINGLETON_HEADERS:
+            if seen != value:
+                raise InvalidRequest(
+                    f"The '{name}' header was sent more than once with different values; "
+                    "send it once.",
+                    code="duplicate_header",
+                    param=name,
+                    headers=CLOSE,
+                )
+        else:
+            headers[name] = f"{seen}, {value}"
+    return headers
 
 
 def _too_large(limit: int) -> PayloadTooLarge:

@@ -33,6 +33,7 @@ from ..errors import (
     PermissionDenied,
     RateLimited,
     RelayError,
+    ShuttingDown,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -61,6 +62,12 @@ log = logging.getLogger("relay.api")
 #: smooths scheduling; a slow client should push back on the upstream, not fill memory.
 STREAM_BUFFER = 16
 
+SHUTDOWN_REFUSAL = "The relay is shutting down and takes no new requests; retry it."
+SHUTDOWN_CUT = (
+    "The relay is shutting down and ended this request before its answer was complete; "
+    "retry it."
+)
+
 
 @dataclass
 class Call:
@@ -80,6 +87,9 @@ class Call:
     prepared: dict[str, tuple[UpstreamRequest, bytes]] = dataclasses.field(default_factory=dict)
     #: The running stream's translator, once an account answered (keep-alives come from it).
     translator: StreamTranslator | None = None
+    #: Cancelled by the runtime when the relay's drain runs out (Runtime.cut): wraps the
+    #: request's wait for admission, its upstream call and the relay of its answer.
+    drain: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope)
 
     def upstream_request(self, account: Account) -> tuple[UpstreamRequest, bytes]:
         """What to send ``account``, in its protocol, and the body's bytes (built once).
@@ -139,7 +149,16 @@ class Call:
 
 
 async def handle(runtime: Runtime, request: Request, responder: Responder, endpoint: Endpoint):
-    """Serve one relay request end to end; errors before the answer starts become JSON errors."""
+    """Serve one relay request end to end; errors before the answer starts become JSON errors.
+
+    While the relay shuts down, new requests are refused with 503; one already running when
+    the drain runs out is ended by :meth:`Runtime.cut`: a stream gets an error event in its
+    protocol (a Chat stream then ``[DONE]``), code ``relay_shutdown``, and keeps status 200 in
+    its usage record with ``error_code = "relay_shutdown"``, billed for what it produced; a
+    request whose answer had not begun gets a 503 and a usage row with status 503.
+    """
+    if runtime.shutting_down:
+        raise ShuttingDown(SHUTDOWN_REFUSAL)
     runtime.active_requests += 1
     try:
         await _handle(runtime, request, responder, endpoint)
@@ -196,6 +215,7 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
         # Input no upstream could take is refused before it waits in a queue.
         call.upstream_request(candidates[0])
         responder.header_hook = functools.partial(_rate_limit_headers, call)
+        runtime.drains.add(call.drain)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, call, nursery.cancel_scope)
             try:
@@ -235,6 +255,7 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
         else:
             if not responder.started and record.client_disconnected:
                 record.status = 499  # nginx's "client closed request": nothing was answered
+            runtime.drains.discard(call.drain)
             call.commit()
             # The hook holds the call, which holds the responder: without this the whole
             # request (~40 objects) would wait as a reference cycle for the garbage collector.
@@ -327,6 +348,8 @@ async def _upstream_call(
         try:
             lease = await stack.enter_async_context(runtime.admission.enter(ticket))
         except AdmissionRefused as refused:
+            if refused.reason == "shutting_down":
+                raise ShuttingDown(refused.message) from None
             raise RateLimited(refused) from None
         account = scheduler.by_name[lease.account.name]
         record.queue_ms += lease.queued_s * 1000
@@ -392,6 +415,20 @@ def _bound_guard(call: Call, accounts: list[Account]):
 
 
 async def _relay_once(call: Call) -> None:
+    with call.drain:
+        body, content_type = await _answer_once(call)
+    if call.drain.cancelled_caught:
+        raise ShuttingDown(SHUTDOWN_CUT)
+    # Slots and the upstream connection are released before the answer is written: a client
+    # that is slow to read it holds nothing shared.
+    call.record.status = 200
+    call.record.ttft_ms = (trio.current_time() - call.started) * 1000
+    call.commit()
+    await call.responder.raw(200, body, content_type)
+
+
+async def _answer_once(call: Call) -> tuple[bytes, bytes]:
+    """The non-streamed answer for the client, and its content type."""
     async with _upstream_call(call, stream=False) as (lease, account, response):
         try:
             body = await response.aread()
@@ -425,12 +462,7 @@ async def _relay_once(call: Call) -> None:
                 f"The upstream account '{account.name}' answered with something other than a "
                 "JSON object."
             )
-    # Slots and the upstream connection are released before the answer is written: a client
-    # that is slow to read it holds nothing shared.
-    call.record.status = 200
-    call.record.ttft_ms = (trio.current_time() - call.started) * 1000
-    call.commit()
-    await call.responder.raw(200, body, content_type)
+    return body, content_type
 
 
 class _ClientWriter:
@@ -599,23 +631,31 @@ async def _pump(
     async with out:
         with scope:
             try:
-                async with _upstream_call(call, stream=True) as (lease, account, response):
-                    record.status = 200
-                    upstream, _ = call.upstream_request(account)
-                    translator = call.translator = StreamTranslator(
-                        account.config.provider, upstream.context
-                    )
-                    try:
-                        await _relay_events(response, translator, out, lease, account.name, watch)
-                    finally:
-                        usage = translator.usage
-                        lease.used_tokens = call.take_usage(usage, translator.deltas)
-                        lease.output_tokens = usage.output_tokens if usage else None
+                with call.drain:
+                    async with _upstream_call(call, stream=True) as (lease, account, response):
+                        record.status = 200
+                        upstream, _ = call.upstream_request(account)
+                        translator = call.translator = StreamTranslator(
+                            account.config.provider, upstream.context
+                        )
+                        try:
+                            await _relay_events(
+                                response, translator, out, lease, account.name, watch
+                            )
+                        finally:
+                            usage = translator.usage
+                            lease.used_tokens = call.take_usage(usage, translator.deltas)
+                            lease.output_tokens = usage.output_tokens if usage else None
+                if call.drain.cancelled_caught:
+                    raise ShuttingDown(SHUTDOWN_CUT)
             except RelayError as error:
                 record.status = record.status or error.status
                 record.error_code = error.code or error.type
                 if translator is not None:
-                    await out.send(translator.fail(error.message, error.code or "server_error"))
+                    data = translator.fail(error.message, error.code or "server_error")
+                    if isinstance(error, ShuttingDown) and call.client.endpoint is Endpoint.CHAT:
+                        data += b"data: [DONE]\n\n"  # the stream is over: say so, as OpenAI does
+                    await out.send(data)
                 else:
                     await out.send(error)
             finally:

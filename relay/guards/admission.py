@@ -65,7 +65,8 @@ from .fair_queue import FairQueue
 
 
 class AdmissionRefused(Exception):
-    """The request was not admitted; ``reason`` is queue_full, queue_timeout or rate_limited."""
+    """The request was not admitted; ``reason`` is queue_full, queue_timeout, rate_limited or
+    shutting_down (see :meth:`Admission.refuse_waiting`)."""
 
     def __init__(self, reason: str, message: str, retry_after_s: float) -> None:
         super().__init__(message)
@@ -300,12 +301,15 @@ class Admission:
         self._rearm = trio.Event()
         self.granted = 0
         self.refused: dict[str, int] = {"queue_full": 0, "queue_timeout": 0, "rate_limited": 0}
+        self._refusal: str | None = None  # set by refuse_waiting: no one is admitted any more
 
     # -- the public surface ---------------------------------------------------------------
 
     @asynccontextmanager
     async def enter(self, ticket: Ticket) -> AsyncIterator[Lease]:
         """Wait for admission (fairly), hold the slots for the block, then reconcile."""
+        if self._refusal is not None:
+            raise AdmissionRefused("shutting_down", self._refusal, retry_after_s=1.0)
         now = trio.current_time()
         pool = self._pool(ticket.pool)
         key = self._key_guard(ticket)
@@ -334,6 +338,8 @@ class Admission:
                 # Not granted (timed out or cancelled): leave the queue, uncharged.
                 pool.queue.remove(pool.flow_of(ticket), waiter)
         lease = waiter.lease
+        if lease is None and self._refusal is not None:
+            raise AdmissionRefused("shutting_down", self._refusal, retry_after_s=1.0)
         if lease is None:
             self.refused["queue_timeout"] += 1
             raise AdmissionRefused(
@@ -346,6 +352,17 @@ class Admission:
             yield lease
         finally:
             self._release(lease)
+
+    def refuse_waiting(self, message: str) -> None:
+        """Admit no one any more (the relay is shutting down): every queued request is woken
+        and, like every later one, refused with reason ``shutting_down`` and ``message``.
+        They leave the queue uncharged, as a timed-out waiter does; leases already granted
+        are untouched."""
+        self._refusal = message
+        for pool in self.pools.values():
+            for flow in pool.queue.flows.values():
+                for waiter in flow.queue:
+                    waiter.event.set()
 
     def status(self) -> dict:
         """Queues, in-flight slots and reservations per guard: for the admin endpoint."""
