@@ -60,7 +60,7 @@ def test_mixed_load_exercised_every_hangup_and_fault(report: chaos.Report) -> No
         assert mixed["hang-ups"].get(hangup, 0) > 0, hangup
     assert set(report.figures["faults_used"]) <= set(mixed["by fault"]) | {"retry_forever"}
     assert mixed["translated"] > 0
-    assert mixed["usage rows by status"].get("499 before an account (queued)", 0) > 0
+    assert mixed["left before an account (499, queued)"] > 0
     outcomes = mixed["outcomes"]
     assert any(label.startswith(("502", "503", "504")) for label in outcomes)
     assert any("ends error" in label for label in outcomes)  # streams cut by the upstream
