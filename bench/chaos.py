@@ -887,10 +887,20 @@ async def kill_under_load(
                 shot.stream, shot.directives = True, "tokens=300 delay=0.02 ttft=0"
             outcomes.append(await exchange(relay.url, keys[shot.key], shot, secrets_))
 
+    backlog: list[int] = []
+
+    async def sample() -> None:  # the usage writer's backlog: records handed over, not written
+        while not killed.is_set():
+            state = await trio.to_thread.run_sync(admin_state, relay.url)
+            backlog.append(state["usage_records"]["queued"])
+            await trio.sleep(0.25)
+
     async with trio.open_nursery() as nursery:
         for worker in range(settings["kill_concurrency"]):
             nursery.start_soon(loop, worker)
+        nursery.start_soon(sample)
         await trio.sleep(settings["kill_after_s"])
+        report.figures["kill_writer_backlog"] = backlog
         report.figures["kill_at"] = time.monotonic()
         os.kill(relay.pid, signal.SIGKILL)
         killed.set()
@@ -905,6 +915,7 @@ def judge_kill(database: Path, outcomes: list[Outcome], report: Report) -> None:
     due = [o for o in answered if o.done_at is not None and o.done_at < kill_at - KILL_GRACE_S]
     late = [o for o in answered if o not in due]
     lost = [o.cid for o in due if o.request_id not in rows]
+    ages = [kill_at - o.done_at for o in answered if o.request_id not in rows and o.done_at]
     report.figures["kill"] = {
         "requests": len(outcomes),
         "answered": len(answered),
@@ -912,6 +923,7 @@ def judge_kill(database: Path, outcomes: list[Outcome], report: Report) -> None:
         f"answered in the last {KILL_GRACE_S}s": len(late),
         "of those, rows lost": sum(1 for o in late if o.request_id not in rows),
         "cut by the kill": len(outcomes) - len(answered),
+        "oldest answer without a row, s before the kill": round(max(ages, default=0), 3),
         "batch window s": BATCH_WINDOW_S,
     }
     report.check(
