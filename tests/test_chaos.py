@@ -23,8 +23,8 @@ SETTINGS = {
     "seed": 12,
     "hostile": True,  # the hostile faults the sim knows (none until the sim has them)
     "term_streams": 12,
-    "kill_concurrency": 16,
-    "kill_after_s": 2.5,
+    "kill_concurrency": 32,
+    "kill_after_s": 3.0,
 }
 
 
