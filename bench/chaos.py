@@ -891,7 +891,10 @@ async def kill_under_load(
 
     async def sample() -> None:  # the usage writer's backlog: records handed over, not written
         while not killed.is_set():
-            state = await trio.to_thread.run_sync(admin_state, relay.url)
+            try:
+                state = await trio.to_thread.run_sync(admin_state, relay.url)
+            except OSError:  # killed while asking
+                return
             backlog.append(state["usage_records"]["queued"])
             await trio.sleep(0.25)
 
