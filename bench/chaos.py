@@ -293,6 +293,7 @@ class Outcome:
     done_at: float | None = None  # time.monotonic() when the response was complete
     leaks: list[str] = field(default_factory=list)
     body_head: str = ""  # the first bytes of the body, for reports
+    content_type: str = ""
 
 
 async def exchange(url: str, secret: str, shot: Shot, secrets_: dict[str, str]) -> Outcome:
@@ -389,6 +390,7 @@ def _read_response(out: Outcome, data: bytes, secrets_: dict[str, str]) -> None:
     if out.complete:
         out.done_at = time.monotonic()
     out.body_head = body[:160].decode("utf-8", "replace")
+    out.content_type = headers.get("content-type", "")
     if headers.get("content-type", "").startswith("text/event-stream"):
         out.ending = stream_ending(body)
 
@@ -688,6 +690,13 @@ def judge_round(
                     "no 5xx except upstream-fault mappings",
                     f"{shot.cid} fault {shot.fault} got {status}: {outcome.body_head}",
                 )
+        if outcome.status is not None and not outcome.content_type.startswith(
+            ("application/json", "text/event-stream")
+        ):
+            totals.bad_case(
+                "every answer is JSON or an event stream",
+                f"{shot.cid} fault {shot.fault}: {status} {outcome.content_type!r}",
+            )
         if outcome.complete and status == 200 and shot.stream and outcome.ending is None:
             totals.bad_case("every stream ends with an event", f"{shot.cid}")
         row = by_request.get(outcome.request_id) if outcome.request_id else None
@@ -773,6 +782,7 @@ async def mixed_load(
         "no 5xx except upstream-fault mappings",
         "every request answered",
         "every stream ends with an event",
+        "every answer is JSON or an event stream",
         *LEAK_CHECKS.values(),
     ):
         cases = totals.bad.get(name, [])

@@ -86,6 +86,7 @@ def test_no_5xx_except_upstream_fault_mappings(report: chaos.Report) -> None:
         "no 5xx except upstream-fault mappings",
         "every request answered",
         "every stream ends with an event",
+        "every answer is JSON or an event stream",
     )
 
 
