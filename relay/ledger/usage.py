@@ -106,6 +106,17 @@ class UsageWriter:
                 with trio.move_on_after(BATCH_WINDOW_S):
                     while len(batch) < BATCH_SIZE:
                         try:
+                            # What is queued already is taken without a checkpoint: under load
+                            # each checkpoint waits a whole scheduling round (milliseconds),
+                            # so awaiting every record capped a batch at ~10 records per
+                            # window, slower than they arrived: the backlog grew without bound.
+                            batch.append(self._receive.receive_nowait())
+                            continue
+                        except trio.WouldBlock:
+                            pass
+                        except trio.EndOfChannel:
+                            break
+                        try:
                             batch.append(await self._receive.receive())
                         except trio.EndOfChannel:
                             break
