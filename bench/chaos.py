@@ -93,8 +93,6 @@ LEAK_CHECKS = {
 
 #: Checks that wait for another part of issue 12; the lead empties this once it is merged.
 PENDING: dict[str, str] = {
-    "sigterm: every stream ends with an event": "graceful drain (issue 12, finding 6)",
-    "sigterm: queued requests answered 503": "graceful drain (issue 12, finding 6)",
     "no upstream address in any response": "upstream error redaction (issue 12, finding 3)",
 }
 
