@@ -99,6 +99,7 @@ def parse_request(
     model = _require(body, "model", str)
     if not model.strip():
         raise InvalidRequest("'model' must not be empty.", param="model")
+    check_unicode(model, "model")  # it is stored with the usage record, and no model has one
     stream = _optional(body, "stream", bool) or False
     if endpoint is Endpoint.CHAT:
         request = _parse_chat(body, model, stream)
@@ -106,6 +107,21 @@ def parse_request(
         request = _parse_responses(body, model, stream)
     request.session_key = session_key(body, headers)
     return request
+
+
+def check_unicode(text: str, param: str) -> None:
+    """400 naming ``param`` if ``text`` holds a lone UTF-16 surrogate (a JSON escape such as
+    ``"\\ud800"`` without its pair decodes to one): it has no UTF-8 encoding, so it can be
+    neither sent upstream nor stored."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(
+            f"'{param}' is not valid Unicode: it holds the lone surrogate "
+            f"\\u{ord(text[exc.start]):04x} (a \\ud800-\\udbff escape must be followed by its "
+            "\\udc00-\\udfff pair).",
+            param=param,
+        ) from None
 
 
 def session_key(body: Mapping[str, Any], headers: Mapping[str, str]) -> str | None:
