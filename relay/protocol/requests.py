@@ -11,6 +11,7 @@ asked for, whether it streams, its session key and a token estimate.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -77,7 +78,7 @@ def decode_json_body(raw: bytes) -> dict[str, Any]:
             '{"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}.'
         )
     try:
-        value = json.loads(raw.decode("utf-8"))
+        value = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
     except UnicodeDecodeError:
         raise InvalidRequest("The request body is not valid UTF-8 JSON.") from None
     except json.JSONDecodeError as exc:
@@ -85,11 +86,75 @@ def decode_json_body(raw: bytes) -> dict[str, Any]:
             f"We could not parse the JSON body of your request ({exc.msg} at line {exc.lineno} "
             f"column {exc.colno}). The OpenAI API expects a JSON payload."
         ) from None
+    except RecursionError:
+        raise InvalidRequest(TOO_DEEP) from None
+    except ValueError:  # Python's int limit: a number of more than 4,300 digits
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request (a number in it has more than "
+            "4,300 digits). The OpenAI API expects a JSON payload."
+        ) from None
     if not isinstance(value, dict):
         raise InvalidRequest(
             f"The request body must be a JSON object, not {_json_type(value)}."
         )
     return value
+
+
+#: The message for JSON nested deeper than the relay can take (Python's recursion limit, about
+#: 1,000 levels, when parsing, less when the body is written for the upstream).
+TOO_DEEP = (
+    "The JSON body of your request is nested too deeply to be processed. The OpenAI API "
+    "expects a JSON payload of reasonable depth."
+)
+
+
+def _no_constant(name: str) -> Any:
+    """json accepts ``NaN``, ``Infinity`` and ``-Infinity``, which are not JSON (RFC 8259)
+    and could not be sent upstream."""
+    raise InvalidRequest(
+        f"We could not parse the JSON body of your request ({name} is not a JSON value). "
+        "The OpenAI API expects a JSON payload."
+    )
+
+
+def unsendable_body(body: Any, error: Exception) -> InvalidRequest:
+    """The 400 for a parsed body that cannot be written as JSON for the upstream (``error`` is
+    what ``json.dumps`` raised): the first value that is not valid Unicode or not a finite
+    number, by its path; too deep a body as such. Walks the body, so only for the error path."""
+    if isinstance(error, RecursionError):
+        return InvalidRequest(TOO_DEEP)
+    path = _first_unsendable(body, "")
+    if path is None:
+        return InvalidRequest(f"The request body cannot be sent upstream ({error}).")
+    where, what = path
+    return InvalidRequest(f"'{where or 'body'}' {what}.", param=where or None)
+
+
+def _first_unsendable(value: Any, where: str) -> tuple[str, str] | None:
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError as exc:
+            return where, (
+                f"is not valid Unicode: it holds the lone surrogate "
+                f"\\u{ord(value[exc.start]):04x}"
+            )
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (where, f"is out of range ({value})")
+    if isinstance(value, dict):
+        for name, item in value.items():
+            if isinstance(name, str) and _first_unsendable(name, "") is not None:
+                return where, f"has a key that is not valid Unicode ({name!r})"
+            found = _first_unsendable(item, f"{where}.{name}" if where else str(name))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _first_unsendable(item, f"{where}[{index}]")
+            if found:
+                return found
+    return None
 
 
 def parse_request(
