@@ -225,13 +225,32 @@ def _parse_chat(body: dict[str, Any], model: str, stream: bool) -> ClientRequest
                 f"not {_json_type(content)}.",
                 param=f"{where}.content",
             )
+        if isinstance(content, list):
+            _check_parts(content, f"{where}.content")
+        calls = _shape(message.get("tool_calls"), list, f"{where}.tool_calls")
+        for k, call in enumerate(calls or ()):
+            call = _object(call, f"{where}.tool_calls[{k}]")
+            _shape(call.get("function"), dict, f"{where}.tool_calls[{k}].function")
+        _shape(message.get("function_call"), dict, f"{where}.function_call")
     stream_options = _optional(body, "stream_options", dict)
     if stream_options is not None and not stream:
         raise InvalidRequest(
             "'stream_options' is only allowed when 'stream' is true.", param="stream_options"
         )
     include_usage = bool(stream_options and stream_options.get("include_usage") is True)
-    _check_common(body, ("tools",))
+    _check_common(body, ("tools", "functions"))
+    stop = _shape(body.get("stop"), (str, list), "stop")
+    if isinstance(stop, list):
+        for index, item in enumerate(stop):
+            _shape(item, str, f"stop[{index}]")
+    for index, tool in enumerate(body.get("tools") or ()):
+        tool = _object(tool, f"tools[{index}]")
+        _shape(tool.get("type"), str, f"tools[{index}].type")
+        _shape(tool.get("function"), dict, f"tools[{index}].function")
+    for index, function in enumerate(body.get("functions") or ()):
+        _object(function, f"functions[{index}]")
+    _shape(body.get("function_call"), (str, dict), "function_call")
+    _shape(body.get("response_format"), dict, "response_format")
     max_output = _positive_int(body, "max_completion_tokens") or _positive_int(body, "max_tokens")
     return ClientRequest(
         endpoint=Endpoint.CHAT,
@@ -260,11 +279,24 @@ def _parse_responses(body: dict[str, Any], model: str, stream: bool) -> ClientRe
                     f"'input[{index}]' must be an object, not {_json_type(item)}.",
                     param=f"input[{index}]",
                 )
+            _check_item(item, f"input[{index}]")
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str | list):
         raise InvalidRequest("'instructions' must be a string.", param="instructions")
+    if isinstance(instructions, list):
+        for index, item in enumerate(instructions):
+            _check_item(_object(item, f"instructions[{index}]"), f"instructions[{index}]")
     _optional(body, "stream_options", dict)
     _check_common(body, ("tools", "include"))
+    _check_responses_tools(body.get("tools"), "tools")
+    choice = _shape(body.get("tool_choice"), (str, dict), "tool_choice")
+    if isinstance(choice, dict):
+        for name in ("type", "name", "mode"):
+            _shape(choice.get(name), str, f"tool_choice.{name}")
+    for name in ("reasoning", "text"):
+        _optional(body, name, dict)
+    for name in ("previous_response_id", "prompt_cache_key", "user", "safety_identifier"):
+        _optional(body, name, str)
     return ClientRequest(
         endpoint=Endpoint.RESPONSES,
         body=body,
@@ -273,6 +305,68 @@ def _parse_responses(body: dict[str, Any], model: str, stream: bool) -> ClientRe
         max_output_tokens=_positive_int(body, "max_output_tokens"),
         input_chars=_text_size(value) + _text_size(instructions) + _text_size(body.get("tools")),
     )
+
+
+def _shape(value: Any, kinds: type | tuple[type, ...], where: str) -> Any:
+    """``value`` if it is None or of one of ``kinds`` (a bool is no number), else a 400 naming
+    ``where``: the readers that translate a body rely on the shapes checked with this."""
+    if value is None:
+        return None
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds):
+        return value
+    names = " or ".join(_KIND_NAMES[kind] for kind in kinds)
+    raise InvalidRequest(f"'{where}' must be {names}, not {_json_type(value)}.", param=where)
+
+
+def _object(value: Any, where: str) -> dict:
+    """``value`` if it is an object, else a 400 naming ``where``."""
+    if not isinstance(value, dict):
+        raise InvalidRequest(
+            f"'{where}' must be an object, not {_json_type(value)}.", param=where
+        )
+    return value
+
+
+def _check_parts(parts: list, where: str) -> None:
+    """Content parts: objects with a string ``type``."""
+    for index, part in enumerate(parts):
+        part = _object(part, f"{where}[{index}]")
+        _shape(part.get("type"), str, f"{where}[{index}].type")
+        for name in ("text", "image_url", "file_data", "file_id", "filename", "file_url",
+                     "detail", "refusal"):
+            if not (name == "image_url" and isinstance(part.get(name), dict)):
+                _shape(part.get(name), str, f"{where}[{index}].{name}")
+        if isinstance(part.get("image_url"), dict):
+            _shape(part["image_url"].get("url"), str, f"{where}[{index}].image_url.url")
+            _shape(part["image_url"].get("detail"), str, f"{where}[{index}].image_url.detail")
+        _shape(part.get("file"), dict, f"{where}[{index}].file")
+        for name in ("file_data", "file_id", "filename"):
+            _shape((part.get("file") or {}).get(name), str, f"{where}[{index}].file.{name}")
+
+
+def _check_item(item: dict, where: str) -> None:
+    """A Responses input item: the fields the translating reader walks have their shapes."""
+    for name in ("type", "role", "call_id", "name", "namespace", "id"):
+        _shape(item.get(name), str, f"{where}.{name}")
+    content = _shape(item.get("content"), (str, list), f"{where}.content")
+    if isinstance(content, list):
+        _check_parts(content, f"{where}.content")
+    output = item.get("output")
+    if isinstance(output, list):
+        _check_parts(output, f"{where}.output")
+    summary = _shape(item.get("summary"), list, f"{where}.summary")
+    for index, part in enumerate(summary or ()):
+        _object(part, f"{where}.summary[{index}]")
+    _check_responses_tools(item.get("tools"), f"{where}.tools")
+
+
+def _check_responses_tools(tools: Any, where: str) -> None:
+    for index, tool in enumerate(_shape(tools, list, where) or ()):
+        tool = _object(tool, f"{where}[{index}]")
+        for name in ("type", "name", "description"):
+            _shape(tool.get(name), str, f"{where}[{index}].{name}")
+        _check_responses_tools(tool.get("tools"), f"{where}[{index}].tools")
 
 
 def _check_common(body: Mapping[str, Any], lists: tuple[str, ...]) -> None:
