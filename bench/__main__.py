@@ -7,6 +7,7 @@ python -m bench overhead [--quick]   relay vs direct upstream (httpx2 client)
 python -m bench fairness [--quick]   weighted fair queueing under saturation
 python -m bench tpm [--quick]        a key's TPM limit, minute by minute
 python -m bench ledger               what credit holds, pricing and metrics cost per request
+python -m bench fuzz [--examples N]  the fuzz suite with N cases (--seed S to explore)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ COMMANDS = {
     "fairness": "bench.fairness",
     "tpm": "bench.tpm",
     "ledger": "bench.ledger",
+    "fuzz": "bench.fuzz",
 }
 
 

@@ -547,8 +547,11 @@ def _query(pairs) -> str:
     )
 
 
-def _is_relay_route(path: str) -> bool:
-    return any(path.endswith(route) for route in RELAY_ROUTES) and not path.endswith("/")
+#: The paths the relay routes serve (a trailing slash is the same route).
+RELAY_PATHS = {
+    *(base + route + slash for base in BASES for route in RELAY_ROUTES for slash in ("", "/")),
+    "/openai/responses",
+}
 
 
 @_settings("routes")
@@ -563,7 +566,7 @@ def test_fuzz_routes_methods_and_credentials(target: Target, data) -> None:
         headers["content-type"] = content_type
     body = data.draw(BODIES)
     query = _query(data.draw(QUERY))
-    relayed = method == "POST" and _is_relay_route(path) and path.count("/v1") <= 1
+    relayed = method == "POST" and path in RELAY_PATHS
     target.send(method, path + query, headers=headers, content=body, relayed=relayed)
 
 
@@ -694,8 +697,11 @@ def test_zz_log_and_ledger_are_intact(target: Target) -> None:
         ).fetchall())
     finally:
         connection.close()
-    missing = [rid for rid in target.relayed if rid not in rows]
-    assert not missing, f"{len(missing)} of {len(target.relayed)} requests have no usage row"
+    missing = {rid: status for rid, status in target.relayed.items() if rid not in rows}
+    assert not missing, (
+        f"{len(missing)} of {len(target.relayed)} requests have no usage row: "
+        f"{list(missing.items())[:5]}"
+    )
     assert all(len(rows[rid]) == 1 for rid in target.relayed)
     wrong = {rid: (status, rows[rid][0]) for rid, status in target.relayed.items()
              if rows[rid][0] != status}
