@@ -8,6 +8,7 @@ python -m bench fairness [--quick]   weighted fair queueing under saturation
 python -m bench tpm [--quick]        a key's TPM limit, minute by minute
 python -m bench ledger               what credit holds, pricing and metrics cost per request
 python -m bench chaos [--requests N] hang-ups, upstream faults, SIGTERM and kill -9 under load
+python -m bench fuzz [--examples N]  the fuzz suite with N cases (--seed S to explore)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ COMMANDS = {
     "tpm": "bench.tpm",
     "ledger": "bench.ledger",
     "chaos": "bench.chaos",
+    "fuzz": "bench.fuzz",
 }
 
 

@@ -29,6 +29,7 @@ import trio
 
 from ..errors import (
     InsufficientQuota,
+    InvalidRequest,
     NoHealthyAccount,
     PermissionDenied,
     RateLimited,
@@ -39,7 +40,14 @@ from ..errors import (
 )
 from ..guards.admission import AdmissionRefused, KeyLimits, Lease, Ticket
 from ..ledger.usage import UsageRecord
-from ..protocol.requests import ClientRequest, Endpoint, decode_json_body, parse_request
+from ..protocol.requests import (
+    TOO_DEEP,
+    ClientRequest,
+    Endpoint,
+    decode_json_body,
+    parse_request,
+    unsendable_body,
+)
 from ..protocol.sse import StreamMeter, Usage, error_event
 from ..protocol.translate import (
     StreamTranslator,
@@ -51,7 +59,7 @@ from ..protocol.translate import (
 from ..upstream import http11
 from ..upstream.health import is_account_failure
 from ..upstream.routing import Account, ModelRoute
-from .http import SSE_HEADERS, Request, Responder
+from .http import SSE_HEADERS, ClientDisconnected, Request, Responder
 
 if TYPE_CHECKING:
     from ..app import Runtime
@@ -99,15 +107,22 @@ class Call:
         """
         prepared = self.prepared.get(account.name)
         if prepared is None:
-            request = build_upstream_request(
-                self.client.body,
-                self.client.endpoint,
-                account.config.provider,
-                model=self.route.target,
-                api_key=account.config.api_key(),
-                reasoning_effort=self.route.reasoning_effort,
-            )
-            body = json.dumps(request.body, ensure_ascii=False, separators=(",", ":")).encode()
+            try:
+                request = build_upstream_request(
+                    self.client.body,
+                    self.client.endpoint,
+                    account.config.provider,
+                    model=self.route.target,
+                    api_key=account.config.api_key(),
+                    reasoning_effort=self.route.reasoning_effort,
+                )
+                # allow_nan=False: 1e999 parses as inf, which is not JSON. A lone surrogate
+                # fails the encode: the upstream never gets invalid UTF-8.
+                body = json.dumps(
+                    request.body, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+                ).encode()
+            except (UnicodeEncodeError, ValueError, RecursionError) as error:
+                raise unsendable_body(self.client.body, error) from None
             prepared = self.prepared[account.name] = (request, body)
         return prepared
 
@@ -169,15 +184,7 @@ async def handle(runtime: Runtime, request: Request, responder: Responder, endpo
 async def _handle(runtime: Runtime, request: Request, responder: Responder, endpoint: Endpoint):
     started = trio.current_time()
     key = await runtime.keys.authenticate(request.headers)
-    package = runtime.config.packages.get(key.package)
-    if package is None:
-        raise PermissionDenied(
-            f"Your key belongs to package '{key.package}', which this relay no longer offers. "
-            "Ask the operator for a new key.",
-            code="package_not_found",
-        )
-    request.require_json()
-    raw = await request.read_body(runtime.config.server.max_body_bytes)
+    # Every request past authentication leaves one record, whatever it is refused for.
     record = UsageRecord(
         request_id=request.request_id,
         key_id=key.id,
@@ -187,7 +194,23 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
     )
     call: Call | None = None
     try:
-        client = parse_request(endpoint, decode_json_body(raw), request.headers)
+        package = runtime.config.packages.get(key.package)
+        if package is None:
+            raise PermissionDenied(
+                f"Your key belongs to package '{key.package}', which this relay no longer "
+                "offers. Ask the operator for a new key.",
+                code="package_not_found",
+            )
+        request.require_json()
+        try:
+            raw = await request.read_body(runtime.config.server.max_body_bytes)
+        except ClientDisconnected:
+            record.status, record.client_disconnected = 499, True
+            raise
+        try:
+            client = parse_request(endpoint, decode_json_body(raw), request.headers)
+        except RecursionError:  # parsed, but too deep to measure
+            raise InvalidRequest(TOO_DEEP) from None
         del raw  # parsed: not held for the rest of the request
         record.model = client.model
         record.stream = client.stream
@@ -248,7 +271,16 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
         record.status = error.status
         record.error_code = error.code or error.type
         raise
+    except Exception:
+        # A bug: the route's last resort answers 500 (if nothing was answered yet); the row
+        # says what the client got.
+        if not responder.started:
+            record.status = 500
+            record.error_code = "server_error"
+        raise
     finally:
+        if not record.status and responder.started:
+            record.status = responder.status
         if call is None:
             record.latency_ms = (trio.current_time() - started) * 1000
             runtime.usage.record(record)

@@ -132,29 +132,43 @@ def _cents(nanocredits: int) -> float:
     return nanocredits / (NANO // 100)
 
 
+#: The span a usage window's bounds may lie in: from the epoch to the last day a date-time
+#: can show (a window's end is shown as a date-time, and a date as an end means the day after).
+EARLIEST = 0.0
+LATEST = dt.datetime(9999, 12, 31, tzinfo=dt.UTC).timestamp()
+
+
 def parse_time(text: str, param: str, *, end: bool = False) -> float:
     """A bound of a usage window: unix seconds, an ISO date-time (UTC unless it says), or a
-    date (its first second; as an ``end``, the day after it, so the day is included)."""
+    date (its first second; as an ``end``, the day after it, so the day is included); 400
+    naming ``param`` unless it is one of these, from 1970-01-01 to 9999-12-30."""
     text = text.strip()
     try:
-        return float(text)
+        moment = float(text)
     except ValueError:
-        pass
-    try:
-        if len(text) == 10:
-            day = dt.date.fromisoformat(text)
-            moment = dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
-            return (moment + dt.timedelta(days=1) if end else moment).timestamp()
-        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
+        moment = None
+    if moment is None:
+        try:
+            if len(text) == 10:
+                day = dt.date.fromisoformat(text)
+                start = dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp()
+                moment = start + DAY_S if end else start
+            else:
+                parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+                if parsed.tzinfo is None:
+                    parsed = parsed.replace(tzinfo=dt.UTC)
+                moment = parsed.timestamp()
+        except (ValueError, OverflowError):
+            raise InvalidRequest(
+                f"'{param}' must be a date (2025-01-31), an ISO date-time "
+                f"(2025-01-31T12:00:00Z) or unix seconds, got {text!r}.",
+                param=param,
+            ) from None
+    if not EARLIEST <= moment <= LATEST:  # also false for nan
         raise InvalidRequest(
-            f"'{param}' must be a date (2025-01-31), an ISO date-time (2025-01-31T12:00:00Z) "
-            f"or unix seconds, got {text!r}.",
-            param=param,
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.UTC)
-    return moment.timestamp()
+            f"'{param}' must lie between 1970-01-01 and 9999-12-30, got {text!r}.", param=param
+        )
+    return moment
 
 
 def _iso(ts: float) -> str:
@@ -281,7 +295,8 @@ def _call(row: dict) -> dict:
 async def calls(runtime: Runtime, request: Request, responder: Responder) -> None:
     key = await _key(runtime, request)
     text = request.query_params().get("limit", str(DEFAULT_CALLS))
-    if not text.isdigit() or not 1 <= int(text) <= MAX_CALLS:
+    # isdigit() alone would take "²" and other digits int() refuses.
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_CALLS:
         raise InvalidRequest(
             f"'limit' must be a whole number from 1 to {MAX_CALLS}, got {text!r}.",
             param="limit",

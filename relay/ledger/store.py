@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import secrets
 import sqlite3
 import threading
@@ -135,6 +137,44 @@ USAGE_GROUPS = {
     "day": "strftime('%Y-%m-%d', ts, 'unixepoch')",
     "hour": "strftime('%Y-%m-%dT%H:00:00Z', ts, 'unixepoch')",
 }
+
+
+#: SQLite's INTEGER range: a larger Python int cannot be bound at all.
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_SURROGATE = re.compile("[\ud800-\udfff]")
+#: Usage columns that may be NULL (every other one has a value in every row).
+_NULLABLE = {"ttft_ms"}
+
+
+def storable_usage_row(row: dict) -> tuple[dict, list[str]]:
+    """``row`` with every value SQLite could not store replaced, and the names of the columns
+    that were changed: lone surrogates in text become U+FFFD (SQLite text is UTF-8, which has no
+    encoding for them), integers are clamped to 64 bits, non-finite floats become 0, and a value
+    of the wrong type is converted (or zeroed). The result always binds."""
+    fixed = dict(row)
+    changed = []
+    for name, kind in USAGE_COLUMNS.items():
+        value = row.get(name)
+        if value is None and name in _NULLABLE:
+            new = None
+        elif kind is str:
+            new = _SURROGATE.sub("\ufffd", value if isinstance(value, str) else str(value or ""))
+        elif kind is int:
+            try:
+                new = min(max(int(value or 0), _INT64_MIN), _INT64_MAX)
+            except (TypeError, ValueError, OverflowError):  # inf, nan, a string, …
+                new = 0
+        else:
+            try:
+                new = float(value or 0.0)
+            except (TypeError, ValueError, OverflowError):
+                new = 0.0
+            if not math.isfinite(new):
+                new = 0.0
+        if new != value or isinstance(new, str) != isinstance(value, str):
+            changed.append(name)
+        fixed[name] = new
+    return fixed, changed
 
 
 _INSERT_USAGE = (

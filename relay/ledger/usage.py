@@ -9,6 +9,11 @@ request's path.
 prices it and debits the key in memory (``relay/ledger/credits.py``), the metrics count it. The
 batch the writer then commits carries each record's ``cost_nano``, and the store debits the keys
 in the same transaction that inserts the rows.
+
+A batch is one transaction, so a row the database refuses would take every key's rows with it:
+when a batch fails, its rows are written one by one, and a row that still fails is written with
+the values SQLite cannot store replaced (``store.storable_usage_row``) and logged. A record is
+lost only if the database itself fails, and then it is logged whole.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .store import Store
+from .store import Store, storable_usage_row
 
 log = logging.getLogger("relay.ledger")
 
@@ -128,11 +133,41 @@ class UsageWriter:
         with trio.CancelScope(shield=True):
             try:
                 await trio.to_thread.run_sync(self._store.insert_usage, rows)
+                written = len(rows)
+            except Exception as error:
+                # The batch is one transaction, so one row SQLite cannot take (a lone surrogate,
+                # a 70-bit integer) fails every key's rows with it: write them one by one.
+                log.warning(
+                    "could not write %d usage records as one batch (%s: %s); writing them "
+                    "one by one", len(rows), type(error).__name__, error,
+                )
+                written = await trio.to_thread.run_sync(self._write_each, rows)
+        self.written += written
+        self.queued -= len(rows)  # handled, written or (logged) not: flushed() must not wait
+
+    def _write_each(self, rows: list[dict]) -> int:
+        """Write ``rows`` one transaction each (in the writer's thread); a row that fails is
+        written again with :func:`storable_usage_row`'s replacements, and logged once. Returns
+        how many were written: fewer only if the database itself fails (disk, lock), and then
+        each lost row is in the log, whole."""
+        written = 0
+        for row in rows:
+            try:
+                written += self._store.insert_usage([row])
+                continue
             except Exception:
-                log.exception("could not write %d usage records", len(rows))
-                return
-        self.written += len(rows)
-        self.queued -= len(rows)
+                pass
+            fixed, changed = storable_usage_row(row)
+            try:
+                written += self._store.insert_usage([fixed])
+            except Exception as error:
+                log.error("lost usage record (%s: %s): %r", type(error).__name__, error, row)
+                continue
+            log.warning(
+                "usage record %s stored with %s replaced (the database could not store them "
+                "as they were)", fixed["request_id"], ", ".join(changed) or "nothing",
+            )
+        return written
 
     async def flushed(self) -> None:
         """Wait until every record handed over so far is in the database (for tests and CLI)."""

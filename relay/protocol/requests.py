@@ -11,6 +11,7 @@ asked for, whether it streams, its session key and a token estimate.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -77,7 +78,7 @@ def decode_json_body(raw: bytes) -> dict[str, Any]:
             '{"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}.'
         )
     try:
-        value = json.loads(raw.decode("utf-8"))
+        value = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
     except UnicodeDecodeError:
         raise InvalidRequest("The request body is not valid UTF-8 JSON.") from None
     except json.JSONDecodeError as exc:
@@ -85,11 +86,75 @@ def decode_json_body(raw: bytes) -> dict[str, Any]:
             f"We could not parse the JSON body of your request ({exc.msg} at line {exc.lineno} "
             f"column {exc.colno}). The OpenAI API expects a JSON payload."
         ) from None
+    except RecursionError:
+        raise InvalidRequest(TOO_DEEP) from None
+    except ValueError:  # Python's int limit: a number of more than 4,300 digits
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request (a number in it has more than "
+            "4,300 digits). The OpenAI API expects a JSON payload."
+        ) from None
     if not isinstance(value, dict):
         raise InvalidRequest(
             f"The request body must be a JSON object, not {_json_type(value)}."
         )
     return value
+
+
+#: The message for JSON nested deeper than the relay can take (Python's recursion limit, about
+#: 1,000 levels, when parsing, less when the body is written for the upstream).
+TOO_DEEP = (
+    "The JSON body of your request is nested too deeply to be processed. The OpenAI API "
+    "expects a JSON payload of reasonable depth."
+)
+
+
+def _no_constant(name: str) -> Any:
+    """json accepts ``NaN``, ``Infinity`` and ``-Infinity``, which are not JSON (RFC 8259)
+    and could not be sent upstream."""
+    raise InvalidRequest(
+        f"We could not parse the JSON body of your request ({name} is not a JSON value). "
+        "The OpenAI API expects a JSON payload."
+    )
+
+
+def unsendable_body(body: Any, error: Exception) -> InvalidRequest:
+    """The 400 for a parsed body that cannot be written as JSON for the upstream (``error`` is
+    what ``json.dumps`` raised): the first value that is not valid Unicode or not a finite
+    number, by its path; too deep a body as such. Walks the body, so only for the error path."""
+    if isinstance(error, RecursionError):
+        return InvalidRequest(TOO_DEEP)
+    path = _first_unsendable(body, "")
+    if path is None:
+        return InvalidRequest(f"The request body cannot be sent upstream ({error}).")
+    where, what = path
+    return InvalidRequest(f"'{where or 'body'}' {what}.", param=where or None)
+
+
+def _first_unsendable(value: Any, where: str) -> tuple[str, str] | None:
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError as exc:
+            return where, (
+                f"is not valid Unicode: it holds the lone surrogate "
+                f"\\u{ord(value[exc.start]):04x}"
+            )
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (where, f"is out of range ({value})")
+    if isinstance(value, dict):
+        for name, item in value.items():
+            if isinstance(name, str) and _first_unsendable(name, "") is not None:
+                return where, f"has a key that is not valid Unicode ({name!r})"
+            found = _first_unsendable(item, f"{where}.{name}" if where else str(name))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _first_unsendable(item, f"{where}[{index}]")
+            if found:
+                return found
+    return None
 
 
 def parse_request(
@@ -99,6 +164,7 @@ def parse_request(
     model = _require(body, "model", str)
     if not model.strip():
         raise InvalidRequest("'model' must not be empty.", param="model")
+    check_unicode(model, "model")  # it is stored with the usage record, and no model has one
     stream = _optional(body, "stream", bool) or False
     if endpoint is Endpoint.CHAT:
         request = _parse_chat(body, model, stream)
@@ -106,6 +172,21 @@ def parse_request(
         request = _parse_responses(body, model, stream)
     request.session_key = session_key(body, headers)
     return request
+
+
+def check_unicode(text: str, param: str) -> None:
+    """400 naming ``param`` if ``text`` holds a lone UTF-16 surrogate (a JSON escape such as
+    ``"\\ud800"`` without its pair decodes to one): it has no UTF-8 encoding, so it can be
+    neither sent upstream nor stored."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(
+            f"'{param}' is not valid Unicode: it holds the lone surrogate "
+            f"\\u{ord(text[exc.start]):04x} (a \\ud800-\\udbff escape must be followed by its "
+            "\\udc00-\\udfff pair).",
+            param=param,
+        ) from None
 
 
 def session_key(body: Mapping[str, Any], headers: Mapping[str, str]) -> str | None:
@@ -144,13 +225,32 @@ def _parse_chat(body: dict[str, Any], model: str, stream: bool) -> ClientRequest
                 f"not {_json_type(content)}.",
                 param=f"{where}.content",
             )
+        if isinstance(content, list):
+            _check_parts(content, f"{where}.content")
+        calls = _shape(message.get("tool_calls"), list, f"{where}.tool_calls")
+        for k, call in enumerate(calls or ()):
+            call = _object(call, f"{where}.tool_calls[{k}]")
+            _shape(call.get("function"), dict, f"{where}.tool_calls[{k}].function")
+        _shape(message.get("function_call"), dict, f"{where}.function_call")
     stream_options = _optional(body, "stream_options", dict)
     if stream_options is not None and not stream:
         raise InvalidRequest(
             "'stream_options' is only allowed when 'stream' is true.", param="stream_options"
         )
     include_usage = bool(stream_options and stream_options.get("include_usage") is True)
-    _check_common(body, ("tools",))
+    _check_common(body, ("tools", "functions"))
+    stop = _shape(body.get("stop"), (str, list), "stop")
+    if isinstance(stop, list):
+        for index, item in enumerate(stop):
+            _shape(item, str, f"stop[{index}]")
+    for index, tool in enumerate(body.get("tools") or ()):
+        tool = _object(tool, f"tools[{index}]")
+        _shape(tool.get("type"), str, f"tools[{index}].type")
+        _shape(tool.get("function"), dict, f"tools[{index}].function")
+    for index, function in enumerate(body.get("functions") or ()):
+        _object(function, f"functions[{index}]")
+    _shape(body.get("function_call"), (str, dict), "function_call")
+    _shape(body.get("response_format"), dict, "response_format")
     max_output = _positive_int(body, "max_completion_tokens") or _positive_int(body, "max_tokens")
     return ClientRequest(
         endpoint=Endpoint.CHAT,
@@ -179,11 +279,24 @@ def _parse_responses(body: dict[str, Any], model: str, stream: bool) -> ClientRe
                     f"'input[{index}]' must be an object, not {_json_type(item)}.",
                     param=f"input[{index}]",
                 )
+            _check_item(item, f"input[{index}]")
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str | list):
         raise InvalidRequest("'instructions' must be a string.", param="instructions")
+    if isinstance(instructions, list):
+        for index, item in enumerate(instructions):
+            _check_item(_object(item, f"instructions[{index}]"), f"instructions[{index}]")
     _optional(body, "stream_options", dict)
     _check_common(body, ("tools", "include"))
+    _check_responses_tools(body.get("tools"), "tools")
+    choice = _shape(body.get("tool_choice"), (str, dict), "tool_choice")
+    if isinstance(choice, dict):
+        for name in ("type", "name", "mode"):
+            _shape(choice.get(name), str, f"tool_choice.{name}")
+    for name in ("reasoning", "text"):
+        _optional(body, name, dict)
+    for name in ("previous_response_id", "prompt_cache_key", "user", "safety_identifier"):
+        _optional(body, name, str)
     return ClientRequest(
         endpoint=Endpoint.RESPONSES,
         body=body,
@@ -192,6 +305,62 @@ def _parse_responses(body: dict[str, Any], model: str, stream: bool) -> ClientRe
         max_output_tokens=_positive_int(body, "max_output_tokens"),
         input_chars=_text_size(value) + _text_size(instructions) + _text_size(body.get("tools")),
     )
+
+
+def _shape(value: Any, kinds: type | tuple[type, ...], where: str) -> Any:
+    """``value`` if it is None or of one of ``kinds`` (a bool is no number), else a 400 naming
+    ``where``: the readers that translate a body rely on the shapes checked with this."""
+    if value is None:
+        return None
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds):
+        return value
+    names = " or ".join(_KIND_NAMES[kind] for kind in kinds)
+    raise InvalidRequest(f"'{where}' must be {names}, not {_json_type(value)}.", param=where)
+
+
+def _object(value: Any, where: str) -> dict:
+    """``value`` if it is an object, else a 400 naming ``where``."""
+    if not isinstance(value, dict):
+        raise InvalidRequest(
+            f"'{where}' must be an object, not {_json_type(value)}.", param=where
+        )
+    return value
+
+
+def _check_parts(parts: list, where: str) -> None:
+    """Content parts: objects with a string ``type`` (the readers look it up in sets). Kept
+    to what a translating reader would trip on: this runs for every part of every request."""
+    for index, part in enumerate(parts):
+        if type(part) is not dict or type(part.get("type")) is not str:  # the common case
+            _object(part, f"{where}[{index}]")
+            _shape(part.get("type"), str, f"{where}[{index}].type")
+
+
+def _check_item(item: dict, where: str) -> None:
+    """A Responses input item: the fields the translating reader walks have their shapes."""
+    for name in ("type", "role", "call_id", "name", "namespace", "id"):
+        value = item.get(name)
+        if value is not None and type(value) is not str:  # the check inline: every item
+            _shape(value, str, f"{where}.{name}")
+    content = _shape(item.get("content"), (str, list), f"{where}.content")
+    if isinstance(content, list):
+        _check_parts(content, f"{where}.content")
+    output = item.get("output")
+    if isinstance(output, list):
+        _check_parts(output, f"{where}.output")
+    summary = _shape(item.get("summary"), list, f"{where}.summary")
+    for index, part in enumerate(summary or ()):
+        _object(part, f"{where}.summary[{index}]")
+    _check_responses_tools(item.get("tools"), f"{where}.tools")
+
+
+def _check_responses_tools(tools: Any, where: str) -> None:
+    for index, tool in enumerate(_shape(tools, list, where) or ()):
+        tool = _object(tool, f"{where}[{index}]")
+        for name in ("type", "name", "description"):
+            _shape(tool.get(name), str, f"{where}[{index}].{name}")
+        _check_responses_tools(tool.get("tools"), f"{where}[{index}].tools")
 
 
 def _check_common(body: Mapping[str, Any], lists: tuple[str, ...]) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 
 from . import anthropic, chat, gemini, responses
 from .events import Event, Failure, TranslationContext, UsageEvent, counts_as_delta
-from .requests import Endpoint
+from .requests import Endpoint, unsendable_body
 from .sse import EventSplitter, StreamMeter, Usage, error_event, event_data
 
 __all__ = [
@@ -78,6 +78,17 @@ class UpstreamRequest:
     headers: dict[str, str]
     stream: bool
     context: TranslationContext
+
+
+def _check_echo(echo: dict) -> None:
+    """The translated answer repeats these request fields: a value that cannot be written as
+    JSON (a lone surrogate, an infinite number) is refused now, as a 400 naming it, rather
+    than failing the answer. (The upstream body is checked the same way when it is encoded;
+    these fields may not be in it.)"""
+    try:
+        json.dumps(echo, ensure_ascii=False, allow_nan=False).encode()
+    except (UnicodeEncodeError, ValueError, RecursionError) as error:
+        raise unsendable_body(echo, error) from None
 
 
 def _check_kind(upstream_kind: str) -> None:
@@ -128,6 +139,8 @@ def build_upstream_request(
                 **(client_body.get("reasoning") or {}),
                 "effort": reasoning_effort,
             }
+    if context.echo and not context.passthrough:
+        _check_echo(context.echo)
     if context.passthrough:
         body = _same_protocol_body(client_body, client, model, reasoning_effort, stream)
     else:
