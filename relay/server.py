@@ -128,11 +128,21 @@ class RelayH11Protocol(H11Protocol):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._transport_send: Callable[[Event], Awaitable[None]]
         super().__init__(*args, **kwargs)
-        self._transport_send = self.send
-        self.send = self._send
         self._writes = 0  # RawData sends in progress
         self._took_over = False  # the reader answered with an error: the app's answer is dropped
+
+    # hypercorn's protocol stores the worker's send callable as ``self.send`` and calls it; the
+    # property puts _send in between. (Storing the bound ``self._send`` on the instance instead
+    # would make every connection a reference cycle, freed only by the collector.)
+    @property
+    def send(self) -> Callable[[Event], Awaitable[None]]:
+        return self._send
+
+    @send.setter
+    def send(self, transport_send: Callable[[Event], Awaitable[None]]) -> None:
+        self._transport_send = transport_send
 
     async def _send(self, event: Event) -> None:
         if isinstance(event, RawData):

@@ -298,8 +298,19 @@ def clean_schema(schema: Any) -> dict:
     """
     if not isinstance(schema, dict):
         return {}
-    defs = {**(schema.get("definitions") or {}), **(schema.get("$defs") or {})}
+    defs = {
+        **_object_or_empty(schema.get("definitions")),
+        **_object_or_empty(schema.get("$defs")),
+    }
     return _clean(schema, defs, 0, ())
+
+
+def _object_or_empty(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _list_or_empty(value: Any) -> list:
+    return value if isinstance(value, list) else []
 
 
 def _clean(schema: Any, defs: dict, depth: int, seen: tuple[str, ...]) -> dict:
@@ -318,9 +329,11 @@ def _clean(schema: Any, defs: dict, depth: int, seen: tuple[str, ...]) -> dict:
             sub = _clean(sub, defs, depth + 1, seen)
             for key, value in sub.items():
                 if key == "properties":
-                    merged["properties"] = {**merged.get("properties", {}), **value}
+                    merged["properties"] = {
+                        **_object_or_empty(merged.get("properties")), **value
+                    }
                 elif key == "required":
-                    merged["required"] = [*merged.get("required", []), *value]
+                    merged["required"] = [*_list_or_empty(merged.get("required")), *value]
                 else:
                     merged.setdefault(key, value)
         schema = merged
@@ -372,13 +385,15 @@ def _clean(schema: Any, defs: dict, depth: int, seen: tuple[str, ...]) -> dict:
             if len(values) < len(value):
                 out["nullable"] = True
         elif key == "format":
-            if value in _FORMATS.get(out.get("type", ""), ()):
+            if isinstance(value, str) and value in _FORMATS.get(out.get("type", ""), ()):
                 out["format"] = value
         elif key == "required" and isinstance(value, list):
-            names = set((schema.get("properties") or {}).keys())
-            required = [name for name in value if name in names]
+            names = set(_object_or_empty(schema.get("properties")))
+            required = [name for name in value if isinstance(name, str) and name in names]
             if required:
                 out["required"] = list(dict.fromkeys(required))
+        elif key in ("properties", "required", "enum"):
+            continue  # of the wrong type: dropped, as Gemini would reject it
         else:
             out[key] = value
     return out

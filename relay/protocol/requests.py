@@ -246,9 +246,12 @@ def _parse_chat(body: dict[str, Any], model: str, stream: bool) -> ClientRequest
     for index, tool in enumerate(body.get("tools") or ()):
         tool = _object(tool, f"tools[{index}]")
         _shape(tool.get("type"), str, f"tools[{index}].type")
-        _shape(tool.get("function"), dict, f"tools[{index}].function")
+        function = _shape(tool.get("function"), dict, f"tools[{index}].function")
+        if function is not None:
+            _shape(function.get("parameters"), dict, f"tools[{index}].function.parameters")
     for index, function in enumerate(body.get("functions") or ()):
-        _object(function, f"functions[{index}]")
+        function = _object(function, f"functions[{index}]")
+        _shape(function.get("parameters"), dict, f"functions[{index}].parameters")
     _shape(body.get("function_call"), (str, dict), "function_call")
     _shape(body.get("response_format"), dict, "response_format")
     max_output = _positive_int(body, "max_completion_tokens") or _positive_int(body, "max_tokens")
@@ -360,6 +363,8 @@ def _check_responses_tools(tools: Any, where: str) -> None:
         tool = _object(tool, f"{where}[{index}]")
         for name in ("type", "name", "description"):
             _shape(tool.get(name), str, f"{where}[{index}].{name}")
+        for name in ("parameters", "format"):
+            _shape(tool.get(name), dict, f"{where}[{index}].{name}")
         _check_responses_tools(tool.get("tools"), f"{where}[{index}].tools")
 
 
