@@ -146,9 +146,16 @@ def test_accounts_health_disable_and_enable(billed: Relay) -> None:
 
 def test_live_queues_per_pool(billed: Relay) -> None:
     key, key_id = billed.create_paid_key(package="tight")
+    # The package's 0.5 s queue timeout is shorter than the CLI takes to start on a busy
+    # machine: this key's second request waits up to 30 s.
+    changed = billed.admin("POST", f"/admin/keys/{key_id}/limits", {"queue_timeout_s": 30})
+    assert changed.status_code == 200, changed.text
     headers = {"authorization": f"Bearer {key}"}
+    # The running stream lasts up to 30 s (it is closed once the queue has been seen), so the
+    # second request is still queued when the CLI, slow to start on a busy machine, looks.
     body = {"model": "gpt-5", "stream": True,
-            "messages": [{"role": "user", "content": "#sim tokens=100 delay=0.01"}]}
+            "messages": [{"role": "user", "content": "#sim tokens=3000 delay=0.01"}]}
+    short = {**body, "messages": [{"role": "user", "content": "#sim tokens=5"}]}
     url = billed.url + "/v1/chat/completions"
     with httpx2.Client(timeout=10) as first:
         with first.stream("POST", url, json=body, headers=headers) as running:
@@ -156,7 +163,7 @@ def test_live_queues_per_pool(billed: Relay) -> None:
             next(lines)
             # max_concurrency 1: a second request of the key waits in the pool's queue
             waiting = threading.Thread(
-                target=lambda: httpx2.post(url, json=body, headers=headers, timeout=10)
+                target=lambda: httpx2.post(url, json=short, headers=headers, timeout=30)
             )
             waiting.start()
             queues = _wait_for_queue(billed, key_id)
@@ -166,8 +173,6 @@ def test_live_queues_per_pool(billed: Relay) -> None:
             listed = cli(billed, "queues", "--url", billed.url, "--json")
             assert listed.returncode == 0, listed.stderr
             assert json.loads(listed.stdout)["pools"]["main"]["keys"][key_id]["queued"] == 1
-            for _ in lines:
-                pass
     waiting.join()
     billed.wait_idle()
 
