@@ -1,5 +1,6 @@
-"""HTTP/1.1 for the upstream hop's client side, as bytes: the request head the pool sends, and a
-reader that frames the answer the pool feeds it. No I/O (``http11.py`` does that).
+"""HTTP/1.1 for the upstream hop's client side, as bytes: the request head the pool sends, a
+reader that frames the answer the pool feeds it, and a decoder of a compressed body (in bounded
+steps). No I/O (``http11.py`` does that).
 
 Why not h11, which did this until issue 6's second profile: h11 is general (both roles, every
 state and event of RFC 9112) and costs for that on every exchange, about 78 us of CPU per

@@ -22,10 +22,11 @@ once, synchronously, so no cancellation can leave a socket or a pool slot behind
 A reused connection can still be one the upstream closed as the request went out (its idle
 timeout ran out then: the check above sees nothing yet). If such an exchange fails before one
 byte of the answer arrived (the write fails, or the connection ends or is reset before the
-status line), the upstream never processed the request, and it is sent once more on a new
-connection, the failure not shown to the caller: that is the race every keep-alive client
-meets, not the upstream failing (urllib3 and Go's net/http retry the same case). A read timeout
-is never retried (the upstream may be working on it), nor a fresh connection's failure.
+status line), the request is sent once more, on a new connection, and the first failure is not
+the caller's to see: on a reused connection this is nearly always keep-alive's race, not the
+upstream failing, and nothing of an answer was produced (browsers retry the same case; an
+upstream that crashed on the request looks the same and gets it once more). A read timeout is
+never retried (the upstream may be working on the request), nor a new connection's failure.
 
 Bounds: a body the caller reads whole (``Response.aread``) may be at most ``max_body_bytes``,
 decoded; a gzip or deflate coded body (sent despite the pool's ``identity``) is decoded as it
@@ -607,12 +608,12 @@ class _DecodedResponse(Response):
                     decoder.finish()
         except h1.ProtocolError as exc:
             self._release()
-            raise TransportError(f"the upstream's answer broke off: {exc}") from None
+            raise TransportError(f"the upstream's answer cannot be decoded: {exc}") from None
 
 
 def _content_coding(head: h1.Head) -> str | None:
-    """The answer's ``content-encoding`` if it is one the pool decodes, else None (identity;
-    a coding it does not know is left as it came, for the caller to refuse)."""
+    """The answer's ``content-encoding`` if it is one the pool decodes, else None (identity,
+    or a coding it does not know, whose body is left as it came)."""
     for name, value in head.headers:
         if name == b"content-encoding":
             coding = value.strip().lower().decode("latin-1")
