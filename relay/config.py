@@ -117,6 +117,8 @@ class ServerConfig:
     upstream_connect_timeout_s: float = 10.0
     upstream_read_timeout_s: float = 300.0
     upstream_max_connections: int = 1000
+    upstream_max_body_bytes: int = 64 * 1024 * 1024  # a non-streamed answer, decoded
+    upstream_max_event_bytes: int = 16 * 1024 * 1024  # one event of a streamed answer
     keep_alive_timeout_s: float = 5.0
     body_read_timeout_s: float = 30.0  # the whole request body must arrive within this
     drain_timeout_s: float = 25.0  # on SIGTERM, running requests may finish within this
@@ -504,6 +506,12 @@ def _read_server(table: _Table, base_dir: Path | None) -> ServerConfig:
         ),
         upstream_max_connections=table.integer(
             "upstream_max_connections", defaults.upstream_max_connections, positive=True
+        ),
+        upstream_max_body_bytes=table.integer(
+            "upstream_max_body_bytes", defaults.upstream_max_body_bytes, positive=True
+        ),
+        upstream_max_event_bytes=table.integer(
+            "upstream_max_event_bytes", defaults.upstream_max_event_bytes, positive=True
         ),
         keep_alive_timeout_s=table.number(
             "keep_alive_timeout_s", defaults.keep_alive_timeout_s, positive=True

@@ -160,6 +160,17 @@ class UpstreamUnavailable(RelayError):
     code = "upstream_unreachable"
 
 
+class UpstreamResponseTooLarge(RelayError):
+    """502: the upstream's answer is beyond the relay's bounds (a non-streamed body over
+    ``server.upstream_max_body_bytes`` decoded, or a stream event over
+    ``server.upstream_max_event_bytes``): it is not relayed, and the relay's memory stays
+    bounded whatever an upstream sends."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_response_too_large"
+
+
 class NoHealthyAccount(RelayError):
     """503: every account that could serve the request is out of service."""
 

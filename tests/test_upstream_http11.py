@@ -4,6 +4,7 @@ connections, compress, serve TLS)."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import ssl
@@ -15,11 +16,14 @@ import httpx2
 import pytest
 import trio
 
+from relay.testing.sim_wire import gzip_bomb
 from relay.testing.upstream import SimProfile, SimUpstream
+from relay.upstream.h1 import DECODE_STEP_BYTES
 from relay.upstream.http11 import (
     ConnectionPool,
     PoolTimeout,
     ReadTimeout,
+    ResponseTooLarge,
     TransportError,
     UnsendableRequest,
 )
@@ -171,19 +175,20 @@ async def serve_raw(nursery: trio.Nursery, answer: bytes, *, close_after_s: floa
     async def connection(stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER)
         async with stream:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    conn.receive_data(data)
-                elif type(event) is h11.EndOfMessage:
-                    await stream.send_all(answer)
-                    if close_after_s is not None:
-                        await trio.sleep(close_after_s)
-                        return
-                    conn = h11.Connection(h11.SERVER)
+            with contextlib.suppress(trio.BrokenResourceError):  # a client that hung up
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        data = await stream.receive_some(65536)
+                        if not data:
+                            return
+                        conn.receive_data(data)
+                    elif type(event) is h11.EndOfMessage:
+                        await stream.send_all(answer)
+                        if close_after_s is not None:
+                            await trio.sleep(close_after_s)
+                            return
+                        conn = h11.Connection(h11.SERVER)
 
     listeners = await nursery.start(trio.serve_tcp, connection, 0)
     return listeners[0].socket.getsockname()[1]
@@ -360,3 +365,56 @@ async def test_all_connections_busy_is_a_503_that_blames_no_account(
         assert busy.headers["retry-after"] == "1"
         accounts = relay.state()["accounts"]
         assert all(a["healthy"] and not a["last_error"] for a in accounts.values()), accounts
+
+
+def chunked_answer(body: bytes, *headers: str) -> bytes:
+    head = ["HTTP/1.1 200 OK", "transfer-encoding: chunked", *headers]
+    framed = b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + framed
+
+
+async def test_a_gzip_bomb_is_decoded_in_steps_no_larger_than_a_read(nursery) -> None:
+    bomb = gzip_bomb(b"data: ", 64 << 20)  # 64 KiB that inflate to 64 MiB
+    port = await serve_raw(
+        nursery, chunked_answer(bomb, "content-encoding: gzip"), close_after_s=None
+    )
+    response = await post(pool(), f"http://127.0.0.1:{port}/x", b"{}")
+    sizes = [len(piece) async for piece in response]
+    assert max(sizes) <= DECODE_STEP_BYTES
+    assert sum(sizes) == len(gzip.decompress(bomb))
+
+
+@pytest.mark.parametrize("coded", [False, True], ids=["identity", "gzip"])
+async def test_a_body_over_max_body_bytes_is_refused_and_its_connection_closed(
+    nursery, coded: bool
+) -> None:
+    body = b"0" * 300_000
+    answer = (
+        chunked_answer(gzip.compress(body), "content-encoding: gzip")
+        if coded
+        else raw_answer(body)
+    )
+    port = await serve_raw(nursery, answer, close_after_s=None)
+    client = pool(max_body_bytes=200_000)
+    response = await post(client, f"http://127.0.0.1:{port}/x", b"{}")
+    with pytest.raises(ResponseTooLarge, match="longer than 200000 bytes"):
+        await response.aread()
+    assert client.busy_connections == 0
+    client = pool(max_body_bytes=300_000)  # exactly at the bound: read whole
+    assert await (await post(client, f"http://127.0.0.1:{port}/x", b"{}")).aread() == body
+
+
+async def test_a_stale_reused_connection_is_retried_once_and_a_read_timeout_never(
+    local_sim,
+) -> None:
+    upstream, url = local_sim
+    client = pool(read_timeout_s=0.3)
+    await (await post(client, url, chat("warm"))).aread()
+    answer = json.loads(await (await post(client, url, chat("#sim fault=stale"))).aread())
+    assert answer["object"] == "chat.completion"
+    assert [r.status for r in upstream.requests[1:]] == [None, 200]  # unanswered, then a new one
+    assert client.idle_connections == 1
+    with pytest.raises(ReadTimeout):  # the upstream may be working on it: not sent twice
+        await post(client, url, chat("#sim fault=stall"))
+    assert len(upstream.requests) == 4
+    assert client.busy_connections == 0

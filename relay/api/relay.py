@@ -35,6 +35,7 @@ from ..errors import (
     RateLimited,
     RelayError,
     ShuttingDown,
+    UpstreamResponseTooLarge,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -48,7 +49,7 @@ from ..protocol.requests import (
     parse_request,
     unsendable_body,
 )
-from ..protocol.sse import StreamMeter, Usage, error_event
+from ..protocol.sse import EventTooLarge, StreamMeter, Usage, error_event
 from ..protocol.translate import (
     StreamTranslator,
     UpstreamRequest,
@@ -468,6 +469,8 @@ async def _answer_once(call: Call) -> tuple[bytes, bytes]:
             raise UpstreamTimeout(
                 f"The upstream account '{account.name}' did not finish its answer in time."
             ) from None
+        except http11.ResponseTooLarge as exc:
+            raise _too_large(account.name, exc) from None
         except http11.TransportError as exc:
             raise UpstreamUnavailable(
                 f"The connection to upstream account '{account.name}' broke before "
@@ -668,7 +671,9 @@ async def _pump(
                         record.status = 200
                         upstream, _ = call.upstream_request(account)
                         translator = call.translator = StreamTranslator(
-                            account.config.provider, upstream.context
+                            account.config.provider,
+                            upstream.context,
+                            max_event_bytes=call.runtime.config.server.upstream_max_event_bytes,
                         )
                         try:
                             await _relay_events(
@@ -726,6 +731,8 @@ async def _relay_events(
                         await out.send(data)  # the client is behind: wait for it
                         watch.heard_at = trio.current_time()
             watch.heard_at = None
+    except EventTooLarge as exc:
+        raise _too_large(account, exc) from None
     except http11.TransportError as exc:
         raise UpstreamUnavailable(
             f"The connection to upstream account '{account}' broke in the middle of the "
@@ -748,3 +755,11 @@ async def _relay_events(
     data += translator.finish()
     if data:
         await out.send(data)
+
+
+def _too_large(account: str, exc: Exception) -> UpstreamResponseTooLarge:
+    return UpstreamResponseTooLarge(
+        f"The upstream account '{account}' sent more than the relay accepts ({exc}), so its "
+        "answer was not relayed. Ask for a shorter answer; if it persists, tell the relay's "
+        "operator."
+    )

@@ -23,20 +23,52 @@ _SEQUENCE_NUMBER = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
 _DONE = b"[DONE]"
 
 
+#: Default bound of one event, blank line included (``server.upstream_max_event_bytes``). The
+#: largest events real upstreams send are a Responses stream's ``response.completed``, which
+#: repeats the whole answer (with ``instructions`` and ``tools``), and image-generation events
+#: carrying base64 images of a few MiB; 16 MiB leaves room for those and still bounds what one
+#: hostile upstream can make a stream hold.
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+
+
+class EventTooLarge(ValueError):
+    """The upstream sent an event longer than the splitter's bound, or that many bytes without
+    ending an event (a "line" of gigabytes): the stream cannot be relayed."""
+
+
 class EventSplitter:
     """Cuts a byte stream into whole SSE events, each with its terminating blank line.
 
     Bytes that do not yet end an event stay buffered until more arrive; :meth:`tail` gives what
-    is left when the stream ends.
+    is left when the stream ends, :meth:`end` the same as a last event. Memory is bounded: an
+    event of more than ``max_event_bytes`` (blank line included), or that many bytes without an
+    event's end, raises :class:`EventTooLarge` (the splitter is then unusable), so at most about
+    ``max_event_bytes`` plus one chunk are ever held. Time is linear in the bytes fed, however
+    an event is cut into chunks.
     """
 
-    __slots__ = ("_buffer",)
+    __slots__ = ("_max_event_bytes", "_pending")
 
-    def __init__(self) -> None:
-        self._buffer = b""
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._max_event_bytes = max_event_bytes
+        self._pending = bytearray()  # an unfinished event: no event end in it
 
     def feed(self, data: bytes) -> list[bytes]:
-        buffer = self._buffer + data if self._buffer else data
+        pending = self._pending
+        if pending:
+            # Only the new bytes can end the event, with at most three held ones ("\r\n\r" of
+            # a "\r\n\r\n"): search there, so a long event is not rescanned for every chunk.
+            seam = max(0, len(pending) - 3)
+            pending += data
+            if _EVENT_END.search(pending, seam) is None:
+                if len(pending) > self._max_event_bytes:
+                    raise self._too_large()
+                return []
+            buffer = bytes(pending)
+            pending.clear()
+        else:
+            buffer = data
+        limit = self._max_event_bytes
         events = []
         start = 0
         if b"\r" in buffer:
@@ -47,18 +79,35 @@ class EventSplitter:
             # The usual framing ("\n\n" only): find() is cheaper than the regex, and a chunk
             # that is exactly one event (most chunks of a paced stream) is returned as it is.
             end = buffer.find(b"\n\n")
-            if end >= 0 and end == len(buffer) - 2:
-                self._buffer = b""
+            if end >= 0 and end == len(buffer) - 2 and end < limit - 1:
                 return [buffer]
             while end >= 0:
                 events.append(buffer[start : end + 2])
                 start = end + 2
                 end = buffer.find(b"\n\n", start)
-        self._buffer = buffer[start:]
+        if start < len(buffer):
+            pending += buffer[start:]
+        if len(buffer) > limit and (
+            len(pending) > limit or any(len(event) > limit for event in events)
+        ):
+            raise self._too_large()
         return events
 
+    def _too_large(self) -> EventTooLarge:
+        return EventTooLarge(
+            f"an event longer than {self._max_event_bytes} bytes (server.upstream_max_event_bytes)"
+        )
+
     def tail(self) -> bytes:
-        return self._buffer
+        return bytes(self._pending)
+
+    def end(self) -> list[bytes]:
+        """The unfinished event the stream ended with, cut as if its blank line had come
+        (``[]`` if only whitespace is left). Call it once, when the stream's bytes end."""
+        if not self._pending.strip():
+            return []
+        self._max_event_bytes += 2  # the blank line given here: the rest was bounded already
+        return self.feed(b"\n\n")
 
 
 def event_data(event: bytes) -> bytes:

@@ -32,7 +32,7 @@ from typing import Any
 from . import anthropic, chat, gemini, responses
 from .events import Event, Failure, TranslationContext, UsageEvent, counts_as_delta
 from .requests import Endpoint, unsendable_body
-from .sse import EventSplitter, StreamMeter, Usage, error_event, event_data
+from .sse import MAX_EVENT_BYTES, EventSplitter, StreamMeter, Usage, error_event, event_data
 
 __all__ = [
     "UPSTREAM_KINDS",
@@ -284,13 +284,21 @@ class StreamTranslator:
     Feed it the upstream's bytes in any chunking; each call returns the client bytes ready now
     (whole SSE events only). :meth:`finish` closes a stream the upstream ended cleanly;
     :meth:`fail` closes it with the client's error form. After either, the translator returns
-    ``b""``. ``usage``, ``deltas`` and ``finished`` are kept current for billing.
+    ``b""``. ``usage``, ``deltas`` and ``finished`` are kept current for billing. An upstream
+    event longer than ``max_event_bytes`` raises :class:`~relay.protocol.sse.EventTooLarge`
+    from :meth:`feed` (the stream cannot go on: :meth:`fail` it).
     """
 
-    def __init__(self, upstream_kind: str, context: TranslationContext) -> None:
+    def __init__(
+        self,
+        upstream_kind: str,
+        context: TranslationContext,
+        *,
+        max_event_bytes: int = MAX_EVENT_BYTES,
+    ) -> None:
         _check_kind(upstream_kind)
         self._context = context
-        self._splitter = EventSplitter()
+        self._splitter = EventSplitter(max_event_bytes)
         self._passthrough = upstream_kind == context.client.upstream_kind
         self._meter: StreamMeter | None = None
         self._closed = False
@@ -320,7 +328,9 @@ class StreamTranslator:
     def feed(self, data: bytes) -> bytes:
         if self._closed:
             return b""
-        events = self._splitter.feed(data)
+        return self._relay(self._splitter.feed(data))
+
+    def _relay(self, events: list[bytes]) -> bytes:
         if self._meter is not None:
             return self._meter.forwardable(events)
         return self._translate(events)
@@ -349,19 +359,16 @@ class StreamTranslator:
     def flush(self) -> bytes:
         """The client bytes of a last event the upstream ended without its blank line. Call it
         when the upstream's bytes end, before reading :attr:`finished`."""
-        if self._closed or not self._splitter.tail().strip():
+        if self._closed:
             return b""
-        return self.feed(b"\n\n")
+        return self._relay(self._splitter.end())
 
     def finish(self) -> bytes:
         if self._closed:
             return b""
-        tail = self._splitter.tail()
-        out = b""
-        if tail.strip():  # a last event without its blank line
-            out = self.feed(b"\n\n")
-            if self._closed:
-                return out
+        out = self._relay(self._splitter.end())  # a last event without its blank line
+        if self._closed:
+            return out
         self._closed = True
         if self._meter is not None:
             return out

@@ -39,6 +39,8 @@ FAULTS = frozenset(
 way: OpenAI 503, Anthropic 529 ``overloaded_error``, Gemini 503 ``UNAVAILABLE``."""
 HTTP_FAULTS = frozenset({"429", "500", "503", "529", "401", "400"})
 """Faults answered with an HTTP error instead of a response."""
+WIRE_FAULTS = frozenset({"huge_line", "gzip_bomb", "stale"})
+"""``fault=`` values about the answer's bytes and the connection: :mod:`relay.testing.sim_wire`."""
 KINDS = ("chat", "responses", "anthropic", "gemini")
 SYSTEM_FINGERPRINT = "fp_sim"
 
@@ -117,7 +119,7 @@ def _apply_directive(d: Directives, key: str, value: str) -> None:
         name, _, rest = value.lower().partition("=")
         if name == "slow_headers":
             _apply_directive(d, "slow_headers", rest or "0")
-        elif name in FAULTS:
+        elif name in FAULTS or name in WIRE_FAULTS:
             d.fault = name
 
 

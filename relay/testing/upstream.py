@@ -51,6 +51,7 @@ import trio
 from relay.testing import sim_anthropic as sa
 from relay.testing import sim_gemini as sg
 from relay.testing import sim_protocol as sp
+from relay.testing import sim_wire
 
 __all__ = ["RequestRecord", "SimProfile", "SimUpstream", "main"]
 
@@ -202,10 +203,13 @@ def _parse_simple(buf: bytearray) -> tuple[_Request, bytes, int] | object | None
 class _Exchange:
     """One request/response on a connection: owns the sends and the disconnect bookkeeping."""
 
-    __slots__ = ("chunked", "closed", "keep_alive", "pending", "rec", "stream")
+    __slots__ = ("chunked", "closed", "keep_alive", "pending", "rec", "reused", "stream")
 
-    def __init__(self, stream: trio.SocketStream, *, keep_alive: bool, chunked: bool) -> None:
+    def __init__(
+        self, stream: trio.SocketStream, *, keep_alive: bool, chunked: bool, reused: bool = False
+    ) -> None:
         self.stream = stream
+        self.reused = reused  # the connection carried an answer before this one
         self.rec: RequestRecord | None = None
         self.keep_alive = keep_alive  # False: close after this response (Connection: close)
         self.chunked = chunked  # HTTP/1.1 streams are chunked; HTTP/1.0 ones end at close
@@ -360,6 +364,7 @@ class SimUpstream:
         """
         buf = bytearray()
         eof = False
+        served = 0
         try:
             while True:
                 parsed = _parse_simple(buf)
@@ -394,7 +399,9 @@ class SimUpstream:
                     stream,
                     keep_alive=_keep_alive(request),
                     chunked=request.http_version == b"1.1",
+                    reused=served > 0,
                 )
+                served += 1
                 keep = await self._dispatch(ex, request, raw_body)
                 if not (keep and ex.keep_alive) or ex.closed:
                     return
@@ -678,6 +685,13 @@ class SimUpstream:
             self._models_seen.setdefault(plan.model, None)
         fault = directives.fault or profile.fault
         slow = directives.slow_headers or 0.0
+        if fault == "stale":  # see relay.testing.sim_wire
+            if ex.reused:
+                ex.abort(reset=False)
+                return False
+            fault = None  # a new connection: answered as usual
+        elif fault in sim_wire.FAULTS:
+            return await self._watched(ex, self._send_unbounded, ex, fault, plan.stream, headers)
         if fault in sp.HTTP_FAULTS:
             if kind == "anthropic":
                 status, extra, error = sa.fault_response(fault, plan.model)
@@ -704,6 +718,25 @@ class SimUpstream:
             return await self._watched(ex, self._respond_stream, ex, plan, headers, fault, slow)
         finally:
             self.active_streams -= 1
+
+    async def _send_unbounded(
+        self, ex: _Exchange, fault: str, stream: bool, headers: list[tuple[str, str]]
+    ) -> bool:
+        """A line that never ends, plain (``huge_line``) or as a gzip bomb (``gzip_bomb``),
+        until it is all sent or the client hangs up."""
+        prefix = sim_wire.STREAM_LINE if stream else sim_wire.BODY_LINE
+        if fault == "gzip_bomb":
+            headers = [*headers, ("content-encoding", "gzip")]
+            pieces: Iterable[bytes] = [sim_wire.gzip_bomb(prefix)]
+        else:
+            pieces = sim_wire.huge_line(prefix)
+        content_type = "text/event-stream; charset=utf-8" if stream else "application/json"
+        await ex.start_stream(headers, content_type)  # chunked: no length announces the size
+        for piece in pieces:
+            await ex.send_events([ex.frame(piece)], 0)
+        await ex.send_events([ex.terminator()], 0)
+        ex.rec.finished = True
+        return True
 
     async def _watched(self, ex: _Exchange, fn: Any, *args: Any) -> bool:
         """Run a response while a watcher reads the socket; a client close cancels the response."""

@@ -74,6 +74,7 @@ class UpstreamClient:
             connect_timeout_s=server.upstream_connect_timeout_s,
             read_timeout_s=server.upstream_read_timeout_s,
             pool_timeout_s=server.upstream_connect_timeout_s,
+            max_body_bytes=server.upstream_max_body_bytes,
             # The certificate stores httpx2 trusts, without the environment's overrides.
             ssl_context_factory=lambda: httpx2.create_ssl_context(trust_env=False),
             user_agent=f"relay/{__version__}",

@@ -1,5 +1,6 @@
-"""HTTP/1.1 for the upstream hop's client side, as bytes: the request head the pool sends, and a
-reader that frames the answer the pool feeds it. No I/O (``http11.py`` does that).
+"""HTTP/1.1 for the upstream hop's client side, as bytes: the request head the pool sends, a
+reader that frames the answer the pool feeds it, and a decoder of a compressed body (in bounded
+steps). No I/O (``http11.py`` does that).
 
 Why not h11, which did this until issue 6's second profile: h11 is general (both roles, every
 state and event of RFC 9112) and costs for that on every exchange, about 78 us of CPU per
@@ -16,12 +17,17 @@ unfit for reuse, never a guess. The relay's server side is still h11, inside hyp
 from __future__ import annotations
 
 import re
+import zlib
 
 #: An answer's head larger than this is refused (h11's default limit was 16 KiB).
 MAX_HEAD_BYTES = 65536
 
 #: A chunk-size line (with extensions) or a trailer line longer than this is refused.
 MAX_LINE_BYTES = 8192
+
+#: Most bytes one step of :class:`BodyDecoder` produces: what one socket read gives, so a
+#: compressed answer reaches the relay in the same sizes as a plain one.
+DECODE_STEP_BYTES = 65536
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Field values: visible characters and obs-text, inner spaces and tabs; no CR, LF or NUL.
@@ -283,3 +289,50 @@ def _parse_field(line: bytes) -> tuple[bytes, bytes]:
     if not _VALUE.fullmatch(value):
         raise ProtocolError(f"invalid value in header {name[:40]!r}")
     return name.lower(), value
+
+
+class BodyDecoder:
+    """Undoes a ``gzip`` or ``deflate`` content coding as the body arrives, in bounded steps.
+
+    ``feed`` the body's bytes (as framed by :class:`ResponseReader`), then call ``read()`` until
+    it returns ``b""`` before feeding more: each call gives at most ``DECODE_STEP_BYTES``, the
+    rest of the input waiting inside, so a compression bomb (a few KiB that inflate to
+    gigabytes) is never inflated at once; whoever reads the steps bounds the total.
+    ``finish()`` at the body's end raises if the coded data was cut short. Bytes after the
+    end of the coded data are ignored, as ``zlib.decompress`` does. Undecodable data raises
+    :class:`ProtocolError`.
+    """
+
+    __slots__ = ("_encoding", "_input", "_more", "_zlib")
+
+    #: The codings this decoder knows (``x-gzip`` is gzip's old name, RFC 9110 §8.4.1.3).
+    CODINGS = frozenset({"gzip", "x-gzip", "deflate"})
+
+    def __init__(self, encoding: str) -> None:
+        self._encoding = encoding
+        wbits = zlib.MAX_WBITS | 16 if encoding != "deflate" else zlib.MAX_WBITS
+        self._zlib = zlib.decompressobj(wbits)
+        self._input = b""
+        # The last step was full: zlib may hold output for it still, with no input left
+        # (the rest of a back-reference).
+        self._more = False
+
+    def feed(self, data: bytes) -> None:
+        self._input = self._input + data if self._input else data
+
+    def read(self) -> bytes:
+        """The next decoded bytes, at most ``DECODE_STEP_BYTES``; ``b""``: feed more."""
+        if not (self._input or self._more) or self._zlib.eof:
+            self._input = b""
+            return b""
+        try:
+            data = self._zlib.decompress(self._input, DECODE_STEP_BYTES)
+        except zlib.error as exc:
+            raise ProtocolError(f"the {self._encoding} body does not decompress: {exc}") from None
+        self._input = self._zlib.unconsumed_tail
+        self._more = len(data) == DECODE_STEP_BYTES
+        return data
+
+    def finish(self) -> None:
+        if not self._zlib.eof:
+            raise ProtocolError(f"the {self._encoding} body ends before its compressed data does")

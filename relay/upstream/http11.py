@@ -18,6 +18,20 @@ Connections: a response read to its end goes back to its origin's idle list (new
 is reused while it is younger than ``keepalive_expiry_s``; an idle connection the upstream has
 closed (readable while idle) is dropped when met. A response closed early closes its socket at
 once, synchronously, so no cancellation can leave a socket or a pool slot behind.
+
+A reused connection can still be one the upstream closed as the request went out (its idle
+timeout ran out then: the check above sees nothing yet). If such an exchange fails before one
+byte of the answer arrived (the write fails, or the connection ends or is reset before the
+status line), the request is sent once more, on a new connection, and the first failure is not
+the caller's to see: on a reused connection this is nearly always keep-alive's race, not the
+upstream failing, and nothing of an answer was produced (browsers retry the same case; an
+upstream that crashed on the request looks the same and gets it once more). A read timeout is
+never retried (the upstream may be working on the request), nor a new connection's failure.
+
+Bounds: a body the caller reads whole (``Response.aread``) may be at most ``max_body_bytes``,
+decoded; a gzip or deflate coded body (sent despite the pool's ``identity``) is decoded as it
+arrives in steps no larger than a read (``h1.BodyDecoder``), so a compression bomb inflates no
+further than its reader lets it.
 """
 
 from __future__ import annotations
@@ -25,7 +39,6 @@ from __future__ import annotations
 import os
 import select
 import ssl
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -67,6 +80,14 @@ class PoolTimeout(TransportError):
 
 class ReadTimeout(TransportError):
     """The upstream sent nothing (or accepted nothing) for the read timeout."""
+
+
+class ResponseTooLarge(TransportError):
+    """The answer is longer (decoded) than the pool's ``max_body_bytes``."""
+
+
+class _Unanswered(TransportError):
+    """The exchange failed before one byte of the answer arrived (see the module docstring)."""
 
 
 class UnsendableRequest(ValueError):
@@ -186,6 +207,7 @@ class ConnectionPool:
         connect_timeout_s: float,
         read_timeout_s: float,
         pool_timeout_s: float,
+        max_body_bytes: int = 64 * 1024 * 1024,
         ssl_context_factory: Callable[[], ssl.SSLContext] = ssl.create_default_context,
         user_agent: str = "relay",
     ) -> None:
@@ -197,6 +219,8 @@ class ConnectionPool:
         self._connect_timeout = connect_timeout_s
         self._read_timeout = read_timeout_s
         self._pool_timeout = pool_timeout_s
+        #: The longest body ``Response.aread`` returns (decoded).
+        self.max_body_bytes = max_body_bytes
         self._ssl_context_factory = ssl_context_factory
         self._ssl_context: ssl.SSLContext | None = None  # made at the first https connection
         self._user_agent = user_agent.encode()
@@ -230,16 +254,30 @@ class ConnectionPool:
             target = self._targets[url] = _parse_url(url)
         await self._take_slot()
         try:
-            connection = self._checkout(target.origin) or await self._connect(target.origin)
-            try:
-                head = await self._exchange(connection, target, headers, body)
-            except BaseException:
-                connection.close()
-                raise
+            connection = self._checkout(target.origin)
+            reused = connection is not None
+            while True:
+                if connection is None:
+                    connection = await self._connect(target.origin)
+                try:
+                    head = await self._exchange(connection, target, headers, body)
+                    break
+                except _Unanswered:
+                    connection.close()
+                    if not reused:
+                        raise
+                    # Closed by the upstream as the request went out: once more, on a new one.
+                    connection, reused = None, False
+                except BaseException:
+                    connection.close()
+                    raise
         except BaseException:
             self._slots.release()
             raise
-        return Response(self, connection, head)
+        encoding = _content_coding(head)
+        if encoding is None:
+            return Response(self, connection, head)
+        return _DecodedResponse(self, connection, head, encoding)
 
     async def _exchange(
         self,
@@ -262,6 +300,8 @@ class ConnectionPool:
             connection.reusable = False
             try:
                 return await self._receive_head(connection)
+            except _Unanswered:
+                raise _Unanswered(str(failure)) from None
             except TransportError:
                 raise failure from None
         return await self._receive_head(connection)
@@ -408,7 +448,10 @@ class ConnectionPool:
             raise TransportError(f"sending the request failed: {_describe(exc)}") from None
 
     async def _receive_head(self, connection: _Connection) -> h1.Head:
+        """The answer's head; :class:`_Unanswered` if the connection ended or broke before
+        one byte of it came."""
         reader = connection.reader
+        heard = False
         while True:
             try:
                 head = reader.head()
@@ -416,8 +459,16 @@ class ConnectionPool:
                 raise TransportError(f"the answer is not valid HTTP/1.1: {exc}") from None
             if head is not None:
                 return head
-            if not await self._receive(connection):
-                raise TransportError("the upstream closed the connection before answering")
+            try:
+                received = await self._receive(connection)
+            except ReadTimeout:
+                raise
+            except TransportError as exc:
+                raise (TransportError if heard else _Unanswered)(str(exc)) from None
+            if not received:
+                failure = TransportError if heard else _Unanswered
+                raise failure("the upstream closed the connection before answering")
+            heard = True
 
     async def _receive(self, connection: _Connection, timed: bool = True) -> bool:
         """Feed the reader the next bytes from the socket; False at end of file. ``timed=False``: no
@@ -443,10 +494,18 @@ class Response:
     ``aread()`` it whole. ``aclose()`` it when done: idempotent, and what frees its connection
     if the body was not read to the end."""
 
-    __slots__ = ("_connection", "_pool", "headers", "status_code", "timed_reads")
+    __slots__ = (
+        "_connection",
+        "_max_body_bytes",
+        "_pool",
+        "headers",
+        "status_code",
+        "timed_reads",
+    )
 
     def __init__(self, pool: ConnectionPool, connection: _Connection, head: h1.Head) -> None:
         self._pool: ConnectionPool | None = pool
+        self._max_body_bytes = pool.max_body_bytes
         self._connection = connection
         #: Each read waits at most the pool's read timeout. A caller that watches a long stream
         #: for silence itself (one timer for all its reads; a cancel scope per read was a
@@ -490,17 +549,24 @@ class Response:
             raise
 
     async def aread(self) -> bytes:
-        """The whole body, decoded if the upstream compressed it despite ``identity``."""
-        body = b"".join([piece async for piece in self])
-        encoding = self.headers.get("content-encoding", "identity").strip().lower()
-        try:
-            if encoding in ("gzip", "x-gzip"):
-                return zlib.decompress(body, zlib.MAX_WBITS | 16)
-            if encoding == "deflate":
-                return zlib.decompress(body)
-        except zlib.error as exc:
-            raise TransportError(f"the {encoding} body does not decompress: {exc}") from None
-        return body
+        """The whole body, decoded if the upstream compressed it despite ``identity``.
+
+        A body longer than the pool's ``max_body_bytes`` raises :class:`ResponseTooLarge` as
+        soon as its reading passes that (no more than one read or decoding step beyond it is
+        ever held) and closes the connection.
+        """
+        limit = self._max_body_bytes
+        pieces = []
+        size = 0
+        async for piece in self:
+            size += len(piece)
+            if size > limit:
+                self._release()
+                raise ResponseTooLarge(
+                    f"the answer is longer than {limit} bytes (server.upstream_max_body_bytes)"
+                )
+            pieces.append(piece)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def _release(self) -> None:
         """Close the connection (its state is unknown) and free its slot."""
@@ -511,6 +577,48 @@ class Response:
 
     async def aclose(self) -> None:
         self._release()
+
+
+class _DecodedResponse(Response):
+    """A response whose body came gzip or deflate coded: iterated decoded, in steps no larger
+    than ``h1.DECODE_STEP_BYTES`` whatever the compression ratio."""
+
+    __slots__ = ("_decoder", "_raw_done")
+
+    def __init__(
+        self, pool: ConnectionPool, connection: _Connection, head: h1.Head, encoding: str
+    ) -> None:
+        super().__init__(pool, connection, head)
+        self._decoder = h1.BodyDecoder(encoding)
+        self._raw_done = False
+
+    async def __anext__(self) -> bytes:
+        decoder = self._decoder
+        try:
+            while True:
+                data = decoder.read()
+                if data:
+                    return data
+                if self._raw_done:
+                    raise StopAsyncIteration
+                try:
+                    decoder.feed(await super().__anext__())
+                except StopAsyncIteration:
+                    self._raw_done = True
+                    decoder.finish()
+        except h1.ProtocolError as exc:
+            self._release()
+            raise TransportError(f"the upstream's answer cannot be decoded: {exc}") from None
+
+
+def _content_coding(head: h1.Head) -> str | None:
+    """The answer's ``content-encoding`` if it is one the pool decodes, else None (identity,
+    or a coding it does not know, whose body is left as it came)."""
+    for name, value in head.headers:
+        if name == b"content-encoding":
+            coding = value.strip().lower().decode("latin-1")
+            return coding if coding in h1.BodyDecoder.CODINGS else None
+    return None
 
 
 def _describe(exc: BaseException) -> str:
