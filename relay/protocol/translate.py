@@ -21,6 +21,7 @@ encoder per client protocol). Everything here is pure: no I/O, no clock except f
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import uuid
@@ -304,6 +305,8 @@ class StreamTranslator:
             self._encoder = _encoder(context, upstream_kind)
         self._usage: Usage | None = None
         self._deltas = 0
+        #: Bytes of the upstream's answer fed so far: what the usage it reports must fit in.
+        self.received = 0
 
     @property
     def usage(self) -> Usage | None:
@@ -318,6 +321,7 @@ class StreamTranslator:
         return self._meter.finished if self._meter is not None else self._decoder.finished
 
     def feed(self, data: bytes) -> bytes:
+        self.received += len(data)
         if self._closed:
             return b""
         events = self._splitter.feed(data)
@@ -494,7 +498,10 @@ def translate_error(upstream_kind: str, status: int, body: bytes) -> tuple[int, 
     error type/status (Anthropic 529 ``overloaded_error`` → 503 ``server_is_overloaded``; Gemini
     ``RESOURCE_EXHAUSTED`` → 429 with the RetryInfo delay as "Please try again in Ns.", the
     phrase the Codex CLI and other clients parse). A context overflow is reported with code
-    ``context_length_exceeded`` whatever the upstream called it.
+    ``context_length_exceeded`` whatever the upstream called it. A body with no error of the
+    upstream's shape (HTML, plain text, empty) gets the relay's own message and code
+    ``upstream_invalid_response``, never its text. The message is the upstream's words as they
+    are: the caller redacts them (:func:`relay.protocol.trust.redact`).
     """
     _check_kind(upstream_kind)
     payload = _json(body)
@@ -529,8 +536,14 @@ def translate_error(upstream_kind: str, status: int, body: bytes) -> tuple[int, 
         if out_status == 429 and delay is not None and message and "try again" not in message:
             message = f"{message.rstrip()} Please try again in {max(1, round(delay))}s."
     if message is None:
-        text = body.decode("utf-8", "replace").strip()
-        message = text[:1000] if text else f"The upstream answered with HTTP {status}."
+        # Not an API error (a proxy's HTML page, plain text, nothing): its words are not the
+        # upstream API's, so the client gets the relay's own message, with the status kept.
+        message = (
+            f"The upstream answered with HTTP {status} and no API error (an empty or non-JSON "
+            "body, such as a proxy's error page). Try again; if it persists, tell the relay's "
+            "operator."
+        )
+        code = code or "upstream_invalid_response"
     if out_status == 400 and code is None and _CONTEXT_TOO_LONG.search(message):
         code = "context_length_exceeded"
     if kind is None:
@@ -570,14 +583,16 @@ def retry_after_hint(
 
     In order: ``retry-after-ms``, ``retry-after`` (seconds or an HTTP date), the body's
     ``resets_in_seconds`` / ``resets_at`` (ChatGPT backend), Gemini's RetryInfo ``retryDelay``,
-    and "try again in Ns" (or ms, minutes) in the message.
+    "try again in Ns" (or ms, minutes) in the message, and on a 429 the ``x-ratelimit-reset-*``
+    of the exhausted limits (OpenAI's ``6m0s`` form). The value is finite and not negative, but
+    it is the upstream's word: the caller bounds it (``server.max_retry_after_s``).
     """
     lowered = {key.lower(): value for key, value in headers.items()}
     value = lowered.get("retry-after-ms")
     if value is not None:
         seconds = _float(value)
         if seconds is not None:
-            return seconds / 1000
+            return max(0.0, seconds / 1000)
     value = lowered.get("retry-after")
     if value is not None:
         seconds = _float(value)
@@ -614,17 +629,42 @@ def retry_after_hint(
             if unit.startswith("m"):
                 return number * 60
             return number
+    if status == 429:
+        return _ratelimit_reset(lowered)
     return None
+
+
+_RESET = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?"
+                    r"(?:(\d+(?:\.\d+)?)ms)?$")
+
+
+def _ratelimit_reset(headers: Mapping[str, str]) -> float | None:
+    """The longest ``x-ratelimit-reset-{requests,tokens}`` among the limits that are exhausted
+    (``remaining`` 0, or not said), in OpenAI's ``1h2m3.5s`` / ``20ms`` form."""
+    resets = []
+    for limit in ("requests", "tokens"):
+        value = headers.get(f"x-ratelimit-reset-{limit}", "").strip()
+        match = _RESET.match(value) if value else None
+        if match is None or not any(match.groups()):
+            continue
+        if headers.get(f"x-ratelimit-remaining-{limit}", "0").strip() != "0":
+            continue
+        hours, minutes, seconds, millis = (float(g) if g else 0.0 for g in match.groups())
+        resets.append(hours * 3600 + minutes * 60 + seconds + millis / 1000)
+    return max(resets) if resets else None
 
 
 def _float(value: Any) -> float | None:
+    """A finite number, or None (``inf`` and ``nan`` are no delay an account can rest)."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
+        number = float(value)
+    elif isinstance(value, str):
         try:
-            return float(value.strip())
+            number = float(value.strip())
         except ValueError:
             return None
-    return None
+    else:
+        return None
+    return number if math.isfinite(number) else None
