@@ -57,7 +57,7 @@ from ..protocol.translate import (
     response_usage,
     translate_response,
 )
-from ..protocol.trust import bound_usage
+from ..protocol.trust import Confidential, bound_usage
 from ..upstream import http11
 from ..upstream.health import is_account_failure
 from ..upstream.routing import Account, ModelRoute
@@ -698,7 +698,11 @@ async def _pump(
                         record.status = 200
                         upstream, _ = call.upstream_request(account)
                         translator = call.translator = StreamTranslator(
-                            account.config.provider, upstream.context
+                            account.config.provider,
+                            upstream.context,
+                            Confidential.of_call(
+                                f"{account.config.base_url}/{upstream.path}", upstream.headers
+                            ),
                         )
                         try:
                             await _relay_events(

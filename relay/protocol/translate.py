@@ -34,6 +34,7 @@ from . import anthropic, chat, gemini, responses
 from .events import Event, Failure, TranslationContext, UsageEvent, counts_as_delta
 from .requests import Endpoint, unsendable_body
 from .sse import EventSplitter, StreamMeter, Usage, error_event, event_data
+from .trust import Confidential, redact
 
 __all__ = [
     "UPSTREAM_KINDS",
@@ -286,11 +287,21 @@ class StreamTranslator:
     (whole SSE events only). :meth:`finish` closes a stream the upstream ended cleanly;
     :meth:`fail` closes it with the client's error form. After either, the translator returns
     ``b""``. ``usage``, ``deltas`` and ``finished`` are kept current for billing.
+
+    An error the upstream reports inside its stream reaches the client redacted
+    (:func:`.trust.redact`, with ``confidential``: the call's credential and address), relayed
+    or translated; the rest of the stream (the model's own words) is untouched.
     """
 
-    def __init__(self, upstream_kind: str, context: TranslationContext) -> None:
+    def __init__(
+        self,
+        upstream_kind: str,
+        context: TranslationContext,
+        confidential: Confidential | None = None,
+    ) -> None:
         _check_kind(upstream_kind)
         self._context = context
+        self._confidential = confidential
         self._splitter = EventSplitter()
         self._passthrough = upstream_kind == context.client.upstream_kind
         self._meter: StreamMeter | None = None
@@ -326,6 +337,10 @@ class StreamTranslator:
             return b""
         events = self._splitter.feed(data)
         if self._meter is not None:
+            if b"error" in data or (events and b"error" in events[0]):
+                # A byte search per chunk (an event cut across chunks is searched whole as
+                # the first event); only an error event is decoded.
+                events = [_redacted_error_event(event, self._confidential) for event in events]
             return self._meter.forwardable(events)
         return self._translate(events)
 
@@ -345,6 +360,11 @@ class StreamTranslator:
                 self._deltas += 1
             if isinstance(event, UsageEvent):
                 self._usage = event.usage
+            elif isinstance(event, Failure):
+                event = Failure(
+                    redact(event.message, self._confidential),
+                    redact(event.code, self._confidential),
+                )
             out.append(self._encoder.encode(event))
             if isinstance(event, Failure):
                 self._closed = True
@@ -399,6 +419,39 @@ class StreamTranslator:
                 fallback_id=self._context.response_id,
             )
         return self._encoder.fail(message, code)
+
+
+# What only an error event of a relayed stream holds: Chat's top-level error object, a
+# Responses `response.failed` or `error` event (`"error":null` in other events does not match).
+_ERROR_HINT = re.compile(rb'"error"\s*:\s*\{|response\.failed|"type"\s*:\s*"error"|event:\s*error')
+
+
+def _redacted_error_event(event: bytes, confidential: Confidential | None) -> bytes:
+    """``event`` with the message, code and param of the error it carries redacted; any other
+    event as it is."""
+    if not _ERROR_HINT.search(event):
+        return event
+    try:
+        payload = json.loads(event_data(event))
+    except (ValueError, RecursionError):
+        return event
+    if not isinstance(payload, dict):
+        return event
+    errors = [payload.get("error")]
+    response = payload.get("response")
+    if isinstance(response, dict):
+        errors.append(response.get("error"))
+    if payload.get("type") == "error":
+        errors.append(payload)
+    for error in errors:
+        if isinstance(error, dict):
+            for name in ("message", "code", "param"):
+                if isinstance(error.get(name), str):
+                    error[name] = redact(error[name], confidential)
+    head = b"".join(
+        line + b"\n" for line in event.splitlines() if line and not line.startswith(b"data:")
+    )
+    return head + b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
 def translate_response(upstream_kind: str, context: TranslationContext, body: dict) -> dict:
