@@ -185,6 +185,8 @@ def test_retry_hints_are_finite(value: str) -> None:
     assert retry_after_hint("openai-chat", 429, {"retry-after": value}, b"") is None
     assert retry_after_hint("openai-chat", 429, {"retry-after-ms": value}, b"") is None
     assert retry_after_hint("openai-chat", 429, {"retry-after-ms": "-5000"}, b"") == 0.0
+    body = dumps({"error": {"message": f"Please try again in {'9' * 400}s."}})
+    assert retry_after_hint("openai-chat", 429, {}, body) is None
 
 
 def test_retry_hints_from_the_exhausted_limits_reset() -> None:

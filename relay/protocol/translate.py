@@ -675,8 +675,9 @@ def retry_after_hint(
         message = body.decode("utf-8", "replace")
     if isinstance(message, str):
         match = _TRY_AGAIN.search(message)
-        if match:
-            number, unit = float(match.group(1)), match.group(2).lower()
+        number = _float(match.group(1)) if match else None
+        if match and number is not None:  # a thousand digits are no delay either
+            unit = match.group(2).lower()
             if unit.startswith("ms") or unit.startswith("milli"):
                 return number / 1000
             if unit.startswith("m"):
