@@ -92,9 +92,7 @@ LEAK_CHECKS = {
 }
 
 #: Checks that wait for another part of issue 12; the lead empties this once it is merged.
-PENDING: dict[str, str] = {
-    "no upstream address in any response": "upstream error redaction (issue 12, finding 3)",
-}
+PENDING: dict[str, str] = {}
 
 MODEL = "gpt-5.5"
 RESTING_MODEL = "gpt-5-rl"

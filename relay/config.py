@@ -127,6 +127,7 @@ class ServerConfig:
     failover_attempts: int = 3  # accounts tried for one request before its error is returned
     error_cooldown_s: float = 10.0  # rest for an account after repeated 5xx/connect failures
     rate_limit_cooldown_s: float = 30.0  # rest after an upstream 429 with no retry hint
+    max_retry_after_s: float = 300.0  # the longest rest an upstream's retry hint can impose
 
     @property
     def host(self) -> str:
@@ -534,6 +535,9 @@ def _read_server(table: _Table, base_dir: Path | None) -> ServerConfig:
         ),
         rate_limit_cooldown_s=table.number(
             "rate_limit_cooldown_s", defaults.rate_limit_cooldown_s, positive=True
+        ),
+        max_retry_after_s=table.number(
+            "max_retry_after_s", defaults.max_retry_after_s, positive=True
         ),
     )
     table.finish()

@@ -357,6 +357,39 @@ async def test_error_faults(env: Env, fault: str, status: int, exception: type) 
     assert set(caught.value.response.json()["error"]) == {"message", "type", "param", "code"}
 
 
+async def test_hostile_error_faults(env: Env) -> None:
+    """``leak_secret`` quotes the credential and the host it was sent to; ``retry_forever`` asks
+    for a 3-year rest; ``html`` is a proxy's HTML page."""
+    async with env.http() as http:
+        leak = await http.post("/chat/completions", json=chat("#sim fault=leak_secret"))
+        forever = await http.post(
+            "/responses", json={"model": "m", "input": "#sim fault=retry_forever"}
+        )
+        html = await http.post("/chat/completions", json=chat("#sim fault=html", stream=True))
+    message = leak.json()["error"]["message"]
+    assert leak.status_code == 500
+    assert "Authorization: Bearer x" in message and f"127.0.0.1:{env.port}" in message
+    assert sp.LEAKED_KEY in message
+    assert forever.status_code == 429 and forever.headers["retry-after"] == "99999999"
+    assert html.status_code == 502 and html.headers["content-type"].startswith("text/html")
+    assert html.text.startswith("<html>")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_huge_usage_fault_claims_1e15_tokens(env: Env, stream: bool) -> None:
+    async with env.sdk() as client:
+        if stream:
+            chunks = await client.chat.completions.create(
+                **chat("#sim fault=huge_usage tokens=3", stream=True,
+                       stream_options={"include_usage": True})
+            )
+            usage = [chunk.usage async for chunk in chunks if chunk.usage][-1]
+        else:
+            usage = (await client.chat.completions.create(**chat("#sim fault=huge_usage"))).usage
+    assert usage.prompt_tokens == usage.completion_tokens == sp.HUGE_USAGE
+    assert env.sim.requests[-1].usage["output_tokens"] == sp.HUGE_USAGE
+
+
 async def test_drop_fault_breaks_the_stream(env: Env) -> None:
     received = []
     async with env.http() as http:

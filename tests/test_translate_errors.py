@@ -127,13 +127,17 @@ def test_gemini_context_overflow_is_a_context_length_error() -> None:
     assert translate_error("gemini", 400, body)[1]["error"]["code"] == "context_length_exceeded"
 
 
-def test_non_json_errors_keep_their_text_and_529_is_503() -> None:
-    status, error = translate_error("anthropic", 529, b"<html>overloaded</html>")
+def test_non_json_errors_get_the_relays_own_message_and_529_is_503() -> None:
+    """A proxy's HTML page or plain text is not the API's error: its words (which may name
+    hosts) never reach the client; the status is kept."""
+    status, error = translate_error("anthropic", 529, b"<html>overloaded at 10.0.0.3</html>")
     assert status == 503
-    assert error["error"]["message"] == "<html>overloaded</html>"
+    assert error["error"]["message"].startswith("The upstream answered with HTTP 529 and no API")
+    assert "<" not in error["error"]["message"] and "10.0.0.3" not in error["error"]["message"]
     assert error["error"]["type"] == "service_unavailable_error"
+    assert error["error"]["code"] == "upstream_invalid_response"
     status, error = translate_error("openai-chat", 502, b"")
-    assert status == 502 and error["error"]["message"] == "The upstream answered with HTTP 502."
+    assert status == 502 and "HTTP 502" in error["error"]["message"]
     assert error["error"]["type"] == "server_error"
 
 
@@ -174,3 +178,25 @@ def test_retry_hints_from_the_message(message: str, seconds) -> None:
 
 def test_no_hint_without_any_signal() -> None:
     assert retry_after_hint("anthropic", 429, {}, b"not json") is None
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf", "1e999"])
+def test_retry_hints_are_finite(value: str) -> None:
+    assert retry_after_hint("openai-chat", 429, {"retry-after": value}, b"") is None
+    assert retry_after_hint("openai-chat", 429, {"retry-after-ms": value}, b"") is None
+    assert retry_after_hint("openai-chat", 429, {"retry-after-ms": "-5000"}, b"") == 0.0
+    body = dumps({"error": {"message": f"Please try again in {'9' * 400}s."}})
+    assert retry_after_hint("openai-chat", 429, {}, body) is None
+
+
+def test_retry_hints_from_the_exhausted_limits_reset() -> None:
+    headers = {
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "1m30.5s",
+        "x-ratelimit-remaining-tokens": "1200",
+        "x-ratelimit-reset-tokens": "6m0s",
+    }
+    assert retry_after_hint("openai-chat", 429, headers, b"") == 90.5
+    assert retry_after_hint("openai-chat", 429, {"x-ratelimit-reset-tokens": "20ms"}, b"") == 0.02
+    assert retry_after_hint("openai-chat", 400, headers, b"") is None  # only a 429 rests
+    assert retry_after_hint("openai-chat", 429, {"x-ratelimit-reset-tokens": "soon"}, b"") is None

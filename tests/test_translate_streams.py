@@ -29,6 +29,7 @@ from relay.protocol.translate import (
     response_usage,
     translate_response,
 )
+from relay.protocol.trust import Confidential
 
 # --------------------------------------------------------------------------------------------
 # Upstream streams
@@ -1086,3 +1087,56 @@ def test_response_usage_reads_every_upstream_kind(kind: str) -> None:
     assert (usage.input_tokens, usage.cached_tokens, usage.output_tokens) == (50, 32, 20)
     assert usage.total_tokens == 70
     assert response_usage(kind, {}) is None
+
+
+LEAK = "key up-secret-123 (Authorization: Bearer sk-proj-LeakedKey0123456789) at 10.1.2.3:8080"
+
+
+@pytest.mark.parametrize(
+    ("kind", "client"),
+    [
+        ("openai-chat", Endpoint.CHAT),  # relayed
+        ("openai-responses", Endpoint.RESPONSES),  # relayed
+        ("openai-chat", Endpoint.RESPONSES),
+        ("openai-responses", Endpoint.CHAT),
+        ("anthropic", Endpoint.CHAT),
+        ("gemini", Endpoint.RESPONSES),
+    ],
+)
+def test_an_upstream_error_event_reaches_the_client_redacted(kind, client) -> None:
+    """Issue 12, finding 3: an error inside the stream is redacted like an error status."""
+    error_event = {
+        "anthropic": sse(
+            {"type": "error", "error": {"type": "api_error", "message": LEAK}}, "error"
+        ),
+        "openai-chat": sse({"error": {"message": LEAK, "type": "server_error", "code": "x"}}),
+        "gemini": sse({"error": {"code": 500, "message": LEAK, "status": "INTERNAL"}}),
+        "openai-responses": sse(
+            {
+                "type": "response.failed",
+                "sequence_number": 9,
+                "response": {
+                    "id": "r", "status": "failed", "error": {"code": "x", "message": LEAK}
+                },
+            },
+            "response.failed",
+        ),
+    }[kind]
+    head = {
+        "anthropic": sse({"type": "message_start", "message": {"id": "m", "usage": {}}}),
+        "openai-chat": chat_chunk({"content": "the model may say sk-proj-NotASecret0123456789"}),
+        "gemini": sse({"candidates": [{"content": {"parts": [{"text": "partial"}]}}]}),
+        "openai-responses": responses_upstream().split(b"event: response.output_item.added")[0],
+    }[kind]
+    confidential = Confidential.of_call(
+        "http://10.1.2.3:8080/v1/x", {"authorization": "Bearer up-secret-123"}
+    )
+    translator = StreamTranslator(kind, context_for(client, kind), confidential)
+    raw = head + error_event
+    out = translator.feed(raw[:len(head) + 20]) + translator.feed(raw[len(head) + 20:])
+    out += translator.finish()
+    for secret in ("up-secret-123", "sk-proj-LeakedKey", "10.1.2.3"):
+        assert secret.encode() not in out, out
+    assert b"[redacted]" in out
+    if kind == "openai-chat" and client is Endpoint.CHAT:
+        assert b"sk-proj-NotASecret0123456789" in out  # the model's own words are not touched

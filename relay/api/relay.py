@@ -35,6 +35,7 @@ from ..errors import (
     RateLimited,
     RelayError,
     ShuttingDown,
+    UpstreamError,
     UpstreamResponseTooLarge,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -57,6 +58,7 @@ from ..protocol.translate import (
     response_usage,
     translate_response,
 )
+from ..protocol.trust import Confidential, bound_usage
 from ..upstream import http11
 from ..upstream.health import is_account_failure
 from ..upstream.routing import Account, ModelRoute
@@ -99,6 +101,8 @@ class Call:
     #: Cancelled by the runtime when the relay's drain runs out (Runtime.cut): wraps the
     #: request's wait for admission, its upstream call and the relay of its answer.
     drain: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope)
+    #: Answers the request asks for (Chat's ``n``): each may use the whole output allowance.
+    choices: int = 1
 
     def upstream_request(self, account: Account) -> tuple[UpstreamRequest, bytes]:
         """What to send ``account``, in its protocol, and the body's bytes (built once).
@@ -146,10 +150,28 @@ class Call:
         self.record.latency_ms = (trio.current_time() - self.started) * 1000
         self.runtime.usage.record(self.record)
 
-    def take_usage(self, usage: Usage | None, produced: int = 0) -> int:
-        """Record what the request cost; returns its total tokens (for the guards)."""
+    def take_usage(self, usage: Usage | None, produced: int = 0, carried: int = 0) -> int:
+        """Record what the request cost; returns its total tokens (for the guards).
+
+        The upstream's ``usage`` is recorded within :func:`~relay.protocol.trust.bound_usage`'s
+        bounds (``carried``: the bytes of its answer); a report outside them is logged, one
+        line, and recorded as bounded.
+        """
         record = self.record
         if usage is not None:
+            usage, problem = bound_usage(
+                usage,
+                carried_bytes=carried,
+                max_output_tokens=self.client.max_output_tokens,
+                choices=self.choices,
+            )
+            if problem:
+                log.warning(
+                    "%s: upstream account %s reported implausible usage (%s); billed as "
+                    "%d input, %d output tokens",
+                    self.request.request_id, record.account, problem,
+                    usage.input_tokens, usage.output_tokens,
+                )
             record.input_tokens = usage.input_tokens
             record.cached_tokens = usage.cached_tokens
             record.output_tokens = usage.output_tokens
@@ -235,6 +257,7 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
             candidates=candidates,
             record=record,
             started=started,
+            choices=_choices(client.body),
         )
         # Input no upstream could take is refused before it waits in a queue.
         call.upstream_request(candidates[0])
@@ -293,6 +316,12 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
             # The hook holds the call, which holds the responder: without this the whole
             # request (~40 objects) would wait as a reference cycle for the garbage collector.
             responder.header_hook = None
+
+
+def _choices(body: dict) -> int:
+    """Chat's ``n`` when it is a sane integer, else 1 (the upstream refuses the rest)."""
+    n = body.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 128 else 1
 
 
 def _rate_limit_headers(call: Call) -> list[tuple[bytes, bytes]]:
@@ -472,32 +501,33 @@ async def _answer_once(call: Call) -> tuple[bytes, bytes]:
         except http11.ResponseTooLarge as exc:
             raise _too_large(account.name, exc) from None
         except http11.TransportError as exc:
+            log.warning("%s: upstream account %s: %s", call.request.request_id, account.name, exc)
             raise UpstreamUnavailable(
                 f"The connection to upstream account '{account.name}' broke before "
-                f"its answer was complete ({exc})."
+                "its answer was complete."
             ) from None
         upstream, _ = call.upstream_request(account)
         kind = account.config.provider
         try:
             answer = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             answer = None
         usage = response_usage(kind, answer) if isinstance(answer, dict) else None
         if usage is None:
             log.warning("upstream answer for %s has no usage", call.request.request_id)
-        lease.used_tokens = call.take_usage(usage)
-        lease.output_tokens = usage.output_tokens if usage else None
-        if upstream.context.passthrough:
-            content_type = response.headers.get("content-type", "application/json").encode()
-        elif isinstance(answer, dict):
-            body = json.dumps(translate_response(kind, upstream.context, answer)).encode()
-            content_type = b"application/json"
-        else:
-            raise UpstreamUnavailable(
+        lease.used_tokens = call.take_usage(usage, carried=len(body))
+        lease.output_tokens = call.record.output_tokens if usage else None
+        if not isinstance(answer, dict):
+            # Relayed or not, the client gets JSON: never the upstream's text or its type.
+            raise UpstreamError(
                 f"The upstream account '{account.name}' answered with something other than a "
-                "JSON object."
+                "JSON object. Try again; if it persists, tell the relay's operator.",
+                type="server_error",
+                code="upstream_invalid_response",
             )
-    return body, content_type
+        if not upstream.context.passthrough:
+            body = json.dumps(translate_response(kind, upstream.context, answer)).encode()
+    return body, b"application/json"
 
 
 class _ClientWriter:
@@ -673,6 +703,9 @@ async def _pump(
                         translator = call.translator = StreamTranslator(
                             account.config.provider,
                             upstream.context,
+                            Confidential.of_call(
+                                f"{account.config.base_url}/{upstream.path}", upstream.headers
+                            ),
                             max_event_bytes=call.runtime.config.server.upstream_max_event_bytes,
                         )
                         try:
@@ -681,8 +714,10 @@ async def _pump(
                             )
                         finally:
                             usage = translator.usage
-                            lease.used_tokens = call.take_usage(usage, translator.deltas)
-                            lease.output_tokens = usage.output_tokens if usage else None
+                            lease.used_tokens = call.take_usage(
+                                usage, translator.deltas, translator.received
+                            )
+                            lease.output_tokens = record.output_tokens if usage else None
                 if call.drain.cancelled_caught:
                     raise ShuttingDown(SHUTDOWN_CUT)
             except RelayError as error:
@@ -734,9 +769,10 @@ async def _relay_events(
     except EventTooLarge as exc:
         raise _too_large(account, exc) from None
     except http11.TransportError as exc:
+        log.warning("upstream account %s broke off its answer: %s", account, exc)
         raise UpstreamUnavailable(
             f"The connection to upstream account '{account}' broke in the middle of the "
-            f"answer ({exc})."
+            "answer. Try again; if it persists, tell the relay's operator."
         ) from None
     if late:
         await out.send(late)

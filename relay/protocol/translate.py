@@ -21,6 +21,7 @@ encoder per client protocol). Everything here is pure: no I/O, no clock except f
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import uuid
@@ -33,6 +34,7 @@ from . import anthropic, chat, gemini, responses
 from .events import Event, Failure, TranslationContext, UsageEvent, counts_as_delta
 from .requests import Endpoint, unsendable_body
 from .sse import MAX_EVENT_BYTES, EventSplitter, StreamMeter, Usage, error_event, event_data
+from .trust import Confidential, redact
 
 __all__ = [
     "UPSTREAM_KINDS",
@@ -287,17 +289,23 @@ class StreamTranslator:
     ``b""``. ``usage``, ``deltas`` and ``finished`` are kept current for billing. An upstream
     event longer than ``max_event_bytes`` raises :class:`~relay.protocol.sse.EventTooLarge`
     from :meth:`feed` (the stream cannot go on: :meth:`fail` it).
+
+    An error the upstream reports inside its stream reaches the client redacted
+    (:func:`.trust.redact`, with ``confidential``: the call's credential and address), relayed
+    or translated; the rest of the stream (the model's own words) is untouched.
     """
 
     def __init__(
         self,
         upstream_kind: str,
         context: TranslationContext,
+        confidential: Confidential | None = None,
         *,
         max_event_bytes: int = MAX_EVENT_BYTES,
     ) -> None:
         _check_kind(upstream_kind)
         self._context = context
+        self._confidential = confidential
         self._splitter = EventSplitter(max_event_bytes)
         self._passthrough = upstream_kind == context.client.upstream_kind
         self._meter: StreamMeter | None = None
@@ -312,6 +320,8 @@ class StreamTranslator:
             self._encoder = _encoder(context, upstream_kind)
         self._usage: Usage | None = None
         self._deltas = 0
+        #: Bytes of the upstream's answer fed so far: what the usage it reports must fit in.
+        self.received = 0
 
     @property
     def usage(self) -> Usage | None:
@@ -326,12 +336,19 @@ class StreamTranslator:
         return self._meter.finished if self._meter is not None else self._decoder.finished
 
     def feed(self, data: bytes) -> bytes:
+        self.received += len(data)
         if self._closed:
             return b""
-        return self._relay(self._splitter.feed(data))
+        return self._relay(self._splitter.feed(data), data)
 
-    def _relay(self, events: list[bytes]) -> bytes:
+    def _relay(self, events: list[bytes], data: bytes) -> bytes:
+        """The client bytes of whole ``events``; ``data`` is the chunk they were split from
+        (the stream's tail at its end)."""
         if self._meter is not None:
+            if b"error" in data or (events and b"error" in events[0]):
+                # A byte search per chunk (an event cut across chunks is searched whole as
+                # the first event); only an error event is decoded.
+                events = [_redacted_error_event(event, self._confidential) for event in events]
             return self._meter.forwardable(events)
         return self._translate(events)
 
@@ -351,6 +368,11 @@ class StreamTranslator:
                 self._deltas += 1
             if isinstance(event, UsageEvent):
                 self._usage = event.usage
+            elif isinstance(event, Failure):
+                event = Failure(
+                    redact(event.message, self._confidential),
+                    redact(event.code, self._confidential),
+                )
             out.append(self._encoder.encode(event))
             if isinstance(event, Failure):
                 self._closed = True
@@ -361,12 +383,12 @@ class StreamTranslator:
         when the upstream's bytes end, before reading :attr:`finished`."""
         if self._closed:
             return b""
-        return self._relay(self._splitter.end())
+        return self._relay(self._splitter.end(), b"")
 
     def finish(self) -> bytes:
         if self._closed:
             return b""
-        out = self._relay(self._splitter.end())  # a last event without its blank line
+        out = self._relay(self._splitter.end(), b"")  # a last event without its blank line
         if self._closed:
             return out
         self._closed = True
@@ -402,6 +424,39 @@ class StreamTranslator:
                 fallback_id=self._context.response_id,
             )
         return self._encoder.fail(message, code)
+
+
+# What only an error event of a relayed stream holds: Chat's top-level error object, a
+# Responses `response.failed` or `error` event (`"error":null` in other events does not match).
+_ERROR_HINT = re.compile(rb'"error"\s*:\s*\{|response\.failed|"type"\s*:\s*"error"|event:\s*error')
+
+
+def _redacted_error_event(event: bytes, confidential: Confidential | None) -> bytes:
+    """``event`` with the message, code and param of the error it carries redacted; any other
+    event as it is."""
+    if not _ERROR_HINT.search(event):
+        return event
+    try:
+        payload = json.loads(event_data(event))
+    except (ValueError, RecursionError):
+        return event
+    if not isinstance(payload, dict):
+        return event
+    errors = [payload.get("error")]
+    response = payload.get("response")
+    if isinstance(response, dict):
+        errors.append(response.get("error"))
+    if payload.get("type") == "error":
+        errors.append(payload)
+    for error in errors:
+        if isinstance(error, dict):
+            for name in ("message", "code", "param"):
+                if isinstance(error.get(name), str):
+                    error[name] = redact(error[name], confidential)
+    head = b"".join(
+        line + b"\n" for line in event.splitlines() if line and not line.startswith(b"data:")
+    )
+    return head + b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
 def translate_response(upstream_kind: str, context: TranslationContext, body: dict) -> dict:
@@ -501,7 +556,10 @@ def translate_error(upstream_kind: str, status: int, body: bytes) -> tuple[int, 
     error type/status (Anthropic 529 ``overloaded_error`` → 503 ``server_is_overloaded``; Gemini
     ``RESOURCE_EXHAUSTED`` → 429 with the RetryInfo delay as "Please try again in Ns.", the
     phrase the Codex CLI and other clients parse). A context overflow is reported with code
-    ``context_length_exceeded`` whatever the upstream called it.
+    ``context_length_exceeded`` whatever the upstream called it. A body with no error of the
+    upstream's shape (HTML, plain text, empty) gets the relay's own message and code
+    ``upstream_invalid_response``, never its text. The message is the upstream's words as they
+    are: the caller redacts them (:func:`relay.protocol.trust.redact`).
     """
     _check_kind(upstream_kind)
     payload = _json(body)
@@ -536,8 +594,14 @@ def translate_error(upstream_kind: str, status: int, body: bytes) -> tuple[int, 
         if out_status == 429 and delay is not None and message and "try again" not in message:
             message = f"{message.rstrip()} Please try again in {max(1, round(delay))}s."
     if message is None:
-        text = body.decode("utf-8", "replace").strip()
-        message = text[:1000] if text else f"The upstream answered with HTTP {status}."
+        # Not an API error (a proxy's HTML page, plain text, nothing): its words are not the
+        # upstream API's, so the client gets the relay's own message, with the status kept.
+        message = (
+            f"The upstream answered with HTTP {status} and no API error (an empty or non-JSON "
+            "body, such as a proxy's error page). Try again; if it persists, tell the relay's "
+            "operator."
+        )
+        code = code or "upstream_invalid_response"
     if out_status == 400 and code is None and _CONTEXT_TOO_LONG.search(message):
         code = "context_length_exceeded"
     if kind is None:
@@ -577,14 +641,16 @@ def retry_after_hint(
 
     In order: ``retry-after-ms``, ``retry-after`` (seconds or an HTTP date), the body's
     ``resets_in_seconds`` / ``resets_at`` (ChatGPT backend), Gemini's RetryInfo ``retryDelay``,
-    and "try again in Ns" (or ms, minutes) in the message.
+    "try again in Ns" (or ms, minutes) in the message, and on a 429 the ``x-ratelimit-reset-*``
+    of the exhausted limits (OpenAI's ``6m0s`` form). The value is finite and not negative, but
+    it is the upstream's word: the caller bounds it (``server.max_retry_after_s``).
     """
     lowered = {key.lower(): value for key, value in headers.items()}
     value = lowered.get("retry-after-ms")
     if value is not None:
         seconds = _float(value)
         if seconds is not None:
-            return seconds / 1000
+            return max(0.0, seconds / 1000)
     value = lowered.get("retry-after")
     if value is not None:
         seconds = _float(value)
@@ -614,24 +680,50 @@ def retry_after_hint(
         message = body.decode("utf-8", "replace")
     if isinstance(message, str):
         match = _TRY_AGAIN.search(message)
-        if match:
-            number, unit = float(match.group(1)), match.group(2).lower()
+        number = _float(match.group(1)) if match else None
+        if match and number is not None:  # a thousand digits are no delay either
+            unit = match.group(2).lower()
             if unit.startswith("ms") or unit.startswith("milli"):
                 return number / 1000
             if unit.startswith("m"):
                 return number * 60
             return number
+    if status == 429:
+        return _ratelimit_reset(lowered)
     return None
+
+
+_RESET = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?"
+                    r"(?:(\d+(?:\.\d+)?)ms)?$")
+
+
+def _ratelimit_reset(headers: Mapping[str, str]) -> float | None:
+    """The longest ``x-ratelimit-reset-{requests,tokens}`` among the limits that are exhausted
+    (``remaining`` 0, or not said), in OpenAI's ``1h2m3.5s`` / ``20ms`` form."""
+    resets = []
+    for limit in ("requests", "tokens"):
+        value = headers.get(f"x-ratelimit-reset-{limit}", "").strip()
+        match = _RESET.match(value) if value else None
+        if match is None or not any(match.groups()):
+            continue
+        if headers.get(f"x-ratelimit-remaining-{limit}", "0").strip() != "0":
+            continue
+        hours, minutes, seconds, millis = (float(g) if g else 0.0 for g in match.groups())
+        resets.append(hours * 3600 + minutes * 60 + seconds + millis / 1000)
+    return max(resets) if resets else None
 
 
 def _float(value: Any) -> float | None:
+    """A finite number, or None (``inf`` and ``nan`` are no delay an account can rest)."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
+        number = float(value)
+    elif isinstance(value, str):
         try:
-            return float(value.strip())
+            number = float(value.strip())
         except ValueError:
             return None
-    return None
+    else:
+        return None
+    return number if math.isfinite(number) else None

@@ -24,6 +24,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+from relay.testing import sim_protocol as sp
 from relay.testing.sim_protocol import META, TOKEN, Plan, dumps
 
 PING_EVERY = 32
@@ -53,8 +54,15 @@ def error_body(status: int, message: str) -> bytes:
     return dumps({"type": "error", "error": {"type": error_type, "message": message}})
 
 
-def fault_response(fault: str, model: str) -> tuple[int, list[tuple[str, str]], bytes]:
+def fault_response(
+    fault: str, model: str, credential: str = "", host: str = ""
+) -> tuple[int, list[tuple[str, str]], bytes]:
     """Status, extra headers and body for the HTTP-error faults, in Anthropic's shape."""
+    if fault == "retry_forever":
+        headers = [("retry-after", str(sp.RETRY_FOREVER_S))]
+        return 429, headers, error_body(429, "Rate limited. Please try again later.")
+    if fault == "leak_secret":
+        return 500, [], error_body(500, sp.leak_message(credential, host))
     if fault == "429":
         message = (
             "This request would exceed the rate limit for your organization of 3 requests per "
@@ -151,10 +159,10 @@ def stop_reason(plan: Plan) -> str:
 
 def usage(plan: Plan) -> dict:
     return {
-        "input_tokens": plan.input_tokens - plan.cached_tokens,
+        "input_tokens": plan.reported_input - plan.cached_tokens,
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": plan.cached_tokens,
-        "output_tokens": plan.output_tokens,
+        "output_tokens": plan.reported_output,
     }
 
 
@@ -255,7 +263,7 @@ def stream_events(plan: Plan) -> Iterator[tuple[bytes, bool]]:
         yield stop(index), META
     final = {
         "delta": {"stop_reason": stop_reason(plan), "stop_sequence": None},
-        "usage": {"output_tokens": plan.output_tokens},
+        "usage": {"output_tokens": plan.reported_output},
     }
     yield _event("message_delta", final), META
     yield _event("message_stop", {}), META

@@ -24,6 +24,7 @@ import base64
 import json
 from collections.abc import Iterator
 
+from relay.testing import sim_protocol as sp
 from relay.testing.sim_protocol import META, TOKEN, Plan, dumps
 
 STATUSES = {
@@ -72,8 +73,17 @@ def auth_error(missing: bool) -> tuple[int, bytes]:
     return 401, error_body(401, "API key not valid. Please pass a valid API key.", details)
 
 
-def fault_response(fault: str) -> tuple[int, list[tuple[str, str]], bytes]:
+def fault_response(
+    fault: str, credential: str = "", host: str = ""
+) -> tuple[int, list[tuple[str, str]], bytes]:
     """Status, extra headers and body for the HTTP-error faults, in Google's shape."""
+    if fault == "retry_forever":
+        details = [
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "99999999s"}
+        ]
+        return 429, [], error_body(429, "Resource has been exhausted.", details)
+    if fault == "leak_secret":
+        return 500, [], error_body(500, sp.leak_message(credential, host))
     if fault == "429":
         message = (
             "You exceeded your current quota, please check your plan and billing details. For "
@@ -182,11 +192,11 @@ def usage_metadata(plan: Plan, thoughts: int | None = None, candidates: int | No
     if thoughts is None:
         thoughts = len(plan.reasoning)
     if candidates is None:
-        candidates = plan.output_tokens - len(plan.reasoning)
+        candidates = plan.reported_output - len(plan.reasoning)
     usage = {
-        "promptTokenCount": plan.input_tokens,
+        "promptTokenCount": plan.reported_input,
         "candidatesTokenCount": candidates,
-        "totalTokenCount": plan.input_tokens + thoughts + candidates,
+        "totalTokenCount": plan.reported_input + thoughts + candidates,
     }
     if plan.cached_tokens:
         usage["cachedContentTokenCount"] = plan.cached_tokens

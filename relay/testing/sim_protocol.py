@@ -34,11 +34,26 @@ BASE_MODELS = ("gpt-5.5", "deepseek-chat")
 """Models ``/v1/models`` always lists (request models are added as they are seen)."""
 FAULTS = frozenset(
     {"429", "500", "503", "529", "401", "400", "drop", "reset", "stall", "slow_headers"}
+    | {"huge_usage", "leak_secret", "retry_forever", "html"}
 )
 """``fault=`` values. ``503`` and ``529`` both mean "overloaded", answered in each protocol's own
-way: OpenAI 503, Anthropic 529 ``overloaded_error``, Gemini 503 ``UNAVAILABLE``."""
-HTTP_FAULTS = frozenset({"429", "500", "503", "529", "401", "400"})
-"""Faults answered with an HTTP error instead of a response."""
+way: OpenAI 503, Anthropic 529 ``overloaded_error``, Gemini 503 ``UNAVAILABLE``.
+
+The hostile ones, a broken or malicious upstream a relay must not believe: ``huge_usage`` (a
+normal answer whose usage claims :data:`HUGE_USAGE` input and output tokens), ``leak_secret`` (a
+500 whose message quotes the request's credential, the host it was sent to and another key,
+:data:`LEAKED_KEY`), ``retry_forever`` (a 429 with ``retry-after: 99999999``, about 3.2 years)
+and ``html`` (a 502 HTML page with ``content-type: text/html``, as a proxy in front of an API
+answers)."""
+HTTP_FAULTS = frozenset({"429", "500", "503", "529", "401", "400", "leak_secret", "retry_forever"})
+"""Faults answered with an HTTP error in the protocol's own shape instead of a response (``html``
+is answered with the same page in every protocol)."""
+HUGE_USAGE = 10**15
+"""The input and output tokens ``huge_usage`` claims."""
+RETRY_FOREVER_S = 99_999_999
+"""The ``retry-after`` of ``retry_forever``."""
+LEAKED_KEY = "sk-proj-simLeaked0123456789abcdefXYZ"
+"""A key-shaped secret ``leak_secret`` quotes besides the request's own credential."""
 WIRE_FAULTS = frozenset({"huge_line", "gzip_bomb", "stale"})
 """``fault=`` values about the answer's bytes and the connection: :mod:`relay.testing.sim_wire`."""
 KINDS = ("chat", "responses", "anthropic", "gemini")
@@ -363,6 +378,7 @@ class Plan:
     uid: str = field(default_factory=lambda: f"{random.getrandbits(96):024x}")
     created: int = field(default_factory=lambda: int(time.time()))
     sse: bool = True  # gemini only: False streams a JSON array (no ``alt=sse``)
+    claimed: int | None = None  # huge_usage: the input and output tokens the usage claims
 
     # One random part per response keeps ids unique without drawing five random numbers.
     @property
@@ -390,17 +406,27 @@ class Plan:
         return len(self.reasoning) + len(self.text) + len(self.tool_args)
 
     @property
+    def reported_input(self) -> int:
+        """The input tokens the usage on the wire says (the claim of ``huge_usage``)."""
+        return self.input_tokens if self.claimed is None else self.claimed
+
+    @property
+    def reported_output(self) -> int:
+        """The output tokens the usage on the wire says (the claim of ``huge_usage``)."""
+        return self.output_tokens if self.claimed is None else self.claimed
+
+    @property
     def has_tool_call(self) -> bool:
         return self.tool_name is not None
 
     def usage(self) -> dict:
-        """Protocol-neutral usage, as recorded on the RequestRecord."""
+        """Protocol-neutral usage, as recorded on the RequestRecord (what the wire said)."""
         return {
-            "input_tokens": self.input_tokens,
+            "input_tokens": self.reported_input,
             "cached_tokens": self.cached_tokens,
-            "output_tokens": self.output_tokens,
+            "output_tokens": self.reported_output,
             "reasoning_tokens": len(self.reasoning),
-            "total_tokens": self.input_tokens + self.output_tokens,
+            "total_tokens": self.reported_input + self.reported_output,
         }
 
 
@@ -496,8 +522,36 @@ def error_body(message: str, type: str, code: str | None = None, param: str | No
     return dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
 
 
-def fault_response(fault: str, model: str) -> tuple[int, list[tuple[str, str]], bytes]:
-    """Status, extra headers and body for the HTTP-error faults (429/500/503/529/401/400)."""
+def leak_message(credential: str, host: str) -> str:
+    """The ``leak_secret`` message: what a misconfigured gateway in front of an API says."""
+    token = credential.split()[-1] if credential.split() else credential
+    return (
+        f"Upstream request to http://{host}/v1 failed: backend {host} rejected "
+        f"'Authorization: {credential}' (key {token}, fallback key {LEAKED_KEY})."
+    )
+
+
+def html_page(host: str) -> bytes:
+    """The ``html`` fault's body: a proxy's 502 page, naming the host as proxies do."""
+    return (
+        "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+        f"<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx at {host}</center>\r\n"
+        "</body>\r\n</html>\r\n"
+    ).encode()
+
+
+def fault_response(
+    fault: str, model: str, credential: str = "", host: str = ""
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Status, extra headers and body for the HTTP-error faults (429/500/503/529/401/400, and
+    ``leak_secret`` / ``retry_forever``, which quote ``credential`` and ``host``)."""
+    if fault == "retry_forever":
+        headers = [("retry-after", str(RETRY_FOREVER_S)), ("x-ratelimit-reset-requests", "9999h")]
+        message = f"Rate limit reached. Please try again in {RETRY_FOREVER_S}s."
+        return 429, headers, error_body(message, "requests", "rate_limit_exceeded")
+    if fault == "leak_secret":
+        message = leak_message(credential, host)
+        return 500, [], error_body(message, "server_error", "upstream_gateway_error")
     if fault == "429":
         message = (
             f"Rate limit reached for {model or 'the model'} in organization org-sim on requests "
@@ -544,9 +598,9 @@ def invalid_api_key_body() -> bytes:
 
 def chat_usage(plan: Plan) -> dict:
     return {
-        "prompt_tokens": plan.input_tokens,
-        "completion_tokens": plan.output_tokens,
-        "total_tokens": plan.input_tokens + plan.output_tokens,
+        "prompt_tokens": plan.reported_input,
+        "completion_tokens": plan.reported_output,
+        "total_tokens": plan.reported_input + plan.reported_output,
         "prompt_tokens_details": {"cached_tokens": plan.cached_tokens, "audio_tokens": 0},
         "completion_tokens_details": {
             "reasoning_tokens": len(plan.reasoning),
@@ -647,11 +701,11 @@ def chat_stream(plan: Plan) -> Iterator[tuple[bytes, bool]]:
 
 def responses_usage(plan: Plan) -> dict:
     return {
-        "input_tokens": plan.input_tokens,
+        "input_tokens": plan.reported_input,
         "input_tokens_details": {"cached_tokens": plan.cached_tokens},
-        "output_tokens": plan.output_tokens,
+        "output_tokens": plan.reported_output,
         "output_tokens_details": {"reasoning_tokens": len(plan.reasoning)},
-        "total_tokens": plan.input_tokens + plan.output_tokens,
+        "total_tokens": plan.reported_input + plan.reported_output,
     }
 
 

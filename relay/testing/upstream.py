@@ -242,10 +242,12 @@ class _Exchange:
         self, status: int, body: bytes, headers: Iterable[tuple[str, str]] = ()
     ) -> None:
         """Send a complete response with one write (status line, headers and body together)."""
+        headers = list(headers)
+        typed = any(name == "content-type" for name, _ in headers)
         head = _head(
             status,
             [
-                ("content-type", "application/json"),
+                *([] if typed else [("content-type", "application/json")]),
                 ("content-length", str(len(body))),
                 *headers,
                 *self._connection_header(),
@@ -685,6 +687,7 @@ class SimUpstream:
             self._models_seen.setdefault(plan.model, None)
         fault = directives.fault or profile.fault
         slow = directives.slow_headers or 0.0
+        host = ex.rec.headers.get("host", "") if ex.rec is not None else ""
         if fault == "stale":  # see relay.testing.sim_wire
             if ex.reused:
                 ex.abort(reset=False)
@@ -693,14 +696,21 @@ class SimUpstream:
         elif fault in sim_wire.FAULTS:
             return await self._watched(ex, self._send_unbounded, ex, fault, plan.stream, headers)
         if fault in sp.HTTP_FAULTS:
+            credential = _credential(ex.rec.headers if ex.rec is not None else {})
             if kind == "anthropic":
-                status, extra, error = sa.fault_response(fault, plan.model)
+                status, extra, error = sa.fault_response(fault, plan.model, credential, host)
             elif kind == "gemini":
-                status, extra, error = sg.fault_response(fault)
+                status, extra, error = sg.fault_response(fault, credential, host)
             else:
-                status, extra, error = sp.fault_response(fault, plan.model)
+                status, extra, error = sp.fault_response(fault, plan.model, credential, host)
             await ex.send_full(status, error, [*headers, *extra])
             return True
+        if fault == "html":
+            html = [("content-type", "text/html; charset=utf-8")]
+            await ex.send_full(502, sp.html_page(host), [*headers, *html])
+            return True
+        if fault == "huge_usage":
+            plan.claimed = sp.HUGE_USAGE
         if fault in ("drop", "reset") and not plan.stream:
             ex.abort(reset=fault == "reset")
             return False
@@ -837,6 +847,14 @@ class SimUpstream:
         ex.rec.usage = plan.usage()
         ex.rec.finished = True
         return True
+
+
+def _credential(headers: dict[str, str]) -> str:
+    """The credential a request carried, as sent (for the ``leak_secret`` fault to quote)."""
+    for name in ("authorization", "x-api-key", "x-goog-api-key"):
+        if headers.get(name):
+            return headers[name]
+    return ""
 
 
 def _keep_alive(request: _Request) -> bool:

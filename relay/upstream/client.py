@@ -5,10 +5,17 @@ response closes the socket and the upstream sees a cancelled request at once (st
 Every response is owned by an ``async with`` so a cancelled request can never leave a pool slot
 behind. Failures before the answer begins become :mod:`relay.errors` exceptions here; the
 callers map the ones in the middle of an answer (:class:`.http11.TransportError`).
+
+What reaches a client from here never names the upstream's address or credential: an upstream
+error's text is redacted (:func:`relay.protocol.trust.redact`) with its status and code kept,
+a body that is no API error (an HTML page) gets the relay's own message, a connect failure's
+details (host, port, errno) go to the operator's log only, and a rest the upstream asks for is
+at most ``server.max_retry_after_s``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -26,6 +33,7 @@ from ..errors import (
     UpstreamUnavailable,
 )
 from ..protocol.translate import retry_after_hint, translate_error
+from ..protocol.trust import Confidential, redact, redact_all
 from .http11 import (
     ConnectionPool,
     ConnectTimeout,
@@ -35,6 +43,8 @@ from .http11 import (
     TransportError,
     UnsendableRequest,
 )
+
+log = logging.getLogger("relay.upstream")
 
 #: Provider kinds that speak OpenAI's protocols and get the client's conversation headers.
 OPENAI_KINDS = ("openai-chat", "openai-responses")
@@ -63,9 +73,14 @@ FORWARDED_HEADERS = (
     "x-openai-subagent",
 )
 
+#: Content types of a 2xx answer that are a web page, not an API's answer (a captive portal,
+#: a proxy's or CDN's page): refused before any byte reaches the client.
+DOCUMENT_TYPES = ("text/html", "application/xhtml+xml")
+
 
 class UpstreamClient:
     def __init__(self, server: ServerConfig) -> None:
+        self._max_rest_s = server.max_retry_after_s
         self._pool = ConnectionPool(
             max_connections=server.upstream_max_connections,
             max_idle_connections=min(server.upstream_max_connections, 200),
@@ -119,6 +134,7 @@ class UpstreamClient:
                 value = client_headers.get(name)
                 if value is not None:
                     sent[name] = value
+        confidential = Confidential.of_call(url, headers)
         try:
             response = await self._pool.post(url, list(sent.items()), body)
         except PoolTimeout as exc:
@@ -128,33 +144,55 @@ class UpstreamClient:
                 headers={"retry-after": "1"},
             ) from None
         except ConnectTimeout as exc:
+            log.warning("upstream account %s: %s", account, exc)
             raise UpstreamUnavailable(
-                f"The upstream account '{account}' could not be reached in time ({exc})."
+                f"The upstream account '{account}' could not be reached in time. Try again; if "
+                "it persists, tell the relay's operator."
             ) from None
         except ReadTimeout as exc:
             raise UpstreamTimeout(
-                f"The upstream account '{account}' did not answer in time ({exc})."
+                f"The upstream account '{account}' did not answer in time "
+                f"({redact(str(exc), confidential)})."
             ) from None
         except UnsendableRequest as exc:
             raise InvalidRequest(
-                f"The request cannot be forwarded upstream: {exc}. Check the request's headers."
+                f"The request cannot be forwarded upstream: {redact(str(exc), confidential)}. "
+                "Check the request's headers."
             ) from None
         except TransportError as exc:
+            log.warning("upstream account %s: %s", account, exc)
             raise UpstreamUnavailable(
-                f"The upstream account '{account}' could not be reached ({exc}). "
+                f"The upstream account '{account}' could not be reached. "
                 "Try again; if it persists, tell the relay's operator."
             ) from None
         del body  # sent: a stream's request is not held for the whole answer
         try:
             if response.status_code >= 300:
-                raise await _error_from_response(response, kind, account)
+                raise await _error_from_response(
+                    response, kind, account, confidential, self._max_rest_s
+                )
+            media_type = response.headers.get("content-type", "").partition(";")[0]
+            if media_type.strip().lower() in DOCUMENT_TYPES:
+                log.warning(
+                    "upstream account %s answered %d with a web page (%s), not an API answer",
+                    account, response.status_code, media_type,
+                )
+                raise UpstreamError(
+                    f"The upstream account '{account}' answered with a web page instead of an "
+                    "API answer. Try again; if it persists, tell the relay's operator.",
+                    code="upstream_invalid_response",
+                    type="server_error",
+                )
             yield response
         finally:
             await response.aclose()
 
 
-async def _error_from_response(response: Response, kind: str, account: str) -> UpstreamError:
-    """The upstream's error as the client should see it, with a message a user can act on."""
+async def _error_from_response(
+    response: Response, kind: str, account: str, confidential: Confidential, max_rest_s: float
+) -> UpstreamError:
+    """The upstream's error as the client should see it, with a message a user can act on:
+    its status and code, its words redacted, and a rest hint of at most ``max_rest_s``."""
     body = b""
     with trio.move_on_after(ERROR_BODY_TIMEOUT_S):  # a stalled error body must not hold failover
         try:
@@ -167,8 +205,22 @@ async def _error_from_response(response: Response, kind: str, account: str) -> U
     upstream_status = response.status_code
     status, payload = translate_error(kind, upstream_status, body)
     error = payload["error"]
-    message, error_type, code = error["message"], error["type"], error["code"]
+    if error["code"] == "upstream_invalid_response":  # the operator may want to see the page
+        log.warning(
+            "upstream account %s answered %d with no API error (%s): %r",
+            account, upstream_status, response.headers.get("content-type", "no content type"),
+            redact(body[:200].decode("utf-8", "replace")),
+        )
+    message, error_type, code, param = redact_all(
+        (error["message"], error["type"], error["code"], error["param"]), confidential
+    )
     retry_after = retry_after_hint(kind, upstream_status, response.headers, body)
+    if retry_after is not None and retry_after > max_rest_s:
+        log.warning(
+            "upstream account %s asked to rest %.0fs; it rests %gs (server.max_retry_after_s)",
+            account, retry_after, max_rest_s,
+        )
+        retry_after = max_rest_s
     headers = {}
     if retry_after is not None:
         headers["retry-after"] = str(max(1, math.ceil(retry_after)))
@@ -185,7 +237,7 @@ async def _error_from_response(response: Response, kind: str, account: str) -> U
     if status < 400:  # a redirect: nothing a client can follow through the relay
         status = 502
     failure = UpstreamError(
-        message, status=status, type=error_type, code=code, param=error["param"], headers=headers
+        message or "", status=status, type=error_type, code=code, param=param, headers=headers
     )
     failure.upstream_status = upstream_status
     failure.retry_after_s = retry_after

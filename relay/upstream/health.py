@@ -6,7 +6,8 @@ cool-down to end. The rules (DESIGN.md, "Account scheduling"):
 
 * upstream 429 → rest for the upstream's hint (``retry-after``, ``resets_in_seconds``, Gemini's
   ``retryDelay``, "try again in Ns": :func:`relay.protocol.translate.retry_after_hint`, read
-  by the upstream client), or ``rate_limit_cooldown_s`` when it gives none;
+  by the upstream client), or ``rate_limit_cooldown_s`` when it gives none; never longer than
+  ``max_retry_after_s`` (an upstream's ``retry-after: 99999999`` is 3 years);
 * upstream 401/403 → out of service until an operator re-enables it (the relay's credential for
   it is wrong; retrying cannot help);
 * three failures in a row (5xx, connect errors, timeouts) → rest ``error_cooldown_s``.
@@ -55,6 +56,7 @@ class Health:
         if error.status == 429:
             hint = getattr(error, "retry_after_s", None)
             wait = hint if hint is not None else self._server.rate_limit_cooldown_s
+            wait = min(wait, self._server.max_retry_after_s)
             guard.unavailable_until = max(guard.unavailable_until, now + wait)
             account.rate_limited += 1
         elif error.status in (401, 403):
