@@ -61,6 +61,7 @@ def test_credentials_and_addresses_are_redacted(text: str) -> None:
         "resulted in 130000 tokens. Please reduce the length of the messages.",
         "Incorrect API key provided: sk-abc***xyz.",
         "anthropic-version 2023-06-01 does not support this feature",
+        "temperature 10.5 is above the maximum of 2; top_k 127.0 is not an integer",
     ],
 )
 def test_ordinary_error_text_is_kept(text: str) -> None:

@@ -68,9 +68,11 @@ _KEY_SHAPED = re.compile(
 _QUERY_SECRET = re.compile(
     r"(?i)([?&](?:key|api_key|apikey|access_token|token|sig|signature|code)=)[^&\s\"'#]+"
 )
-# Loopback and private IPv4 addresses, with a port if given: an internal hop's address.
+# Loopback and private IPv4 addresses (all four parts: "10.5" is a number), with a port if
+# given: an internal hop's address.
 _PRIVATE_ADDRESS = re.compile(
-    r"\b(?:127|10|192\.168|172\.(?:1[6-9]|2\d|3[01]))(?:\.\d{1,3}){1,3}(?::\d{1,5})?\b"
+    r"\b(?:(?:127|10)(?:\.\d{1,3}){3}|(?:192\.168|172\.(?:1[6-9]|2\d|3[01]))(?:\.\d{1,3}){2})"
+    r"(?::\d{1,5})?\b"
 )
 
 
