@@ -31,6 +31,7 @@ issue 12 are marked with the fix they wait for (:data:`PENDING`) and reported, n
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import random
@@ -900,7 +901,7 @@ async def kill_under_load(
         while not killed.is_set():
             try:
                 state = await trio.to_thread.run_sync(admin_state, relay.url)
-            except OSError:  # killed while asking
+            except (OSError, http.client.HTTPException):  # killed while asking or answering
                 return
             backlog.append(state["usage_records"]["queued"])
             await trio.sleep(0.25)
