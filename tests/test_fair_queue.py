@@ -138,3 +138,17 @@ def test_bucket_debt_is_paid_off_by_refill() -> None:
     assert bucket.wait_time(50, 0.0) == 15.0
     assert not bucket.can_take(50, 14.9)
     assert bucket.can_take(50, 15.0)
+
+
+def test_a_flow_waiting_at_the_level_is_not_passed_by_newcomers() -> None:
+    """Newcomers are lifted to the level a waiting flow is at; the tie goes to the one that
+    waited first, whatever the names (by name, "zed" would wait for every "a…" arriving)."""
+    queue: FairQueue[int] = FairQueue()
+    queue.push("zed", 1.0, 1)
+    served = []
+    for n in range(5):
+        queue.push(f"a{n}", 1.0, 1)
+        flow, _ = queue.pop_first(lambda flow, item: True)
+        served.append(flow.name)
+    assert served[0] == "zed"
+    assert served[1:] == ["a0", "a1", "a2", "a3"]

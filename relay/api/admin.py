@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ..errors import AuthenticationFailed, InvalidRequest, NotFound
+from ..guards.admission import KeyLimits
 from ..ledger.prices import parse_credits, to_credits
 from ..ledger.store import KeyRecord
 from ..protocol.requests import decode_json_body
@@ -239,6 +240,12 @@ async def set_limits(runtime: Runtime, request: Request, responder: Responder) -
     limits = validate_limits(body, {} if clear else record.limits)
     record = await trio.to_thread.run_sync(runtime.store.set_limits, record.id, limits)
     runtime.keys.update(record)
+    package = runtime.config.packages.get(record.package)
+    if package is not None:
+        # At once, not at the key's next request: a raised cap lets its queue go now.
+        runtime.admission.set_key_limits(
+            record.id, KeyLimits.of(package, record.limits), trio.current_time()
+        )
     await responder.json(200, key_view(runtime, record))
 
 

@@ -251,6 +251,7 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
                 pool=route.pool,
                 estimated_tokens=client.estimated_tokens,
                 limits=KeyLimits.of(package, key.limits),
+                limits_read_at=started,  # the key was looked up just after
                 input_tokens=client.estimated_input_tokens,
                 max_output_tokens=client.max_output_tokens,
             ),

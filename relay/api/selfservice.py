@@ -230,6 +230,7 @@ def _limit_state(limit: int | float | None, remaining: float | None, reset_s) ->
 
 
 async def limits(runtime: Runtime, request: Request, responder: Responder) -> None:
+    read_at = trio.current_time()
     key = await _key(runtime, request)
     package = runtime.config.packages.get(key.package)
     if package is None:
@@ -240,7 +241,10 @@ async def limits(runtime: Runtime, request: Request, responder: Responder) -> No
         )
         return
     key_limits = KeyLimits.of(package, key.limits)
-    ticket = Ticket(key_id=key.id, pool=package.pool, estimated_tokens=0, limits=key_limits)
+    ticket = Ticket(
+        key_id=key.id, pool=package.pool, estimated_tokens=0, limits=key_limits,
+        limits_read_at=read_at,
+    )
     rate = runtime.admission.key_rate_state(ticket)
     state = runtime.admission.status().get("keys", {}).get(key.id, {})
     await responder.json(

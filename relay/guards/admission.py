@@ -107,10 +107,41 @@ class Guard:
         self.unavailable_until = 0.0  # resting (cool-down) until this trio time
         self.disabled = False  # out of service until re-enabled
         self.limits: KeyLimits | None = None  # for a key's guard: the limits it enforces
+        self.limits_read_at = -math.inf  # for a key's guard: when those limits were read
+        self.last_used = now  # a request arrived or ended (for forgetting an idle key's state)
 
     @property
     def in_flight(self) -> int:
         return self.limiter.borrowed_tokens
+
+    def reconfigure(
+        self, *, max_concurrency: int | None, tpm: int | None, rpm: int | None, now: float
+    ) -> None:
+        """Change the limits in place, keeping what requests in flight hold.
+
+        Guarantees: requests in flight keep their slots, and no slot is granted while the new
+        cap is taken (so at most max(in flight, new cap) at any time); a bucket keeps its
+        level (clamped to the new capacity, never refilled by the change); a bucket that is
+        new starts full, as a new key's would, with the output still expected of the requests
+        in flight held against it (``reserved``); a dropped limit's bucket is dropped.
+        """
+        self.max_concurrency = max_concurrency
+        # trio lets total_tokens go below what is borrowed: no one more is admitted until the
+        # borrowers are under it again.
+        self.limiter.total_tokens = max_concurrency if max_concurrency is not None else math.inf
+        self.tpm = _rebucket(self.tpm, tpm, TokenBucket.tokens_per_minute, now)
+        self.rpm = _rebucket(self.rpm, rpm, TokenBucket.per_minute, now)
+
+    def idle(self, now: float) -> bool:
+        """Nothing in flight or held, and every bucket full again: a new guard with the same
+        limits would behave exactly the same."""
+        return (
+            self.in_flight == 0
+            and self.reserved == 0
+            and not self.disabled
+            and self.unavailable_until <= now
+            and all(b is None or b.full(now) for b in (self.tpm, self.tps, self.rpm))
+        )
 
     def wait_time(self, tokens: int, now: float) -> float:
         """0 if a request reserving ``tokens`` may go now; else seconds to wait (``inf``: until
@@ -216,6 +247,11 @@ class Ticket:
     preferred: Guard | None = None  # a sticky session's account: taken whenever it has room
     input_tokens: int | None = None
     max_output_tokens: int | None = None
+    #: When ``limits`` were read (any clock that only goes forward; the relay uses the trio
+    #: time its request started). A key's guard takes a ticket's limits only if they were read
+    #: no earlier than the ones it enforces, so a ticket of an older request never puts back
+    #: the limits it was admitted under.
+    limits_read_at: float = 0.0
 
 
 @dataclass(eq=False)
@@ -276,8 +312,14 @@ class _Pool:
 class Admission:
     """The guards of one relay process and the fair queue in front of them."""
 
-    #: Keys whose output estimate is kept (the most recently used ones), to bound memory.
-    MAX_ESTIMATES = 100_000
+    #: Keys whose output estimate is kept (the most recently used ones), to bound memory. A
+    #: key without one reserves its requests' defaults (more than needed: the safe side).
+    MAX_ESTIMATES = 10_000
+    #: Keys at the head of the idle-state sweep examined per arrival (see :meth:`_forget_idle`).
+    SWEEP_PER_ARRIVAL = 2
+    #: An idle key unused this long is forgotten even if it was served ahead of its queue's
+    #: level (what it was served beyond the level is then forgiven).
+    FORGIVE_AFTER_S = 30.0
 
     def __init__(self, config: Config) -> None:
         now = trio.current_time() if _in_trio() else 0.0
@@ -294,7 +336,7 @@ class Admission:
             self.pools[name] = _Pool(
                 name, guard, pool.weight, pool.max_queue, fifo=pool.queue == "fifo"
             )
-        self.keys: dict[str, Guard] = {}
+        self.keys: dict[str, Guard] = {}  # least recently examined or arrived first
         self.estimates: dict[str, OutputEstimate] = {}
         self._waiting: dict[str, int] = {}  # key id → queued requests
         self._wake_at = math.inf
@@ -311,11 +353,16 @@ class Admission:
         if self._refusal is not None:
             raise AdmissionRefused("shutting_down", self._refusal, retry_after_s=1.0)
         now = trio.current_time()
+        self._forget_idle(now)
         pool = self._pool(ticket.pool)
-        key = self._key_guard(ticket)
+        key = self._key_guard(ticket, now)
+        self.keys[ticket.key_id] = self.keys.pop(ticket.key_id)  # last in the sweep's order
+        key.last_used = now
+        limits = key.limits
+        assert limits is not None
         self._check_queue_room(ticket, pool, key, now)
         waiter = _Waiter(ticket, now)
-        pool.queue.push(pool.flow_of(ticket), ticket.limits.weight, waiter)
+        pool.queue.push(pool.flow_of(ticket), limits.weight, waiter)
         self._lift_pool(pool)
         self._waiting[ticket.key_id] = self._waiting.get(ticket.key_id, 0) + 1
         try:
@@ -323,7 +370,7 @@ class Admission:
             # Granted at once, the usual case: no cancel scope and no extra trip through the
             # scheduler (the upstream call that follows checkpoints anyway).
             if waiter.lease is None:
-                with trio.move_on_after(ticket.limits.queue_timeout_s):
+                with trio.move_on_after(limits.queue_timeout_s):
                     await waiter.event.wait()
         except BaseException:
             # Cancelled (the client left) just as it was granted: nothing reached an upstream,
@@ -333,7 +380,11 @@ class Admission:
                 self._release(waiter.lease)
             raise
         finally:
-            self._waiting[ticket.key_id] -= 1
+            left = self._waiting[ticket.key_id] - 1
+            if left:
+                self._waiting[ticket.key_id] = left
+            else:
+                del self._waiting[ticket.key_id]
             if waiter.lease is None:
                 # Not granted (timed out or cancelled): leave the queue, uncharged.
                 pool.queue.remove(pool.flow_of(ticket), waiter)
@@ -344,7 +395,7 @@ class Admission:
             self.refused["queue_timeout"] += 1
             raise AdmissionRefused(
                 "queue_timeout",
-                f"Your request waited {ticket.limits.queue_timeout_s:g}s in the queue without "
+                f"Your request waited {limits.queue_timeout_s:g}s in the queue without "
                 "capacity freeing up.",
                 retry_after_s=self._retry_after(ticket, pool, key),
             )
@@ -404,19 +455,50 @@ class Admission:
         }
 
     def key_rate_state(self, ticket: Ticket) -> dict[str, float]:
-        """The key's limits and what remains of them, for ``x-ratelimit-*`` headers."""
+        """The key's limits and what remains of them, for ``x-ratelimit-*`` headers.
+
+        The limits are the key's current ones: the ticket's if they are newer than the guard's
+        (they are then applied, as :meth:`set_key_limits` does), else the guard's. A key with
+        no guard (idle, or never seen) is reported as a new guard would be, without making
+        one."""
         now = trio.current_time()
-        key = self._key_guard(ticket)
+        key = self.set_key_limits(ticket.key_id, ticket.limits, ticket.limits_read_at)
+        if key is None:
+            limits = ticket.limits
+            key = Guard(ticket.key_id, tpm=limits.tpm, rpm=limits.rpm, now=now)
+            key.limits = limits
+        assert key.limits is not None
         state: dict[str, float] = {}
         if key.rpm is not None:
-            state["limit-requests"] = ticket.limits.rpm or 0
+            state["limit-requests"] = key.limits.rpm or 0
             state["remaining-requests"] = max(0, math.floor(key.rpm.level(now)))
             state["reset-requests"] = key.rpm.reset_time(now)
         if key.tpm is not None:
-            state["limit-tokens"] = ticket.limits.tpm or 0
+            state["limit-tokens"] = key.limits.tpm or 0
             state["remaining-tokens"] = max(0, math.floor(key.tokens_remaining(now)))
             state["reset-tokens"] = key.tpm.reset_time(now, held=key.reserved)
         return state
+
+    def set_key_limits(self, key_id: str, limits: KeyLimits, read_at: float) -> Guard | None:
+        """Apply a key's ``limits``, read at ``read_at``, to its guard if it has one and they
+        are no older than the limits it enforces; the guard (None if the key has none).
+
+        The guard is changed in place (:meth:`Guard.reconfigure`): requests in flight and
+        queued stay counted, so a change lets no request past the old or the new cap and
+        refills no bucket. The key's fair-queue counter is kept; a new weight applies to what
+        the key is served from now on. A raised cap lets queued requests go at once."""
+        guard = self.keys.get(key_id)
+        if guard is None or read_at < guard.limits_read_at:
+            return guard
+        guard.limits_read_at = read_at
+        if limits != guard.limits:
+            now = trio.current_time()
+            guard.reconfigure(
+                max_concurrency=limits.max_concurrency, tpm=limits.tpm, rpm=limits.rpm, now=now
+            )
+            guard.limits = limits
+            self._dispatch()
+        return guard
 
     async def run(self) -> None:
         """Wake the dispatcher when a token bucket has refilled enough for a queued request.
@@ -439,24 +521,52 @@ class Admission:
             pool = self.pools[name] = _Pool(name, Guard(name), 1.0, None)
         return pool
 
-    def _key_guard(self, ticket: Ticket) -> Guard:
-        """The key's guard, rebuilt when its limits changed (requests in flight keep and
-        release the guard they took)."""
-        guard = self.keys.get(ticket.key_id)
-        if guard is None or guard.limits != ticket.limits:
+    def _key_guard(self, ticket: Ticket, now: float) -> Guard:
+        """The key's one guard: made on the key's first request (or after it was forgotten),
+        changed in place when the ticket's limits are newer (:meth:`set_key_limits`)."""
+        guard = self.set_key_limits(ticket.key_id, ticket.limits, ticket.limits_read_at)
+        if guard is None:
             limits = ticket.limits
             guard = self.keys[ticket.key_id] = Guard(
                 ticket.key_id,
                 max_concurrency=limits.max_concurrency,
                 tpm=limits.tpm,
                 rpm=limits.rpm,
-                now=trio.current_time(),
+                now=now,
             )
-            guard.limits = limits
+            guard.limits, guard.limits_read_at = limits, ticket.limits_read_at
         return guard
 
+    def _forget_idle(self, now: float) -> None:
+        """Forget the per-key state of keys gone idle, a few per arrival, so that memory is
+        bounded by the keys active in about the last :attr:`FORGIVE_AFTER_S` seconds, not by
+        every key ever seen.
+
+        A key is forgotten when it has nothing in flight and nothing queued and its buckets
+        have refilled to full (:meth:`Guard.idle`): a key that comes back then gets a new
+        guard that behaves exactly as the old one would have, so no limit is loosened. Its
+        fair-queue flows are dropped with it if they are at or below their queue's level (a
+        new flow is lifted there too: nothing changes, :meth:`.FairQueue.forget`), or, once the
+        key has been unused for :attr:`FORGIVE_AFTER_S`, whatever their counters: what the key
+        was served beyond the level (its last requests' worth at most, since the queue serves
+        the lowest counter first) is forgiven, as deficit round robin resets an emptied flow.
+        Keys are examined from the head of :attr:`keys` (the one least recently arrived or
+        examined); one that cannot be forgotten yet goes to the back."""
+        for _ in range(min(self.SWEEP_PER_ARRIVAL, len(self.keys))):
+            key_id = next(iter(self.keys))
+            guard = self.keys.pop(key_id)
+            if key_id not in self._waiting and guard.idle(now):
+                forgive = now - guard.last_used >= self.FORGIVE_AFTER_S
+                fair = [pool.queue for pool in self.pools.values() if not pool.fifo]
+                if forgive or all(queue.forgettable(key_id) for queue in fair):
+                    for queue in fair:
+                        queue.forget(key_id, forgive=True)
+                    continue
+            self.keys[key_id] = guard
+
     def _check_queue_room(self, ticket: Ticket, pool: _Pool, key: Guard, now: float) -> None:
-        limits = ticket.limits
+        limits = key.limits
+        assert limits is not None
         if limits.max_queue is not None and self._waiting.get(ticket.key_id, 0) >= max(
             limits.max_queue, 0
         ):
@@ -618,6 +728,7 @@ class Admission:
         correction = used - lease.charged
         for guard in lease.held:
             guard.settle(lease, correction, lease.expected, now)
+            guard.last_used = now
         lease.held.clear()
         lease.charged, lease.expected = used, 0
         if correction:
@@ -642,6 +753,18 @@ class Admission:
         if wake < self._wake_at:
             self._wake_at = wake
             self._rearm.set()
+
+
+def _rebucket(bucket: TokenBucket | None, limit: int | None, make, now: float):
+    """``bucket`` resized to ``limit`` (per ``make``: rate and capacity), a new one if there
+    was none, None if the limit is gone."""
+    if not limit:
+        return None
+    if bucket is None:
+        return make(limit, now)
+    shape = make(limit, now)
+    bucket.resize(shape.rate, shape.capacity, now)
+    return bucket
 
 
 def _load(guard: Guard) -> tuple[float, int]:

@@ -59,6 +59,19 @@ class TokenBucket:
         """A limit per second (TPS): at most one second's worth in a burst."""
         return cls(limit, limit, now)
 
+    def resize(self, rate: float, capacity: float, now: float) -> None:
+        """Change the rate and capacity in place (a limit changed): the level accrued so far
+        at the old rate is kept, clamped to the new capacity; it is never refilled by the
+        change (debt stays debt)."""
+        if rate <= 0 or capacity <= 0:
+            raise ValueError("a token bucket needs a positive rate and capacity")
+        self._level = min(capacity, self.level(now))
+        self.rate, self.capacity = rate, capacity
+
+    def full(self, now: float) -> bool:
+        """Whether the bucket has refilled to its capacity: a new bucket would be the same."""
+        return self.level(now) >= self.capacity
+
     def level(self, now: float) -> float:
         if now > self._updated:
             self._level = min(self.capacity, self._level + (now - self._updated) * self.rate)

@@ -5,7 +5,19 @@ tokens it is served divided by its weight (Sheng et al., "Fairness in Serving La
 Models", OSDI 2024). The next request served is the head of the backlogged flow with the smallest
 counter that may go now. A flow that becomes backlogged again after being idle has its counter
 lifted to the smallest counter among the flows already backlogged, so idle time banks no credit:
-it re-enters level with the others, not ahead of them.
+it re-enters level with the others, not ahead of them. When no flow is backlogged, it is lifted
+to the counter of the flow served last (VTC's rule for an empty queue), so a quiet spell banks
+none either. The queue keeps the highest level any flow was lifted to (:attr:`FairQueue.level`,
+its virtual time; it never goes down), and lifts to at least that.
+
+Forgetting. A flow that is not backlogged and whose counter is at or below that level would be
+lifted to the level (or higher) when it comes back, exactly as a new flow would: it can be
+dropped and recreated later with no change in the order anyone is served (:meth:`forget`). A
+flow above the level (served ahead of the others) is kept until the level passes it, unless
+the caller chooses to forgive that excess (``forget(name, forgive=True)``; admission does so for
+a key unused for a while, since with a steady stream of new flows the level need never pass it).
+The caller must not forget a flow that is still being charged (requests in flight): charges to
+an unknown flow are ignored.
 
 What a counter is charged is the caller's choice; admission charges what a flow is served, as it
 is served (the input when a request is granted, its output as it streams, the correction to the
@@ -41,9 +53,15 @@ class FairQueue(Generic[Item]):
 
     def __init__(self) -> None:
         self.flows: dict[Hashable, Flow[Item]] = {}
+        self.level = 0.0  # the virtual time: the least a flow becoming backlogged is lifted to
+        self._last_served: Flow[Item] | None = None
+        # The flows with items queued, and how many items: every operation costs what is
+        # queued, not how many flows are remembered.
+        self._backlogged: dict[Hashable, Flow[Item]] = {}
+        self._items = 0
 
     def __len__(self) -> int:
-        return sum(len(flow.queue) for flow in self.flows.values())
+        return self._items
 
     def flow(self, name: Hashable, weight: float) -> Flow[Item]:
         found = self.flows.get(name)
@@ -57,10 +75,38 @@ class FairQueue(Generic[Item]):
         flow = self.flow(name, weight)
         if not flow.queue:
             floor = self.min_backlogged_counter()
-            if floor is not None and flow.counter < floor:
-                flow.counter = floor
+            if floor is None and self._last_served is not None:
+                floor = self._last_served.counter
+            if floor is not None and floor > self.level:
+                self.level = floor
+            if flow.counter < self.level:
+                flow.counter = self.level
         flow.queue.append(item)
+        self._backlogged[name] = flow
+        self._items += 1
         return flow
+
+    def forgettable(self, name: Hashable) -> bool:
+        """Whether the flow is unknown, or idle with its counter at or below :attr:`level`:
+        coming back, it would be lifted to where a new flow is."""
+        flow = self.flows.get(name)
+        return flow is None or (not flow.queue and flow.counter <= self.level)
+
+    def forget(self, name: Hashable, *, forgive: bool = False) -> bool:
+        """Drop the flow if :meth:`forgettable` (True if it was dropped). A backlogged flow is
+        always kept; so is one served ahead of the level, unless ``forgive``: then what it was
+        served beyond the level is forgiven (it comes back level with a new flow, as a
+        deficit-round-robin flow's deficit is reset when its queue empties)."""
+        flow = self.flows.get(name)
+        if flow is None or flow.queue or not (forgive or flow.counter <= self.level):
+            return False
+        del self.flows[name]
+        if self._last_served is flow:
+            if not self._backlogged:
+                # The empty-queue rule would lift the next arrival to this counter.
+                self.level = max(self.level, flow.counter)
+            self._last_served = None
+        return True
 
     def remove(self, name: Hashable, item: Item) -> bool:
         """Take ``item`` out of its flow's queue (a waiter that gave up); False if not there."""
@@ -71,17 +117,19 @@ class FairQueue(Generic[Item]):
             flow.queue.remove(item)
         except ValueError:
             return False
+        self._items -= 1
+        if not flow.queue:
+            del self._backlogged[name]
         return True
 
     def min_backlogged_counter(self) -> float | None:
-        counters = [flow.counter for flow in self.flows.values() if flow.queue]
-        return min(counters) if counters else None
+        return min((flow.counter for flow in self._backlogged.values()), default=None)
 
     def backlogged(self) -> Iterator[Flow[Item]]:
-        """Backlogged flows, smallest counter first (ties by name, for determinism)."""
-        flows = [flow for flow in self.flows.values() if flow.queue]
-        flows.sort(key=lambda flow: (flow.counter, str(flow.name)))
-        return iter(flows)
+        """Backlogged flows, smallest counter first; ties in the order the flows became
+        backlogged (so a flow waiting at the level is not passed by every newcomer lifted to
+        the same level)."""
+        return iter(sorted(self._backlogged.values(), key=lambda flow: flow.counter))
 
     def charge(self, name: Hashable, tokens: float) -> None:
         """Count ``tokens`` served to a flow (negative corrects an over-estimate)."""
@@ -105,13 +153,9 @@ class FairQueue(Generic[Item]):
                 return None
             if verdict:
                 flow.queue.popleft()
+                self._items -= 1
+                if not flow.queue:
+                    del self._backlogged[flow.name]
+                self._last_served = flow
                 return flow, head
         return None
-
-    def forget_idle(self, keep: int = 10_000) -> None:
-        """Drop idle flows beyond ``keep`` (oldest counters first) to bound memory."""
-        idle = [flow for flow in self.flows.values() if not flow.queue]
-        if len(idle) > keep:
-            idle.sort(key=lambda flow: flow.counter)
-            for flow in idle[: len(idle) - keep]:
-                del self.flows[flow.name]
