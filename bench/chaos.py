@@ -1,7 +1,7 @@
 """Chaos: mixed load with hang-ups and upstream faults, then SIGTERM and ``kill -9`` under load,
 and the relay's promises checked after each (issue 12).
 
-    .venv/bin/python -m bench chaos                    # 10,000 requests, a few minutes
+    .venv/bin/python -m bench chaos                    # 10,000 requests, about ten minutes
     .venv/bin/python -m bench chaos --requests 1000    # shorter
     .venv/bin/python -m bench chaos --hostile on       # also the hostile-upstream faults
 
