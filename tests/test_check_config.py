@@ -140,7 +140,7 @@ def test_a_file_without_accounts_is_refused_at_accounts(tmp_path: Path) -> None:
     assert "no [[accounts]] entry" in done.stderr
 
 
-def test_an_alias_to_a_model_no_account_serves_is_refused(tmp_path: Path) -> None:
+def test_an_alias_or_pattern_to_a_model_no_account_serves_is_refused(tmp_path: Path) -> None:
     extra = """
     [models.gpt-5-high]
     target = "gpt-5"
@@ -148,9 +148,14 @@ def test_an_alias_to_a_model_no_account_serves_is_refused(tmp_path: Path) -> Non
 
     [models."claude.fast"]
     target = "claude-sonnet"
+
+    [models."claude-*"]
+    target = "gemini-pro"
     """
     done = relay_cli("check-config", str(config_file(tmp_path, one_account(extra=extra))))
-    assert_refused(done, 'models."claude.fast".target')
+    # A pattern-like name ("claude-*") is an alias like any other: its target is checked too.
+    assert_refused(done, 'models."claude.fast".target', 'models."claude-*".target')
+    assert "no account serves 'gemini-pro'" in done.stderr
     assert "no account serves 'claude-sonnet'" in done.stderr
     assert "served: deepseek-chat, gpt-5" in done.stderr
     assert "gpt-5-high" not in done.stderr  # its target is served
