@@ -18,12 +18,21 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx2
 import trio
 
-from .config import Config, ConfigError, check_environment, load_config, parse_config
+from .config import (
+    Config,
+    ConfigError,
+    check_environment,
+    check_warnings,
+    load_config,
+    load_servable_config,
+    parse_config,
+)
 from .ledger.prices import format_credits, parse_credits, to_credits, unpriced_models
 from .ledger.store import Store, hash_key
 
@@ -183,11 +192,17 @@ def _admin_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(path: str | None) -> Config:
+def _load(path: str | None, loader: Callable[[str], Config] = load_config) -> Config:
     path = path or os.environ.get("RELAY_CONFIG")
     if not path:
         raise CommandError("no configuration given: pass --config PATH or set RELAY_CONFIG")
-    return load_config(path)
+    return loader(path)
+
+
+def _load_servable(path: str | None) -> Config:
+    """:func:`_load`, refusing a file that cannot serve (``check_serving``): what ``serve`` and
+    ``check-config`` load, so a file ``check-config`` accepts is one ``serve`` starts with."""
+    return _load(path, loader=load_servable_config)
 
 
 def _setup_logging() -> None:
@@ -204,7 +219,7 @@ def _setup_logging() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load_servable(args.config)
     _setup_logging()
     for issue in check_environment(config):
         logging.getLogger("relay").warning("%s", issue)
@@ -542,7 +557,9 @@ def _accounts_list(args: argparse.Namespace) -> int:
         "LAST ERROR"
     )
     for account in accounts:
-        if account.get("disabled"):
+        if account.get("missing_credentials"):
+            state = "missing credentials"
+        elif account.get("disabled"):
             state = "out of service"
         elif account.get("cooling_down_s"):
             state = f"cooling down {account['cooling_down_s']:.0f}s"
@@ -585,8 +602,8 @@ def _queues(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    config = _load(args.path)
-    for issue in check_environment(config):
+    config = _load_servable(args.path)
+    for issue in check_warnings(config):
         print(f"warning: {issue}")
     unpriced = unpriced_models(config)
     if unpriced:

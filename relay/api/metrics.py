@@ -264,7 +264,13 @@ def live(runtime: Runtime) -> list[Metric]:
     cooldown = Gauge(
         "relay_account_cooldown_seconds", "Seconds left of the account's rest.", ("account",)
     )
+    missing_credentials = Gauge(
+        "relay_account_missing_credentials",
+        "1 if the account's api_key_env variable is unset or empty.",
+        ("account",),
+    )
     for name, account in accounts.items():
+        missing_credentials.set((name,), int(bool(account.get("missing_credentials"))))
         in_flight.set(("account", name), account.get("in_flight", 0))
         healthy.set((name,), int(bool(account.get("healthy"))))
         disabled.set((name,), int(bool(account.get("disabled"))))
@@ -298,7 +304,7 @@ def live(runtime: Runtime) -> list[Metric]:
     queued_records.set((), runtime.usage.queued)
     return [
         active, depth, oldest, in_flight, queued_keys, reserved, healthy, disabled, cooldown,
-        errors, granted, refused, held, holds, queued_records,
+        missing_credentials, errors, granted, refused, held, holds, queued_records,
     ]
 
 
