@@ -66,8 +66,6 @@ DURATION_BUCKETS = (
 #: Seconds. Most admitted requests do not wait; the tail is the queue timeout (60 s default).
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
-TOKEN_KINDS = ("input", "cached_input", "output", "reasoning")
-
 #: Distinct ``code`` label values at most; an upstream's codes are its own vocabulary.
 MAX_ERROR_CODES = 64
 _CODE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
