@@ -425,7 +425,8 @@ class ConnectionPool:
                 untrusted = _certificate_error(exc)
                 if untrusted is not None:
                     raise CertificateUntrusted(
-                        f"{where}: the TLS certificate is not trusted: {untrusted}", untrusted
+                        f"{where}: the TLS certificate is not trusted: {_describe(exc)}",
+                        untrusted,
                     ) from None
                 raise TransportError(f"{where}: {_describe(exc)}") from None
             except BaseException:
