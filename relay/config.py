@@ -130,7 +130,8 @@ class ServerConfig:
     error_cooldown_s: float = 10.0  # rest for an account after repeated 5xx/connect failures
     rate_limit_cooldown_s: float = 30.0  # rest after an upstream 429 with no retry hint
     max_retry_after_s: float = 300.0  # the longest rest an upstream's retry hint can impose
-    proxy: str | None = None  # every account's proxy unless it names its own (see README)
+    # Every account's proxy unless it names its own (see README); out of repr: a password.
+    proxy: str | None = field(default=None, repr=False)
     ca_file: str | None = None  # a private CA's certificates, trusted besides the system's
     trust_env: bool = False  # no proxy set: take it from HTTPS_PROXY / HTTP_PROXY / NO_PROXY
 
@@ -201,7 +202,8 @@ class AccountConfig:
     tpm: int | None = None
     rpm: int | None = None
     priority: int = 0
-    proxy: str | None = None  # overrides server.proxy; "direct" for none at all
+    # Overrides server.proxy; "direct" for none at all. Out of repr: it may hold a password.
+    proxy: str | None = field(default=None, repr=False)
     ca_file: str | None = None  # overrides server.ca_file
 
     def api_key(self) -> str | None:

@@ -346,3 +346,10 @@ def test_environment_proxy_follows_curl():
         "socks5://s:1080"
     )
     assert environment_proxy("https://x.example.com", {}) is None
+
+
+def test_a_proxy_password_stays_out_of_the_configs_repr():
+    url = f"http://{USER}:{PASSWORD}@proxy.corp:3128"
+    config = parse_config({**config_with(proxy=url), "server": {"proxy": url}})
+    assert config.accounts[0].proxy == url and config.server.proxy == url
+    assert PASSWORD not in repr(config.accounts[0]) and PASSWORD not in repr(config.server)
