@@ -148,7 +148,7 @@ def launch(tmp: Path, body: str, env: dict[str, str] | None = None, **server: ob
 
 
 @pytest.fixture(scope="module")
-def relay(tmp_path_factory, tls_sim, ca, proxies) -> Iterator[Relay]:
+def relay(tmp_path_factory, tls_sim, ca, proxies, sim) -> Iterator[Relay]:
     http = proxies["http"].url
     socks = proxies["socks5"].url
     ca_file = str(ca[1])
@@ -167,6 +167,14 @@ def relay(tmp_path_factory, tls_sim, ca, proxies) -> Iterator[Relay]:
             account("proxy-down", tls_sim, "m-proxy-down",
                     proxy=f"http://{USER}:{WRONG}@127.0.0.1:9", ca_file=ca_file),
             account("no-ca", tls_sim, "m-no-ca"),
+            account("plain-via-http", sim.url, "m-plain-http",
+                    proxy=f"http://{USER}:{PASSWORD}@{http}"),
+            account("plain-via-socks", sim.url, "m-plain-socks",
+                    proxy=f"socks5://{USER}:{PASSWORD}@{socks}"),
+            account("http-to-nowhere", "http://127.0.0.1:9", "m-http-nowhere",
+                    proxy=f"http://{USER}:{PASSWORD}@{http}"),
+            account("socks-to-nowhere", "http://127.0.0.1:9", "m-socks-nowhere",
+                    proxy=f"socks5://{USER}:{PASSWORD}@{socks}"),
             account("direct-ca", tls_sim, "m-direct-ca", ca_file=ca_file),
         ]
     )
@@ -189,6 +197,31 @@ def test_requests_go_through_the_proxy_and_its_tunnel_is_reused(relay, proxies, 
     # One tunnel carried all three: the pool keeps its keep-alive through a proxy.
     assert len(tunnels) == 1, proxy.lines()
     assert tunnels[0].endswith(f"to 127.0.0.1:{relay_port(relay, model)}")
+
+
+@pytest.mark.parametrize(("kind", "model"), [("http", "m-plain-http"), ("socks5", "m-plain-socks")])
+def test_a_plain_http_upstream_is_tunnelled_too(relay, proxies, sim, kind, model):
+    proxy = proxies[kind]
+    before = len(proxy.tunnels())
+    response = chat(relay, model)
+    assert response.status_code == 200, response.text
+    sim_port = sim.url.rsplit(":", 1)[1]
+    assert [t.rsplit(" ", 1)[1] for t in proxy.tunnels()[before:]] == [f"127.0.0.1:{sim_port}"]
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        ("m-http-nowhere", "the proxy refused the tunnel (502)"),
+        ("m-socks-nowhere", "the SOCKS5 proxy refused the tunnel (connection refused)"),
+    ],
+)
+def test_a_proxy_that_cannot_reach_the_upstream_is_a_502_that_says_so(relay, model, reason):
+    response = chat(relay, model)
+    assert response.status_code == 502, response.text
+    error = response.json()["error"]
+    assert error["code"] == "upstream_unreachable"
+    assert reason in error["message"], error["message"]
 
 
 def relay_port(relay: Relay, model: str) -> int:
