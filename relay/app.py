@@ -118,7 +118,7 @@ async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
     metrics = Metrics(config)
     # Priced and debited first, then counted (the metrics read the cost).
     usage = UsageWriter(store, observers=[credits.charge, metrics.observe])
-    upstream = UpstreamClient(config.server)
+    upstream = UpstreamClient(config.server, config.accounts)
     admission = Admission(config)
     runtime = Runtime(
         config=config,

@@ -35,12 +35,14 @@ import json
 import math
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import urlsplit
 
 __all__ = [
     "PROVIDERS",
@@ -193,6 +195,10 @@ class ServerConfig:
     error_cooldown_s: float = 10.0  # rest for an account after repeated 5xx/connect failures
     rate_limit_cooldown_s: float = 30.0  # rest after an upstream 429 with no retry hint
     max_retry_after_s: float = 300.0  # the longest rest an upstream's retry hint can impose
+    # Every account's proxy unless it names its own (see README); out of repr: a password.
+    proxy: str | None = field(default=None, repr=False)
+    ca_file: str | None = None  # a private CA's certificates, trusted besides the system's
+    trust_env: bool = False  # no proxy set: take it from HTTPS_PROXY / HTTP_PROXY / NO_PROXY
 
     @property
     def host(self) -> str:
@@ -261,6 +267,9 @@ class AccountConfig:
     tpm: int | None = None
     rpm: int | None = None
     priority: int = 0
+    # Overrides server.proxy; "direct" for none at all. Out of repr: it may hold a password.
+    proxy: str | None = field(default=None, repr=False)
+    ca_file: str | None = None  # overrides server.ca_file
 
     def api_key(self) -> str | None:
         """The key from the environment, read now so a rotated key is picked up.
@@ -604,9 +613,78 @@ def _read_server(table: _Table, base_dir: Path | None) -> ServerConfig:
         max_retry_after_s=table.number(
             "max_retry_after_s", defaults.max_retry_after_s, positive=True
         ),
+        proxy=_read_proxy(table, allow_direct=False),
+        ca_file=_read_ca_file(table, base_dir),
+        trust_env=_read_bool(table, "trust_env", defaults.trust_env),
     )
     table.finish()
     return server
+
+
+#: Proxy URL schemes: HTTP CONNECT, and SOCKS5 (the proxy resolves the name, either spelling).
+PROXY_SCHEMES = ("http", "socks5", "socks5h")
+
+
+def check_proxy_url(url: str) -> str | None:
+    """What is wrong with a proxy URL, or None: ``SCHEME://[user:pass@]host:port`` with a
+    scheme of :data:`PROXY_SCHEMES`, a host, a port in 1..65535 and nothing after it. The
+    message never repeats the URL: it may carry a password."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in PROXY_SCHEMES:
+        return f"must start with {', '.join(s + '://' for s in PROXY_SCHEMES)}"
+    try:
+        port = parts.port
+    except ValueError:
+        return "has a port that is not a number in 1..65535"
+    if not parts.hostname:
+        return "has no host"
+    if port is None or port == 0:
+        return "must name the proxy's port (host:port)"
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return "must be only scheme://[user:password@]host:port"
+    return None
+
+
+def _read_proxy(table: _Table, *, allow_direct: bool) -> str | None:
+    proxy = table.string("proxy")
+    if proxy is None or (allow_direct and proxy == "direct"):
+        return proxy
+    problem = check_proxy_url(proxy)
+    if problem is not None:
+        hint = ', or "direct" for none' if allow_direct else ""
+        table.error("proxy", f"{problem}{hint}")
+        return None
+    return proxy
+
+
+def _read_ca_file(table: _Table, base_dir: Path | None) -> str | None:
+    """``ca_file``: a PEM file of CA certificates, resolved like ``server.database``; it must
+    exist and hold at least one certificate (a wrong path would fail every request)."""
+    ca_file = table.string("ca_file")
+    if ca_file is None:
+        return None
+    path = Path(ca_file).expanduser()
+    if not path.is_absolute():
+        path = (base_dir if base_dir is not None else Path.cwd()) / path
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except FileNotFoundError:
+        table.error("ca_file", f"file not found: {path}")
+        return None
+    except (OSError, ssl.SSLError) as exc:
+        table.error("ca_file", f"{path} is not a readable PEM file of CA certificates ({exc})")
+        return None
+    return os.path.abspath(path)
+
+
+def _read_bool(table: _Table, key: str, default: bool) -> bool:
+    value = table.raw(key)
+    if value is _MISSING:
+        return default
+    if not isinstance(value, bool):
+        table.error(key, f"must be true or false, got {_show(value)}")
+        return default
+    return value
 
 
 def _read_global(table: _Table) -> GlobalConfig:
@@ -673,7 +751,10 @@ _SECRET_HINT = (
 
 
 def _read_account(
-    table: _Table, pools: Mapping[str, Any], seen_names: dict[str, str]
+    table: _Table,
+    pools: Mapping[str, Any],
+    seen_names: dict[str, str],
+    base_dir: Path | None = None,
 ) -> AccountConfig:
     name = table.string("name", required=True)
     if name is not None:
@@ -705,6 +786,8 @@ def _read_account(
         tpm=table.integer("tpm", positive=True),
         rpm=table.integer("rpm", positive=True),
         priority=table.integer("priority", 0),
+        proxy=_read_proxy(table, allow_direct=True),
+        ca_file=_read_ca_file(table, base_dir),
     )
     table.finish({"api_key": _SECRET_HINT})
     return account
@@ -774,7 +857,9 @@ def parse_config(
                 if not isinstance(entry, Mapping):
                     issues.append(ConfigIssue(path, f"must be a table, got {_show(entry)}"))
                     continue
-                accounts.append(_read_account(_Table(entry, path, issues), pools, seen_names))
+                accounts.append(
+                    _read_account(_Table(entry, path, issues), pools, seen_names, base_dir)
+                )
 
     alias_tables = _named_tables(root, "models", check_name=False)
     aliases = {name: _read_alias(name, table) for name, table in alias_tables}

@@ -27,6 +27,7 @@ from relay.upstream.http11 import (
     TransportError,
     UnsendableRequest,
 )
+from relay.upstream.proxy import DIRECT
 
 from .conftest import Sim, running_relay
 
@@ -216,7 +217,7 @@ async def test_a_connection_past_its_keepalive_expiry_is_not_reused(nursery) -> 
     url = f"http://127.0.0.1:{port}/x"
     first = await post(client, url, b"{}")
     await first.aread()
-    kept = client._idle[("http", "127.0.0.1", port)][0]
+    kept = client._idle[(("http", "127.0.0.1", port), DIRECT)][0]
     await trio.sleep(0.1)
     await (await post(client, url, b"{}")).aread()
     assert kept.socket.fileno() == -1  # closed when it was found expired
@@ -315,10 +316,10 @@ async def test_the_idle_cap_evicts_the_longest_idle_not_the_newcomer(nursery) ->
     b = await serve_raw(nursery, raw_answer(b"b"), close_after_s=None)
     client = pool(max_idle_connections=1)
     await (await post(client, f"http://127.0.0.1:{a}/x", b"{}")).aread()
-    kept_a = client._idle[("http", "127.0.0.1", a)][0]
+    kept_a = client._idle[(("http", "127.0.0.1", a), DIRECT)][0]
     await (await post(client, f"http://127.0.0.1:{b}/x", b"{}")).aread()
     assert kept_a.socket.fileno() == -1  # closed to make room
-    assert len(client._idle[("http", "127.0.0.1", b)]) == 1
+    assert len(client._idle[(("http", "127.0.0.1", b), DIRECT)]) == 1
     assert client.idle_connections == 1
 
 

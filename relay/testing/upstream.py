@@ -32,10 +32,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import http
 import json
 import signal
 import socket
+import ssl
 import struct
 import sys
 import time
@@ -346,11 +348,18 @@ class SimUpstream:
         host: str = "127.0.0.1",
         port: int = 0,
         *,
+        ssl_context: ssl.SSLContext | None = None,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Bind, report the actual port through ``task_status.started``, serve until cancelled."""
+        """Bind, report the actual port through ``task_status.started``, serve until cancelled
+        (HTTPS with ``ssl_context``, as a real API is reached)."""
         listeners = await trio.open_tcp_listeners(port, host=host)
         actual_port = listeners[0].socket.getsockname()[1]
+        if ssl_context is not None:
+            listeners = [
+                trio.SSLListener(listener, ssl_context, https_compatible=True)
+                for listener in listeners
+            ]
         async with trio.open_nursery() as nursery:
             task_status.started(actual_port)
             await trio.serve_listeners(self._connection, listeners, handler_nursery=nursery)
@@ -922,15 +931,22 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reasoning-tokens", type=int, default=defaults.reasoning_tokens)
     parser.add_argument("--capacity-tps", type=float, default=None)
     parser.add_argument("--api-key", default=None)
+    parser.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve HTTPS")
+    parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     return parser.parse_args(argv)
 
 
-async def _run(sim: SimUpstream, host: str, port: int) -> None:
+async def _run(
+    sim: SimUpstream, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            actual = await nursery.start(sim.serve, host, port)
+            actual = await nursery.start(
+                functools.partial(sim.serve, ssl_context=ssl_context), host, port
+            )
             shown = f"[{host}]" if ":" in host else host
-            print(f"sim-upstream listening on http://{shown}:{actual}", flush=True)
+            scheme = "http" if ssl_context is None else "https"
+            print(f"sim-upstream listening on {scheme}://{shown}:{actual}", flush=True)
             async for _ in signals:
                 nursery.cancel_scope.cancel()
                 break
@@ -948,7 +964,11 @@ def main(argv: list[str] | None = None) -> None:
         api_key=args.api_key,
     )
     try:
-        trio.run(_run, SimUpstream(profile), args.host, args.port)
+        ssl_context = None
+        if args.tls_cert:
+            ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
+        trio.run(_run, SimUpstream(profile), args.host, args.port, ssl_context)
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
         pass
 

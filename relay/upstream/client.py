@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 
 import httpx2
 import trio
 
 from .. import __version__
-from ..config import ServerConfig
+from ..config import AccountConfig, ServerConfig
 from ..errors import (
     InvalidRequest,
     RelayBusy,
@@ -35,14 +35,17 @@ from ..errors import (
 from ..protocol.translate import retry_after_hint, translate_error
 from ..protocol.trust import Confidential, redact, redact_all
 from .http11 import (
+    CertificateUntrusted,
     ConnectionPool,
     ConnectTimeout,
     PoolTimeout,
+    ProxyError,
     ReadTimeout,
     Response,
     TransportError,
     UnsendableRequest,
 )
+from .proxy import DIRECT, Route, route_for
 
 log = logging.getLogger("relay.upstream")
 
@@ -79,8 +82,10 @@ DOCUMENT_TYPES = ("text/html", "application/xhtml+xml")
 
 
 class UpstreamClient:
-    def __init__(self, server: ServerConfig) -> None:
+    def __init__(self, server: ServerConfig, accounts: Sequence[AccountConfig] = ()) -> None:
         self._max_rest_s = server.max_retry_after_s
+        # Each account's proxy and CA, settled once (the environment's proxy too, trust_env).
+        self._routes: dict[str, Route] = {a.name: route_for(a, server) for a in accounts}
         self._pool = ConnectionPool(
             max_connections=server.upstream_max_connections,
             max_idle_connections=min(server.upstream_max_connections, 200),
@@ -94,6 +99,10 @@ class UpstreamClient:
             ssl_context_factory=lambda: httpx2.create_ssl_context(trust_env=False),
             user_agent=f"relay/{__version__}",
         )
+
+    def route(self, account: str) -> Route:
+        """How the account's upstream is reached (its proxy, its CAs)."""
+        return self._routes.get(account, DIRECT)
 
     @property
     def pool(self) -> ConnectionPool:
@@ -136,7 +145,7 @@ class UpstreamClient:
                     sent[name] = value
         confidential = Confidential.of_call(url, headers)
         try:
-            response = await self._pool.post(url, list(sent.items()), body)
+            response = await self._pool.post(url, list(sent.items()), body, self.route(account))
         except PoolTimeout as exc:
             raise RelayBusy(
                 f"The relay is at its limit of upstream connections ({exc}). Try again shortly; "
@@ -153,6 +162,19 @@ class UpstreamClient:
             raise UpstreamTimeout(
                 f"The upstream account '{account}' did not answer in time "
                 f"({redact(str(exc), confidential)})."
+            ) from None
+        except ProxyError as exc:
+            log.warning("upstream account %s: %s", account, exc)
+            raise UpstreamUnavailable(
+                f"The upstream account '{account}' could not be reached through its proxy: "
+                f"{exc.reason}. Tell the relay's operator (the account's proxy setting)."
+            ) from None
+        except CertificateUntrusted as exc:
+            log.warning("upstream account %s: %s", account, exc)
+            raise UpstreamUnavailable(
+                f"The upstream account '{account}' could not be reached: its TLS certificate "
+                f"is not trusted ({exc.reason}). Tell the relay's operator (if the upstream "
+                "uses a private CA, its certificate goes in ca_file)."
             ) from None
         except UnsendableRequest as exc:
             raise InvalidRequest(

@@ -9,10 +9,11 @@ upstream stops generating, stack-notes), keep-alive, a connection cap, and the t
 This module does that and nothing else; ``h1.py`` writes the requests and frames the answers
 (h11 did, until it was measured: see there).
 
-Timeouts: ``connect`` covers TCP and TLS set-up, ``pool`` the wait for a free connection when
-``max_connections`` are in use, ``read`` every wait for the upstream (sending the request, each
-gap between received bytes), as httpx's ``read`` timeout did; a caller that watches a response
-for silence itself turns the last off for that response (``Response.timed_reads``).
+Timeouts: ``connect`` covers TCP and TLS set-up (and a proxy's tunnel, :mod:`.proxy`),
+``pool`` the wait for a free connection when ``max_connections`` are in use, ``read`` every
+wait for the upstream (sending the request, each gap between received bytes), as httpx's
+``read`` timeout did; a caller that watches a response for silence itself turns the last off
+for that response (``Response.timed_reads``).
 
 Connections: a response read to its end goes back to its origin's idle list (newest first) and
 is reused while it is younger than ``keepalive_expiry_s``; an idle connection the upstream has
@@ -46,6 +47,10 @@ from urllib.parse import urlsplit
 import trio
 
 from . import h1
+from .proxy import DIRECT, Proxy, Route, TunnelRefused, open_tunnel
+
+#: Idle connections are kept per origin and route (:class:`.proxy.Route`).
+_PoolKey = tuple[tuple[str, str, int], Route]
 
 #: Bytes asked of the socket per read: a whole burst of events arrives in one read.
 READ_SIZE = 65536
@@ -72,6 +77,24 @@ class TransportError(Exception):
 
 class ConnectTimeout(TransportError):
     """TCP or TLS set-up took longer than the connect timeout."""
+
+
+class ProxyError(TransportError):
+    """The route's proxy could not be reached or refused the tunnel. ``reason`` is fit for a
+    client (the message, for the operator's log, names the proxy but never its credentials)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class CertificateUntrusted(TransportError):
+    """The upstream's TLS certificate did not verify against the route's CAs. ``reason`` is
+    the verifier's (an expired or self-signed certificate, a wrong host name)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class PoolTimeout(TransportError):
@@ -134,7 +157,7 @@ class _Connection:
     )
 
     def __init__(
-        self, origin: tuple[str, str, int], stream: trio.abc.Stream, socket: trio.socket.SocketType
+        self, origin: _PoolKey, stream: trio.abc.Stream, socket: trio.socket.SocketType
     ) -> None:
         self.origin = origin
         self.stream = stream
@@ -214,7 +237,7 @@ class ConnectionPool:
         self._max_connections = max_connections
         self._slots = trio.Semaphore(max_connections)
         self._max_idle = max_idle_connections
-        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._idle: dict[_PoolKey, list[_Connection]] = {}
         self._keepalive_expiry = keepalive_expiry_s
         self._connect_timeout = connect_timeout_s
         self._read_timeout = read_timeout_s
@@ -222,7 +245,8 @@ class ConnectionPool:
         #: The longest body ``Response.aread`` returns (decoded).
         self.max_body_bytes = max_body_bytes
         self._ssl_context_factory = ssl_context_factory
-        self._ssl_context: ssl.SSLContext | None = None  # made at the first https connection
+        # Made at a route's first https connection: one per ca_file (None: the system's CAs).
+        self._ssl_contexts: dict[str | None, ssl.SSLContext] = {}
         self._user_agent = user_agent.encode()
         self._targets: dict[str, _Target] = {}  # a few URLs from the config: parse each once
         self._closed = False
@@ -243,22 +267,26 @@ class ConnectionPool:
         self._idle.clear()
         await trio.lowlevel.checkpoint()
 
-    async def post(self, url: str, headers: list[tuple[str, str]], body: bytes) -> Response:
+    async def post(
+        self, url: str, headers: list[tuple[str, str]], body: bytes, route: Route = DIRECT
+    ) -> Response:
         """Send ``POST url`` with ``body`` and return the response once its head has arrived.
 
-        The caller must ``aclose()`` the response (or read it to the end); until then it holds
-        one of the pool's connections.
+        ``route`` says how to reach the origin (a proxy, a private CA); connections of one
+        route are reused only for that route. The caller must ``aclose()`` the response (or
+        read it to the end); until then it holds one of the pool's connections.
         """
         target = self._targets.get(url)
         if target is None:
             target = self._targets[url] = _parse_url(url)
         await self._take_slot()
         try:
-            connection = self._checkout(target.origin)
+            key = (target.origin, route)
+            connection = self._checkout(key)
             reused = connection is not None
             while True:
                 if connection is None:
-                    connection = await self._connect(target.origin)
+                    connection = await self._connect(key)
                 try:
                     head = await self._exchange(connection, target, headers, body)
                     break
@@ -322,7 +350,7 @@ class ConnectionPool:
             f"{self._pool_timeout:g}s"
         )
 
-    def _checkout(self, origin: tuple[str, str, int]) -> _Connection | None:
+    def _checkout(self, origin: _PoolKey) -> _Connection | None:
         idle = self._idle.get(origin)
         if not idle:
             return None
@@ -368,34 +396,82 @@ class ConnectionPool:
         idle = min((i for i in self._idle.values() if i), key=lambda i: i[0].idle_since)
         idle.pop(0).close()
 
-    async def _connect(self, origin: tuple[str, str, int]) -> _Connection:
-        scheme, host, port = origin
-        stream: trio.abc.Stream | None = None
+    async def _connect(self, key: _PoolKey) -> _Connection:
+        """A new connection for ``key``: TCP to the origin or its route's proxy, the proxy's
+        tunnel, then TLS for https (verified against the route's CAs)."""
+        (scheme, host, port), route = key
+        proxy = route.proxy
+        where = f"{host}:{port}" if proxy is None else f"{host}:{port} via proxy {proxy.shown}"
+        tcp: trio.SocketStream | None = None
         with trio.move_on_after(self._connect_timeout):
             try:
-                tcp = stream = await trio.open_tcp_stream(host, port)
+                if proxy is None:
+                    tcp = await trio.open_tcp_stream(host, port)
+                else:
+                    tcp = await self._open_proxy(proxy, host, port)
+                stream: trio.abc.Stream = tcp
                 if scheme == "https":
-                    if self._ssl_context is None:
-                        self._ssl_context = self._ssl_context_factory()
                     stream = trio.SSLStream(
                         tcp,
-                        self._ssl_context,
+                        self._ssl_context_for(route.ca_file),
                         server_hostname=host,
                         https_compatible=True,
                     )
                     await stream.do_handshake()
-                return _Connection(origin, stream, tcp.socket)
+                return _Connection(key, stream, tcp.socket)
             except (OSError, trio.BrokenResourceError) as exc:
-                if stream is not None:
+                if tcp is not None:
                     tcp.socket.close()
-                raise TransportError(f"{host}:{port}: {_describe(exc)}") from None
+                untrusted = _certificate_error(exc)
+                if untrusted is not None:
+                    raise CertificateUntrusted(
+                        f"{where}: the TLS certificate is not trusted: {_describe(exc)}",
+                        untrusted,
+                    ) from None
+                raise TransportError(f"{where}: {_describe(exc)}") from None
             except BaseException:
-                if stream is not None:
+                if tcp is not None:
                     tcp.socket.close()
                 raise
-        if stream is not None:
+        if tcp is not None:
             tcp.socket.close()
-        raise ConnectTimeout(f"{host}:{port}: no connection within {self._connect_timeout:g}s")
+        raise ConnectTimeout(f"{where}: no connection within {self._connect_timeout:g}s")
+
+    async def _open_proxy(self, proxy: Proxy, host: str, port: int) -> trio.SocketStream:
+        """TCP to ``proxy`` and its tunnel to ``host:port``; :class:`ProxyError` if either
+        fails (a timeout is the caller's)."""
+        try:
+            tcp = await trio.open_tcp_stream(proxy.host, proxy.port)
+        except OSError as exc:
+            raise ProxyError(
+                f"proxy {proxy.shown} cannot be reached: {_describe(exc)}",
+                "the proxy cannot be reached",
+            ) from None
+        try:
+            await open_tunnel(tcp, proxy, host, port)
+        except TunnelRefused as exc:
+            tcp.socket.close()
+            raise ProxyError(str(exc), exc.reason) from None
+        except (OSError, trio.BrokenResourceError) as exc:
+            tcp.socket.close()
+            raise ProxyError(
+                f"proxy {proxy.shown}: the connection broke during the handshake: "
+                f"{_describe(exc)}",
+                "the connection to the proxy broke during its handshake",
+            ) from None
+        except BaseException:
+            tcp.socket.close()
+            raise
+        return tcp
+
+    def _ssl_context_for(self, ca_file: str | None) -> ssl.SSLContext:
+        context = self._ssl_contexts.get(ca_file)
+        if context is None:
+            context = self._ssl_context_factory()
+            if ca_file is not None:
+                context.load_verify_locations(cafile=ca_file)
+            self._ssl_contexts[ca_file] = context
+        return context
 
     async def _send(
         self,
@@ -618,6 +694,14 @@ def _content_coding(head: h1.Head) -> str | None:
         if name == b"content-encoding":
             coding = value.strip().lower().decode("latin-1")
             return coding if coding in h1.BodyDecoder.CODINGS else None
+    return None
+
+
+def _certificate_error(exc: BaseException) -> str | None:
+    """The verifier's words if ``exc`` is (or wraps) a failed certificate check."""
+    cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return cause.verify_message or str(cause)
     return None
 
 
