@@ -128,6 +128,8 @@ class ServerConfig:
     error_cooldown_s: float = 10.0  # rest for an account after repeated 5xx/connect failures
     rate_limit_cooldown_s: float = 30.0  # rest after an upstream 429 with no retry hint
     max_retry_after_s: float = 300.0  # the longest rest an upstream's retry hint can impose
+    log_format: str = "text"  # "text" or "json" (JSON Lines): relay/logs.py
+    access_log: bool = True  # one line per request when it ends (relay/logs.py)
 
     @property
     def host(self) -> str:
@@ -539,9 +541,22 @@ def _read_server(table: _Table, base_dir: Path | None) -> ServerConfig:
         max_retry_after_s=table.number(
             "max_retry_after_s", defaults.max_retry_after_s, positive=True
         ),
+        **_read_logging(table, defaults),
     )
     table.finish()
     return server
+
+
+def _read_logging(table: _Table, defaults: ServerConfig) -> dict[str, Any]:
+    """``log_format`` and ``access_log`` of ``[server]`` (relay/logs.py)."""
+    log_format = table.choice("log_format", ("text", "json")) or defaults.log_format
+    access_log = table.raw("access_log")
+    if access_log is _MISSING:
+        access_log = defaults.access_log
+    elif not isinstance(access_log, bool):
+        table.error("access_log", f"must be true or false, got {_show(access_log)}")
+        access_log = defaults.access_log
+    return {"log_format": log_format, "access_log": access_log}
 
 
 def _read_global(table: _Table) -> GlobalConfig:
