@@ -385,3 +385,23 @@ def test_log_level_option(sim: Sim, tmp_path: Path) -> None:
         capture_output=True, text=True, cwd=ROOT, timeout=30,
     )
     assert bad.returncode == 2 and "--log-level" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [('log_format = "xml"', "server.log_format"), ('access_log = "yes"', "server.access_log")],
+)
+def test_check_config_refuses_bad_log_settings(
+    sim: Sim, tmp_path: Path, setting: str, named: str
+) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        server_section(tmp_path / "relay.db") + setting + "\n" + BODY.replace("SIM_URL", sim.url)
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "relay", "check-config", str(config)],
+        capture_output=True, text=True, cwd=ROOT, timeout=30,
+    )
+    assert done.returncode != 0
+    assert named in done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
