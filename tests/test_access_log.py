@@ -22,6 +22,8 @@ from pathlib import Path
 import httpx2
 import pytest
 
+from relay.testing.sim_protocol import LEAKED_KEY
+
 from .conftest import (
     ADMIN_TOKEN,
     ROOT,
@@ -122,15 +124,19 @@ def log_text(process: Process) -> str:
     return process.log.read_text()
 
 
-def wait_for(process: Process, needle: str, timeout: float = 5.0) -> str:
-    """The log once it holds ``needle`` (the access line is written as the request ends,
-    which may be a moment after the client has its answer)."""
+def wait_for(process: Process, *needles: str, timeout: float = 5.0) -> str:
+    """The log once it holds every one of ``needles`` (an access line is written as its
+    request ends, which may be a moment after the client has its answer)."""
     deadline = time.monotonic() + timeout
     while True:
         text = log_text(process)
-        if needle in text or time.monotonic() > deadline:
+        if all(needle in text for needle in needles) or time.monotonic() > deadline:
             return text
         time.sleep(0.02)
+
+
+def ids(*responses: httpx2.Response) -> list[str]:
+    return [response.headers["x-request-id"] for response in responses]
 
 
 def text_access_lines(text: str) -> dict[str, dict[str, str]]:
@@ -198,8 +204,7 @@ def test_access_lines_match_each_request(text_relay: Relay) -> None:
     made = [plain, streamed, unknown, bad_key, models, missing]
     assert [r.status_code for r in made] == [200, 200, 404, 401, 200, 404]
 
-    last = made[-1].headers["x-request-id"]
-    lines = text_access_lines(wait_for(relay.process, last))
+    lines = text_access_lines(wait_for(relay.process, *ids(*made)))
     for response in made:
         assert response.headers["x-request-id"] in lines, response.headers["x-request-id"]
 
@@ -263,7 +268,7 @@ def test_account_out_of_service_and_back_logged_once_each(text_relay: Relay) -> 
     first = chat(relay, "wrong-model")
     second = chat(relay, "wrong-model")  # the account is out of service: not tried again
     assert first.status_code >= 400 and second.status_code >= 400
-    text = wait_for(relay.process, second.headers["x-request-id"])
+    text = wait_for(relay.process, *ids(first, second))
     out = [line for line in events(text) if "account wrongkey out of service" in line]
     assert len(out) == 1, events(text)
     assert "401 upstream_credentials_rejected" in out[0]
@@ -282,7 +287,7 @@ def test_cooldown_logged_once_with_its_reason(text_relay: Relay) -> None:
     relay = text_relay
     first = chat(relay, "flaky-model", "#sim fault=429")
     assert first.status_code == 429
-    text = wait_for(relay.process, "account flaky cooling down")
+    text = wait_for(relay.process, first.headers["x-request-id"])  # after the event
     found = [line for line in events(text) if "account flaky cooling down" in line]
     assert len(found) == 1, events(text)
     assert "for 2s" in found[0] and "429" in found[0] and "rate_limit_exceeded" in found[0]
@@ -296,7 +301,7 @@ def test_upstream_secret_quoted_by_upstream_is_not_logged(text_relay: Relay) -> 
         chat(relay, "deepseek-chat", "#sim fault=leak_secret")
     text = wait_for(relay.process, "account chat cooling down")
     assert any("account chat cooling down" in line for line in events(text))
-    assert SIM_KEY not in text
+    assert SIM_KEY not in text and LEAKED_KEY not in text
 
 
 def test_usage_writer_falling_behind_is_logged(text_relay: Relay) -> None:
@@ -334,7 +339,7 @@ def test_json_lines(sim: Sim, tmp_path: Path) -> None:
         plain = chat(relay, "fast", key=key)
         refused = chat(relay, "fast", key="cr_" + "y" * 40)
         assert (plain.status_code, refused.status_code) == (200, 401)
-        text = wait_for(relay.process, refused.headers["x-request-id"])
+        text = wait_for(relay.process, *ids(plain, refused))
     finally:
         relay.process.stop()
     records = [json.loads(line) for line in text.splitlines() if line.strip()]  # all JSON
