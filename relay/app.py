@@ -4,7 +4,8 @@
 metrics, guards, scheduler, upstream client — and runs the background tasks (usage writer, key
 refresher, admission timer) in its own nursery for exactly as long as the relay serves.
 :class:`RelayApp` is the ASGI entry point: it routes, gives every response an ``x-request-id``,
-and turns every failure into OpenAI's error JSON.
+turns every failure into OpenAI's error JSON, and writes each request's access-log line when it
+ends (:func:`log_request_end`, ``relay/logs.py``).
 
 Routes: the relay routes (``relay/api/relay.py``), the self-service routes of a key
 (``relay/api/selfservice.py``) under every base path, the admin API (``relay/api/admin.py``),
@@ -240,7 +241,14 @@ class RelayApp:
         if kind == "http":
             await self._http(scope, receive, send)
         elif kind == "websocket":
-            await _refuse_websocket(receive, send)
+            started = trio.current_time()
+            request_id = await _refuse_websocket(receive, send)
+            now = trio.current_time()
+            log_access({
+                "request_id": request_id, "key_id": "", "method": "GET",
+                "path": scope.get("path", ""), "status": 426, "error": "websocket_not_supported",
+                "ttfb_ms": (now - started) * 1000, "duration_ms": (now - started) * 1000,
+            })
         elif kind == "lifespan":
             await _lifespan(receive, send)
 
@@ -338,8 +346,10 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             return
 
 
-async def _refuse_websocket(receive: Receive, send: Send) -> None:
-    """426 for a WebSocket upgrade: the Codex CLI then falls back to HTTP for the session."""
+async def _refuse_websocket(receive: Receive, send: Send) -> str:
+    """426 for a WebSocket upgrade: the Codex CLI then falls back to HTTP for the session.
+    Returns the answer's request id."""
+    request_id = "req_" + uuid.uuid4().hex
     await receive()  # websocket.connect
     body = RelayError(
         "This relay serves the Responses API over HTTP (server-sent events), not WebSocket.",
@@ -353,11 +363,12 @@ async def _refuse_websocket(receive: Receive, send: Send) -> None:
             "status": 426,
             "headers": [
                 (b"content-type", b"application/json"),
-                (b"x-request-id", ("req_" + uuid.uuid4().hex).encode()),
+                (b"x-request-id", request_id.encode()),
             ],
         }
     )
     await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
+    return request_id
 
 
 async def _chat(runtime: Runtime, request: Request, responder: Responder) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -261,6 +262,13 @@ def test_missing_credentials_logged_at_start_naming_the_variable(text_relay: Rel
     assert len(found) == 1, found
     assert UNSET_VARIABLE in found[0] and "is not set" in found[0]
     assert " WARNING " in found[0]
+    # Its first request is refused upstream: the account goes out of service, said once.
+    first, second = chat(text_relay, "nokey-model"), chat(text_relay, "nokey-model")
+    assert first.status_code >= 400 and second.status_code >= 400
+    text = wait_for(text_relay.process, *ids(first, second))
+    out = [line for line in events(text) if "account nokey out of service" in line]
+    assert len(out) == 1, events(text)
+    assert text_access_lines(text)[ids(first)[0]]["account"] == "nokey"
 
 
 def test_account_out_of_service_and_back_logged_once_each(text_relay: Relay) -> None:
@@ -410,3 +418,24 @@ def test_check_config_refuses_bad_log_settings(
     assert done.returncode != 0
     assert named in done.stdout + done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_websocket_refusal_is_logged(text_relay: Relay) -> None:
+    relay = text_relay
+    host, port = relay.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(
+            b"GET /v1/responses HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        data = b""
+        while b"websocket_not_supported" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    request_id = re.search(rb"x-request-id: (req_\w+)", data, re.IGNORECASE)[1].decode()
+    line = text_access_lines(wait_for(relay.process, request_id))[request_id]
+    assert (line["method"], line["path"], line["status"]) == ("GET", "/v1/responses", "426")
+    assert line["error"] == "websocket_not_supported"
