@@ -17,12 +17,20 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx2
 import trio
 
-from .config import Config, ConfigError, check_environment, load_config, parse_config
+from .config import (
+    Config,
+    ConfigError,
+    check_warnings,
+    load_config,
+    load_servable_config,
+    parse_config,
+)
 from .ledger.prices import format_credits, parse_credits, to_credits, unpriced_models
 from .ledger.store import Store, hash_key
 from .logs import setup_logging
@@ -184,11 +192,17 @@ def _admin_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(path: str | None) -> Config:
+def _load(path: str | None, loader: Callable[[str], Config] = load_config) -> Config:
     path = path or os.environ.get("RELAY_CONFIG")
     if not path:
         raise CommandError("no configuration given: pass --config PATH or set RELAY_CONFIG")
-    return load_config(path)
+    return loader(path)
+
+
+def _load_servable(path: str | None) -> Config:
+    """:func:`_load`, refusing a file that cannot serve (``check_serving``): what ``serve`` and
+    ``check-config`` load, so a file ``check-config`` accepts is one ``serve`` starts with."""
+    return _load(path, loader=load_servable_config)
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -222,7 +236,7 @@ def _setup_logging(config: Config | None = None, level: str | None = None) -> No
 
 
 def _serve(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load_servable(args.config)
     _setup_logging(config, args.log_level)
     # Accounts whose credentials variable is unset are logged by the runtime at start.
     from .server import serve
@@ -559,7 +573,9 @@ def _accounts_list(args: argparse.Namespace) -> int:
         "LAST ERROR"
     )
     for account in accounts:
-        if account.get("disabled"):
+        if account.get("missing_credentials"):
+            state = "missing credentials"
+        elif account.get("disabled"):
             state = "out of service"
         elif account.get("cooling_down_s"):
             state = f"cooling down {account['cooling_down_s']:.0f}s"
@@ -602,8 +618,8 @@ def _queues(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    config = _load(args.path)
-    for issue in check_environment(config):
+    config = _load_servable(args.path)
+    for issue in check_warnings(config):
         print(f"warning: {issue}")
     unpriced = unpriced_models(config)
     if unpriced:

@@ -30,6 +30,7 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import math
 import os
@@ -55,7 +56,10 @@ __all__ = [
     "Price",
     "ServerConfig",
     "check_environment",
+    "check_serving",
+    "check_warnings",
     "load_config",
+    "load_servable_config",
     "parse_config",
 ]
 
@@ -102,6 +106,67 @@ def _split_listen(listen: str) -> tuple[str, int]:
     if not _PORT_RE.fullmatch(port_text) or int(port_text) > 65535:
         raise ValueError(f"must be 'host:port' with a port in 0..65535, got {listen!r}")
     return host, int(port_text)
+
+
+_HOST_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?"
+_HOST_RE = re.compile(rf"(?:{_HOST_LABEL}\.)*{_HOST_LABEL}\.?")
+_URL_PATH_RE = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})*")
+
+
+def _base_url_problem(url: str) -> str | None:
+    """What makes ``url`` unusable as an account's ``base_url``, or ``None`` if it is usable.
+
+    Usable means what the upstream client can always send a request to: ``http`` or ``https``,
+    a host (a DNS name, an IPv4 address or a bracketed IPv6 address), an optional port in
+    1..65535, a path of URL characters, and no query, fragment or user info, because the relay
+    appends the endpoint's path (``/chat/completions``) to it and reads the key from
+    ``api_key_env``. Every problem is phrased to follow the key path ("must ...").
+    """
+    if any(char.isspace() or ord(char) < 32 or ord(char) == 127 for char in url):
+        return "must not contain spaces or control characters"
+    if not url.isascii():
+        return (
+            "must be ASCII: write an international host name in its xn-- form and "
+            "percent-encode the path"
+        )
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return "must be an http:// or https:// URL"
+    if "?" in rest or "#" in rest:
+        return (
+            "must have no query (?...) or fragment (#...): the relay appends the endpoint's "
+            "path to it"
+        )
+    netloc, _, path = rest.partition("/")
+    path = "/" + path if _ else ""
+    if "@" in netloc:
+        return (
+            "must not carry credentials (user:password@): put the key in an environment "
+            "variable and name it with api_key_env"
+        )
+    if netloc.startswith("["):
+        host, bracket, port_part = netloc[1:].partition("]")
+        if not bracket:
+            return "must close the '[' of its IPv6 host"
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return f"must have an IPv6 address in brackets, not {host!r}"
+        if port_part and not port_part.startswith(":"):
+            return "must have ':PORT' or '/' after the ']' of its IPv6 host"
+        port_sep, port_text = port_part[:1], port_part[1:]
+    else:
+        host, port_sep, port_text = netloc.partition(":")
+        if not host:
+            return "must name a host (http(s)://HOST/...)"
+        if not _HOST_RE.fullmatch(host):
+            return f"must name a valid host name or IP address, not {host!r}"
+    if port_sep:
+        if not _PORT_RE.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
+            return f"must have a port in 1..65535, not {port_text!r}"
+    if not _URL_PATH_RE.fullmatch(path):
+        return "must have a path of URL characters only (percent-encode the others, %XX)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -639,9 +704,9 @@ def _read_account(
 
     base_url = table.string("base_url", required=True)
     if base_url is not None:
-        scheme, _, rest = base_url.partition("://")
-        if scheme not in ("http", "https") or not rest.strip("/"):
-            table.error("base_url", f"must be an http:// or https:// URL, got {_show(base_url)}")
+        problem = _base_url_problem(base_url)
+        if problem is not None:
+            table.error("base_url", f"{problem}, got {_show(base_url)}")
         base_url = base_url.rstrip("/")
 
     account = AccountConfig(
@@ -803,3 +868,111 @@ def check_environment(config: Config) -> list[ConfigIssue]:
             ConfigIssue(f"accounts[{index}].api_key_env", f"environment variable {env} {problem}")
         )
     return issues
+
+
+# --------------------------------------------------------------------------------------------
+# Can the file serve? (``relay check-config`` and ``relay serve``)
+# --------------------------------------------------------------------------------------------
+
+
+def check_serving(config: Config) -> list[ConfigIssue]:
+    """What makes a valid file unable to serve, each at its key path; empty when it can serve.
+
+    :func:`parse_config` checks each value and reference on its own; this checks the file as a
+    relay: it defines at least one account, every alias's target is served by some account, and
+    every model a package lists is served (directly or through an alias) by an account of the
+    package's pool. A file that passes serves every model it names without an error of its own
+    making. Kept apart from :func:`parse_config` so a fragment (a ``[server]`` table alone) is
+    still a valid configuration to parse; ``relay serve`` and ``relay check-config`` refuse what
+    this reports.
+    """
+    issues: list[ConfigIssue] = []
+    if not config.accounts:
+        if not (config.pools or config.packages or config.models or config.prices):
+            message = "the file defines nothing to serve: add at least one [[accounts]] entry"
+        else:
+            message = "no [[accounts]] entry: the relay has no upstream to serve any model"
+        issues.append(ConfigIssue("accounts", message))
+    served = {model for account in config.accounts for model in account.models}
+    for name, alias in config.models.items():
+        if alias.target not in served:
+            issues.append(
+                ConfigIssue(
+                    f"{_join('models', name)}.target",
+                    f"no account serves {alias.target!r} ({_served_list(served)})",
+                )
+            )
+    for name, package in config.packages.items():
+        if package.models is None:
+            continue
+        pool_served = {
+            model
+            for account in config.accounts
+            if account.pool == package.pool
+            for model in account.models
+        }
+        for index, model in enumerate(package.models):
+            alias = config.models.get(model)
+            target = alias.target if alias is not None else model
+            if target in pool_served:
+                continue
+            what = f"{model!r} (an alias of {target!r})" if alias is not None else repr(model)
+            issues.append(
+                ConfigIssue(
+                    f"{_join('packages', name)}.models[{index}]",
+                    f"no account of pool {package.pool!r} serves {what} "
+                    f"({_served_list(pool_served)})",
+                )
+            )
+    return issues
+
+
+def _served_list(served: set[str]) -> str:
+    return f"served: {', '.join(sorted(served))}" if served else "no account serves any model"
+
+
+def check_warnings(config: Config) -> list[ConfigIssue]:
+    """What a servable file may hold but an operator should know: prices that never apply,
+    packages whose pool has no account, and accounts whose key variable is unset or empty
+    (:func:`check_environment`; such an account shows as "missing credentials")."""
+    warnings: list[ConfigIssue] = []
+    served = {model for account in config.accounts for model in account.models}
+    for model in config.prices:
+        if model not in served and model not in config.models:
+            warnings.append(
+                ConfigIssue(
+                    _join("prices", model),
+                    f"no account serves {model!r} and no alias has that name: "
+                    "this price never applies",
+                )
+            )
+    pools_with_accounts = {account.pool for account in config.accounts}
+    for name, package in config.packages.items():
+        if package.pool not in pools_with_accounts:
+            warnings.append(
+                ConfigIssue(
+                    f"{_join('packages', name)}.pool",
+                    f"pool {package.pool!r} has no account: this package's keys can call no model",
+                )
+            )
+    for issue in check_environment(config):
+        index = int(issue.path.split("[", 1)[1].split("]", 1)[0])
+        name = config.accounts[index].name
+        warnings.append(
+            ConfigIssue(
+                issue.path,
+                f"{issue.message}: account {name!r} has missing credentials and cannot "
+                "authenticate upstream until it is set",
+            )
+        )
+    return warnings
+
+
+def load_servable_config(path: str | os.PathLike[str]) -> Config:
+    """:func:`load_config`, then :func:`check_serving`: a :class:`ConfigError` unless the file
+    can serve. What ``relay serve`` and ``relay check-config`` load."""
+    config = load_config(path)
+    issues = check_serving(config)
+    if issues:
+        raise ConfigError(issues, source=config.source)
+    return config

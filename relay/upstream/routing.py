@@ -82,6 +82,12 @@ class Account:
     def name(self) -> str:
         return self.config.name
 
+    @property
+    def missing_credentials(self) -> bool:
+        """The account names a key variable (``api_key_env``) that is unset or empty now: it
+        can only earn a 401 upstream, so it is shown unhealthy and tried after the others."""
+        return self.config.api_key_env is not None and self.config.api_key() is None
+
 
 class Scheduler:
     """Which accounts may serve a request, best first; admission picks among them."""
@@ -112,7 +118,11 @@ class Scheduler:
             )
         return sorted(
             found,
-            key=lambda account: (-account.config.priority, account.config.provider != native_kind),
+            key=lambda account: (
+                account.missing_credentials,
+                -account.config.priority,
+                account.config.provider != native_kind,
+            ),
         )
 
     def status(self) -> dict[str, dict]:
@@ -122,7 +132,10 @@ class Scheduler:
             account.name: {
                 "provider": account.config.provider,
                 **account.guard.status(now),
-                "healthy": not account.guard.disabled and account.guard.unavailable_until <= now,
+                "healthy": not account.guard.disabled
+                and account.guard.unavailable_until <= now
+                and not account.missing_credentials,
+                "missing_credentials": account.missing_credentials,
                 "rate_limited": account.rate_limited,
                 "last_error": account.last_error or None,
                 "sessions": bound.get(account.name, 0),
