@@ -4,7 +4,8 @@
 metrics, guards, scheduler, upstream client — and runs the background tasks (usage writer, key
 refresher, admission timer) in its own nursery for exactly as long as the relay serves.
 :class:`RelayApp` is the ASGI entry point: it routes, gives every response an ``x-request-id``,
-and turns every failure into OpenAI's error JSON.
+turns every failure into OpenAI's error JSON, and writes each request's access-log line when it
+ends (:func:`log_request_end`, ``relay/logs.py``).
 
 Routes: the relay routes (``relay/api/relay.py``), the self-service routes of a key
 (``relay/api/selfservice.py``) under every base path, the admin API (``relay/api/admin.py``),
@@ -40,9 +41,10 @@ from .errors import (
 from .guards.admission import Admission
 from .ledger.credits import Credits
 from .ledger.keys import KeyRing
-from .ledger.prices import PriceTable
+from .ledger.prices import PriceTable, format_credits
 from .ledger.store import Store
 from .ledger.usage import UsageWriter
+from .logs import log_access, log_missing_credentials
 from .protocol.requests import Endpoint
 from .upstream.client import UpstreamClient
 from .upstream.health import Health
@@ -134,6 +136,7 @@ async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
         health=Health(config.server),
         started_at=time.time(),
     )
+    log_missing_credentials(config)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(usage.run)
@@ -238,11 +241,19 @@ class RelayApp:
         if kind == "http":
             await self._http(scope, receive, send)
         elif kind == "websocket":
-            await _refuse_websocket(receive, send)
+            started = trio.current_time()
+            request_id = await _refuse_websocket(receive, send)
+            now = trio.current_time()
+            log_access({
+                "request_id": request_id, "key_id": "", "method": "GET",
+                "path": scope.get("path", ""), "status": 426, "error": "websocket_not_supported",
+                "ttfb_ms": (now - started) * 1000, "duration_ms": (now - started) * 1000,
+            })
         elif kind == "lifespan":
             await _lifespan(receive, send)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = trio.current_time()
         request_id = "req_" + uuid.uuid4().hex
         responder = Responder(send, request_id)
         try:
@@ -251,21 +262,66 @@ class RelayApp:
             )
         except RelayError as error:  # headers the relay cannot trust (see Request)
             await responder.error(error)
+            log_request_end(scope, request_id, None, responder, error.code or error.type, started)
             return
+        error_code = ""
         try:
             handler = self._find(request)
             await handler(self.runtime, request, responder)
         except RelayError as error:
+            error_code = error.code or error.type
             if not responder.started:
                 await responder.error(error)
         except ClientDisconnected:
-            pass
+            error_code = "client_disconnected"
         except Exception:
+            error_code = "server_error"
             log.exception("unhandled error in %s %s (%s)", request.method, request.path, request_id)
             if not responder.started:
                 await responder.error(InternalError(request_id))
             elif not responder.finished:
                 await responder.end()
+        finally:
+            log_request_end(scope, request_id, request, responder, error_code, started)
+
+
+def log_request_end(
+    scope: Scope,
+    request_id: str,
+    request: Request | None,
+    responder: Responder,
+    error_code: str,
+    started: float,
+) -> None:
+    """The access-log line of a request that has ended (relay/logs.py). A relay request's
+    usage record says what it cost and how it went; any other request, what it was answered."""
+    now = trio.current_time()
+    record = request.usage if request is not None else None
+    status = responder.status if responder.started else 0
+    first_byte = responder.started_at
+    fields: dict = {
+        "request_id": request_id,
+        "key_id": request.key_id if request is not None else "",
+        "method": scope.get("method", ""),
+        "path": scope.get("path", ""),
+        "status": status or (499 if error_code == "client_disconnected" else 0),
+        "error": error_code,
+        "ttfb_ms": None if first_byte is None else (first_byte - started) * 1000,
+        "duration_ms": (now - started) * 1000,
+    }
+    if record is not None:
+        fields.update(
+            model=record.model,
+            served_model=record.upstream_model,
+            account=record.account,
+            status=record.status or fields["status"],
+            error=record.error_code or error_code,
+            tokens_in=record.input_tokens,
+            tokens_out=record.output_tokens,
+            credits=format_credits(record.cost_nano),
+            queue_ms=record.queue_ms,
+        )
+    log_access(fields)
 
 
 def _compile(path: str) -> re.Pattern[str]:
@@ -290,8 +346,10 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             return
 
 
-async def _refuse_websocket(receive: Receive, send: Send) -> None:
-    """426 for a WebSocket upgrade: the Codex CLI then falls back to HTTP for the session."""
+async def _refuse_websocket(receive: Receive, send: Send) -> str:
+    """426 for a WebSocket upgrade: the Codex CLI then falls back to HTTP for the session.
+    Returns the answer's request id."""
+    request_id = "req_" + uuid.uuid4().hex
     await receive()  # websocket.connect
     body = RelayError(
         "This relay serves the Responses API over HTTP (server-sent events), not WebSocket.",
@@ -305,11 +363,12 @@ async def _refuse_websocket(receive: Receive, send: Send) -> None:
             "status": 426,
             "headers": [
                 (b"content-type", b"application/json"),
-                (b"x-request-id", ("req_" + uuid.uuid4().hex).encode()),
+                (b"x-request-id", request_id.encode()),
             ],
         }
     )
     await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
+    return request_id
 
 
 async def _chat(runtime: Runtime, request: Request, responder: Responder) -> None:
@@ -338,6 +397,7 @@ async def _index(runtime: Runtime, request: Request, responder: Responder) -> No
 
 async def _package_of(runtime: Runtime, request: Request):
     key = await runtime.keys.authenticate(request.headers)
+    request.key_id = key.id  # for the access log
     package = runtime.config.packages.get(key.package)
     if package is None:
         raise PermissionDenied(

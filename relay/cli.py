@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -27,7 +26,6 @@ import trio
 from .config import (
     Config,
     ConfigError,
-    check_environment,
     check_warnings,
     load_config,
     load_servable_config,
@@ -35,6 +33,7 @@ from .config import (
 )
 from .ledger.prices import format_credits, parse_credits, to_credits, unpriced_models
 from .ledger.store import Store, hash_key
+from .logs import setup_logging
 
 DEMO_UPSTREAM_KEY_ENV = "RELAY_DEMO_UPSTREAM_KEY"
 
@@ -79,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve with a configuration file")
     _config_option(serve)
+    _log_level_option(serve)
     serve.set_defaults(run=_serve)
 
     keys = commands.add_parser("keys", help="create, list and revoke API keys")
@@ -205,14 +205,31 @@ def _load_servable(path: str | None) -> Config:
     return _load(path, loader=load_servable_config)
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(
-        level=os.environ.get("RELAY_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _log_level_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level", type=str.lower, choices=LOG_LEVELS, default=None,
+        help="the relay's own messages from this level up (default: $RELAY_LOG_LEVEL or "
+        "info); the access log is set in the config (server.access_log)",
     )
-    # httpx2 logs every upstream request at INFO: noise, and work on the hot path.
-    logging.getLogger("httpx2").setLevel(logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _setup_logging(config: Config | None = None, level: str | None = None) -> None:
+    """Logging as ``config``'s [server] says (format, access log), at ``level`` (else
+    $RELAY_LOG_LEVEL, else INFO)."""
+    level = level or os.environ.get("RELAY_LOG_LEVEL") or "INFO"
+    if level.lower() not in LOG_LEVELS:
+        raise CommandError(
+            f"RELAY_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {level!r}"
+        )
+    server = config.server if config is not None else None
+    setup_logging(
+        level,
+        server.log_format if server else "text",
+        server.access_log if server else True,
+    )
 
 
 # -- serve --------------------------------------------------------------------------------
@@ -220,9 +237,8 @@ def _setup_logging() -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     config = _load_servable(args.config)
-    _setup_logging()
-    for issue in check_environment(config):
-        logging.getLogger("relay").warning("%s", issue)
+    _setup_logging(config, args.log_level)
+    # Accounts whose credentials variable is unset are logged by the runtime at start.
     from .server import serve
 
     async def run() -> None:

@@ -199,6 +199,8 @@ class ServerConfig:
     proxy: str | None = field(default=None, repr=False)
     ca_file: str | None = None  # a private CA's certificates, trusted besides the system's
     trust_env: bool = False  # no proxy set: take it from HTTPS_PROXY / HTTP_PROXY / NO_PROXY
+    log_format: str = "text"  # "text" or "json" (JSON Lines): relay/logs.py
+    access_log: bool = True  # one line per request when it ends (relay/logs.py)
 
     @property
     def host(self) -> str:
@@ -616,6 +618,7 @@ def _read_server(table: _Table, base_dir: Path | None) -> ServerConfig:
         proxy=_read_proxy(table, allow_direct=False),
         ca_file=_read_ca_file(table, base_dir),
         trust_env=_read_bool(table, "trust_env", defaults.trust_env),
+        **_read_logging(table, defaults),
     )
     table.finish()
     return server
@@ -685,6 +688,18 @@ def _read_bool(table: _Table, key: str, default: bool) -> bool:
         table.error(key, f"must be true or false, got {_show(value)}")
         return default
     return value
+
+
+def _read_logging(table: _Table, defaults: ServerConfig) -> dict[str, Any]:
+    """``log_format`` and ``access_log`` of ``[server]`` (relay/logs.py)."""
+    log_format = table.choice("log_format", ("text", "json")) or defaults.log_format
+    access_log = table.raw("access_log")
+    if access_log is _MISSING:
+        access_log = defaults.access_log
+    elif not isinstance(access_log, bool):
+        table.error("access_log", f"must be true or false, got {_show(access_log)}")
+        access_log = defaults.access_log
+    return {"log_format": log_format, "access_log": access_log}
 
 
 def _read_global(table: _Table) -> GlobalConfig:

@@ -68,8 +68,8 @@ class Request:
     """
 
     __slots__ = (
-        "_body_timeout_s", "_receive", "headers", "method", "params", "path", "query",
-        "request_id", "scope",
+        "_body_timeout_s", "_receive", "headers", "key_id", "method", "params", "path",
+        "query", "request_id", "scope", "usage",
     )
 
     def __init__(
@@ -88,6 +88,10 @@ class Request:
             headers = _combine(raw)
         self.headers = headers
         self.params: dict[str, str] = {}  # the route's path parameters ({key_id}, …)
+        #: For the access log: the id of the key the request authenticated with, and the
+        #: usage record of a relay request (relay/logs.py).
+        self.key_id = ""
+        self.usage: Any = None
 
     def query_params(self) -> dict[str, str]:
         """The query string's parameters (the last one wins when a name repeats)."""
@@ -186,12 +190,15 @@ class Responder:
     idle connections open for ever (stack-notes, "quart-trio gotchas").
     """
 
-    __slots__ = ("_send", "finished", "header_hook", "request_id", "started", "status")
+    __slots__ = (
+        "_send", "finished", "header_hook", "request_id", "started", "started_at", "status",
+    )
 
     def __init__(self, send: Send, request_id: str) -> None:
         self._send = send
         self.request_id = request_id.encode()
         self.started = False
+        self.started_at: float | None = None  # trio time the response head was sent
         self.finished = False
         self.status = 0
         # Headers computed when the response starts (the key's rate-limit state, for one).
@@ -199,6 +206,7 @@ class Responder:
 
     async def start(self, status: int, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
         self.started = True
+        self.started_at = trio.current_time()
         self.status = status
         all_headers = [(b"x-request-id", self.request_id), *headers]
         if self.header_hook is not None:

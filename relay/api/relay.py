@@ -215,6 +215,7 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
         endpoint=endpoint.value,
         model="",
     )
+    request.key_id, request.usage = key.id, record
     call: Call | None = None
     try:
         package = runtime.config.packages.get(key.package)

@@ -47,7 +47,9 @@ DEFAULT_CALLS = 50
 
 
 async def _key(runtime: Runtime, request: Request) -> KeyRecord:
-    return await runtime.keys.authenticate(request.headers)
+    key = await runtime.keys.authenticate(request.headers)
+    request.key_id = key.id  # for the access log
+    return key
 
 
 def _key_summary(key: KeyRecord) -> dict:

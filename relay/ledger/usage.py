@@ -14,6 +14,10 @@ A batch is one transaction, so a row the database refuses would take every key's
 when a batch fails, its rows are written one by one, and a row that still fails is written with
 the values SQLite cannot store replaced (``store.storable_usage_row``) and logged. A record is
 lost only if the database itself fails, and then it is logged whole.
+
+The writer is *behind* when a write has been going on for :data:`BEHIND_S` as records keep
+arriving, or :data:`BEHIND_RECORDS` wait: logged once as an operator event (``relay/logs.py``),
+and once again when it has caught up (the queue written down to a tenth of that).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 
 import trio
 
+from ..logs import event
 from .store import Store, storable_usage_row
 
 log = logging.getLogger("relay.ledger")
@@ -34,6 +39,10 @@ log = logging.getLogger("relay.ledger")
 #: Records written per SQLite transaction at most, and how long a record may wait for company.
 BATCH_SIZE = 500
 BATCH_WINDOW_S = 0.05
+
+#: When the writer counts as behind: a write this long, or this many records waiting.
+BEHIND_S = 2.0
+BEHIND_RECORDS = 10_000
 
 
 @dataclass
@@ -85,6 +94,10 @@ class UsageWriter:
         self._send, self._receive = trio.open_memory_channel[UsageRecord](math.inf)
         self.written = 0
         self.queued = 0
+        #: Whether the writer is behind now (logged when it changes), and since when (monotonic)
+        #: the write in progress has been going on.
+        self.behind = False
+        self._writing_since: float | None = None
 
     def record(self, record: UsageRecord) -> None:
         """Price, count and queue one record; never raises, never checkpoints."""
@@ -95,6 +108,20 @@ class UsageWriter:
                 log.exception("observer %r failed on %s", observe, record.request_id)
         self.queued += 1
         self._send.send_nowait(record)
+        if not self.behind:
+            since = self._writing_since
+            if self.queued >= BEHIND_RECORDS or (
+                since is not None and time.monotonic() - since >= BEHIND_S
+            ):
+                self.behind = True
+                event(
+                    "usage_writer_behind",
+                    "the usage writer is falling behind: %d records waiting, the database has "
+                    "taken %.1fs for the write in progress (slow or locked disk?); nothing is "
+                    "lost, balances in memory are current",
+                    self.queued, 0.0 if since is None else time.monotonic() - since,
+                    queued=self.queued,
+                )
 
     def close(self) -> None:
         """Stop accepting records; :meth:`run` returns once the queue is written."""
@@ -129,6 +156,20 @@ class UsageWriter:
 
     async def _write(self, batch: list[UsageRecord]) -> None:
         rows = [record.row() for record in batch]
+        self._writing_since = time.monotonic()
+        try:
+            await self._write_rows(rows)
+        finally:
+            self._writing_since = None
+        if self.behind and self.queued <= BEHIND_RECORDS // 10:
+            self.behind = False
+            event(
+                "usage_writer_caught_up",
+                "the usage writer has caught up (%d records waiting)", self.queued,
+                queued=self.queued,
+            )
+
+    async def _write_rows(self, rows: list[dict]) -> None:
         # Shielded: a shutdown that cancels the writer mid-batch must not lose the batch.
         with trio.CancelScope(shield=True):
             try:

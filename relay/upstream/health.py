@@ -11,6 +11,11 @@ cool-down to end. The rules (DESIGN.md, "Account scheduling"):
 * upstream 401/403 → out of service until an operator re-enables it (the relay's credential for
   it is wrong; retrying cannot help);
 * three failures in a row (5xx, connect errors, timeouts) → rest ``error_cooldown_s``.
+
+Each change is an operator event (``relay/logs.py``), logged once when it happens: an account
+taken out of service (with the upstream's answer, or "by the operator"), put back, and a
+cool-down beginning (its length and reason; a cool-down extended while it runs is not logged
+again).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import trio
 
 from ..config import ServerConfig
 from ..errors import RelayBusy, RelayError, UpstreamTimeout, UpstreamUnavailable
+from ..logs import event, redact
 from .routing import Account
 
 #: Failures in a row after which an account rests.
@@ -57,23 +63,67 @@ class Health:
             hint = getattr(error, "retry_after_s", None)
             wait = hint if hint is not None else self._server.rate_limit_cooldown_s
             wait = min(wait, self._server.max_retry_after_s)
+            if guard.unavailable_until <= now:
+                _cooling(account, wait, f"the upstream answered {_reason(account, error)}")
             guard.unavailable_until = max(guard.unavailable_until, now + wait)
             account.rate_limited += 1
         elif error.status in (401, 403):
+            if not guard.disabled:
+                event(
+                    "account_out_of_service",
+                    "account %s out of service until an operator enables it: the upstream "
+                    "answered %s (check its credentials)",
+                    account.name, _reason(account, error),
+                    account=account.name, reason=_reason(account, error),
+                )
             guard.disabled = True
         else:
             account.consecutive_failures += 1
             if account.consecutive_failures >= FAILURES_BEFORE_COOLDOWN:
-                guard.unavailable_until = now + self._server.error_cooldown_s
+                wait = self._server.error_cooldown_s
+                if guard.unavailable_until <= now:
+                    _cooling(
+                        account, wait,
+                        f"{FAILURES_BEFORE_COOLDOWN} failures in a row, the last "
+                        f"{_reason(account, error)}",
+                    )
+                guard.unavailable_until = now + wait
                 account.consecutive_failures = 0
 
     def disable(self, account: Account) -> None:
         """Take an account out of service until it is enabled again (an operator's choice;
         like an upstream 401/403, it lasts until :meth:`enable` or a restart)."""
+        if not account.guard.disabled:
+            event(
+                "account_out_of_service",
+                "account %s out of service: disabled by the operator",
+                account.name, account=account.name, reason="disabled by the operator",
+            )
         account.guard.disabled = True
 
     def enable(self, account: Account) -> None:
         """Put an account back in service (an operator fixed its credential)."""
+        if account.guard.disabled:
+            event(
+                "account_back_in_service",
+                "account %s back in service: enabled by the operator",
+                account.name, account=account.name, reason="enabled by the operator",
+            )
         account.guard.disabled = False
         account.guard.unavailable_until = 0.0
         account.consecutive_failures = 0
+
+
+def _reason(account: Account, error: RelayError) -> str:
+    """``429 rate_limit_exceeded: …`` with the account's own credential taken out."""
+    text = f"{error.status} {error.code or error.type}: {error.message}"[:300]
+    return redact(text, account.config.api_key())
+
+
+def _cooling(account: Account, seconds: float, reason: str) -> None:
+    event(
+        "account_cooldown",
+        "account %s cooling down for %gs: %s",
+        account.name, seconds, reason,
+        account=account.name, seconds=seconds, reason=reason,
+    )
