@@ -23,14 +23,8 @@ from pathlib import Path
 import httpx2
 import trio
 
-from .config import (
-    Config,
-    ConfigError,
-    check_warnings,
-    load_config,
-    load_servable_config,
-    parse_config,
-)
+from .config import Config, ConfigError, load_config, parse_config
+from .config_checks import check_warnings, load_servable_config
 from .ledger.prices import format_credits, parse_credits, to_credits, unpriced_models
 from .ledger.store import Store, hash_key
 from .logs import setup_logging

@@ -19,8 +19,10 @@ Decisions worth knowing:
 - Secrets are never in the file. An account names the environment variable that holds its key
   (``api_key_env``) and the key is read when it is needed (:meth:`AccountConfig.api_key`), so it
   can be rotated without editing the file and the file can be committed.
-  :func:`check_environment` reports missing variables separately from :func:`parse_config`, because
-  a file can be valid on a machine that does not run it (CI, a config linter).
+  ``config_checks.check_environment`` reports missing variables separately from
+  :func:`parse_config`, because a file can be valid on a machine that does not run it (CI, a
+  config linter). Whether a valid file can serve is :mod:`relay.config_checks`; the address
+  checks (``listen``, ``base_url``, proxy URLs) are :mod:`relay.config_urls`.
 - ``server.database`` is resolved against the directory of the config file, not the working
   directory, so ``relay serve -c /etc/relay/relay.toml`` finds the same database from anywhere.
 - Aliases do not chain: an alias's ``target`` may not be another alias. One level is all a client
@@ -30,7 +32,6 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import json
 import math
 import os
@@ -42,7 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlsplit
+
+from .config_urls import base_url_problem, check_proxy_url, split_listen
 
 __all__ = [
     "PROVIDERS",
@@ -57,11 +59,7 @@ __all__ = [
     "PoolConfig",
     "Price",
     "ServerConfig",
-    "check_environment",
-    "check_serving",
-    "check_warnings",
     "load_config",
-    "load_servable_config",
     "parse_config",
 ]
 
@@ -75,7 +73,6 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _KEY_PREFIX_RE = re.compile(r"[A-Za-z0-9_-]{1,16}")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
-_PORT_RE = re.compile(r"[0-9]{1,5}")
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 _MEMORY_DATABASE = ":memory:"
 
@@ -83,92 +80,6 @@ _MEMORY_DATABASE = ":memory:"
 # --------------------------------------------------------------------------------------------
 # The typed configuration
 # --------------------------------------------------------------------------------------------
-
-
-def _split_listen(listen: str) -> tuple[str, int]:
-    """Split ``host:port`` (or ``[v6-host]:port``) or raise ValueError saying what is wrong."""
-    if listen.startswith("["):
-        end = listen.find("]")
-        if end == -1:
-            raise ValueError(
-                f"must be 'host:port'; the '[' of an IPv6 host is not closed: {listen!r}"
-            )
-        host, rest = listen[1:end], listen[end + 1 :]
-        if not rest.startswith(":"):
-            raise ValueError(f"must be 'host:port', e.g. '[::1]:8080', got {listen!r}")
-        port_text = rest[1:]
-    else:
-        host, sep, port_text = listen.rpartition(":")
-        if not sep:
-            raise ValueError(f"must be 'host:port', e.g. '127.0.0.1:8080', got {listen!r}")
-        if ":" in host:
-            raise ValueError(f"an IPv6 host must be in brackets, e.g. '[::1]:8080', got {listen!r}")
-    if not host:
-        raise ValueError(f"must be 'host:port' with a non-empty host, got {listen!r}")
-    if not _PORT_RE.fullmatch(port_text) or int(port_text) > 65535:
-        raise ValueError(f"must be 'host:port' with a port in 0..65535, got {listen!r}")
-    return host, int(port_text)
-
-
-_HOST_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?"
-_HOST_RE = re.compile(rf"(?:{_HOST_LABEL}\.)*{_HOST_LABEL}\.?")
-_URL_PATH_RE = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})*")
-
-
-def _base_url_problem(url: str) -> str | None:
-    """What makes ``url`` unusable as an account's ``base_url``, or ``None`` if it is usable.
-
-    Usable means what the upstream client can always send a request to: ``http`` or ``https``,
-    a host (a DNS name, an IPv4 address or a bracketed IPv6 address), an optional port in
-    1..65535, a path of URL characters, and no query, fragment or user info, because the relay
-    appends the endpoint's path (``/chat/completions``) to it and reads the key from
-    ``api_key_env``. Every problem is phrased to follow the key path ("must ...").
-    """
-    if any(char.isspace() or ord(char) < 32 or ord(char) == 127 for char in url):
-        return "must not contain spaces or control characters"
-    if not url.isascii():
-        return (
-            "must be ASCII: write an international host name in its xn-- form and "
-            "percent-encode the path"
-        )
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() not in ("http", "https"):
-        return "must be an http:// or https:// URL"
-    if "?" in rest or "#" in rest:
-        return (
-            "must have no query (?...) or fragment (#...): the relay appends the endpoint's "
-            "path to it"
-        )
-    netloc, _, path = rest.partition("/")
-    path = "/" + path if _ else ""
-    if "@" in netloc:
-        return (
-            "must not carry credentials (user:password@): put the key in an environment "
-            "variable and name it with api_key_env"
-        )
-    if netloc.startswith("["):
-        host, bracket, port_part = netloc[1:].partition("]")
-        if not bracket:
-            return "must close the '[' of its IPv6 host"
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            return f"must have an IPv6 address in brackets, not {host!r}"
-        if port_part and not port_part.startswith(":"):
-            return "must have ':PORT' or '/' after the ']' of its IPv6 host"
-        port_sep, port_text = port_part[:1], port_part[1:]
-    else:
-        host, port_sep, port_text = netloc.partition(":")
-        if not host:
-            return "must name a host (http(s)://HOST/...)"
-        if not _HOST_RE.fullmatch(host):
-            return f"must name a valid host name or IP address, not {host!r}"
-    if port_sep:
-        if not _PORT_RE.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
-            return f"must have a port in 1..65535, not {port_text!r}"
-    if not _URL_PATH_RE.fullmatch(path):
-        return "must have a path of URL characters only (percent-encode the others, %XX)"
-    return None
 
 
 @dataclass(frozen=True)
@@ -205,12 +116,12 @@ class ServerConfig:
     @property
     def host(self) -> str:
         """The host part of ``listen``, without the brackets of an IPv6 address."""
-        return _split_listen(self.listen)[0]
+        return split_listen(self.listen)[0]
 
     @property
     def port(self) -> int:
         """The port part of ``listen`` (0 asks the OS for a free port)."""
-        return _split_listen(self.listen)[1]
+        return split_listen(self.listen)[1]
 
 
 @dataclass(frozen=True)
@@ -547,7 +458,7 @@ def _read_server(table: _Table, base_dir: Path | None) -> ServerConfig:
     defaults = ServerConfig()
     listen = table.string("listen", defaults.listen)
     try:
-        _split_listen(listen)
+        split_listen(listen)
     except ValueError as exc:
         table.error("listen", str(exc))
         listen = defaults.listen
@@ -622,30 +533,6 @@ def _read_server(table: _Table, base_dir: Path | None) -> ServerConfig:
     )
     table.finish()
     return server
-
-
-#: Proxy URL schemes: HTTP CONNECT, and SOCKS5 (the proxy resolves the name, either spelling).
-PROXY_SCHEMES = ("http", "socks5", "socks5h")
-
-
-def check_proxy_url(url: str) -> str | None:
-    """What is wrong with a proxy URL, or None: ``SCHEME://[user:pass@]host:port`` with a
-    scheme of :data:`PROXY_SCHEMES`, a host, a port in 1..65535 and nothing after it. The
-    message never repeats the URL: it may carry a password."""
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in PROXY_SCHEMES:
-        return f"must start with {', '.join(s + '://' for s in PROXY_SCHEMES)}"
-    try:
-        port = parts.port
-    except ValueError:
-        return "has a port that is not a number in 1..65535"
-    if not parts.hostname:
-        return "has no host"
-    if port is None or port == 0:
-        return "must name the proxy's port (host:port)"
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        return "must be only scheme://[user:password@]host:port"
-    return None
 
 
 def _read_proxy(table: _Table, *, allow_direct: bool) -> str | None:
@@ -785,7 +672,7 @@ def _read_account(
 
     base_url = table.string("base_url", required=True)
     if base_url is not None:
-        problem = _base_url_problem(base_url)
+        problem = base_url_problem(base_url)
         if problem is not None:
             table.error("base_url", f"{problem}, got {_show(base_url)}")
         base_url = base_url.rstrip("/")
@@ -929,135 +816,3 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         message = f"invalid TOML: the file is not UTF-8 ({exc.reason} at byte {exc.start})"
         raise ConfigError([ConfigIssue(source, message)], source=source) from None
     return parse_config(data, base_dir=file.resolve().parent, source=source)
-
-
-def check_environment(config: Config) -> list[ConfigIssue]:
-    """Accounts whose ``api_key_env`` names a variable that is unset (or empty) right now.
-
-    Kept apart from :func:`parse_config` because the file can be valid where it does not run;
-    ``relay serve`` reports these at start-up, and such accounts cannot authenticate upstream.
-    """
-    issues = []
-    for index, account in enumerate(config.accounts):
-        env = account.api_key_env
-        if env is None:
-            continue
-        value = os.environ.get(env)
-        if value is None:
-            problem = "is not set"
-        elif not value:
-            problem = "is empty"
-        else:
-            continue
-        issues.append(
-            ConfigIssue(f"accounts[{index}].api_key_env", f"environment variable {env} {problem}")
-        )
-    return issues
-
-
-# --------------------------------------------------------------------------------------------
-# Can the file serve? (``relay check-config`` and ``relay serve``)
-# --------------------------------------------------------------------------------------------
-
-
-def check_serving(config: Config) -> list[ConfigIssue]:
-    """What makes a valid file unable to serve, each at its key path; empty when it can serve.
-
-    :func:`parse_config` checks each value and reference on its own; this checks the file as a
-    relay: it defines at least one account, every alias's target is served by some account, and
-    every model a package lists is served (directly or through an alias) by an account of the
-    package's pool. A file that passes serves every model it names without an error of its own
-    making. Kept apart from :func:`parse_config` so a fragment (a ``[server]`` table alone) is
-    still a valid configuration to parse; ``relay serve`` and ``relay check-config`` refuse what
-    this reports.
-    """
-    issues: list[ConfigIssue] = []
-    if not config.accounts:
-        if not (config.pools or config.packages or config.models or config.prices):
-            message = "the file defines nothing to serve: add at least one [[accounts]] entry"
-        else:
-            message = "no [[accounts]] entry: the relay has no upstream to serve any model"
-        issues.append(ConfigIssue("accounts", message))
-    served = {model for account in config.accounts for model in account.models}
-    for name, alias in config.models.items():
-        if alias.target not in served:
-            issues.append(
-                ConfigIssue(
-                    f"{_join('models', name)}.target",
-                    f"no account serves {alias.target!r} ({_served_list(served)})",
-                )
-            )
-    for name, package in config.packages.items():
-        if package.models is None:
-            continue
-        pool_served = {
-            model
-            for account in config.accounts
-            if account.pool == package.pool
-            for model in account.models
-        }
-        for index, model in enumerate(package.models):
-            alias = config.models.get(model)
-            target = alias.target if alias is not None else model
-            if target in pool_served:
-                continue
-            what = f"{model!r} (an alias of {target!r})" if alias is not None else repr(model)
-            issues.append(
-                ConfigIssue(
-                    f"{_join('packages', name)}.models[{index}]",
-                    f"no account of pool {package.pool!r} serves {what} "
-                    f"({_served_list(pool_served)})",
-                )
-            )
-    return issues
-
-
-def _served_list(served: set[str]) -> str:
-    return f"served: {', '.join(sorted(served))}" if served else "no account serves any model"
-
-
-def check_warnings(config: Config) -> list[ConfigIssue]:
-    """What a servable file may hold but an operator should know: prices that never apply,
-    packages whose pool has no account, and accounts whose key variable is unset or empty
-    (:func:`check_environment`; such an account shows as "missing credentials")."""
-    warnings: list[ConfigIssue] = []
-    served = {model for account in config.accounts for model in account.models}
-    for model in config.prices:
-        if model not in served and model not in config.models:
-            warnings.append(
-                ConfigIssue(
-                    _join("prices", model),
-                    f"no account serves {model!r} and no alias has that name: "
-                    "this price never applies",
-                )
-            )
-    pools_with_accounts = {account.pool for account in config.accounts}
-    for name, package in config.packages.items():
-        if package.pool not in pools_with_accounts:
-            warnings.append(
-                ConfigIssue(
-                    f"{_join('packages', name)}.pool",
-                    f"pool {package.pool!r} has no account: this package's keys can call no model",
-                )
-            )
-    for issue in check_environment(config):
-        index = int(issue.path.split("[", 1)[1].split("]", 1)[0])
-        name = config.accounts[index].name
-        warnings.append(
-            ConfigIssue(
-                issue.path,
-                f"{issue.message}: account {name!r} has missing credentials and cannot "
-                "authenticate upstream until it is set",
-            )
-        )
-    return warnings
-
-
-def load_servable_config(path: str | os.PathLike[str]) -> Config:
-    """:func:`load_config`, then :func:`check_serving`: a :class:`ConfigError` unless the file
-    can serve. What ``relay serve`` and ``relay check-config`` load."""
-    config = load_config(path)
-    issues = check_serving(config)
-    if issues:
-        raise ConfigError(issues, source=config.source)
-    return config

@@ -24,10 +24,10 @@ from relay.config import (
     PoolConfig,
     Price,
     ServerConfig,
-    check_environment,
     load_config,
     parse_config,
 )
+from relay.config_checks import check_environment
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "relay.example.toml"
 

@@ -31,7 +31,8 @@ import trio
 from socksio import socks5
 from socksio.exceptions import ProtocolError as SocksProtocolError
 
-from ..config import AccountConfig, ServerConfig, check_proxy_url
+from ..config import AccountConfig, ServerConfig
+from ..config_urls import check_proxy_url
 from . import h1
 
 log = logging.getLogger("relay.upstream")
@@ -52,7 +53,7 @@ class Proxy:
 
     @classmethod
     def from_url(cls, url: str) -> Proxy:
-        """The proxy of a URL :func:`relay.config.check_proxy_url` accepts (ValueError if not)."""
+        """The proxy of a URL :func:`.config_urls.check_proxy_url` accepts (else ValueError)."""
         problem = check_proxy_url(url)
         if problem is not None:
             raise ValueError(f"the proxy URL {problem}")
