@@ -14,12 +14,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from relay.api.metrics import Metrics
 from relay.config import parse_config
 from relay.ledger.credits import Credits
 from relay.ledger.prices import PriceTable, parse_credits
 from relay.ledger.store import Store
 from relay.ledger.usage import UsageRecord
+from relay.metrics import Metrics
 
 from .common import machine_info, machine_line
 

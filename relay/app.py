@@ -1,159 +1,36 @@
-"""The relay's runtime (shared state and background tasks) and its ASGI application.
+"""The relay's ASGI application: it composes the routes around the runtime, and nothing else.
 
-:func:`open_runtime` builds everything a request needs — store, key ring, credits, usage writer,
-metrics, guards, scheduler, upstream client — and runs the background tasks (usage writer, key
-refresher, admission timer) in its own nursery for exactly as long as the relay serves.
 :class:`RelayApp` is the ASGI entry point: it routes, gives every response an ``x-request-id``,
 turns every failure into OpenAI's error JSON, and writes each request's access-log line when it
-ends (:func:`log_request_end`, ``relay/logs.py``).
+ends (:func:`log_request_end`, ``relay/logs.py``). The shared state is :mod:`relay.runtime`'s.
 
-Routes: the relay routes (``relay/api/relay.py``), the self-service routes of a key
-(``relay/api/selfservice.py``) under every base path, the admin API (``relay/api/admin.py``),
-``/metrics`` (``relay/api/metrics.py``) and the key workbench page (``relay/api/web.py``).
+Routes: the relay routes (``relay/api/relay.py``), health, index and models
+(``relay/api/discovery.py``), the self-service routes of a key (``relay/api/selfservice.py``)
+under every base path, the admin API (``relay/api/admin.py``), ``/metrics``
+(``relay/api/metrics.py``) and the key workbench page (``relay/api/web.py``).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 
 import trio
 
-from .api import admin, selfservice
+from .api import admin, discovery, selfservice
 from .api import relay as relay_routes
+from .api.discovery import BASE_PATHS
 from .api.http import ClientDisconnected, Receive, Request, Responder, Scope, Send
-from .api.metrics import Metrics, serve_metrics
+from .api.metrics import serve_metrics
 from .api.web import Web
-from .config import Config
-from .errors import (
-    InternalError,
-    MethodNotAllowed,
-    ModelNotFound,
-    NotFound,
-    PermissionDenied,
-    RelayError,
-)
-from .guards.admission import Admission
-from .ledger.credits import Credits
-from .ledger.keys import KeyRing
-from .ledger.prices import PriceTable, format_credits
-from .ledger.store import Store
-from .ledger.usage import UsageWriter
-from .logs import log_access, log_missing_credentials
-from .protocol.requests import Endpoint
-from .upstream.client import UpstreamClient
-from .upstream.health import Health
-from .upstream.routing import Catalog, Scheduler
+from .errors import InternalError, MethodNotAllowed, NotFound, RelayError
+from .ledger.prices import format_credits
+from .logs import log_access
+from .runtime import Runtime
 
 log = logging.getLogger("relay")
-
-SHUTDOWN_MESSAGE = "The relay is shutting down and did not serve this request; retry it."
-
-#: Every path prefix clients are told to use (seed documents): OpenAI-style, Codex relays,
-#: multi-model gateways.
-BASE_PATHS = ("/openai/v1", "/v1", "/codex/v1", "/api/v1")
-
-
-@dataclass
-class Runtime:
-    config: Config
-    store: Store
-    keys: KeyRing
-    credits: Credits
-    metrics: Metrics
-    usage: UsageWriter
-    admission: Admission
-    scheduler: Scheduler
-    catalog: Catalog
-    upstream: UpstreamClient
-    health: Health
-    started_at: float
-    active_requests: int = 0  # relay requests (chat, responses) in progress
-    #: Set on SIGTERM/SIGINT: relay requests are refused from then on (see :meth:`shut_down`).
-    shutting_down: bool = False
-    #: The drain scope of each relay request that may reach an upstream (see :meth:`cut`).
-    drains: set[trio.CancelScope] = field(default_factory=set)
-
-    def shut_down(self) -> None:
-        """Stop serving new relay requests: those still queued in admission are woken with a
-        refusal (a 503 for their client), those that arrive from now on are refused at once;
-        requests already admitted run on until :meth:`cut`."""
-        self.shutting_down = True
-        self.admission.refuse_waiting(SHUTDOWN_MESSAGE)
-
-    def cut(self) -> int:
-        """End every relay request still running, through its own nursery: each one's drain
-        scope is cancelled, and the request ends its answer with an error in its protocol
-        (``relay_shutdown``), is billed for what it produced and writes its usage record.
-        Returns how many were cut."""
-        for scope in self.drains:
-            scope.cancel()
-        return len(self.drains)
-
-    def state(self) -> dict:
-        """Live counters: what the admin endpoint shows and the leak tests check."""
-        return {
-            "active_requests": self.active_requests,
-            "admission": self.admission.status(),
-            "accounts": self.scheduler.status(),
-            "sessions": {
-                "bound": len(self.scheduler.sessions),
-                "rebinds": self.scheduler.sessions.rebinds,
-            },
-            "usage_records": {"written": self.usage.written, "queued": self.usage.queued},
-            "credits": self.credits.status(),
-        }
-
-
-@asynccontextmanager
-async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
-    """Open the runtime; on exit, stop taking usage records and write every queued one."""
-    store = Store(config.server.database)
-    keys = KeyRing(store)
-    keys.load()
-    credits = Credits(PriceTable(config.prices), keys.records())
-    metrics = Metrics(config)
-    # Priced and debited first, then counted (the metrics read the cost).
-    usage = UsageWriter(store, observers=[credits.charge, metrics.observe])
-    upstream = UpstreamClient(config.server, config.accounts)
-    admission = Admission(config)
-    runtime = Runtime(
-        config=config,
-        store=store,
-        keys=keys,
-        credits=credits,
-        metrics=metrics,
-        usage=usage,
-        admission=admission,
-        scheduler=Scheduler(config),
-        catalog=Catalog(config),
-        upstream=upstream,
-        health=Health(config.server),
-        started_at=time.time(),
-    )
-    log_missing_credentials(config)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(usage.run)
-            # Tasks that run for as long as the relay serves; the usage writer outlives them
-            # to drain what is queued.
-            async with trio.open_nursery() as background:
-                background.start_soon(keys.refresh_forever)
-                background.start_soon(admission.run)
-                try:
-                    yield runtime
-                finally:
-                    background.cancel_scope.cancel()
-                    usage.close()
-    finally:
-        with trio.CancelScope(shield=True):
-            await upstream.aclose()
-        store.close()
 
 
 Handler = Callable[[Runtime, Request, Responder], Awaitable[None]]
@@ -168,19 +45,19 @@ class RelayApp:
         self._routes: dict[str, dict[str, Handler]] = {}
         self._patterns: list[tuple[re.Pattern[str], dict[str, Handler]]] = []
         for base in BASE_PATHS:
-            self._add(base + "/chat/completions", "POST", _chat)
-            self._add(base + "/responses", "POST", _responses)
-            self._add(base + "/models", "GET", _list_models)
-            self._add(base + "/models/{model}", "GET", _get_model)
-            self._add(base, "GET", _health)
+            self._add(base + "/chat/completions", "POST", relay_routes.chat)
+            self._add(base + "/responses", "POST", relay_routes.responses)
+            self._add(base + "/models", "GET", discovery.list_models)
+            self._add(base + "/models/{model}", "GET", discovery.get_model)
+            self._add(base, "GET", discovery.health)
             for path, handler in selfservice.ROUTES:
                 self._add(base + path, "GET", handler)
         for path, handler in selfservice.ROOT_ROUTES:
             self._add(path, "GET", handler)
         # The Codex CLI appends "/responses" to a base URL given without "/v1".
-        self._add("/openai/responses", "POST", _responses)
-        self._add("/openai", "GET", _health)
-        self._add("/healthz", "GET", _health)
+        self._add("/openai/responses", "POST", relay_routes.responses)
+        self._add("/openai", "GET", discovery.health)
+        self._add("/healthz", "GET", discovery.health)
         self._add("/", "GET", self._index)
         self._add("/workbench", "GET", self.web.page)
         self._add("/web/{name}", "GET", self.web.asset)
@@ -234,7 +111,7 @@ class RelayApp:
         if self.web.wants_page(request):
             await self.web.page(runtime, request, responder)
         else:
-            await _index(runtime, request, responder)
+            await discovery.index(runtime, request, responder)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -369,67 +246,3 @@ async def _refuse_websocket(receive: Receive, send: Send) -> str:
     )
     await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
     return request_id
-
-
-async def _chat(runtime: Runtime, request: Request, responder: Responder) -> None:
-    await relay_routes.handle(runtime, request, responder, Endpoint.CHAT)
-
-
-async def _responses(runtime: Runtime, request: Request, responder: Responder) -> None:
-    await relay_routes.handle(runtime, request, responder, Endpoint.RESPONSES)
-
-
-async def _health(runtime: Runtime, request: Request, responder: Responder) -> None:
-    await responder.json(200, {"status": "ok", "object": "relay"})
-
-
-async def _index(runtime: Runtime, request: Request, responder: Responder) -> None:
-    await responder.json(
-        200,
-        {
-            "object": "relay",
-            "status": "ok",
-            "base_urls": [*BASE_PATHS, "/openai (Codex: appends /responses)"],
-            "workbench": "/workbench",
-        },
-    )
-
-
-async def _package_of(runtime: Runtime, request: Request):
-    key = await runtime.keys.authenticate(request.headers)
-    request.key_id = key.id  # for the access log
-    package = runtime.config.packages.get(key.package)
-    if package is None:
-        raise PermissionDenied(
-            f"Your key belongs to package '{key.package}', which this relay no longer offers.",
-            code="package_not_found",
-        )
-    return package
-
-
-def _model_object(runtime: Runtime, model: str) -> dict:
-    return {
-        "id": model,
-        "object": "model",
-        "created": int(runtime.started_at),
-        "owned_by": "relay",
-    }
-
-
-async def _list_models(runtime: Runtime, request: Request, responder: Responder) -> None:
-    package = await _package_of(runtime, request)
-    models = runtime.catalog.models_for(package)
-    await responder.json(
-        200, {"object": "list", "data": [_model_object(runtime, m) for m in models]}
-    )
-
-
-async def _get_model(runtime: Runtime, request: Request, responder: Responder) -> None:
-    package = await _package_of(runtime, request)
-    model = request.params["model"]
-    if model not in runtime.catalog.models_for(package):
-        raise ModelNotFound(
-            f"The model '{model}' does not exist or you do not have access to it.",
-            param="model",
-        )
-    await responder.json(200, _model_object(runtime, model))

@@ -21,7 +21,7 @@ Two things hypercorn does not do the relay's way, and how they are changed witho
 - *Shutdown* (SIGTERM/SIGINT, or ``shutdown_trigger``): the relay stops accepting connections
   at once, answers requests still queued in admission with 503, lets running requests finish
   for up to ``drain_timeout_s``, then ends the rest through their own nurseries, each with an
-  error event in its protocol (:meth:`relay.app.Runtime.cut`); hypercorn's graceful timeout is
+  error event in its protocol (:meth:`relay.runtime.Runtime.cut`); hypercorn's graceful timeout is
   a few seconds longer, so those last events are written. Then every usage record is written
   and the process exits 0. A second signal during the drain is not caught: it stops the
   process at once, as an operator who presses Ctrl-C twice expects.
@@ -54,9 +54,10 @@ from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
-from .app import RelayApp, Runtime, open_runtime
+from .app import RelayApp
 from .config import Config
 from .errors import RelayError
+from .runtime import Runtime, open_runtime
 
 log = logging.getLogger("relay")
 

@@ -14,9 +14,9 @@ import pytest
 from prometheus_client import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.api.metrics import MAX_ERROR_CODES, Metrics
 from relay.config import parse_config
 from relay.ledger.usage import UsageRecord
+from relay.metrics import MAX_ERROR_CODES, Metrics
 
 from .conftest import ADMIN_TOKEN, BILLING_BODY, Relay, Sim, running_relay
 from .test_credits import chat

@@ -10,7 +10,7 @@ import time
 import httpx2
 import pytest
 
-from relay.app import BASE_PATHS
+from relay.api.discovery import BASE_PATHS
 from relay.ledger.prices import NANO
 
 from .conftest import Relay

@@ -41,7 +41,7 @@ from .http import Request, Responder
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ..app import Runtime
+    from ..runtime import Runtime
     from ..upstream.routing import Account
 
 #: Admin request bodies are small JSON objects.

@@ -65,7 +65,7 @@ from ..upstream.routing import Account, ModelRoute
 from .http import SSE_HEADERS, ClientDisconnected, Request, Responder
 
 if TYPE_CHECKING:
-    from ..app import Runtime
+    from ..runtime import Runtime
 
 log = logging.getLogger("relay.api")
 
@@ -202,6 +202,16 @@ async def handle(runtime: Runtime, request: Request, responder: Responder, endpo
         await _handle(runtime, request, responder, endpoint)
     finally:
         runtime.active_requests -= 1
+
+
+async def chat(runtime: Runtime, request: Request, responder: Responder) -> None:
+    """``POST {base}/chat/completions``."""
+    await handle(runtime, request, responder, Endpoint.CHAT)
+
+
+async def responses(runtime: Runtime, request: Request, responder: Responder) -> None:
+    """``POST {base}/responses``."""
+    await handle(runtime, request, responder, Endpoint.RESPONSES)
 
 
 async def _handle(runtime: Runtime, request: Request, responder: Responder, endpoint: Endpoint):

@@ -37,7 +37,7 @@ from ..ledger.store import USAGE_GROUPS, KeyRecord
 from .http import Request, Responder
 
 if TYPE_CHECKING:
-    from ..app import Runtime
+    from ..runtime import Runtime
 
 DAY_S = 86_400
 #: Default window of ``…/usage``.

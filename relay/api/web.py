@@ -20,7 +20,7 @@ from ..errors import NotFound
 from .http import Request, Responder
 
 if TYPE_CHECKING:
-    from ..app import Runtime
+    from ..runtime import Runtime
 
 #: File name → content type, for the files under ``relay/web/`` that are served.
 FILES = {
