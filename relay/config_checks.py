@@ -14,7 +14,13 @@ import os
 
 from .config import Config, ConfigError, ConfigIssue, _join, load_config
 
-__all__ = ["check_environment", "check_serving", "check_warnings", "load_servable_config"]
+__all__ = [
+    "check_environment",
+    "check_serving",
+    "check_warnings",
+    "load_servable_config",
+    "unset_key_variables",
+]
 
 
 def check_environment(config: Config) -> list[ConfigIssue]:
@@ -23,22 +29,35 @@ def check_environment(config: Config) -> list[ConfigIssue]:
     Kept apart from :func:`parse_config` because the file can be valid where it does not run;
     ``relay serve`` reports these at start-up, and such accounts cannot authenticate upstream.
     """
-    issues = []
+    return [
+        ConfigIssue(f"accounts[{index}].api_key_env", f"environment variable {env} {problem}")
+        for index, env, problem in unset_key_variables(config)
+    ]
+
+
+def unset_key_variables(config: Config) -> list[tuple[int, str, str]]:
+    """(account index, variable, "is not set" / "is empty") for each account without its key."""
+    unset = []
     for index, account in enumerate(config.accounts):
         env = account.api_key_env
         if env is None:
             continue
         value = os.environ.get(env)
         if value is None:
-            problem = "is not set"
+            unset.append((index, env, "is not set"))
         elif not value:
-            problem = "is empty"
-        else:
-            continue
-        issues.append(
-            ConfigIssue(f"accounts[{index}].api_key_env", f"environment variable {env} {problem}")
-        )
-    return issues
+            unset.append((index, env, "is empty"))
+    return unset
+
+
+def _served(config: Config, pool: str | None = None) -> set[str]:
+    """The models the accounts serve (only those of ``pool``, if given)."""
+    return {
+        model
+        for account in config.accounts
+        if pool is None or account.pool == pool
+        for model in account.models
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,7 +83,7 @@ def check_serving(config: Config) -> list[ConfigIssue]:
         else:
             message = "no [[accounts]] entry: the relay has no upstream to serve any model"
         issues.append(ConfigIssue("accounts", message))
-    served = {model for account in config.accounts for model in account.models}
+    served = _served(config)
     for name, alias in config.models.items():
         if alias.target not in served:
             issues.append(
@@ -76,12 +95,7 @@ def check_serving(config: Config) -> list[ConfigIssue]:
     for name, package in config.packages.items():
         if package.models is None:
             continue
-        pool_served = {
-            model
-            for account in config.accounts
-            if account.pool == package.pool
-            for model in account.models
-        }
+        pool_served = _served(config, package.pool)
         for index, model in enumerate(package.models):
             alias = config.models.get(model)
             target = alias.target if alias is not None else model
@@ -107,7 +121,7 @@ def check_warnings(config: Config) -> list[ConfigIssue]:
     packages whose pool has no account, and accounts whose key variable is unset or empty
     (:func:`check_environment`; such an account shows as "missing credentials")."""
     warnings: list[ConfigIssue] = []
-    served = {model for account in config.accounts for model in account.models}
+    served = _served(config)
     for model in config.prices:
         if model not in served and model not in config.models:
             warnings.append(
@@ -126,13 +140,12 @@ def check_warnings(config: Config) -> list[ConfigIssue]:
                     f"pool {package.pool!r} has no account: this package's keys can call no model",
                 )
             )
-    for issue in check_environment(config):
-        index = int(issue.path.split("[", 1)[1].split("]", 1)[0])
-        name = config.accounts[index].name
+    for index, env, problem in unset_key_variables(config):
         warnings.append(
             ConfigIssue(
-                issue.path,
-                f"{issue.message}: account {name!r} has missing credentials and cannot "
+                f"accounts[{index}].api_key_env",
+                f"environment variable {env} {problem}: account "
+                f"{config.accounts[index].name!r} has missing credentials and cannot "
                 "authenticate upstream until it is set",
             )
         )

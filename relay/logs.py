@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import TYPE_CHECKING, Any
+
+from .config_checks import unset_key_variables
 
 if TYPE_CHECKING:
     from .config import Config
@@ -138,18 +139,12 @@ def redact(text: str, *secrets: str | None) -> str:
 
 def log_missing_credentials(config: Config) -> None:
     """At start: one event per account whose credentials variable is unset or empty."""
-    for account in config.accounts:
-        env = account.api_key_env
-        if env is None:
-            continue
-        value = os.environ.get(env)
-        if value:
-            continue
-        state = "is not set" if value is None else "is empty"
+    for index, env, state in unset_key_variables(config):
+        name = config.accounts[index].name
         event(
             "account_missing_credentials",
             "account %s has no credentials: environment variable %s %s; the upstream will "
             "refuse its requests until the relay runs with it set",
-            account.name, env, state,
-            account=account.name, variable=env,
+            name, env, state,
+            account=name, variable=env,
         )
