@@ -327,10 +327,12 @@ BILLING_BODY = textwrap.dedent(
 
 def start_relay(
     tmp: Path, sim_url: str, *, body: str | None = None, log_level: str = "WARNING",
-    **server: object,
+    database: Path | None = None, **server: object,
 ) -> Relay:
-    """Start ``relay serve`` with the standard test config, or with [server] and ``body``."""
-    database = tmp / "relay.db"
+    """Start ``relay serve`` with the standard test config, or with [server] and ``body``;
+    its database is ``tmp/relay.db`` unless ``database`` names another (one several relays
+    share)."""
+    database = database or tmp / "relay.db"
     config_path = tmp / "relay.toml"
     if body is None:
         text = relay_config(sim_url, database, **server)

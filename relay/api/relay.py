@@ -34,6 +34,7 @@ from ..errors import (
     PermissionDenied,
     RateLimited,
     RelayError,
+    SharedStateUnavailable,
     ShuttingDown,
     UpstreamError,
     UpstreamResponseTooLarge,
@@ -424,6 +425,8 @@ async def _upstream_call(
         except AdmissionRefused as refused:
             if refused.reason == "shutting_down":
                 raise ShuttingDown(refused.message) from None
+            if refused.reason == "shared_unavailable":
+                raise SharedStateUnavailable(refused.message) from None
             raise RateLimited(refused) from None
         account = scheduler.by_name[lease.account.name]
         record.queue_ms += lease.queued_s * 1000
