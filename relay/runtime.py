@@ -91,11 +91,6 @@ async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
     store = Store(config.server.database)
     keys = KeyRing(store)
     keys.load()
-    credits = Credits(PriceTable(config.prices), keys.records())
-    metrics = Metrics(config)
-    # Priced and debited first, then counted (the metrics read the cost).
-    usage = UsageWriter(store, observers=[credits.charge, metrics.observe])
-    upstream = UpstreamClient(config.server, config.accounts)
     shared = None
     if config.server.redis_url is not None:
         shared = SharedGuards(
@@ -103,6 +98,11 @@ async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
             failure_policy=config.server.redis_failure,
             lease_ttl_s=config.server.redis_lease_ttl_s,
         )
+    credits = Credits(PriceTable(config.prices), keys.records(), shared)
+    metrics = Metrics(config)
+    # Priced and debited first, then counted (the metrics read the cost).
+    usage = UsageWriter(store, observers=[credits.charge, metrics.observe])
+    upstream = UpstreamClient(config.server, config.accounts)
     admission = Admission(config, shared)
     runtime = Runtime(
         config=config,

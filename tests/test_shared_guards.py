@@ -30,6 +30,14 @@ rpm = 6
 max_queue = 100
 queue_timeout_s = 1.5
 
+[packages.paid]
+pool = "shared"
+initial_credits = 40
+
+[prices.deepseek-chat]
+input = 0
+output = 1000000                         # one credit per output token
+
 [[accounts]]
 name = "sim-chat"
 pool = "shared"
@@ -123,6 +131,34 @@ async def test_rpm_is_shared_by_the_processes(pair: tuple[Relay, Relay], sim: Si
     assert served == 6, statuses
     assert statuses.count(429) == 10
     assert len(sim.requests()) == 6
+
+
+async def test_two_processes_cannot_both_spend_the_last_credits(
+    pair: tuple[Relay, Relay], sim: Sim
+) -> None:
+    key, key_id = pair[0].create_paid_key("paid")
+    sim.reset()
+    body = {**chat("#sim tokens=10 delay=0.05"), "max_tokens": 10}  # estimated at 10 credits
+    statuses: list[int] = []
+    async with httpx2.AsyncClient(timeout=30) as client, trio.open_nursery() as nursery:
+
+        async def one(relay: Relay) -> None:
+            response = await client.post(relay.url + CHAT, json=body, headers=auth(key))
+            statuses.append(response.status_code)
+
+        for i in range(8):
+            nursery.start_soon(one, pair[i % 2])
+    # 40 credits cover four requests estimated at 10: the other four get 402 wherever they
+    # land (each process alone would have let four through: eight in all, 40 credits over).
+    assert sorted(statuses) == [200] * 4 + [402] * 4, statuses
+    assert len(sim.requests()) == 4
+    for relay in pair:
+        relay.wait_idle()
+    rows = [row for row in pair[0].usage_rows() if row["key_id"] == key_id]
+    spent = sum(row["cost_nano"] for row in rows) / 1e9
+    assert spent == 40  # the overdraft bound: cost = estimate here, so never below zero
+    view = pair[1].admin("GET", f"/admin/keys/{key_id}").json()
+    assert view["credits"]["remaining"] >= 0
 
 
 async def test_a_killed_process_slots_come_back_within_the_lease_ttl(

@@ -281,7 +281,7 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
             try:
                 # 402 before admission and any upstream call; the estimate stays held until
                 # the usage record is charged (inside this block on every path that costs).
-                with runtime.credits.hold(
+                async with runtime.credits.hold(
                     key,
                     record,
                     input_tokens=client.estimated_input_tokens,

@@ -147,15 +147,41 @@ end
 return {1}
 """
 
-# ARGV: prefix, owner, JSON [{lease, subjects: [{name, tpm, tps}], tokens, released, done}].
-# Charges ``tokens`` (negative: gives back) to the buckets of the subjects that still hold the
-# lease, takes ``released`` off what the lease holds, and removes the lease when ``done``.
+# ARGV: prefix, owner, request id, key id, granted, seed, estimate (nanocredits). A key's
+# credits used are {prefix}cu:{key} (set from ``seed``, the database's figure, when missing);
+# its holds are leases of subject c:{key} whose score is the amount held. Holds the estimate if
+# granted - used - held covers it. Returns {1 or 0, used, held}.
+_LUA_CREDIT_HOLD = _LUA_COMMON + r"""
+local used_key = prefix .. 'cu:' .. ARGV[4]
+redis.call('SET', used_key, ARGV[6], 'NX')
+local used = tonumber(redis.call('GET', used_key))
+local _, held = leases('c:' .. ARGV[4])
+local estimate = tonumber(ARGV[7])
+if tonumber(ARGV[5]) - used - held < estimate then return {0, tostring(used), tostring(held)} end
+redis.call('ZADD', prefix .. 'l:c:' .. ARGV[4], estimate, owner .. '|' .. ARGV[3])
+return {1, tostring(used), tostring(held)}
+"""
+
+# ARGV: prefix, owner, JSON list of settlements, in the order they were made:
+# * a lease's {lease, subjects: [{name, tpm, tps}], tokens, released, done}: charges ``tokens``
+#   (negative: gives back) to the buckets of the subjects that still hold the lease, takes
+#   ``released`` off what the lease holds, and removes the lease when ``done``;
+# * a credit charge {credit: key id, request, cost, seed}: adds ``cost`` to the key's credits
+#   used (set from ``seed`` if missing) and ends the request's hold, if any.
 # Publishes on {prefix}freed when a lease was removed. Returns how many leases were removed.
 _LUA_SETTLE = _LUA_COMMON + r"""
 local removed = 0
 for _, item in ipairs(cjson.decode(ARGV[3])) do
-  local member = owner .. '|' .. item.lease
-  for _, s in ipairs(item.subjects) do
+  if item.credit then
+    if item.cost ~= 0 then
+      local used_key = prefix .. 'cu:' .. item.credit
+      redis.call('SET', used_key, item.seed, 'NX')
+      redis.call('INCRBY', used_key, item.cost)
+    end
+    redis.call('ZREM', prefix .. 'l:c:' .. item.credit, owner .. '|' .. item.request)
+  end
+  local member = owner .. '|' .. (item.lease or '')
+  for _, s in ipairs(item.subjects or {}) do
     local key = prefix .. 'l:' .. s.name
     if redis.call('ZSCORE', key, member) then
       if item.tokens ~= 0 then
@@ -312,6 +338,7 @@ class SharedGuards:
             self._scripts = {
                 "acquire": client.register_script(_LUA_ACQUIRE),
                 "settle": client.register_script(_LUA_SETTLE),
+                "credit_hold": client.register_script(_LUA_CREDIT_HOLD),
                 "status": client.register_script(_LUA_STATUS),
             }
             await self._heartbeat_once()
@@ -392,6 +419,34 @@ class SharedGuards:
         self.totals.released += 1
         with trio.CancelScope(shield=True):
             await self._send([item])
+
+    # -- credits --------------------------------------------------------------------------
+
+    async def hold_credits(
+        self, key_id: str, request_id: str, granted: int, seed_used: int, estimate: int
+    ) -> tuple[bool, int, int] | None:
+        """Hold ``estimate`` nanocredits of the key for the request if its shared balance
+        (granted − used − held by every live process) covers it: (held?, used, held before).
+        None when Redis is unreachable under ``"local"`` (the process's own ledger decides);
+        raises :class:`SharedUnavailable` under ``"closed"``. The hold ends with
+        :meth:`charge_credits` for the same request (or a process's death)."""
+        if self.degraded:
+            return self._unavailable()
+        args = [self.prefix, self.owner, request_id, key_id, str(granted), str(seed_used),
+                str(estimate)]
+        with trio.CancelScope(shield=True):
+            result = await self._call(lambda: self._scripts["credit_hold"](args=args))
+        if result is None:
+            self.charge_credits(key_id, request_id, 0, seed_used)  # maybe held: end it
+            return self._unavailable()
+        return result[0] == 1, int(result[1]), int(result[2])
+
+    def charge_credits(self, key_id: str, request_id: str, cost: int, seed_used: int) -> None:
+        """Add ``cost`` to the key's shared credits used and end the request's hold, with the
+        next flush (ordered after everything this process settled before; no I/O here)."""
+        self._unsent.append(
+            {"credit": key_id, "request": request_id, "cost": cost, "seed": str(seed_used)}
+        )
 
     # -- status ---------------------------------------------------------------------------
 
