@@ -115,7 +115,7 @@ async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
         scheduler=Scheduler(config),
         catalog=Catalog(config),
         upstream=upstream,
-        health=Health(config.server),
+        health=Health(config.server, shared),
         started_at=time.time(),
     )
     log_missing_credentials(config)
@@ -129,6 +129,7 @@ async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
                 background.start_soon(admission.run)
                 if shared is not None:
                     await background.start(shared.run)
+                    background.start_soon(runtime.health.follow, runtime.scheduler.accounts)
                 try:
                     yield runtime
                 finally:

@@ -3,6 +3,7 @@ real Redis and one database, in front of the simulated upstream, which counts wh
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -34,7 +35,10 @@ queue_timeout_s = 1.5
 pool = "shared"
 initial_credits = 40
 
-[prices.deepseek-chat]
+[packages.sticky]
+pool = "shared"
+
+[prices.paid-model]
 input = 0
 output = 1000000                         # one credit per output token
 
@@ -44,7 +48,24 @@ pool = "shared"
 provider = "openai-chat"
 base_url = "SIM_URL/v1"
 api_key_env = "SIM_UPSTREAM_KEY"
-models = ["deepseek-chat"]
+models = ["deepseek-chat", "paid-model"]
+
+[[accounts]]
+name = "sim-a"
+pool = "shared"
+provider = "openai-chat"
+base_url = "SIM_URL/v1"
+api_key_env = "SIM_UPSTREAM_KEY"
+models = ["sticky-model", "only-a"]
+max_concurrency = 1
+
+[[accounts]]
+name = "sim-b"
+pool = "shared"
+provider = "openai-chat"
+base_url = "SIM_URL/v1"
+api_key_env = "SIM_UPSTREAM_KEY"
+models = ["sticky-model"]
 """
 
 CHAT = "/v1/chat/completions"
@@ -138,7 +159,8 @@ async def test_two_processes_cannot_both_spend_the_last_credits(
 ) -> None:
     key, key_id = pair[0].create_paid_key("paid")
     sim.reset()
-    body = {**chat("#sim tokens=10 delay=0.05"), "max_tokens": 10}  # estimated at 10 credits
+    # Estimated at 10 credits (input is free, output one credit per token).
+    body = {**chat("#sim tokens=10 delay=0.05"), "model": "paid-model", "max_tokens": 10}
     statuses: list[int] = []
     async with httpx2.AsyncClient(timeout=30) as client, trio.open_nursery() as nursery:
 
@@ -159,6 +181,74 @@ async def test_two_processes_cannot_both_spend_the_last_credits(
     assert spent == 40  # the overdraft bound: cost = estimate here, so never below zero
     view = pair[1].admin("GET", f"/admin/keys/{key_id}").json()
     assert view["credits"]["remaining"] >= 0
+
+
+def served_by(relay: Relay, response: httpx2.Response) -> str:
+    return relay.usage_row(response.headers["x-request-id"])["account"]
+
+
+async def test_a_session_bound_on_one_process_stays_on_its_account_on_the_other(
+    pair: tuple[Relay, Relay],
+) -> None:
+    one, other = pair
+    key = one.create_key("sticky")
+    sticky = {"model": "sticky-model", "prompt_cache_key": "conversation-1",
+              "messages": [{"role": "user", "content": "#sim tokens=2"}]}
+    async with httpx2.AsyncClient(timeout=30) as client, trio.open_nursery() as nursery:
+        # sim-a (cap 1) is busy with a slow request, so the session is bound to sim-b...
+        nursery.start_soon(functools.partial(
+            client.post, one.url + CHAT, headers=auth(key),
+            json={"model": "only-a", "messages": [{"role": "user",
+                                                    "content": "#sim tokens=40 delay=0.02"}]}))
+        await trio.sleep(0.3)
+        first = await client.post(one.url + CHAT, json=sticky, headers=auth(key))
+        assert served_by(one, first) == "sim-b"
+    # ...and stays there on the other process, where sim-a is idle and would be picked first.
+    plain = await_post(other, {**sticky, "prompt_cache_key": None}, key)
+    assert served_by(other, plain) == "sim-a"
+    for _ in range(3):
+        again = await_post(other, sticky, key)
+        assert served_by(other, again) == "sim-b"
+
+
+def await_post(relay: Relay, body: dict, key: str) -> httpx2.Response:
+    body = {name: value for name, value in body.items() if value is not None}
+    response = httpx2.post(relay.url + CHAT, json=body, headers=auth(key), timeout=30)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def test_account_health_is_shared(pair: tuple[Relay, Relay]) -> None:
+    one, other = pair
+    key = one.create_key("sticky")
+    body = {"model": "only-a",
+            "messages": [{"role": "user", "content": "#sim fault=retry_forever"}]}
+    refused = httpx2.post(one.url + CHAT, json=body, headers=auth(key), timeout=30)
+    assert refused.status_code == 429
+    # sim-a rests on the first process; within a second the other one rests it too.
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        accounts = other.state()["accounts"]
+        if accounts["sim-a"].get("cooling_down_s"):
+            break
+        time.sleep(0.1)
+    assert accounts["sim-a"]["cooling_down_s"] > 200  # its 300 s (the cap on upstream hints)
+    plain = {"model": "sticky-model", "messages": [{"role": "user", "content": "#sim tokens=2"}]}
+    assert served_by(other, await_post(other, plain, key)) == "sim-b"
+    # An operator's disable on one process takes it out everywhere; enable puts it back.
+    assert one.admin("POST", "/admin/accounts/sim-b/disable").status_code == 200
+    wait_for(lambda: other.state()["accounts"]["sim-b"].get("disabled"))
+    assert other.admin("POST", "/admin/accounts/sim-b/enable").status_code == 200
+    assert other.admin("POST", "/admin/accounts/sim-a/enable").status_code == 200
+    wait_for(lambda: not one.state()["accounts"]["sim-b"].get("disabled"))
+    assert served_by(one, await_post(one, plain, key)) in ("sim-a", "sim-b")
+
+
+def wait_for(condition, timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not seen in time"
+        time.sleep(0.1)
 
 
 async def test_a_killed_process_slots_come_back_within_the_lease_ttl(

@@ -410,6 +410,13 @@ async def _upstream_call(
     scheduler = runtime.scheduler
     tried: set[str] = set()
     failure: RelayError | None = None
+    shared = runtime.admission.shared
+    session = call.client.session_key
+    if shared is not None and session:
+        # Bound by another process? Then this one follows that binding.
+        bound = await shared.session_account(call.route.pool, session)
+        if bound is not None:
+            scheduler.sessions.adopt(call.route.pool, session, bound, trio.current_time())
     for _ in range(runtime.config.server.failover_attempts):
         accounts = [a for a in call.candidates if a.name not in tried and not a.guard.disabled]
         if not accounts:
@@ -459,10 +466,12 @@ async def _upstream_call(
         runtime.health.succeeded(account)
         del payload  # see drop_bodies
         call.drop_bodies(account)
-        if call.client.session_key:
-            scheduler.sessions.bind(
-                call.route.pool, call.client.session_key, account.name, trio.current_time()
-            )
+        if session:
+            scheduler.sessions.bind(call.route.pool, session, account.name, trio.current_time())
+            if shared is not None:
+                shared.bind_session(
+                    call.route.pool, session, account.name, runtime.config.server.session_ttl_s
+                )
         async with stack:
             yield lease, account, response
         return

@@ -180,6 +180,25 @@ for _, item in ipairs(cjson.decode(ARGV[3])) do
     end
     redis.call('ZREM', prefix .. 'l:c:' .. item.credit, owner .. '|' .. item.request)
   end
+  if item.session then
+    redis.call('SET', prefix .. 's:' .. item.session, item.account, 'PX', item.ttl_ms)
+  end
+  if item.health then
+    local field = item.health
+    if item.reset then
+      redis.call('HDEL', prefix .. 'health', field)
+    else
+      local old = redis.call('HGET', prefix .. 'health', field)
+      local until_s, disabled = item['until'], item.disabled
+      if old then
+        local o = cjson.decode(old)
+        until_s = math.max(until_s, o['until'])
+        disabled = disabled or o.disabled
+      end
+      redis.call('HSET', prefix .. 'health', field,
+                 cjson.encode({['until'] = until_s, disabled = disabled}))
+    end
+  end
   local member = owner .. '|' .. (item.lease or '')
   for _, s in ipairs(item.subjects or {}) do
     local key = prefix .. 'l:' .. s.name
@@ -447,6 +466,43 @@ class SharedGuards:
         self._unsent.append(
             {"credit": key_id, "request": request_id, "cost": cost, "seed": str(seed_used)}
         )
+
+    # -- sessions and account health -------------------------------------------------------
+
+    async def session_account(self, pool: str, session: str) -> str | None:
+        """The account a sticky session is bound to by any process (None: unbound, or Redis
+        unreachable: then this process's own binding decides)."""
+        if self.degraded or self._client is None:
+            return None
+        client = self._client
+        return await self._call(lambda: client.get(f"{self.prefix}s:{pool}\x00{session}"))
+
+    def bind_session(self, pool: str, session: str, account: str, ttl_s: float) -> None:
+        """Bind the session for every process, with the next flush (no I/O here)."""
+        self._unsent.append(
+            {"session": f"{pool}\x00{session}", "account": account,
+             "ttl_ms": max(1, int(ttl_s * 1000))}
+        )
+
+    def share_health(self, account: str, *, until: float, disabled: bool) -> None:
+        """An account rests until the wall-clock time ``until`` or is out of service
+        (``disabled``), for every process, with the next flush; the longer rest wins."""
+        self._unsent.append({"health": account, "until": until, "disabled": disabled})
+
+    def reset_health(self, account: str) -> None:
+        """An operator put the account back in service: for every process."""
+        self._unsent.append({"health": account, "reset": True})
+
+    async def account_health(self) -> dict[str, dict] | None:
+        """Every account's shared health: {name: {"until": wall-clock s, "disabled": bool}}
+        (None when Redis is unreachable)."""
+        if self.degraded or self._client is None:
+            return None
+        client = self._client
+        found = await self._call(lambda: client.hgetall(self.prefix + "health"))
+        if found is None:
+            return None
+        return {name: json.loads(value) for name, value in found.items()}
 
     # -- status ---------------------------------------------------------------------------
 
