@@ -62,7 +62,14 @@ from ..config import Config, PackageConfig
 from .buckets import TokenBucket
 from .estimates import OutputEstimate
 from .fair_queue import FairQueue
-from .shared import SharedGuards, SharedLease, SharedUnavailable, SharedWaitExpired, subjects_of
+from .shared import (
+    Fairness,
+    SharedGuards,
+    SharedLease,
+    SharedUnavailable,
+    SharedWaitExpired,
+    subjects_of,
+)
 
 
 class AdmissionRefused(Exception):
@@ -429,17 +436,19 @@ class Admission:
         assert self.shared is not None
         layers = ["g", "p:", "k:"] + (["a:"] if lease.account is not None else [])
         subjects = subjects_of(lease.held, layers)
+        ticket = lease.ticket
+        pool = self.pools[ticket.pool]
+        limits = self.keys[ticket.key_id].limits
+        assert limits is not None
+        fair = Fairness(pool.name, pool.flow_of(ticket), 1.0 if pool.fifo else limits.weight)
         try:
             lease.shared = await self.shared.acquire(
-                subjects, lease.charged, lease.expected, deadline
+                subjects, lease.charged, lease.expected, deadline, fair
             )
         except SharedUnavailable as error:
             raise AdmissionRefused("shared_unavailable", str(error), retry_after_s=1.0) from None
         except SharedWaitExpired:
             self.refused["queue_timeout"] += 1
-            ticket = lease.ticket
-            limits = self.keys[ticket.key_id].limits
-            assert limits is not None
             raise AdmissionRefused(
                 "queue_timeout",
                 f"Your request waited {limits.queue_timeout_s:g}s in the queue without "

@@ -108,32 +108,83 @@ local function take(name, kind, b, amount)
 end
 """
 
-# ARGV: prefix, owner, lease id, JSON {subjects: [{name, cap, tpm, tps, rpm}], charged, held}.
-# Returns {1} when every subject took the lease, else {0, subject index (1-based), wait ms}
-# where wait ms is -1 when only a release can make room.
+# ARGV: prefix, owner, lease id, JSON {subjects: [{name, cap, tpm, tps, rpm}], charged, held,
+# fair: {pool, flow, weight, contended, last} or absent}. Subjects 1 and 2 are the global and
+# the pool layer (the capacity flows of a pool compete for).
+#
+# The shared fair order (``fair``): {prefix}vc:{pool} holds every flow's virtual counter (tokens
+# served / weight), {prefix}w:{pool} the flows waiting for the pool's capacity, as owner|flow.
+# A flow whose counter is above the lowest counter of a flow waiting elsewhere (a live owner)
+# defers to it; a flow that was not waiting is first lifted to that lowest counter (idle time
+# banks no credit). A flow that fails on the global or pool layer, or defers, is registered as
+# waiting; on success (``last``: no other waiter of the flow on this process) or on failure
+# at its own key or account layer, it is no longer.
+#
+# Returns {1} when every subject took the lease, else {0, subject index (1-based; 0: deferred
+# to a flow with a smaller counter), wait ms} where wait ms is -1 when only a release can help.
 _LUA_ACQUIRE = _LUA_COMMON + r"""
 local member = owner .. '|' .. ARGV[3]
 local spec = cjson.decode(ARGV[4])
 local amount = spec.charged + spec.held
+local fair = spec.fair
+local vkey, wkey, me, mine
+local waiting = false
+if fair then
+  vkey = prefix .. 'vc:' .. fair.pool
+  wkey = prefix .. 'w:' .. fair.pool
+  me = owner .. '|' .. fair.flow
+  mine = tonumber(redis.call('ZSCORE', vkey, fair.flow) or '0')
+  local lowest = nil
+  local others = redis.call('ZRANGE', wkey, 0, -1)
+  for _, m in ipairs(others) do
+    local o, f = string.match(m, '^([^|]+)|(.*)$')
+    if not (o and live(o)) then
+      redis.call('ZREM', wkey, m)
+    elseif f == fair.flow then
+      waiting = true
+    else
+      local c = tonumber(redis.call('ZSCORE', vkey, f) or '0')
+      if lowest == nil or c < lowest then lowest = c end
+    end
+  end
+  if lowest ~= nil then
+    if not waiting and mine < lowest then
+      mine = lowest
+      redis.call('ZADD', vkey, mine, fair.flow)
+    end
+    if mine > lowest then
+      redis.call('ZADD', wkey, 0, me)
+      return {0, 0, -1}
+    end
+  elseif redis.call('ZCARD', vkey) > 2000 then
+    redis.call('DEL', vkey)  -- nobody waits: the counters order nothing until someone does
+  end
+end
+local function refused(i, wait)
+  if fair then
+    if i <= 2 then redis.call('ZADD', wkey, 0, me) else redis.call('ZREM', wkey, me) end
+  end
+  return {0, i, wait}
+end
 for i, s in ipairs(spec.subjects) do
   local count, held = leases(s.name)
-  if s.cap and count >= s.cap then return {0, i, -1} end
+  if s.cap and count >= s.cap then return refused(i, -1) end
   if s.tpm then
     local need = math.min(amount, s.tpm[2]) + held
     local lvl = level(s.name, 'tpm', s.tpm)
     if need > lvl then
-      if need > s.tpm[2] then return {0, i, -1} end
-      return {0, i, math.ceil((need - lvl) / s.tpm[1] * 1000)}
+      if need > s.tpm[2] then return refused(i, -1) end
+      return refused(i, math.ceil((need - lvl) / s.tpm[1] * 1000))
     end
   end
   if s.tps then
     local need = math.min(amount, s.tps[2])
     local lvl = level(s.name, 'tps', s.tps)
-    if need > lvl then return {0, i, math.ceil((need - lvl) / s.tps[1] * 1000)} end
+    if need > lvl then return refused(i, math.ceil((need - lvl) / s.tps[1] * 1000)) end
   end
   if s.rpm then
     local lvl = level(s.name, 'rpm', s.rpm)
-    if lvl < 1 then return {0, i, math.ceil((1 - lvl) / s.rpm[1] * 1000)} end
+    if lvl < 1 then return refused(i, math.ceil((1 - lvl) / s.rpm[1] * 1000)) end
   end
 end
 for _, s in ipairs(spec.subjects) do
@@ -143,6 +194,12 @@ for _, s in ipairs(spec.subjects) do
   if s.tpm then take(s.name, 'tpm', s.tpm, spec.charged) end
   if s.tps then take(s.name, 'tps', s.tps, spec.charged) end
   if s.rpm then take(s.name, 'rpm', s.rpm, 1) end
+end
+if fair then
+  redis.call('ZINCRBY', vkey, spec.charged / fair.weight, fair.flow)
+  if fair.last then redis.call('ZREM', wkey, me) end
+  -- Flows that deferred to this one may go now, if capacity is left.
+  if waiting then redis.call('PUBLISH', prefix .. 'freed', owner) end
 end
 return {1}
 """
@@ -199,7 +256,15 @@ for _, item in ipairs(cjson.decode(ARGV[3])) do
                  cjson.encode({['until'] = until_s, disabled = disabled}))
     end
   end
+  if item.unwait then
+    redis.call('ZREM', prefix .. 'w:' .. item.unwait, owner .. '|' .. item.flow)
+    redis.call('PUBLISH', prefix .. 'freed', owner)
+  end
   local member = owner .. '|' .. (item.lease or '')
+  if item.fair and item.tokens ~= 0 then
+    redis.call('ZINCRBY', prefix .. 'vc:' .. item.fair.pool, item.tokens / item.fair.weight,
+               item.fair.flow)
+  end
   for _, s in ipairs(item.subjects or {}) do
     local key = prefix .. 'l:' .. s.name
     if redis.call('ZSCORE', key, member) then
@@ -272,6 +337,16 @@ class Subject:
         return spec
 
 
+@dataclass(frozen=True)
+class Fairness:
+    """Where a request stands in its pool's shared fair order: its flow (the key, or ``*`` in
+    a first-come-first-served pool) and the flow's weight."""
+
+    pool: str
+    flow: str
+    weight: float
+
+
 @dataclass(eq=False)
 class SharedLease:
     """What one request holds in Redis, as this process knows it."""
@@ -280,6 +355,7 @@ class SharedLease:
     subjects: Sequence[Subject]
     charged: int  # tokens charged so far (flushed or pending)
     held: int  # expected output still held for it
+    fair: Fairness | None = None
     pending_tokens: int = 0  # charged locally, not yet flushed
     pending_released: int = 0
 
@@ -288,6 +364,7 @@ class SharedLease:
 class _Totals:
     acquired: int = 0
     waits: int = 0
+    deferred: int = 0  # attempts that left the capacity to a flow with a smaller counter
     released: int = 0
     failures: int = 0
     local_admissions: int = 0  # admitted by local guards alone while degraded
@@ -331,6 +408,7 @@ class SharedGuards:
         self._client: coredis.Redis | None = None
         self._scripts: dict[str, object] = {}
         self._freed = trio.Event()
+        self._waiters: dict[tuple[str, str], int] = {}  # (pool, flow) → requests waiting here
         self._pending: dict[str, SharedLease] = {}  # leases with output not yet flushed
         self._unsent: list[dict] = []  # settlements that did not reach Redis yet, in order
         self.dropped = 0  # settlements dropped over MAX_UNSENT during a long outage
@@ -379,7 +457,12 @@ class SharedGuards:
     # -- the request's side ---------------------------------------------------------------
 
     async def acquire(
-        self, subjects: Sequence[Subject], charged: int, held: int, deadline: float
+        self,
+        subjects: Sequence[Subject],
+        charged: int,
+        held: int,
+        deadline: float,
+        fair: Fairness | None = None,
     ) -> SharedLease | None:
         """Take a lease on every subject, waiting (until the trio time ``deadline``) while any
         of them is full. Returns the lease, or None when Redis is unreachable under
@@ -387,36 +470,68 @@ class SharedGuards:
         :class:`SharedWaitExpired` when the deadline passed first, :class:`SharedUnavailable`
         when Redis is unreachable under ``"closed"``.
 
+        With ``fair`` (the request's pool, flow and weight), the pool's capacity goes to the
+        flow with the smallest shared virtual counter among those waiting in any process (see
+        the acquire script); the lease's charges count on that counter.
+
         Cancelled while waiting, nothing is held; an acquire whose outcome is unknown (the call
         timed out) is released, so a lease never outlives its request."""
-        lease = SharedLease(uuid.uuid4().hex[:16], tuple(subjects), charged, held)
-        payload = json.dumps(
-            {"subjects": [s.spec() for s in lease.subjects], "charged": charged, "held": held}
-        )
-        while True:
-            if self.degraded:
-                return self._unavailable()
-            freed = self._freed
-            with trio.CancelScope(shield=True):
-                result = await self._call(
-                    lambda: self._scripts["acquire"](
-                        args=[self.prefix, self.owner, lease.id, payload]
+        lease = SharedLease(uuid.uuid4().hex[:16], tuple(subjects), charged, held, fair)
+        spec: dict = {
+            "subjects": [s.spec() for s in lease.subjects], "charged": charged, "held": held
+        }
+        flow = (fair.pool, fair.flow) if fair is not None else None
+        if flow is not None:
+            self._waiters[flow] = self._waiters.get(flow, 0) + 1
+        acquired = False
+        try:
+            while True:
+                if self.degraded:
+                    return self._unavailable()
+                if fair is not None:
+                    spec["fair"] = {
+                        "pool": fair.pool, "flow": fair.flow, "weight": fair.weight,
+                        "last": self._waiters[flow] == 1,
+                    }
+                payload = json.dumps(spec)
+                freed = self._freed
+                with trio.CancelScope(shield=True):
+                    result = await self._call(
+                        lambda payload=payload: self._scripts["acquire"](
+                            args=[self.prefix, self.owner, lease.id, payload]
+                        )
                     )
-                )
-            if result is None:  # failed, maybe after Redis took it: release by id
-                self._unsent.append(self._settle_item(lease, done=True))
-                return self._unavailable()
-            if result[0] == 1:
-                self.totals.acquired += 1
-                return lease
-            self.totals.waits += 1
-            wait_ms = result[2]
-            wait = self.RETRY_FLOOR_S if wait_ms < 0 else min(wait_ms / 1000, self.RETRY_FLOOR_S)
-            wake = min(deadline, trio.current_time() + max(wait, 0.001))
-            with trio.move_on_at(wake):
-                await freed.wait()
-            if trio.current_time() >= deadline:
-                raise SharedWaitExpired()
+                if result is None:  # failed, maybe after Redis took it: release by id
+                    self._unsent.append(self._settle_item(lease, done=True))
+                    return self._unavailable()
+                if result[0] == 1:
+                    self.totals.acquired += 1
+                    acquired = True
+                    return lease
+                if result[1] == 0:
+                    self.totals.deferred += 1
+                self.totals.waits += 1
+                await self._wait_for_room(result[2], freed, deadline)
+        finally:
+            if flow is not None:
+                left = self._waiters[flow] - 1
+                if left:
+                    self._waiters[flow] = left
+                else:
+                    del self._waiters[flow]
+                    if not (acquired and spec["fair"]["last"]):
+                        # No waiter of the flow here any more: others need not defer to it.
+                        self._unsent.append({"unwait": flow[0], "flow": flow[1]})
+
+    async def _wait_for_room(self, wait_ms: int, freed: trio.Event, deadline: float) -> None:
+        """Sleep until capacity is freed anywhere, the bucket refill the acquire named, or the
+        retry floor; :class:`SharedWaitExpired` at ``deadline``."""
+        wait = self.RETRY_FLOOR_S if wait_ms < 0 else min(wait_ms / 1000, self.RETRY_FLOOR_S)
+        wake = min(deadline, trio.current_time() + max(wait, 0.001))
+        with trio.move_on_at(wake):
+            await freed.wait()
+        if trio.current_time() >= deadline:
+            raise SharedWaitExpired()
 
     def produced(self, lease: SharedLease, tokens: int, released: int) -> None:
         """``tokens`` more were served (``released`` of them from what was held): charged to
@@ -550,6 +665,9 @@ class SharedGuards:
             "released": lease.pending_released,
             "done": done,
         }
+        if lease.fair is not None and item["tokens"]:
+            fair = lease.fair
+            item["fair"] = {"pool": fair.pool, "flow": fair.flow, "weight": fair.weight}
         lease.pending_tokens = lease.pending_released = 0
         return item
 
