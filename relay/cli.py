@@ -509,10 +509,15 @@ def _keys_rotate(args: argparse.Namespace) -> int:
     if current.previous_key_hash and not current.public()["previous_secret"]["expired"]:
         # Only the most recent previous secret is kept: say that the older one's grace ended.
         old += f" (and {current.previous_hint}, rotated away before, stopped working now)"
-    expiry_note = (
-        "" if record.expires_at is None
-        else f"; the key still expires at {format_moment(record.expires_at)}"
-    )
+    if record.expires_at is None:
+        expiry_note = ""
+    elif record.expired(time.time()):
+        expiry_note = (
+            f"; the key expired at {format_moment(record.expires_at)}, so neither secret "
+            "works until 'relay keys set-expiry' gives it a later one"
+        )
+    else:
+        expiry_note = f"; the key still expires at {format_moment(record.expires_at)}"
     print(
         f"rotated {record.id}: {old}{expiry_note}. The new key is shown only now: "
         "store it safely.",

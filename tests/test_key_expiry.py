@@ -237,7 +237,7 @@ def test_rotate_without_grace_and_twice_within_a_grace(billed: Relay) -> None:
     assert get(billed, first).json()["error"]["code"] == "invalid_api_key"
 
 
-def test_rotate_mistakes_are_one_clear_line(billed: Relay) -> None:
+def test_rotate_mistakes_are_one_clear_line_and_an_expired_key_is_told(billed: Relay) -> None:
     created = create(billed)
     for args, message in (
         (["key_doesnotexist"], "no key matches 'key_doesnotexist'"),
@@ -246,6 +246,11 @@ def test_rotate_mistakes_are_one_clear_line(billed: Relay) -> None:
         done = keys(billed, "rotate", *args)
         assert done.returncode == 1 and message in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
+    expiring = create(billed, "--expires-in", "1s")
+    time.sleep(max(0.0, expiring["expires_at"] - time.time()) + 0.05)
+    done = keys(billed, "rotate", expiring["id"])  # allowed, and it says what that means
+    assert done.returncode == 0 and "neither secret works until" in done.stderr
+    assert get(billed, done.stdout.strip()).json()["error"]["code"] == "key_expired"
     assert keys(billed, "revoke", created["id"]).returncode == 0
     done = keys(billed, "rotate", created["id"])
     assert done.returncode == 1 and "is revoked" in done.stderr

@@ -45,8 +45,10 @@
     const days = Math.floor(left / 86400);
     const hours = Math.floor(left / 3600);
     const minutes = Math.max(1, Math.ceil(left / 60));
+    const years = Math.floor(days / 365);
     const inText =
-      days >= 2 ? days + " days" : hours >= 2 ? hours + " hours" : minutes + " minutes";
+      years >= 2 ? years + " years" : days >= 2 ? days + " days"
+        : hours >= 2 ? hours + " hours" : minutes + " minutes";
     return "Expires " + when + " UTC (in " + inText + ")";
   }
 
