@@ -162,7 +162,17 @@ async def _key_by_id(runtime: Runtime, request: Request) -> KeyRecord:
 
 async def state(runtime: Runtime, request: Request, responder: Responder) -> None:
     check_admin(runtime, request)
-    await responder.json(200, runtime.state())
+    body = runtime.state()
+    shared = runtime.admission.shared
+    if shared is not None:
+        subjects = (
+            ["g"]
+            + [f"p:{name}" for name in runtime.admission.pools]
+            + [f"k:{key_id}" for key_id in runtime.admission.keys]
+            + [f"a:{name}" for name in runtime.scheduler.by_name]
+        )
+        body["admission"]["shared"] = await shared.status(subjects)
+    await responder.json(200, body)
 
 
 async def list_keys(runtime: Runtime, request: Request, responder: Responder) -> None:

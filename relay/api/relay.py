@@ -34,6 +34,7 @@ from ..errors import (
     PermissionDenied,
     RateLimited,
     RelayError,
+    SharedStateUnavailable,
     ShuttingDown,
     UpstreamError,
     UpstreamResponseTooLarge,
@@ -280,7 +281,7 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
             try:
                 # 402 before admission and any upstream call; the estimate stays held until
                 # the usage record is charged (inside this block on every path that costs).
-                with runtime.credits.hold(
+                async with runtime.credits.hold(
                     key,
                     record,
                     input_tokens=client.estimated_input_tokens,
@@ -424,6 +425,8 @@ async def _upstream_call(
         except AdmissionRefused as refused:
             if refused.reason == "shutting_down":
                 raise ShuttingDown(refused.message) from None
+            if refused.reason == "shared_unavailable":
+                raise SharedStateUnavailable(refused.message) from None
             raise RateLimited(refused) from None
         account = scheduler.by_name[lease.account.name]
         record.queue_ms += lease.queued_s * 1000

@@ -62,6 +62,7 @@ from ..config import Config, PackageConfig
 from .buckets import TokenBucket
 from .estimates import OutputEstimate
 from .fair_queue import FairQueue
+from .shared import SharedGuards, SharedLease, SharedUnavailable, SharedWaitExpired, subjects_of
 
 
 class AdmissionRefused(Exception):
@@ -275,6 +276,7 @@ class Lease:
     expected: int = 0  # expected output still held (reserved, not charged yet)
     output_seen: int = 0  # output tokens reported with produced()
     admission: Admission | None = field(default=None, repr=False)
+    shared: SharedLease | None = None  # what it holds in Redis (several processes)
 
     def produced(self, output_tokens: int) -> None:
         """The answer has produced ``output_tokens`` so far (a running total): charge the new
@@ -321,9 +323,13 @@ class Admission:
     #: level (what it was served beyond the level is then forgiven).
     FORGIVE_AFTER_S = 30.0
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, shared: SharedGuards | None = None) -> None:
         now = trio.current_time() if _in_trio() else 0.0
         self._config = config
+        #: The guard state shared with other processes through Redis (``server.redis_url``):
+        #: a request granted here also takes its leases there before it goes (see
+        #: :mod:`.shared`); None: this process's guards are the only ones.
+        self.shared = shared
         g = config.global_
         self.global_guard = Guard(
             "global", max_concurrency=g.max_concurrency, tpm=g.tpm, tps=g.tps, now=now
@@ -399,10 +405,47 @@ class Admission:
                 "capacity freeing up.",
                 retry_after_s=self._retry_after(ticket, pool, key),
             )
+        if self.shared is not None:
+            try:
+                await self._acquire_shared(lease, waiter.enqueued_at + limits.queue_timeout_s)
+            except BaseException:
+                lease.used_tokens = 0  # nothing reached an upstream
+                self._release(lease)
+                raise
+            lease.queued_s = trio.current_time() - waiter.enqueued_at
         try:
             yield lease
         finally:
-            self._release(lease)
+            used = self._release(lease)
+            if lease.shared is not None:
+                assert self.shared is not None
+                await self.shared.release(lease.shared, used)
+
+    async def _acquire_shared(self, lease: Lease, deadline: float) -> None:
+        """Take the lease's shared capacity too (every layer it holds here, in Redis), waiting
+        until ``deadline`` if another process holds it; refused like a local wait that ran
+        out, or, when Redis is unreachable under ``redis_failure = "closed"``, with reason
+        ``shared_unavailable``."""
+        assert self.shared is not None
+        layers = ["g", "p:", "k:"] + (["a:"] if lease.account is not None else [])
+        subjects = subjects_of(lease.held, layers)
+        try:
+            lease.shared = await self.shared.acquire(
+                subjects, lease.charged, lease.expected, deadline
+            )
+        except SharedUnavailable as error:
+            raise AdmissionRefused("shared_unavailable", str(error), retry_after_s=1.0) from None
+        except SharedWaitExpired:
+            self.refused["queue_timeout"] += 1
+            ticket = lease.ticket
+            limits = self.keys[ticket.key_id].limits
+            assert limits is not None
+            raise AdmissionRefused(
+                "queue_timeout",
+                f"Your request waited {limits.queue_timeout_s:g}s in the queue without "
+                "capacity freeing up.",
+                retry_after_s=1.0,
+            ) from None
 
     def refuse_waiting(self, message: str) -> None:
         """Admit no one any more (the relay is shutting down): every queued request is woken
@@ -714,13 +757,18 @@ class Admission:
         lease.charged += tokens
         lease.expected -= released
         self._count(self.pools[lease.ticket.pool], lease.ticket, tokens)
+        if lease.shared is not None:
+            assert self.shared is not None
+            self.shared.produced(lease.shared, tokens, released)
 
     def _count(self, pool: _Pool, ticket: Ticket, tokens: int) -> None:
         """Add ``tokens`` served to the key's virtual counter and its pool's."""
         pool.queue.charge(pool.flow_of(ticket), tokens)
         pool.counter += tokens / pool.weight
 
-    def _release(self, lease: Lease) -> None:
+    def _release(self, lease: Lease) -> int:
+        """Settle and free everything the lease holds here; the tokens it was charged in all
+        (what the shared guards are corrected to)."""
         now = trio.current_time()
         ticket = lease.ticket
         reserved = lease.charged + lease.expected
@@ -736,6 +784,7 @@ class Admission:
         if lease.output_tokens is not None and ticket.input_tokens is not None:
             self._estimate(ticket.key_id).learn(lease.output_tokens, ticket.max_output_tokens)
         self._dispatch()
+        return used
 
     def _estimate(self, key_id: str) -> OutputEstimate:
         estimate = self.estimates.pop(key_id, None)
