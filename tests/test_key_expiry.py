@@ -293,6 +293,9 @@ def test_the_admin_api_creates_expiring_keys_sets_expiry_and_rotates(billed: Rel
     assert get(billed, new).json()["error"]["code"] == "key_expired"
     assert get(billed, key).json()["error"]["code"] == "invalid_api_key"
     assert get(billed, again.json()["key"]).status_code == 200
+    assert billed.admin("POST", f"/admin/keys/{key_id}/revoke").status_code == 200
+    refused = billed.admin("POST", f"/admin/keys/{key_id}/rotate", {})
+    assert refused.status_code == 400 and "is revoked" in refused.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(
