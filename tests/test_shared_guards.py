@@ -332,3 +332,94 @@ async def test_redis_lost_and_back(
     assert "Traceback" not in log, log
     assert log.count("is unreachable") == 1, log
     assert log.count("is back: limits are shared again") == 1, log
+
+
+FAIR = """
+[pools.fair]
+max_concurrency = 4
+
+[packages.light]
+pool = "fair"
+weight = 1
+max_queue = 100
+queue_timeout_s = 30
+
+[packages.heavy]
+pool = "fair"
+weight = 3
+max_queue = 100
+queue_timeout_s = 30
+
+[[accounts]]
+name = "sim-fair"
+pool = "fair"
+provider = "openai-chat"
+base_url = "SIM_URL/v1"
+api_key_env = "SIM_UPSTREAM_KEY"
+models = ["fair-model"]
+"""
+
+
+@pytest.fixture(scope="module")
+def fair_pair(sim: Sim, redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+              ) -> Iterator[tuple[Relay, Relay]]:
+    database = tmp_path_factory.mktemp("fair-db") / "relay.db"
+    relays = [
+        start_relay(tmp_path_factory.mktemp(f"fair-{i}"), sim.url, body=FAIR,
+                    database=database, redis_url=redis.url)
+        for i in range(2)
+    ]
+    yield relays[0], relays[1]
+    for relay in relays:
+        log = relay.process.stop()
+        assert "Traceback" not in log, log
+
+
+async def served_ratio(
+    routes: dict[str, tuple[Relay, ...]], seconds: float, warmup: float = 1.0
+) -> float:
+    """Keep eight streams per key waiting on the pool (cap 4) through the given relays for
+    ``seconds``; heavy's served tokens over light's, counted after ``warmup``."""
+    served = {name: 0 for name in routes}
+    keys = {name: relays[0].create_key(name) for name, relays in routes.items()}
+    body = {"model": "fair-model", "stream": True,
+            "messages": [{"role": "user", "content": "#sim tokens=20 delay=0.004"}]}
+    started = trio.current_time()
+    async with httpx2.AsyncClient(timeout=60, limits=httpx2.Limits(max_connections=40)) as client:
+
+        async def loop(name: str, relay: Relay) -> None:
+            while True:
+                response = await client.post(relay.url + CHAT, json=body,
+                                             headers=auth(keys[name]))
+                assert response.status_code == 200, response.text
+                if trio.current_time() - started > warmup:
+                    served[name] += 20
+
+        with trio.move_on_after(warmup + seconds):
+            async with trio.open_nursery() as nursery:
+                for name, relays in routes.items():
+                    for i in range(8):
+                        nursery.start_soon(loop, name, relays[i % len(relays)])
+    return served["heavy"] / served["light"]
+
+
+async def test_weights_hold_across_processes_when_each_key_is_pinned_to_one(
+    fair_pair: tuple[Relay, Relay]
+) -> None:
+    one, other = fair_pair
+    ratio = await served_ratio({"light": (one,), "heavy": (other,)}, seconds=6)
+    print(f"\nweights 1:3, each key pinned to one process: served ratio {ratio:.3f}")
+    assert 2.85 <= ratio <= 3.15
+
+
+async def test_weights_hold_across_processes_when_clients_are_spread(
+    fair_pair: tuple[Relay, Relay]
+) -> None:
+    ratio = await served_ratio({"light": fair_pair, "heavy": fair_pair}, seconds=6)
+    print(f"\nweights 1:3, clients spread over both processes: served ratio {ratio:.3f}")
+    assert 2.85 <= ratio <= 3.15
+    for relay in fair_pair:
+        assert relay.wait_idle()["admission"]["total"] == 0
+        shared = shared_leases(relay)
+        assert shared["waiting_flows"] == 0 and shared["unsent_settlements"] == 0
+        assert shared["leases"]["p:fair"] == 0

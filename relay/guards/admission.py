@@ -375,6 +375,9 @@ class Admission:
         assert limits is not None
         self._check_queue_room(ticket, pool, key, now)
         waiter = _Waiter(ticket, now)
+        fair = self._fairness(pool, ticket, limits)
+        if self.shared is not None:
+            self.shared.join_backlog(fair)
         pool.queue.push(pool.flow_of(ticket), limits.weight, waiter)
         self._lift_pool(pool)
         self._waiting[ticket.key_id] = self._waiting.get(ticket.key_id, 0) + 1
@@ -391,6 +394,8 @@ class Admission:
             if waiter.lease is not None:
                 waiter.lease.used_tokens = 0
                 self._release(waiter.lease)
+                if self.shared is not None:
+                    self.shared.leave_backlog(fair, None)
             raise
         finally:
             left = self._waiting[ticket.key_id] - 1
@@ -401,6 +406,8 @@ class Admission:
             if waiter.lease is None:
                 # Not granted (timed out or cancelled): leave the queue, uncharged.
                 pool.queue.remove(pool.flow_of(ticket), waiter)
+                if self.shared is not None:
+                    self.shared.leave_backlog(fair, None)
         lease = waiter.lease
         if lease is None and self._refusal is not None:
             raise AdmissionRefused("shutting_down", self._refusal, retry_after_s=1.0)
@@ -414,11 +421,15 @@ class Admission:
             )
         if self.shared is not None:
             try:
-                await self._acquire_shared(lease, waiter.enqueued_at + limits.queue_timeout_s)
+                await self._acquire_shared(
+                    lease, waiter.enqueued_at + limits.queue_timeout_s, fair
+                )
             except BaseException:
                 lease.used_tokens = 0  # nothing reached an upstream
                 self._release(lease)
                 raise
+            finally:
+                self.shared.leave_backlog(fair, lease.shared)
             lease.queued_s = trio.current_time() - waiter.enqueued_at
         try:
             yield lease
@@ -428,7 +439,11 @@ class Admission:
                 assert self.shared is not None
                 await self.shared.release(lease.shared, used)
 
-    async def _acquire_shared(self, lease: Lease, deadline: float) -> None:
+    def _fairness(self, pool: _Pool, ticket: Ticket, limits: KeyLimits) -> Fairness:
+        """The request's place in its pool's fair order across processes."""
+        return Fairness(pool.name, pool.flow_of(ticket), 1.0 if pool.fifo else limits.weight)
+
+    async def _acquire_shared(self, lease: Lease, deadline: float, fair: Fairness) -> None:
         """Take the lease's shared capacity too (every layer it holds here, in Redis), waiting
         until ``deadline`` if another process holds it; refused like a local wait that ran
         out, or, when Redis is unreachable under ``redis_failure = "closed"``, with reason
@@ -436,11 +451,6 @@ class Admission:
         assert self.shared is not None
         layers = ["g", "p:", "k:"] + (["a:"] if lease.account is not None else [])
         subjects = subjects_of(lease.held, layers)
-        ticket = lease.ticket
-        pool = self.pools[ticket.pool]
-        limits = self.keys[ticket.key_id].limits
-        assert limits is not None
-        fair = Fairness(pool.name, pool.flow_of(ticket), 1.0 if pool.fifo else limits.weight)
         try:
             lease.shared = await self.shared.acquire(
                 subjects, lease.charged, lease.expected, deadline, fair
@@ -449,6 +459,8 @@ class Admission:
             raise AdmissionRefused("shared_unavailable", str(error), retry_after_s=1.0) from None
         except SharedWaitExpired:
             self.refused["queue_timeout"] += 1
+            limits = self.keys[lease.ticket.key_id].limits
+            assert limits is not None
             raise AdmissionRefused(
                 "queue_timeout",
                 f"Your request waited {limits.queue_timeout_s:g}s in the queue without "

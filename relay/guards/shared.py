@@ -356,6 +356,7 @@ class SharedLease:
     charged: int  # tokens charged so far (flushed or pending)
     held: int  # expected output still held for it
     fair: Fairness | None = None
+    left_backlog: bool = False  # its acquire took its flow off the waiting flows
     pending_tokens: int = 0  # charged locally, not yet flushed
     pending_released: int = 0
 
@@ -408,7 +409,7 @@ class SharedGuards:
         self._client: coredis.Redis | None = None
         self._scripts: dict[str, object] = {}
         self._freed = trio.Event()
-        self._waiters: dict[tuple[str, str], int] = {}  # (pool, flow) → requests waiting here
+        self._backlog: dict[tuple[str, str], int] = {}  # (pool, flow) → requests waiting here
         self._pending: dict[str, SharedLease] = {}  # leases with output not yet flushed
         self._unsent: list[dict] = []  # settlements that did not reach Redis yet, in order
         self.dropped = 0  # settlements dropped over MAX_UNSENT during a long outage
@@ -480,48 +481,54 @@ class SharedGuards:
         spec: dict = {
             "subjects": [s.spec() for s in lease.subjects], "charged": charged, "held": held
         }
-        flow = (fair.pool, fair.flow) if fair is not None else None
-        if flow is not None:
-            self._waiters[flow] = self._waiters.get(flow, 0) + 1
-        acquired = False
-        try:
-            while True:
-                if self.degraded:
-                    return self._unavailable()
-                if fair is not None:
-                    spec["fair"] = {
-                        "pool": fair.pool, "flow": fair.flow, "weight": fair.weight,
-                        "last": self._waiters[flow] == 1,
-                    }
-                payload = json.dumps(spec)
-                freed = self._freed
-                with trio.CancelScope(shield=True):
-                    result = await self._call(
-                        lambda payload=payload: self._scripts["acquire"](
-                            args=[self.prefix, self.owner, lease.id, payload]
-                        )
+        while True:
+            if self.degraded:
+                return self._unavailable()
+            if fair is not None:
+                spec["fair"] = {
+                    "pool": fair.pool, "flow": fair.flow, "weight": fair.weight,
+                    # No other request of the flow waits here: it leaves the waiting flows.
+                    "last": self._backlog.get((fair.pool, fair.flow), 0) <= 1,
+                }
+            payload = json.dumps(spec)
+            freed = self._freed
+            with trio.CancelScope(shield=True):
+                result = await self._call(
+                    lambda payload=payload: self._scripts["acquire"](
+                        args=[self.prefix, self.owner, lease.id, payload]
                     )
-                if result is None:  # failed, maybe after Redis took it: release by id
-                    self._unsent.append(self._settle_item(lease, done=True))
-                    return self._unavailable()
-                if result[0] == 1:
-                    self.totals.acquired += 1
-                    acquired = True
-                    return lease
-                if result[1] == 0:
-                    self.totals.deferred += 1
-                self.totals.waits += 1
-                await self._wait_for_room(result[2], freed, deadline)
-        finally:
-            if flow is not None:
-                left = self._waiters[flow] - 1
-                if left:
-                    self._waiters[flow] = left
-                else:
-                    del self._waiters[flow]
-                    if not (acquired and spec["fair"]["last"]):
-                        # No waiter of the flow here any more: others need not defer to it.
-                        self._unsent.append({"unwait": flow[0], "flow": flow[1]})
+                )
+            if result is None:  # failed, maybe after Redis took it: release by id
+                self._unsent.append(self._settle_item(lease, done=True))
+                return self._unavailable()
+            if result[0] == 1:
+                self.totals.acquired += 1
+                if fair is not None and spec["fair"]["last"]:
+                    lease.left_backlog = True
+                return lease
+            if result[1] == 0:
+                self.totals.deferred += 1
+            self.totals.waits += 1
+            await self._wait_for_room(result[2], freed, deadline)
+
+    def join_backlog(self, fair: Fairness) -> None:
+        """A request of the flow is waiting on this process (in its local queue or for shared
+        capacity): while any is, the flow counts as waiting for the others' fair order."""
+        flow = (fair.pool, fair.flow)
+        self._backlog[flow] = self._backlog.get(flow, 0) + 1
+
+    def leave_backlog(self, fair: Fairness, lease: SharedLease | None) -> None:
+        """That request got its capacity (``lease``) or left; when it was the flow's last one
+        here, the flow stops counting as waiting (its acquire said so already, or with the
+        next flush)."""
+        flow = (fair.pool, fair.flow)
+        left = self._backlog[flow] - 1
+        if left:
+            self._backlog[flow] = left
+            return
+        del self._backlog[flow]
+        if lease is None or not lease.left_backlog:
+            self._unsent.append({"unwait": fair.pool, "flow": fair.flow})
 
     async def _wait_for_room(self, wait_ms: int, freed: trio.Event, deadline: float) -> None:
         """Sleep until capacity is freed anywhere, the bucket refill the acquire named, or the
@@ -629,7 +636,9 @@ class SharedGuards:
             "failure_policy": self.failure_policy,
             "degraded": self.degraded,
             "totals": dict(vars(self.totals)),
-            "unsent_releases": len(self._unsent),
+            "unsent_settlements": len(self._unsent),
+            "dropped_settlements": self.dropped,
+            "waiting_flows": len(self._backlog),  # flows with requests waiting here
         }
         if self.degraded:
             state["degraded_reason"] = self.degraded_reason
