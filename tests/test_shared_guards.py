@@ -383,7 +383,7 @@ async def served_ratio(
     served = {name: 0 for name in routes}
     keys = {name: relays[0].create_key(name) for name, relays in routes.items()}
     body = {"model": "fair-model", "stream": True,
-            "messages": [{"role": "user", "content": "#sim tokens=20 delay=0.004"}]}
+            "messages": [{"role": "user", "content": "#sim tokens=12 delay=0.004"}]}
     started = trio.current_time()
     async with httpx2.AsyncClient(timeout=60, limits=httpx2.Limits(max_connections=40)) as client:
 
@@ -393,7 +393,7 @@ async def served_ratio(
                                              headers=auth(keys[name]))
                 assert response.status_code == 200, response.text
                 if trio.current_time() - started > warmup:
-                    served[name] += 20
+                    served[name] += 12
 
         with trio.move_on_after(warmup + seconds):
             async with trio.open_nursery() as nursery:

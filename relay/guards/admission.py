@@ -349,6 +349,12 @@ class Admission:
             self.pools[name] = _Pool(
                 name, guard, pool.weight, pool.max_queue, fifo=pool.queue == "fifo"
             )
+        if shared is not None:
+            # The global and pool caps are leases in Redis, taken in the shared fair order:
+            # held back here too, a process's requests would wait in front of its own
+            # slots, out of that order (and capacity free elsewhere would go unused).
+            for guard in (self.global_guard, *(pool.guard for pool in self.pools.values())):
+                guard.limiter.total_tokens = math.inf
         self.keys: dict[str, Guard] = {}  # least recently examined or arrived first
         self.estimates: dict[str, OutputEstimate] = {}
         self._waiting: dict[str, int] = {}  # key id → queued requests
@@ -395,7 +401,7 @@ class Admission:
                 waiter.lease.used_tokens = 0
                 self._release(waiter.lease)
                 if self.shared is not None:
-                    self.shared.leave_backlog(fair, None)
+                    self.shared.leave_backlog(fair)
             raise
         finally:
             left = self._waiting[ticket.key_id] - 1
@@ -407,7 +413,7 @@ class Admission:
                 # Not granted (timed out or cancelled): leave the queue, uncharged.
                 pool.queue.remove(pool.flow_of(ticket), waiter)
                 if self.shared is not None:
-                    self.shared.leave_backlog(fair, None)
+                    self.shared.leave_backlog(fair)
         lease = waiter.lease
         if lease is None and self._refusal is not None:
             raise AdmissionRefused("shutting_down", self._refusal, retry_after_s=1.0)
@@ -429,7 +435,7 @@ class Admission:
                 self._release(lease)
                 raise
             finally:
-                self.shared.leave_backlog(fair, lease.shared)
+                self.shared.leave_backlog(fair)
             lease.queued_s = trio.current_time() - waiter.enqueued_at
         try:
             yield lease
