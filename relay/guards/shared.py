@@ -49,7 +49,7 @@ import logging
 import math
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import coredis
@@ -412,6 +412,9 @@ class SharedGuards:
         self.degraded_reason = ""
         self.live_processes = 1  # as last seen in Redis
         self.totals = _Totals()
+        #: Called with True when Redis is lost and False when it is back (the runtime makes
+        #: the local guards enforce their share of the limits meanwhile).
+        self.on_degraded: Callable[[bool], None] | None = None
         self._client: coredis.Redis | None = None
         self._scripts: dict[str, object] = {}
         self._freed = trio.Event()
@@ -803,6 +806,8 @@ class SharedGuards:
                 if self.degraded:
                     self.degraded = False
                     log.warning("Redis at %s is back: limits are shared again", _redacted(self.url))
+                    if self.on_degraded is not None:
+                        self.on_degraded(False)
                 return result
         if scope.cancelled_caught:
             reason = f"no answer within {self.call_timeout_s * 1000:g} ms"
@@ -811,7 +816,7 @@ class SharedGuards:
             self.degraded = True
             self.degraded_reason = reason
             enforcement = (
-                "each process enforces its limits alone"
+                f"each process enforces 1/{self.live_processes} of every limit alone"
                 if self.failure_policy == "local"
                 else "requests are refused with 503 (redis_failure = \"closed\")"
             )
@@ -819,6 +824,8 @@ class SharedGuards:
                 "Redis at %s is unreachable (%s): %s until it is back",
                 _redacted(self.url), reason, enforcement,
             )
+            if self.on_degraded is not None:
+                self.on_degraded(True)
         return None
 
 
