@@ -122,12 +122,11 @@ async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
         accounts = [(account.guard, account.config) for account in runtime.scheduler.accounts]
 
         def follow_redis(degraded: bool) -> None:
-            if degraded:
-                admission.share_limits(1 / shared.live_processes, accounts)
-            else:
-                admission.redis_back(accounts)
+            share = 1 / shared.live_processes if degraded else None
+            admission.share_limits(share, accounts)
 
         shared.on_degraded = follow_redis
+        shared.on_recovering = admission.register_local_leases
     log_missing_credentials(config)
     try:
         async with trio.open_nursery() as nursery:

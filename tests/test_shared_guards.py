@@ -139,7 +139,7 @@ async def test_a_concurrency_cap_holds_across_two_processes(
         relay.wait_idle()
     shared = shared_leases(pair[0])
     assert shared["leases"][f"k:{key_id}"] == 0 and shared["leases"]["g"] == 0
-    assert len(shared["processes"]) == 2
+    assert {shared_leases(relay)["owner"] for relay in pair} <= set(shared["processes"])
 
 
 async def test_rpm_is_shared_by_the_processes(pair: tuple[Relay, Relay], sim: Sim) -> None:
@@ -462,4 +462,5 @@ async def test_redis_stopped_under_load_each_process_keeps_its_share(
         assert not shared["degraded"] and shared["totals"]["local_admissions"] > 0
         assert shared["unsent_settlements"] == 0
     # Redis came back empty (no persistence): what it counts now is what runs now, nothing.
-    assert shared["leases"]["g"] == 0 and len(shared["processes"]) == 2
+    assert shared["leases"]["g"] == 0
+    assert {shared_leases(relay)["owner"] for relay in pair} <= set(shared["processes"])

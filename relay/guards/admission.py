@@ -347,9 +347,8 @@ class Admission:
         #: :mod:`.shared`); None: this process's guards are the only ones.
         self.shared = shared
         self._share: float | None = None  # see share_limits
-        self._local_only = 0  # leases in flight admitted while Redis was lost
+        self._local_leases: set[Lease] = set()  # in flight, admitted while Redis was lost
         self._released = trio.Event()  # set (and replaced) whenever a lease is released
-        self._restore: Sequence[tuple[Guard, Any]] | None = None  # see redis_back
         g = config.global_
         self.global_guard = Guard(
             "global", max_concurrency=g.max_concurrency, tpm=g.tpm, tps=g.tps, now=now
@@ -452,15 +451,12 @@ class Admission:
             lease.queued_s = trio.current_time() - waiter.enqueued_at
             if lease.shared is None:
                 lease.local_only = True
-                self._local_only += 1
+                self._local_leases.add(lease)
         try:
             yield lease
         finally:
             used = self._release(lease)
-            if lease.local_only:
-                self._local_only -= 1
-                if not self._local_only and self._restore is not None:
-                    self.share_limits(None, self._restore)
+            self._local_leases.discard(lease)
             if lease.shared is not None:
                 assert self.shared is not None
                 await self.shared.release(lease.shared, used)
@@ -606,13 +602,21 @@ class Admission:
             self._dispatch()
         return guard
 
-    def redis_back(self, accounts: Sequence[tuple[Guard, Any]] = ()) -> None:
-        """Redis is back: the whole limits again, once the requests admitted without it have
-        ended (Redis does not count them: until then the divided limits stay too)."""
-        if self._local_only:
-            self._restore = accounts
-        else:
-            self.share_limits(None, accounts)
+    async def register_local_leases(self) -> None:
+        """Redis is back: count in it every request this process admitted alone while it was
+        lost and that still runs, so that the other processes see them (their release then
+        goes to Redis as any other's)."""
+        assert self.shared is not None
+        for lease in list(self._local_leases):
+            layers = ["g", "p:", "k:"] + (["a:"] if lease.account is not None else [])
+            shared = await self.shared.register(subjects_of(lease.held, layers), lease.expected)
+            if shared is None:
+                return  # Redis is gone again
+            self._local_leases.discard(lease)
+            if lease.held:
+                lease.shared, lease.local_only = shared, False
+            else:  # it ended meanwhile
+                await self.shared.release(shared, 0)
 
     def share_limits(self, share: float | None, accounts: Sequence[tuple[Guard, Any]] = ()) -> None:
         """Enforce ``share`` of every limit in this process alone (Redis is lost under
@@ -622,7 +626,6 @@ class Admission:
         request per process while Redis is lost). Requests in flight keep their slots
         (:meth:`Guard.reconfigure`)."""
         self._share = share
-        self._restore = None
         now = trio.current_time()
         g = self._config.global_
         layers: list[tuple[Guard, Any]] = [(self.global_guard, g)]

@@ -49,7 +49,7 @@ import logging
 import math
 import os
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import coredis
@@ -127,6 +127,7 @@ local member = owner .. '|' .. ARGV[3]
 local spec = cjson.decode(ARGV[4])
 local amount = spec.charged + spec.held
 local fair = spec.fair
+if spec.force then fair = nil end  -- a request admitted while Redis was lost: count it
 local vkey, wkey, me, mine
 local waiting = false
 if fair then
@@ -166,7 +167,7 @@ local function refused(i, wait)
   end
   return {0, i, wait}
 end
-for i, s in ipairs(spec.subjects) do
+for i, s in ipairs(spec.force and {} or spec.subjects) do
   local count, held = leases(s.name)
   if s.cap and count >= s.cap then return refused(i, -1) end
   if s.tpm then
@@ -193,7 +194,7 @@ for _, s in ipairs(spec.subjects) do
   redis.call('PEXPIRE', key, 86400000)
   if s.tpm then take(s.name, 'tpm', s.tpm, spec.charged) end
   if s.tps then take(s.name, 'tps', s.tps, spec.charged) end
-  if s.rpm then take(s.name, 'rpm', s.rpm, 1) end
+  if s.rpm and not spec.force then take(s.name, 'rpm', s.rpm, 1) end
 end
 if fair then
   redis.call('ZINCRBY', vkey, spec.charged / fair.weight, fair.flow)
@@ -388,6 +389,9 @@ class SharedGuards:
     RETRY_FLOOR_S = 0.25
     #: While degraded, Redis is probed this often.
     PROBE_S = 1.0
+    #: Once Redis is back, the divided limits stay this long: every live process finds it
+    #: within PROBE_S and registers what it admitted alone (see _recover).
+    RECOVERY_GRACE_S = 2.5
     #: Settlements kept for Redis while it is unreachable; beyond this the oldest are dropped
     #: (counted in ``dropped``): their leases are reclaimed with this process's heartbeat
     #: anyway, only their bucket charges are lost.
@@ -415,6 +419,9 @@ class SharedGuards:
         #: Called with True when Redis is lost and False when it is back (the runtime makes
         #: the local guards enforce their share of the limits meanwhile).
         self.on_degraded: Callable[[bool], None] | None = None
+        #: Awaited when Redis answers again, before this process uses it (see _recover).
+        self.on_recovering: Callable[[], Awaitable[None]] | None = None
+        self._nursery: trio.Nursery | None = None
         self._client: coredis.Redis | None = None
         self._scripts: dict[str, object] = {}
         self._freed = trio.Event()
@@ -453,6 +460,7 @@ class SharedGuards:
             }
             await self._heartbeat_once()
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 nursery.start_soon(self._heartbeat)
                 nursery.start_soon(self._listen)
                 nursery.start_soon(self._flush_forever)
@@ -766,8 +774,47 @@ class SharedGuards:
     async def _heartbeat(self) -> None:
         while True:
             await trio.sleep(self.PROBE_S if self.degraded else self.lease_ttl_s / 3)
+            was_degraded = self.degraded
             if await self._heartbeat_once():
+                if was_degraded and self.degraded:
+                    await self._recover()
                 await self._count_processes()
+
+    async def _recover(self) -> None:
+        """Redis answers again. Before this process uses it, the requests it admitted alone
+        meanwhile are registered there (:attr:`on_recovering`), so the others count them;
+        the divided limits stay for :attr:`RECOVERY_GRACE_S` more, until every live process
+        has found Redis and done the same."""
+        if self.on_recovering is not None:
+            await self.on_recovering()
+        if self.degraded:
+            self._back()
+
+    def _back(self) -> None:
+        self.degraded = False
+        log.warning("Redis at %s is back: limits are shared again", _redacted(self.url))
+        assert self._nursery is not None
+        self._nursery.start_soon(self._restore_after_grace)
+
+    async def _restore_after_grace(self) -> None:
+        await trio.sleep(self.RECOVERY_GRACE_S)
+        if not self.degraded and self.on_degraded is not None:
+            self.on_degraded(False)
+
+    async def register(self, subjects: Sequence[Subject], held: int) -> SharedLease | None:
+        """Count a request admitted while Redis was lost as a lease there, whatever the limits
+        say (it runs already); None if Redis did not take it."""
+        lease = SharedLease(uuid.uuid4().hex[:16], tuple(subjects), 0, held)
+        payload = json.dumps({"subjects": [s.spec() for s in lease.subjects], "charged": 0,
+                              "held": held, "force": True})
+        with trio.CancelScope(shield=True):
+            result = await self._call(
+                lambda: self._scripts["acquire"](
+                    args=[self.prefix, self.owner, lease.id, payload]
+                ),
+                probe=True,
+            )
+        return lease if result is not None and result[0] == 1 else None
 
     async def _count_processes(self) -> None:
         result = await self._call(
@@ -803,11 +850,8 @@ class SharedGuards:
             except Exception as error:  # any failure of the client: Redis is not usable now
                 reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
             else:
-                if self.degraded:
-                    self.degraded = False
-                    log.warning("Redis at %s is back: limits are shared again", _redacted(self.url))
-                    if self.on_degraded is not None:
-                        self.on_degraded(False)
+                if self.degraded and not probe:
+                    self._back()
                 return result
         if scope.cancelled_caught:
             reason = f"no answer within {self.call_timeout_s * 1000:g} ms"
