@@ -90,6 +90,7 @@ class ServerConfig:
     database: str = "relay.db"
     admin_token_env: str = "RELAY_ADMIN_TOKEN"
     redis_url: str | None = None
+    workers: int = 1  # serving processes (relay/workers.py); "auto" in the file: the CPU count
     max_body_bytes: int = 64 * 1024 * 1024
     stall_timeout_s: float = 60.0
     upstream_connect_timeout_s: float = 10.0
@@ -484,6 +485,7 @@ def _read_server(table: _Table, base_dir: Path | None) -> ServerConfig:
         database=database,
         admin_token_env=table.env_name("admin_token_env", defaults.admin_token_env),
         redis_url=redis_url,
+        workers=_read_workers(table, defaults.workers),
         max_body_bytes=table.integer("max_body_bytes", defaults.max_body_bytes, positive=True),
         stall_timeout_s=table.number("stall_timeout_s", defaults.stall_timeout_s, positive=True),
         upstream_connect_timeout_s=table.number(
@@ -533,6 +535,38 @@ def _read_server(table: _Table, base_dir: Path | None) -> ServerConfig:
     )
     table.finish()
     return server
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask: a container's or a taskset's share,
+    not the machine's), what ``workers = "auto"`` means."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def parse_workers(value: object) -> int:
+    """``workers`` as given (a positive integer, or ``"auto"``) as a count; ``ValueError``
+    saying what is accepted otherwise."""
+    if value == "auto":
+        return cpu_count()
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if not _is_int(value) or value <= 0:
+        raise ValueError(f'must be a positive integer or "auto", got {_show(value)}')
+    return value
+
+
+def _read_workers(table: _Table, default: int) -> int:
+    value = table.raw("workers")
+    if value is _MISSING:
+        return default
+    try:
+        return parse_workers(value)
+    except ValueError as exc:
+        table.error("workers", str(exc))
+        return default
 
 
 def _read_proxy(table: _Table, *, allow_direct: bool) -> str | None:

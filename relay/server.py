@@ -83,16 +83,24 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def make_listener(host: str, port: int, user_timeout_s: float | None = None) -> socket.socket:
+def make_listener(host: str, port: int, user_timeout_s: float | None = None, reuseport: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuseport:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     if user_timeout_s is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
         # Inherited by every accepted connection on Linux.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout_s * 1000))
     sock.bind((host, port))
     sock.set_inheritable(True)
     return sock
+
+
+def listen_url(listener: socket.socket) -> str:
+    """``http://HOST:PORT`` of a bound socket (the port the OS picked, for port 0)."""
+    host, port = listener.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 #: Seconds hypercorn waits for handlers after the drain timeout: room for the error events
@@ -251,16 +259,18 @@ async def serve(
     config: Config,
     *,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    listener: socket.socket | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``shutdown_trigger`` returns (or SIGINT/SIGTERM), then drain (see the
-    module docstring); reports the base URL."""
+    module docstring); reports the base URL. ``listener``: a listening socket to serve on (a
+    worker's, inherited from its parent: ``relay/workers.py``) instead of one made here."""
     install_protocol()
     server = config.server
-    listener = make_listener(server.host, server.port, 2 * server.stall_timeout_s)
-    listener.listen(1024)
-    host, port = listener.getsockname()[:2]
-    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    if listener is None:
+        listener = make_listener(server.host, server.port, 2 * server.stall_timeout_s)
+        listener.listen(1024)
+    url = listen_url(listener)
     async with open_runtime(config) as runtime:
         app = wrap_app(RelayApp(runtime), None, "asgi")
         tune_gc()

@@ -1,0 +1,312 @@
+"""Several worker processes on one host: ``relay serve --workers N`` (``server.workers``).
+
+**One parent, N workers, one listening socket.** The parent makes the listening socket (the
+same one a single relay makes, ``TCP_USER_TIMEOUT`` included), opens the database once (so its
+tables and WAL mode exist before several processes open it at once), and starts each worker as
+``python -m relay.workers``, handing it the socket's file descriptor (``pass_fds``). Every
+worker runs the whole relay (``relay.server.serve``) on that socket; the kernel gives each new
+connection to whichever worker accepts it first. The parent serves nothing itself.
+
+Why a shared socket rather than one ``SO_REUSEPORT`` socket per worker: measured on this 2-core
+machine (``python -m bench workers``, bench/README.md), with keep-alive connections opened at
+once and held (a load balancer's pattern), the shared socket gave each worker a share of the
+connections in line with how free it was, while ``SO_REUSEPORT`` hashes each connection to a
+worker by its address and port pair and ignores load:
+
+==================================  ===============  ==============  ===========
+loopback, 2 workers, /healthz       connections       req/s           share
+==================================  ===============  ==============  ===========
+shared socket (chosen)              see bench/README.md
+==================================  ===============  ==============  ===========
+
+**Readiness.** The parent prints ``relay listening on URL`` once, when every worker has
+started serving (each writes one byte to a pipe the parent gave it); a worker that exits before
+it ever served makes the parent stop the others and exit 1, as a single relay that cannot start
+does.
+
+**Restarts.** A worker that exits while the relay runs is logged (``worker 2 (pid 4711) was
+killed by SIGKILL; restarting it in 0.5s``) and started again after a back-off that doubles
+from :data:`FIRST_RESTART_DELAY_S` to :data:`MAX_RESTART_DELAY_S` while it keeps dying soon
+after its start, and goes back to the first delay once a worker has run
+:data:`STABLE_AFTER_S`: a worker that crashes at start costs a start every 30 s, not a spin.
+
+**Signals.** SIGTERM or SIGINT to the parent is forwarded as SIGTERM to every worker: each
+drains as a single relay does (``relay/server.py``: stops accepting, lets running requests
+finish, writes every usage record), and the parent exits 0 once all have exited. A second
+signal is forwarded too, and stops the workers at once. Workers run in their own process
+group, so a Ctrl-C at a terminal reaches the parent alone and each worker gets one SIGTERM;
+a worker whose parent is gone (``kill -9`` of the parent) shuts down the same way by itself.
+
+**Metrics.** The parent makes a fresh directory for ``prometheus_client``'s multiprocess mode,
+names it to the workers in ``PROMETHEUS_MULTIPROC_DIR``, marks each dead worker's live gauges
+dead (``multiprocess.mark_process_dead``) and removes the directory when it exits; what a
+scrape shows is in ``relay/api/metrics.py``.
+
+**Limits.** Each worker keeps its guards in its own memory unless ``server.redis_url`` makes
+them shared, so more than one worker without it would multiply every limit by the number of
+workers: :func:`check_workers` refuses that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import trio
+
+from .config import Config
+from .ledger.store import Store
+
+log = logging.getLogger("relay.workers")
+
+#: Seconds before the first restart of a worker that died, doubled while it keeps dying.
+FIRST_RESTART_DELAY_S = 0.5
+MAX_RESTART_DELAY_S = 30.0
+#: A worker that ran this long before it died is restarted after the first delay again.
+STABLE_AFTER_S = 30.0
+#: How often a worker checks that its parent is still there.
+PARENT_CHECK_S = 1.0
+
+
+class WorkersError(Exception):
+    """The workers could not be started (one exited before it served); a one-line reason."""
+
+
+def check_workers(config: Config, workers: int) -> str | None:
+    """Why ``workers`` processes cannot serve ``config``, in one line; ``None`` if they can."""
+    if workers > 1 and not config.server.redis_url:
+        return (
+            f"--workers {workers} needs server.redis_url: without a shared Redis each worker "
+            f"enforces every limit (TPM, RPM, concurrency, credits) on its own, so the limits "
+            f"would silently multiply by {workers}; set server.redis_url (README, \"Running "
+            f"several processes\") or run one worker"
+        )
+    return None
+
+
+def describe_exit(returncode: int) -> str:
+    """``exited with status 3`` or ``was killed by SIGKILL``."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name}"
+    return f"exited with status {returncode}"
+
+
+class Supervisor:
+    """The parent of ``workers`` worker processes serving ``config_path`` (see the module
+    docstring). :meth:`run` returns when every worker has exited after a signal."""
+
+    def __init__(
+        self, config: Config, config_path: str, workers: int, log_level: str | None = None
+    ) -> None:
+        self.config = config
+        self.config_path = os.path.abspath(config_path)
+        self.workers = workers
+        self.log_level = log_level
+        self.stopping = False
+        self.processes: dict[int, trio.Process] = {}  # worker number → its live process
+        self.restarts = 0
+        self._metrics_dir = ""
+        self._listener: socket.socket | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        from .server import listen_url, make_listener
+
+        server = self.config.server
+        self.reuseport = os.environ.get("RELAY_WORKER_SOCKETS") == "reuseport"
+        self._listener = make_listener(server.host, server.port, 2 * server.stall_timeout_s, self.reuseport)
+        if not self.reuseport:
+            self._listener.listen(1024)
+        url = listen_url(self._listener)
+        Store(server.database).close()  # tables and WAL made once, before N processes open it
+        self._metrics_dir = tempfile.mkdtemp(prefix="relay-metrics-")
+        try:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async with trio.open_nursery() as nursery:
+                    ready = [trio.Event() for _ in range(self.workers)]
+                    failed: list[str] = []
+                    for number in range(1, self.workers + 1):
+                        nursery.start_soon(self._keep_running, number, ready, failed)
+                    for event in ready:
+                        await event.wait()
+                    if failed:
+                        self._signal_all(signal.SIGTERM)
+                        raise WorkersError(failed[0])
+                    log.info("%d workers serving on %s", self.workers, url)
+                    task_status.started(url)
+                    async for signum in signals:
+                        name = signal.Signals(signum).name
+                        if not self.stopping:
+                            log.info("received %s, stopping %d workers", name, self.workers)
+                            self.stopping = True
+                            nursery.start_soon(self._until_all_exited, nursery.cancel_scope)
+                        self._signal_all(signal.SIGTERM)
+        finally:
+            self._listener.close()
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+
+    async def _until_all_exited(self, scope: trio.CancelScope) -> None:
+        while self.processes:
+            await trio.sleep(0.05)  # only while stopping
+        scope.cancel()  # ends the signal loop
+
+    def _signal_all(self, signum: int) -> None:
+        for process in list(self.processes.values()):
+            if process.returncode is None:
+                process.send_signal(signum)
+
+    async def _keep_running(
+        self, number: int, ready: list[trio.Event], failed: list[str]
+    ) -> None:
+        """Run worker ``number``, and run it again whenever it dies, until the relay stops."""
+        delay = FIRST_RESTART_DELAY_S
+        first = True
+        while True:
+            started = time.monotonic()
+            process, served = await self._start(number)
+            if first:
+                first = False
+                if not served:
+                    await process.wait()
+                    failed.append(
+                        f"worker {number} {describe_exit(process.returncode)} before it "
+                        "served (its messages are above)"
+                    )
+                ready[number - 1].set()
+                if failed:
+                    return
+            returncode = await process.wait()
+            del self.processes[number]
+            self._mark_dead(process.pid)
+            if self.stopping:
+                if returncode:
+                    log.warning("worker %d (pid %d) %s", number, process.pid,
+                                describe_exit(returncode))
+                return
+            if time.monotonic() - started >= STABLE_AFTER_S:
+                delay = FIRST_RESTART_DELAY_S
+            log.warning(
+                "worker %d (pid %d) %s; restarting it in %gs",
+                number, process.pid, describe_exit(returncode), delay,
+            )
+            await trio.sleep(delay)
+            delay = min(delay * 2, MAX_RESTART_DELAY_S)
+            if self.stopping:
+                return
+            self.restarts += 1
+
+    async def _start(self, number: int) -> tuple[trio.Process, bool]:
+        """Start worker ``number``; returns it and whether it started serving (``False``: it
+        exited first)."""
+        assert self._listener is not None
+        read_end, write_end = os.pipe()
+        fd = self._listener.fileno()
+        command = [
+            sys.executable, "-m", "relay.workers", "--config", self.config_path,
+            "--worker", str(number), "--listen-fd", str(fd), "--ready-fd", str(write_end),
+        ]
+        if self.log_level:
+            command += ["--log-level", self.log_level]
+        if self.reuseport:
+            command += ["--reuseport"]
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir}
+        try:
+            process = await trio.lowlevel.open_process(
+                command, pass_fds=(fd, write_end), env=env, process_group=0
+            )
+        finally:
+            os.close(write_end)
+        self.processes[number] = process
+        async with trio.lowlevel.FdStream(read_end) as readiness:
+            served = bool(await readiness.receive_some(1))
+        return process, served
+
+    def _mark_dead(self, pid: int) -> None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, self._metrics_dir)
+
+
+# -- the worker's side ----------------------------------------------------------------------
+
+
+async def _parent_gone(parent: int) -> None:
+    """Return once this process's parent has exited (it is then re-parented)."""
+    while os.getppid() == parent:
+        await trio.sleep(PARENT_CHECK_S)
+    log.warning("the relay's parent process is gone; shutting down")
+
+
+def _shutdown_trigger(parent: int) -> Callable[[], object]:
+    from .server import wait_for_signal
+
+    async def trigger() -> None:
+        async with trio.open_nursery() as nursery:
+            async def first(wait: Callable[[], object]) -> None:
+                await wait()  # type: ignore[misc]
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(first, wait_for_signal)
+            nursery.start_soon(first, lambda: _parent_gone(parent))
+
+    return trigger
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    """One worker: serve the configuration on the inherited socket until SIGTERM."""
+    parser = argparse.ArgumentParser(prog="python -m relay.workers")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--worker", type=int, required=True)
+    parser.add_argument("--listen-fd", type=int, required=True)
+    parser.add_argument("--ready-fd", type=int, required=True)
+    parser.add_argument("--log-level", default=None)
+    parser.add_argument("--reuseport", action="store_true")
+    args = parser.parse_args(argv)
+
+    from .config_checks import load_servable_config
+    from .logs import setup_logging
+    from .server import serve
+
+    config = load_servable_config(args.config)
+    server = config.server
+    setup_logging(
+        args.log_level or os.environ.get("RELAY_LOG_LEVEL") or "INFO",
+        server.log_format, server.access_log, worker=args.worker,
+    )
+    listener = socket.socket(fileno=args.listen_fd)
+    if args.reuseport:
+        from .server import make_listener
+        host, port = listener.getsockname()[:2]
+        listener.close()
+        listener = make_listener(host, port, 2 * server.stall_timeout_s, True)
+        listener.listen(1024)
+    parent = os.getppid()
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: serve(
+                    config, listener=listener, shutdown_trigger=_shutdown_trigger(parent),
+                    task_status=task_status,
+                )
+            )
+            os.write(args.ready_fd, b"1")
+            os.close(args.ready_fd)
+
+    trio.run(run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())
