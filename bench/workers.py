@@ -7,8 +7,9 @@ and each used for request after request (a load balancer's pattern), and **new c
 request**, ``--connections`` clients each opening a connection per request. It reports req/s and
 each worker's share of the requests, counted from the access log (``[worker N]``).
 
-``RELAY_WORKER_SOCKETS=reuseport`` was the comparison arm when the shared socket was chosen (each
-worker binding its own ``SO_REUSEPORT`` socket); the figures of both are in bench/README.md.
+When the shared socket was chosen, the comparison arm (each worker binding its own
+``SO_REUSEPORT`` socket) ran with ``RELAY_WORKER_SOCKETS=reuseport`` at commit f3dd493; the
+figures of both are in bench/README.md and ``relay/workers.py``.
 Two workers need ``server.redis_url``: the bench starts Debian's ``redis-server`` on a free
 loopback port with persistence off.
 """
@@ -113,7 +114,7 @@ def shares(log: Path) -> dict[str, int]:
 def start_redis(tmp: Path) -> tuple[subprocess.Popen, str]:
     binary = shutil.which("redis-server")
     if not binary:
-        raise SystemExit("bench workers: redis-server is not installed (apt-get install redis-server)")
+        raise SystemExit("bench workers: redis-server is missing (apt-get install redis-server)")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

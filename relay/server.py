@@ -54,6 +54,7 @@ from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
+from .api.metrics import LiveMirror, multiprocess_dir
 from .app import RelayApp
 from .config import Config
 from .errors import RelayError
@@ -83,12 +84,10 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def make_listener(host: str, port: int, user_timeout_s: float | None = None, reuseport: bool = False) -> socket.socket:
+def make_listener(host: str, port: int, user_timeout_s: float | None = None) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuseport:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     if user_timeout_s is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
         # Inherited by every accepted connection on Linux.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout_s * 1000))
@@ -290,9 +289,13 @@ async def serve(
                 task_status=task_status,
             )
 
-        async with trio.open_nursery() as nursery:
-            await nursery.start(started)
-            task_status.started(url)
+        async with trio.open_nursery() as background:
+            if multiprocess_dir():  # one of several workers: its live state for /metrics
+                background.start_soon(LiveMirror(runtime).run)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(started)
+                task_status.started(url)
+            background.cancel_scope.cancel()
 
 
 async def drain(runtime: Runtime, timeout_s: float) -> None:

@@ -8,16 +8,27 @@ worker runs the whole relay (``relay.server.serve``) on that socket; the kernel 
 connection to whichever worker accepts it first. The parent serves nothing itself.
 
 Why a shared socket rather than one ``SO_REUSEPORT`` socket per worker: measured on this 2-core
-machine (``python -m bench workers``, bench/README.md), with keep-alive connections opened at
-once and held (a load balancer's pattern), the shared socket gave each worker a share of the
-connections in line with how free it was, while ``SO_REUSEPORT`` hashes each connection to a
-worker by its address and port pair and ignores load:
+machine (``python -m bench workers``: non-streamed chat completions through the simulated
+upstream, 3-4 s per run, while other sessions' test suites kept the load average above 15), both
+spread the requests evenly, and neither was measurably faster (the machine's noise, 110-320
+req/s, was larger than any difference):
 
-==================================  ===============  ==============  ===========
-loopback, 2 workers, /healthz       connections       req/s           share
-==================================  ===============  ==============  ===========
-shared socket (chosen)              see bench/README.md
-==================================  ===============  ==============  ===========
+==============================  ====================  ====================
+2 workers, share of requests    shared socket         SO_REUSEPORT
+==============================  ====================  ====================
+keep-alive, 32 connections      53 / 47 %             52 / 48 %
+new connection each, 32         50 / 50 %             47 / 53 %
+keep-alive, 8 (two runs)        49 / 51, 55 / 45 %    50 / 50, 56 / 44 %
+new connection each, 8          47 / 53, 52 / 48 %    53 / 47, 51 / 49 %
+==============================  ====================  ====================
+
+So the simpler one wins on what the figures do not show: with a shared socket, connections
+waiting to be accepted belong to the socket, not to a worker, so a worker that dies loses none
+of them (Linux resets the connections queued on a closed ``SO_REUSEPORT`` socket); a busy
+worker is slower to accept, so new connections go to an idle one, where ``SO_REUSEPORT`` hands
+every worker its hash's share whatever its load (the kernel's documented behaviour, not
+measured here); and the port (0 included) is bound once, by the parent.
+The ``SO_REUSEPORT`` arm was measured with commit f3dd493 (``RELAY_WORKER_SOCKETS=reuseport``).
 
 **Readiness.** The parent prints ``relay listening on URL`` once, when every worker has
 started serving (each writes one byte to a pipe the parent gave it); a worker that exits before
@@ -124,10 +135,8 @@ class Supervisor:
         from .server import listen_url, make_listener
 
         server = self.config.server
-        self.reuseport = os.environ.get("RELAY_WORKER_SOCKETS") == "reuseport"
-        self._listener = make_listener(server.host, server.port, 2 * server.stall_timeout_s, self.reuseport)
-        if not self.reuseport:
-            self._listener.listen(1024)
+        self._listener = make_listener(server.host, server.port, 2 * server.stall_timeout_s)
+        self._listener.listen(1024)
         url = listen_url(self._listener)
         Store(server.database).close()  # tables and WAL made once, before N processes open it
         self._metrics_dir = tempfile.mkdtemp(prefix="relay-metrics-")
@@ -218,8 +227,6 @@ class Supervisor:
         ]
         if self.log_level:
             command += ["--log-level", self.log_level]
-        if self.reuseport:
-            command += ["--reuseport"]
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir}
         try:
             process = await trio.lowlevel.open_process(
@@ -271,7 +278,6 @@ def worker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen-fd", type=int, required=True)
     parser.add_argument("--ready-fd", type=int, required=True)
     parser.add_argument("--log-level", default=None)
-    parser.add_argument("--reuseport", action="store_true")
     args = parser.parse_args(argv)
 
     from .config_checks import load_servable_config
@@ -285,12 +291,6 @@ def worker_main(argv: list[str] | None = None) -> int:
         server.log_format, server.access_log, worker=args.worker,
     )
     listener = socket.socket(fileno=args.listen_fd)
-    if args.reuseport:
-        from .server import make_listener
-        host, port = listener.getsockname()[:2]
-        listener.close()
-        listener = make_listener(host, port, 2 * server.stall_timeout_s, True)
-        listener.listen(1024)
     parent = os.getppid()
 
     async def run() -> None:
