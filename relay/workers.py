@@ -93,6 +93,11 @@ class WorkersError(Exception):
 
 def check_workers(config: Config, workers: int) -> str | None:
     """Why ``workers`` processes cannot serve ``config``, in one line; ``None`` if they can."""
+    if workers > 1 and config.server.database == ":memory:":
+        return (
+            f'--workers {workers} cannot share server.database = ":memory:" (each process '
+            f"would have its own keys and usage); set server.database to a file"
+        )
     if workers > 1 and not config.server.redis_url:
         return (
             f"--workers {workers} needs server.redis_url: without a shared Redis each worker "

@@ -281,3 +281,39 @@ def test_the_workers_flag_overrides_the_config(tmp_path, sim, redis_url) -> None
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
+
+
+_WRITER = """
+import sys, time
+from relay.ledger.store import Store
+from relay.ledger.usage import UsageRecord
+store = Store(sys.argv[1])
+start = float(sys.argv[3])
+while time.time() < start:
+    time.sleep(0.001)
+for i in range(2000):
+    store.insert_usage([UsageRecord(f"{sys.argv[2]}-{i}", "key_x", "team", "chat", "m").row()])
+"""
+
+
+def test_two_processes_writing_usage_at_once_both_get_every_row_in(tmp_path) -> None:
+    """What two workers' usage writers do, without the relay around them: each commit waits
+    for the other's (the busy timeout), none fails with "database is locked"."""
+    database = tmp_path / "relay.db"
+    from relay.ledger.store import Store
+
+    Store(database).close()  # the parent's part: tables and WAL made once
+    start = f"{time.time() + 1.0}"
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(database), name, start],
+            cwd=ROOT, stderr=subprocess.PIPE, text=True,
+        )
+        for name in ("a", "b")
+    ]
+    errors = [writer.communicate(timeout=60)[1] for writer in writers]
+    assert [writer.returncode for writer in writers] == [0, 0], errors
+    connection = sqlite3.connect(database)
+    count = connection.execute("select count(*), count(distinct request_id) from usage").fetchone()
+    connection.close()
+    assert count == (4000, 4000)
