@@ -639,6 +639,11 @@ def _queues(args: argparse.Namespace) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     config = _load_servable(args.path)
+    from .workers import check_workers
+
+    refusal = check_workers(config, config.server.workers)
+    if refusal:  # what ``serve`` refuses (unless its --workers says otherwise)
+        raise CommandError(f"{config.source}: server.workers: {refusal.removeprefix('--')}")
     for issue in check_warnings(config):
         print(f"warning: {issue}")
     unpriced = unpriced_models(config)

@@ -317,3 +317,24 @@ def test_two_processes_writing_usage_at_once_both_get_every_row_in(tmp_path) -> 
     count = connection.execute("select count(*), count(distinct request_id) from usage").fetchone()
     connection.close()
     assert count == (4000, 4000)
+
+
+def test_check_config_refuses_several_workers_without_redis_url(tmp_path, sim, redis_url) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text(relay_config(sim.url, tmp_path / "relay.db", workers=2))
+    done = subprocess.run(
+        [sys.executable, "-m", "relay", "check-config", str(config)],
+        capture_output=True, text=True, cwd=ROOT, timeout=30,
+        env={**os.environ, "SIM_UPSTREAM_KEY": "x"},
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "server.workers: workers 2 needs server.redis_url" in done.stderr, done.stderr
+    config.write_text(
+        relay_config(sim.url, tmp_path / "relay.db", workers=2, redis_url=redis_url)
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "relay", "check-config", str(config)],
+        capture_output=True, text=True, cwd=ROOT, timeout=30,
+        env={**os.environ, "SIM_UPSTREAM_KEY": "x"},
+    )
+    assert done.returncode == 0, done.stderr
