@@ -132,7 +132,7 @@ class Supervisor:
         self.log_level = log_level
         self.stopping = False
         self.processes: dict[int, trio.Process] = {}  # worker number → its live process
-        self.restarts = 0
+        self.failed: list[str] = []  # why workers could not start (then the relay does not)
         self._metrics_dir = ""
         self._listener: socket.socket | None = None
 
@@ -146,67 +146,75 @@ class Supervisor:
         Store(server.database).close()  # tables and WAL made once, before N processes open it
         self._metrics_dir = tempfile.mkdtemp(prefix="relay-metrics-")
         try:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as signals:
+                signals.start_soon(self._forward_signals)
                 async with trio.open_nursery() as nursery:
                     ready = [trio.Event() for _ in range(self.workers)]
-                    failed: list[str] = []
                     for number in range(1, self.workers + 1):
-                        nursery.start_soon(self._keep_running, number, ready, failed)
+                        nursery.start_soon(self._keep_running, number, ready[number - 1])
                     for event in ready:
                         await event.wait()
-                    if failed:
+                    if self.failed or self.stopping:
+                        self.stopping = True
                         self._signal_all(signal.SIGTERM)
-                        raise WorkersError(failed[0])
+                        await self._all_exited()
+                        raise WorkersError(
+                            self.failed[0] if self.failed
+                            else "stopped before every worker served"
+                        )
                     log.info("%d workers serving on %s", self.workers, url)
                     task_status.started(url)
-                    async for signum in signals:
-                        name = signal.Signals(signum).name
-                        if not self.stopping:
-                            log.info("received %s, stopping %d workers", name, self.workers)
-                            self.stopping = True
-                            nursery.start_soon(self._until_all_exited, nursery.cancel_scope)
-                        self._signal_all(signal.SIGTERM)
+                # Each worker's task returns once it exited after a signal: the relay stopped.
+                signals.cancel_scope.cancel()
         finally:
             self._listener.close()
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
 
-    async def _until_all_exited(self, scope: trio.CancelScope) -> None:
+    async def _forward_signals(self) -> None:
+        """On SIGTERM/SIGINT, tell every worker to stop (SIGTERM). A second signal is forwarded
+        too: a worker stops at once on its second."""
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                if not self.stopping:
+                    log.info(
+                        "received %s, stopping %d workers", signal.Signals(signum).name,
+                        len(self.processes),
+                    )
+                    self.stopping = True
+                self._signal_all(signal.SIGTERM)
+
+    async def _all_exited(self) -> None:
         while self.processes:
             await trio.sleep(0.05)  # only while stopping
-        scope.cancel()  # ends the signal loop
 
     def _signal_all(self, signum: int) -> None:
         for process in list(self.processes.values()):
             if process.returncode is None:
                 process.send_signal(signum)
 
-    async def _keep_running(
-        self, number: int, ready: list[trio.Event], failed: list[str]
-    ) -> None:
-        """Run worker ``number``, and run it again whenever it dies, until the relay stops."""
+    async def _keep_running(self, number: int, ready: trio.Event) -> None:
+        """Run worker ``number``, and run it again whenever it dies, until the relay stops;
+        ``ready`` is set once its first start served (or failed: :attr:`failed` says why)."""
         delay = FIRST_RESTART_DELAY_S
-        first = True
         while True:
             started = time.monotonic()
             process, served = await self._start(number)
-            if first:
-                first = False
-                if not served:
+            if not ready.is_set():
+                if not served and not self.stopping:
                     await process.wait()
-                    failed.append(
+                    self.failed.append(
                         f"worker {number} {describe_exit(process.returncode)} before it "
                         "served (its messages are above)"
                     )
-                ready[number - 1].set()
-                if failed:
-                    return
+                ready.set()
             returncode = await process.wait()
             del self.processes[number]
             self._mark_dead(process.pid)
-            if self.stopping:
-                if returncode:
-                    log.warning("worker %d (pid %d) %s", number, process.pid,
-                                describe_exit(returncode))
+            if self.stopping or self.failed:
+                if returncode and not self.failed:
+                    log.warning(
+                        "worker %d (pid %d) %s", number, process.pid, describe_exit(returncode)
+                    )
                 return
             if time.monotonic() - started >= STABLE_AFTER_S:
                 delay = FIRST_RESTART_DELAY_S
@@ -218,7 +226,6 @@ class Supervisor:
             delay = min(delay * 2, MAX_RESTART_DELAY_S)
             if self.stopping:
                 return
-            self.restarts += 1
 
     async def _start(self, number: int) -> tuple[trio.Process, bool]:
         """Start worker ``number``; returns it and whether it started serving (``False``: it
@@ -240,6 +247,8 @@ class Supervisor:
         finally:
             os.close(write_end)
         self.processes[number] = process
+        if self.stopping:  # the signal came while it was being started
+            process.send_signal(signal.SIGTERM)
         async with trio.lowlevel.FdStream(read_end) as readiness:
             served = bool(await readiness.receive_some(1))
         return process, served

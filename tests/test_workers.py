@@ -153,7 +153,17 @@ def test_a_worker_killed_with_sigkill_is_restarted_and_the_relay_keeps_serving(
             relay.process.log.read_text(),
         )
         assert line, relay.process.log.read_text()
+        assert line.group(2) == "0.5"
         restarted = line.group(1)
+        # Killed again soon after its start: the next restart waits twice as long.
+        (again,) = _workers(parent) - before
+        os.kill(again, signal.SIGKILL)
+        _wait_for(lambda: len(_workers(parent)) == 2 and again not in _workers(parent),
+                  what="another new worker")
+        assert re.search(
+            rf"worker {restarted} \(pid {again}\) was killed by SIGKILL; restarting it in 1s",
+            relay.process.log.read_text(),
+        ), relay.process.log.read_text()
         # The restarted worker serves too.
         seen: set[str] = set()
         for _ in range(60):
