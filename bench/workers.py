@@ -130,7 +130,7 @@ def start_redis(tmp: Path) -> tuple[subprocess.Popen, str]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench workers")
     parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--connections", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     rows = []
@@ -147,10 +147,12 @@ def main(argv: list[str]) -> int:
                 key = create_key(run / "relay.toml", "bench", "bench")["key"]
                 relay = start_relay(run, config)
                 try:
-                    for keep_alive in (True, False):
+                    for connections, keep_alive in [
+                        (c, k) for c in args.connections for k in (True, False)
+                    ]:
                         before = shares(relay.log)
                         figures = trio.run(
-                            load, relay.url, key, args.connections, args.seconds, keep_alive
+                            load, relay.url, key, connections, args.seconds, keep_alive
                         )
                         time.sleep(0.3)  # the last access lines
                         after = shares(relay.log)
@@ -159,12 +161,14 @@ def main(argv: list[str]) -> int:
                         rows.append({
                             "workers": workers,
                             "load": "keep-alive" if keep_alive else "new connection each",
-                            "connections": args.connections,
+                            "connections": connections,
                             **figures,
                             "share": {w: round(n / total, 3) for w, n in sorted(served.items())},
                         })
-                        print(f"  done: workers={workers} keep_alive={keep_alive}",
-                              file=sys.stderr, flush=True)
+                        print(
+                            f"  done: workers={workers} c={connections} keep_alive={keep_alive}",
+                            file=sys.stderr, flush=True,
+                        )
                 finally:
                     relay.stop()
         finally:

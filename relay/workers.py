@@ -9,25 +9,33 @@ connection to whichever worker accepts it first. The parent serves nothing itsel
 
 Why a shared socket rather than one ``SO_REUSEPORT`` socket per worker: measured on this 2-core
 machine (``python -m bench workers``: non-streamed chat completions through the simulated
-upstream, 3-4 s per run, while other sessions' test suites kept the load average above 15), both
-spread the requests evenly, and neither was measurably faster (the machine's noise, 110-320
-req/s, was larger than any difference):
+upstream, 3-4 s per row, two or three runs per row, while other sessions' test suites kept the load
+average between 2 and 15), both spread sustained load evenly, and neither was measurably faster
+(the machine's noise, 98-598 req/s for the same row, was larger than any difference):
 
-==============================  ====================  ====================
-2 workers, share of requests    shared socket         SO_REUSEPORT
-==============================  ====================  ====================
-keep-alive, 32 connections      53 / 47 %             52 / 48 %
-new connection each, 32         50 / 50 %             47 / 53 %
-keep-alive, 8 (two runs)        49 / 51, 55 / 45 %    50 / 50, 56 / 44 %
-new connection each, 8          47 / 53, 52 / 48 %    53 / 47, 51 / 49 %
-==============================  ====================  ====================
+================================  ========================  ========================
+2 workers, share of requests      shared socket             SO_REUSEPORT
+================================  ========================  ========================
+keep-alive, 32 connections        53/47, 49/51, 51/49 %     52/48, 55/45, 51/49 %
+new connection each, 32 clients   50/50, 50/50, 51/49 %     47/53, 54/46, 53/47 %
+keep-alive, 8 connections         49/51, 55/45 %            50/50, 56/44 %
+new connection each, 8 clients    47/53, 52/48 %            53/47, 51/49 %
+new connection each, 1 client     54/46, 54/46 %            49/51, 50/50 %
+================================  ========================  ========================
+
+(One keep-alive connection is served by one worker in both, as it must be.) What the shared
+socket does unevenly is a burst reaching idle workers: the worker woken first accepts every
+connection waiting, so eight connections opened at once on an idle relay often all land on one
+worker (seen in ``tests/test_workers.py``, which therefore pauses the other worker when it needs
+a given one to serve). That costs nothing at light load, and under load a busy worker is slower
+to accept, so the other takes the next connections.
 
 So the simpler one wins on what the figures do not show: with a shared socket, connections
 waiting to be accepted belong to the socket, not to a worker, so a worker that dies loses none
-of them (Linux resets the connections queued on a closed ``SO_REUSEPORT`` socket); a busy
-worker is slower to accept, so new connections go to an idle one, where ``SO_REUSEPORT`` hands
-every worker its hash's share whatever its load (the kernel's documented behaviour, not
-measured here); and the port (0 included) is bound once, by the parent.
+of them (Linux resets the connections queued on a closed ``SO_REUSEPORT`` socket, and a
+restarted worker would join the group anew); ``SO_REUSEPORT`` hands every worker its hash's
+share whatever its load (the kernel's documented behaviour, not measured here); and the port
+(0 included) is bound once, by the parent.
 The ``SO_REUSEPORT`` arm was measured with commit f3dd493 (``RELAY_WORKER_SOCKETS=reuseport``).
 
 **Readiness.** The parent prints ``relay listening on URL`` once, when every worker has
