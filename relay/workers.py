@@ -69,6 +69,7 @@ workers: :func:`check_workers` refuses that.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import shutil
@@ -77,7 +78,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -277,23 +278,23 @@ async def _parent_gone(parent: int) -> None:
     log.warning("the relay's parent process is gone; shutting down")
 
 
-def _shutdown_trigger(parent: int) -> Callable[[], object]:
+async def _until_stopped(parent: int) -> None:
+    """Return on SIGTERM/SIGINT, or once the parent is gone: a worker's shutdown trigger."""
     from .server import wait_for_signal
 
-    async def trigger() -> None:
-        async with trio.open_nursery() as nursery:
-            async def first(wait: Callable[[], object]) -> None:
-                await wait()  # type: ignore[misc]
-                nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:
+        for wait in (wait_for_signal, functools.partial(_parent_gone, parent)):
+            nursery.start_soon(_then_cancel, wait, nursery.cancel_scope)
 
-            nursery.start_soon(first, wait_for_signal)
-            nursery.start_soon(first, lambda: _parent_gone(parent))
 
-    return trigger
+async def _then_cancel(wait: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:
+    await wait()
+    scope.cancel()
 
 
 def worker_main(argv: list[str] | None = None) -> int:
-    """One worker: serve the configuration on the inherited socket until SIGTERM."""
+    """One worker: serve the configuration on the inherited socket until SIGTERM (or until its
+    parent is gone); exit 1 with one line if the configuration no longer loads."""
     parser = argparse.ArgumentParser(prog="python -m relay.workers")
     parser.add_argument("--config", required=True)
     parser.add_argument("--worker", type=int, required=True)
@@ -302,27 +303,31 @@ def worker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default=None)
     args = parser.parse_args(argv)
 
+    from .config import ConfigError
     from .config_checks import load_servable_config
     from .logs import setup_logging
     from .server import serve
 
-    config = load_servable_config(args.config)
+    try:
+        config = load_servable_config(args.config)
+    except ConfigError as error:  # changed since the parent read it
+        issues = "; ".join(str(issue) for issue in error.issues)
+        print(f"relay: worker {args.worker}: configuration is invalid: {issues}", file=sys.stderr)
+        return 1
     server = config.server
     setup_logging(
         args.log_level or os.environ.get("RELAY_LOG_LEVEL") or "INFO",
         server.log_format, server.access_log, worker=args.worker,
     )
     listener = socket.socket(fileno=args.listen_fd)
-    parent = os.getppid()
+    serving = functools.partial(
+        serve, config, listener=listener,
+        shutdown_trigger=functools.partial(_until_stopped, os.getppid()),
+    )
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(
-                lambda task_status: serve(
-                    config, listener=listener, shutdown_trigger=_shutdown_trigger(parent),
-                    task_status=task_status,
-                )
-            )
+            await nursery.start(serving)
             os.write(args.ready_fd, b"1")
             os.close(args.ready_fd)
 

@@ -174,7 +174,13 @@ def test_a_worker_killed_with_sigkill_is_restarted_and_the_relay_keeps_serving(
         parent = relay.process.proc.pid
         before = _workers(parent)
         assert len(before) == 2, before
-        victim = min(before)
+        victim = _numbered(parent)["1"]
+        with _only(relay, "1"):  # the victim serves one request first: its counts must stay
+            assert _chat(relay, key).status_code == 200
+        _wait_for(
+            lambda: _metrics(relay).get("relay_admission_granted_total", {}).get(()) == 1,
+            what="the victim's live state published",
+        )
         os.kill(victim, signal.SIGKILL)
         # The other worker serves meanwhile.
         assert all(_chat(relay, key).status_code == 200 for _ in range(5))
@@ -203,6 +209,17 @@ def test_a_worker_killed_with_sigkill_is_restarted_and_the_relay_keeps_serving(
         request_id = response.headers["x-request-id"]
         _wait_for(lambda: request_id in _served_by(relay), what="the access line")
         assert _served_by(relay)[request_id] == restarted
+        # The dead workers' counts stay in the sums (1 + 5 + 1 requests); their live gauges go.
+        _wait_for(
+            lambda: _metrics(relay)["relay_admission_granted_total"][()] == 7,
+            what="the granted total of every worker, the dead one's included",
+        )
+        samples = _metrics(relay)
+        assert sum(
+            v for labels, v in samples["relay_requests_total"].items()
+            if ("status", "200") in labels
+        ) == 7
+        assert samples["relay_active_requests"][()] == 0
     finally:
         code, log = _stop(relay)
     assert code == 0, log
@@ -381,3 +398,22 @@ def test_check_config_refuses_several_workers_without_redis_url(tmp_path, sim, r
         env={**os.environ, "SIM_UPSTREAM_KEY": "x"},
     )
     assert done.returncode == 0, done.stderr
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_workers_whose_parent_is_killed_shut_down_by_themselves(tmp_path, sim, redis_url) -> None:
+    relay = start_relay(tmp_path, sim.url, workers=2, redis_url=redis_url, log_level="INFO")
+    workers = _workers(relay.process.proc.pid)
+    assert len(workers) == 2
+    relay.process.proc.kill()
+    relay.process.proc.wait()
+    _wait_for(lambda: all(_gone(pid) for pid in workers), what="the orphaned workers to exit")
+    log = relay.process.log.read_text()
+    assert log.count("the relay's parent process is gone; shutting down") == 2, log
+    assert "Traceback" not in log, log
