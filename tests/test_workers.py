@@ -124,17 +124,17 @@ def test_two_workers_both_serve_write_every_usage_row_and_metrics_sum_them(
         with ThreadPoolExecutor(8) as pool:
             for worker in ("1", "2"):
                 with _only(relay, worker):
-                    responses += pool.map(lambda _: _chat(relay, key), range(10))
+                    responses += pool.map(lambda _: _chat(relay, key), range(6))
             # Both at once: both workers write usage at the same time.
-            responses += pool.map(lambda _: _chat(relay, key), range(20))
-        assert [r.status_code for r in responses] == [200] * 40
-        _wait_for(lambda: len(_served_by(relay)) == 40, what="40 access lines")
+            responses += pool.map(lambda _: _chat(relay, key), range(12))
+        assert [r.status_code for r in responses] == [200] * 24
+        _wait_for(lambda: len(_served_by(relay)) == 24, what="24 access lines")
         served = _served_by(relay)
         assert set(served.values()) == {"1", "2"}, served
         assert set(served) == {r.headers["x-request-id"] for r in responses}
 
         # Every usage row is written, whichever worker served it, and no lock reached anyone.
-        _wait_for(lambda: len(relay.usage_rows()) == 40, what="40 usage rows")
+        _wait_for(lambda: len(relay.usage_rows()) == 24, what="24 usage rows")
         assert {row["status"] for row in relay.usage_rows()} == {200}
 
         # /metrics, whichever worker answers, counts the requests of both.
@@ -142,19 +142,20 @@ def test_two_workers_both_serve_write_every_usage_row_and_metrics_sum_them(
             counts = _metrics(relay).get("relay_requests_total", {})
             return sum(v for labels, v in counts.items() if ("status", "200") in labels)
 
-        _wait_for(lambda: requests_counted() == 40, what="relay_requests_total == 40")
+        _wait_for(lambda: requests_counted() == 24, what="relay_requests_total == 24")
         per_worker = {w: list(served.values()).count(w) for w in ("1", "2")}
-        assert 0 < per_worker["1"] < 40 and 0 < per_worker["2"] < 40  # a sum of both
+        assert 0 < per_worker["1"] < 24 and 0 < per_worker["2"] < 24  # a sum of both
         _wait_for(
-            lambda: _metrics(relay)["relay_admission_granted_total"][()] == 40,
-            what="relay_admission_granted_total == 40 (published live state)",
+            lambda: _metrics(relay)["relay_admission_granted_total"][()] == 24,
+            what="relay_admission_granted_total == 24 (published live state)",
         )
+        # Admitted is counted before the request ends: a publish may show both in flight.
+        _wait_for(lambda: _metrics(relay)["relay_active_requests"][()] == 0, what="idle")
         samples = _metrics(relay)
-        assert samples["relay_active_requests"][()] == 0
         assert samples["relay_tokens_total"]  # histograms and counters come through too
         assert sum(
             v for labels, v in samples["relay_request_duration_seconds_count"].items()
-        ) == 40
+        ) == 24
         assert not any(
             dict(labels).get("guard") == "key" for labels in samples["relay_in_flight"]
         )  # idle keys are left out
@@ -219,7 +220,7 @@ def test_a_worker_killed_with_sigkill_is_restarted_and_the_relay_keeps_serving(
             v for labels, v in samples["relay_requests_total"].items()
             if ("status", "200") in labels
         ) == 7
-        assert samples["relay_active_requests"][()] == 0
+        _wait_for(lambda: _metrics(relay)["relay_active_requests"][()] == 0, what="idle")
     finally:
         code, log = _stop(relay)
     assert code == 0, log
