@@ -265,8 +265,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         trio.run(run)
-    except WorkersError as error:
-        raise CommandError(str(error)) from None
+    except BaseExceptionGroup as group:  # raised in run()'s nursery, so grouped by trio
+        failed, _ = group.split(WorkersError)
+        if failed is None:
+            raise
+        while isinstance(failed, BaseExceptionGroup):
+            failed = failed.exceptions[0]
+        raise CommandError(str(failed)) from None
     return 0
 
 

@@ -154,6 +154,7 @@ class Supervisor:
         url = listen_url(self._listener)
         Store(server.database).close()  # tables and WAL made once, before N processes open it
         self._metrics_dir = tempfile.mkdtemp(prefix="relay-metrics-")
+        failure = ""
         try:
             async with trio.open_nursery() as signals:
                 signals.start_soon(self._forward_signals)
@@ -164,20 +165,19 @@ class Supervisor:
                     for event in ready:
                         await event.wait()
                     if self.failed or self.stopping:
+                        failure = self.failed[0] if self.failed else "stopped before serving"
                         self.stopping = True
                         self._signal_all(signal.SIGTERM)
-                        await self._all_exited()
-                        raise WorkersError(
-                            self.failed[0] if self.failed
-                            else "stopped before every worker served"
-                        )
-                    log.info("%d workers serving on %s", self.workers, url)
-                    task_status.started(url)
+                    else:
+                        log.info("%d workers serving on %s", self.workers, url)
+                        task_status.started(url)
                 # Each worker's task returns once it exited after a signal: the relay stopped.
                 signals.cancel_scope.cancel()
         finally:
             self._listener.close()
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
+        if failure:  # raised here, not in a nursery, so that it is not an exception group
+            raise WorkersError(failure)
 
     async def _forward_signals(self) -> None:
         """On SIGTERM/SIGINT, tell every worker to stop (SIGTERM). A second signal is forwarded
@@ -191,10 +191,6 @@ class Supervisor:
                     )
                     self.stopping = True
                 self._signal_all(signal.SIGTERM)
-
-    async def _all_exited(self) -> None:
-        while self.processes:
-            await trio.sleep(0.05)  # only while stopping
 
     def _signal_all(self, signum: int) -> None:
         for process in list(self.processes.values()):

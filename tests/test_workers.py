@@ -418,3 +418,33 @@ def test_workers_whose_parent_is_killed_shut_down_by_themselves(tmp_path, sim, r
     log = relay.process.log.read_text()
     assert log.count("the relay's parent process is gone; shutting down") == 2, log
     assert "Traceback" not in log, log
+
+
+def test_workers_that_cannot_start_make_the_parent_give_up_with_one_line(
+    tmp_path, sim, redis_url, capfd
+) -> None:
+    """The parent's own checks passed, but its workers cannot load the file (here: it is gone
+    by the time they start): the parent stops the others and reports why, instead of
+    restarting them forever before it ever served."""
+    import trio
+
+    from relay.config import load_config
+    from relay.workers import Supervisor, WorkersError
+
+    path = tmp_path / "relay.toml"
+    path.write_text(relay_config(sim.url, tmp_path / "relay.db", workers=2, redis_url=redis_url))
+    config = load_config(path)
+    supervisor = Supervisor(config, str(tmp_path / "gone.toml"), 2)
+    try:
+        trio.run(supervisor.run)
+    except WorkersError as error:
+        message = str(error)
+    else:
+        raise AssertionError("the supervisor served")
+    assert re.fullmatch(
+        r"worker \d exited with status 1 before it served \(its messages are above\)", message
+    ), message
+    assert not supervisor.processes
+    err = capfd.readouterr().err
+    assert "configuration is invalid" in err and "file not found" in err, err
+    assert "Traceback" not in err, err
