@@ -4,7 +4,9 @@ Both go through :mod:`logging` to the process's standard error, in one of two fo
 (``server.log_format``): ``text``, one human-readable line per record (an access line is
 ``key=value`` pairs; a value holding a space, a quote, ``=`` or a control character is written as
 a JSON string, so a client's path can neither break the line nor forge a field), or ``json``, one
-JSON object per line (JSON Lines), every field its own member.
+JSON object per line (JSON Lines), every field its own member. In a worker of several
+(``relay serve --workers N``), every line names it: ``relay.access [worker 2]: …`` in text,
+``"worker": 2`` in JSON.
 
 * **The access log** (logger ``relay.access``): one line when each HTTP request ends, whatever
   its route and outcome: time, request id, key id, method, path, the model asked and the model

@@ -448,3 +448,22 @@ def test_workers_that_cannot_start_make_the_parent_give_up_with_one_line(
     err = capfd.readouterr().err
     assert "configuration is invalid" in err and "file not found" in err, err
     assert "Traceback" not in err, err
+
+
+def test_server_workers_is_a_positive_integer_or_auto() -> None:
+    from relay.config import ConfigError, parse_config
+
+    def workers(value: object) -> int:
+        return parse_config({"server": {"workers": value}}).server.workers
+
+    assert parse_config({}).server.workers == 1
+    assert workers(3) == 3
+    assert workers("auto") == cpu_count() >= 1
+    for bad in (0, -2, "many", True, 2.5):
+        try:
+            workers(bad)
+        except ConfigError as error:
+            (issue,) = error.issues
+            assert str(issue).startswith('server.workers: must be a positive integer or "auto"')
+        else:
+            raise AssertionError(f"workers = {bad!r} accepted")
