@@ -90,7 +90,6 @@ class ServerConfig:
     database: str = "relay.db"
     admin_token_env: str = "RELAY_ADMIN_TOKEN"
     redis_url: str | None = None
-    workers: int = 1  # serving processes (relay/workers.py); "auto" in the file: the CPU count
     max_body_bytes: int = 64 * 1024 * 1024
     stall_timeout_s: float = 60.0
     upstream_connect_timeout_s: float = 10.0
@@ -113,6 +112,7 @@ class ServerConfig:
     trust_env: bool = False  # no proxy set: take it from HTTPS_PROXY / HTTP_PROXY / NO_PROXY
     log_format: str = "text"  # "text" or "json" (JSON Lines): relay/logs.py
     access_log: bool = True  # one line per request when it ends (relay/logs.py)
+    workers: int = 1  # serving processes (relay/workers.py); "auto" in the file: the CPU count
 
     @property
     def host(self) -> str:
@@ -485,7 +485,6 @@ def _read_server(table: _Table, base_dir: Path | None) -> ServerConfig:
         database=database,
         admin_token_env=table.env_name("admin_token_env", defaults.admin_token_env),
         redis_url=redis_url,
-        workers=_read_workers(table, defaults.workers),
         max_body_bytes=table.integer("max_body_bytes", defaults.max_body_bytes, positive=True),
         stall_timeout_s=table.number("stall_timeout_s", defaults.stall_timeout_s, positive=True),
         upstream_connect_timeout_s=table.number(
@@ -531,6 +530,7 @@ def _read_server(table: _Table, base_dir: Path | None) -> ServerConfig:
         proxy=_read_proxy(table, allow_direct=False),
         ca_file=_read_ca_file(table, base_dir),
         trust_env=_read_bool(table, "trust_env", defaults.trust_env),
+        workers=_read_workers(table, defaults.workers),
         **_read_logging(table, defaults),
     )
     table.finish()
