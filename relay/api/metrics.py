@@ -183,6 +183,8 @@ class LiveState(Collector):
 #: worst case for what each worker judges on its own until guard state is shared: an account
 #: counts as healthy only if every worker takes requests on it, disabled or cooling down if any
 #: worker has it so (with the longest rest left), and a queue's oldest wait is the longest.
+#: A gauge not named here is shown per worker (``liveall``: a ``pid`` label per live worker),
+#: which is never wrong, until it is given its mode here.
 MULTIPROCESS_MODES = {
     "relay_active_requests": "livesum",
     "relay_queue_depth": "livesum",
@@ -248,7 +250,9 @@ class LiveMirror:
         if gauge is None:
             gauge = self._gauges[family.name] = Gauge(
                 family.name, family.documentation, names, registry=None,
-                multiprocess_mode=MULTIPROCESS_MODES[family.name],  # type: ignore[arg-type]
+                multiprocess_mode=MULTIPROCESS_MODES.get(  # type: ignore[arg-type]
+                    family.name, "liveall"
+                ),
             )
         return gauge
 
