@@ -1,6 +1,7 @@
 """Run the relay under hypercorn's trio worker, with the runtime around it.
 
-The listening socket is made here rather than by hypercorn so that port 0 works (tests and the
+The listening socket is made here rather than by hypercorn (or, with several workers, by their
+parent, ``relay/workers.py``, and handed to :func:`serve`) so that port 0 works (tests and the
 demo learn the real port from ``task_status``) and so that it carries ``TCP_USER_TIMEOUT``: a
 client that stops reading leaves hypercorn's shielded write blocked, and the kernel is the one
 party that can end it. With the option set, a connection whose sent data stays unacknowledged
