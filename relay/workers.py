@@ -58,8 +58,9 @@ a worker whose parent is gone (``kill -9`` of the parent) shuts down the same wa
 
 **Metrics.** The parent makes a fresh directory for ``prometheus_client``'s multiprocess mode,
 names it to the workers in ``PROMETHEUS_MULTIPROC_DIR``, marks each dead worker's live gauges
-dead (``multiprocess.mark_process_dead``) and removes the directory when it exits; what a
-scrape shows is in ``relay/api/metrics.py``.
+dead (``multiprocess.mark_process_dead``) and removes the directory when it exits (a parent
+killed with SIGKILL leaves it in the temporary directory); what a scrape shows is in
+``relay/api/metrics.py``.
 
 **Limits.** Each worker keeps its guards in its own memory unless ``server.redis_url`` makes
 them shared, so more than one worker without it would multiply every limit by the number of

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -412,9 +413,15 @@ def test_workers_whose_parent_is_killed_shut_down_by_themselves(tmp_path, sim, r
     relay = start_relay(tmp_path, sim.url, workers=2, redis_url=redis_url, log_level="INFO")
     workers = _workers(relay.process.proc.pid)
     assert len(workers) == 2
+    environ = Path(f"/proc/{min(workers)}/environ").read_bytes().split(b"\0")
+    (metrics_dir,) = [
+        entry.split(b"=", 1)[1].decode() for entry in environ
+        if entry.startswith(b"PROMETHEUS_MULTIPROC_DIR=")
+    ]
     relay.process.proc.kill()
     relay.process.proc.wait()
     _wait_for(lambda: all(_gone(pid) for pid in workers), what="the orphaned workers to exit")
+    shutil.rmtree(metrics_dir)  # the parent's to remove, and it was killed
     log = relay.process.log.read_text()
     assert log.count("the relay's parent process is gone; shutting down") == 2, log
     assert "Traceback" not in log, log
