@@ -9,6 +9,7 @@ python -m bench tpm [--quick]        a key's TPM limit, minute by minute
 python -m bench ledger               what credit holds, pricing and metrics cost per request
 python -m bench chaos [--requests N] hang-ups, upstream faults, SIGTERM and kill -9 under load
 python -m bench fuzz [--examples N]  the fuzz suite with N cases (--seed S to explore)
+python -m bench workers              how relay serve --workers 2 spreads load over its workers
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ COMMANDS = {
     "ledger": "bench.ledger",
     "chaos": "bench.chaos",
     "fuzz": "bench.fuzz",
+    "workers": "bench.workers",
 }
 
 

@@ -13,6 +13,7 @@ listen address; the token from the variable ``server.admin_token_env`` names).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -23,7 +24,7 @@ from pathlib import Path
 import httpx2
 import trio
 
-from .config import Config, ConfigError, load_config, parse_config
+from .config import Config, ConfigError, load_config, parse_config, parse_workers
 from .config_checks import check_warnings, load_servable_config
 from .ledger.expiry import expiry, format_moment, parse_duration
 from .ledger.prices import format_credits, parse_credits, to_credits, unpriced_models
@@ -74,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve with a configuration file")
     _config_option(serve)
     _log_level_option(serve)
+    serve.add_argument(
+        "--workers", default=None, metavar="N",
+        help='serving processes: a number or "auto" (the CPU count); more than one needs '
+        "server.redis_url (default: server.workers, 1)",
+    )
     serve.set_defaults(run=_serve)
 
     keys = commands.add_parser(
@@ -279,16 +285,41 @@ def _setup_logging(config: Config | None = None, level: str | None = None) -> No
 
 def _serve(args: argparse.Namespace) -> int:
     config = _load_servable(args.config)
+    workers = config.server.workers
+    if args.workers is not None:
+        try:
+            workers = parse_workers(args.workers)
+        except ValueError as error:
+            raise CommandError(f"--workers {error}") from None
+    from .workers import Supervisor, WorkersError, check_workers
+
+    refusal = check_workers(config, workers)
+    if refusal:
+        raise CommandError(refusal)
     _setup_logging(config, args.log_level)
     # Accounts whose credentials variable is unset are logged by the runtime at start.
     from .server import serve
 
+    if workers == 1:
+        serving = functools.partial(serve, config)
+    else:
+        path = args.config or os.environ["RELAY_CONFIG"]
+        serving = Supervisor(config, path, workers, args.log_level).run
+
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            url = await nursery.start(serve, config)
+            url = await nursery.start(serving)
             print(f"relay listening on {url}", flush=True)
 
-    trio.run(run)
+    try:
+        trio.run(run)
+    except BaseExceptionGroup as group:  # raised in run()'s nursery, so grouped by trio
+        failed, _ = group.split(WorkersError)
+        if failed is None:
+            raise
+        while isinstance(failed, BaseExceptionGroup):
+            failed = failed.exceptions[0]
+        raise CommandError(str(failed)) from None
     return 0
 
 
@@ -739,6 +770,11 @@ def _queues(args: argparse.Namespace) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     config = _load_servable(args.path)
+    from .workers import check_workers
+
+    refusal = check_workers(config, config.server.workers)
+    if refusal:  # what ``serve`` refuses (unless its --workers says otherwise)
+        raise CommandError(f"{config.source}: server.workers: {refusal.removeprefix('--')}")
     for issue in check_warnings(config):
         print(f"warning: {issue}")
     unpriced = unpriced_models(config)

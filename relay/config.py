@@ -115,6 +115,7 @@ class ServerConfig:
     trust_env: bool = False  # no proxy set: take it from HTTPS_PROXY / HTTP_PROXY / NO_PROXY
     log_format: str = "text"  # "text" or "json" (JSON Lines): relay/logs.py
     access_log: bool = True  # one line per request when it ends (relay/logs.py)
+    workers: int = 1  # serving processes (relay/workers.py); "auto" in the file: the CPU count
 
     @property
     def host(self) -> str:
@@ -537,10 +538,43 @@ def _read_server(table: _Table, base_dir: Path | None) -> ServerConfig:
         proxy=_read_proxy(table, allow_direct=False),
         ca_file=_read_ca_file(table, base_dir),
         trust_env=_read_bool(table, "trust_env", defaults.trust_env),
+        workers=_read_workers(table, defaults.workers),
         **_read_logging(table, defaults),
     )
     table.finish()
     return server
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask: a container's or a taskset's share,
+    not the machine's), what ``workers = "auto"`` means."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def parse_workers(value: object) -> int:
+    """``workers`` as given (a positive integer, or ``"auto"``) as a count; ``ValueError``
+    saying what is accepted otherwise."""
+    if value == "auto":
+        return cpu_count()
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if not _is_int(value) or value <= 0:
+        raise ValueError(f'must be a positive integer or "auto", got {_show(value)}')
+    return value
+
+
+def _read_workers(table: _Table, default: int) -> int:
+    value = table.raw("workers")
+    if value is _MISSING:
+        return default
+    try:
+        return parse_workers(value)
+    except ValueError as exc:
+        table.error("workers", str(exc))
+        return default
 
 
 def _read_proxy(table: _Table, *, allow_direct: bool) -> str | None:

@@ -4,7 +4,9 @@ Both go through :mod:`logging` to the process's standard error, in one of two fo
 (``server.log_format``): ``text``, one human-readable line per record (an access line is
 ``key=value`` pairs; a value holding a space, a quote, ``=`` or a control character is written as
 a JSON string, so a client's path can neither break the line nor forge a field), or ``json``, one
-JSON object per line (JSON Lines), every field its own member.
+JSON object per line (JSON Lines), every field its own member. In a worker of several
+(``relay serve --workers N``), every line names it: ``relay.access [worker 2]: …`` in text,
+``"worker": 2`` in JSON.
 
 * **The access log** (logger ``relay.access``): one line when each HTTP request ends, whatever
   its route and outcome: time, request id, key id, method, path, the model asked and the model
@@ -57,11 +59,19 @@ def utc_timestamp(seconds: float) -> str:
 
 class TextFormatter(logging.Formatter):
     """``<UTC time> <LEVEL> <logger>: <message>``, one line: a message's line breaks are
-    escaped, so nothing a client sends can forge a line."""
+    escaped, so nothing a client sends can forge a line. In worker ``N`` of several
+    (``relay serve --workers``), the logger is followed by ``[worker N]``."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = f" [worker {worker}]" if worker is not None else ""
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage().replace("\r", "\\r").replace("\n", "\\n")
-        line = f"{utc_timestamp(record.created)} {record.levelname} {record.name}: {message}"
+        line = (
+            f"{utc_timestamp(record.created)} {record.levelname} {record.name}{self.worker}: "
+            f"{message}"
+        )
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -69,7 +79,12 @@ class TextFormatter(logging.Formatter):
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: ``time``, ``level``, ``logger``, ``message``, and the
-    record's fields (an access line's, an event's ``event`` and ``account``…)."""
+    record's fields (an access line's, an event's ``event`` and ``account``…); ``worker``: the
+    worker's number, in worker ``N`` of several."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -78,6 +93,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.worker is not None:
+            line["worker"] = self.worker
         fields = getattr(record, "fields", None)
         if fields:
             line.update(fields)
@@ -86,11 +103,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False, default=str)
 
 
-def setup_logging(level: str = "INFO", log_format: str = "text", access_log: bool = True) -> None:
+def setup_logging(
+    level: str = "INFO", log_format: str = "text", access_log: bool = True,
+    worker: int | None = None,
+) -> None:
     """Send every log record to standard error in ``log_format``; the relay's messages at
-    ``level`` and above, the access log at INFO unless ``access_log`` is false."""
+    ``level`` and above, the access log at INFO unless ``access_log`` is false. ``worker``:
+    this process is that worker of several, and every line says so."""
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    formatter = JsonFormatter if log_format == "json" else TextFormatter
+    handler.setFormatter(formatter(worker))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -1,6 +1,7 @@
 """Run the relay under hypercorn's trio worker, with the runtime around it.
 
-The listening socket is made here rather than by hypercorn so that port 0 works (tests and the
+The listening socket is made here rather than by hypercorn (or, with several workers, by their
+parent, ``relay/workers.py``, and handed to :func:`serve`) so that port 0 works (tests and the
 demo learn the real port from ``task_status``) and so that it carries ``TCP_USER_TIMEOUT``: a
 client that stops reading leaves hypercorn's shielded write blocked, and the kernel is the one
 party that can end it. With the option set, a connection whose sent data stays unacknowledged
@@ -54,6 +55,7 @@ from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
+from .api.metrics import LiveMirror, multiprocess_dir
 from .app import RelayApp
 from .config import Config
 from .errors import RelayError
@@ -93,6 +95,12 @@ def make_listener(host: str, port: int, user_timeout_s: float | None = None) -> 
     sock.bind((host, port))
     sock.set_inheritable(True)
     return sock
+
+
+def listen_url(listener: socket.socket) -> str:
+    """``http://HOST:PORT`` of a bound socket (the port the OS picked, for port 0)."""
+    host, port = listener.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 #: Seconds hypercorn waits for handlers after the drain timeout: room for the error events
@@ -251,16 +259,18 @@ async def serve(
     config: Config,
     *,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    listener: socket.socket | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``shutdown_trigger`` returns (or SIGINT/SIGTERM), then drain (see the
-    module docstring); reports the base URL."""
+    module docstring); reports the base URL. ``listener``: a listening socket to serve on (a
+    worker's, inherited from its parent: ``relay/workers.py``) instead of one made here."""
     install_protocol()
     server = config.server
-    listener = make_listener(server.host, server.port, 2 * server.stall_timeout_s)
-    listener.listen(1024)
-    host, port = listener.getsockname()[:2]
-    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    if listener is None:
+        listener = make_listener(server.host, server.port, 2 * server.stall_timeout_s)
+        listener.listen(1024)
+    url = listen_url(listener)
     async with open_runtime(config) as runtime:
         app = wrap_app(RelayApp(runtime), None, "asgi")
         tune_gc()
@@ -280,9 +290,13 @@ async def serve(
                 task_status=task_status,
             )
 
-        async with trio.open_nursery() as nursery:
-            await nursery.start(started)
-            task_status.started(url)
+        async with trio.open_nursery() as background:
+            if multiprocess_dir():  # one of several workers: its live state for /metrics
+                background.start_soon(LiveMirror(runtime).run)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(started)
+                task_status.started(url)
+            background.cancel_scope.cancel()
 
 
 async def drain(runtime: Runtime, timeout_s: float) -> None:

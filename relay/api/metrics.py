@@ -12,10 +12,18 @@ Two sources, so that the hot path does no extra work for metrics:
 
 :func:`build_registry` is the one place that puts the two together in a fresh
 ``CollectorRegistry``; ``/metrics`` renders it with ``prometheus_client``'s text encoder.
-Several workers (``relay serve --workers N``, not built yet) would need the client's multiprocess
-mode: the usage metrics written to ``PROMETHEUS_MULTIPROC_DIR`` and read by a
-``MultiProcessCollector`` in this function, and the live state summed across workers. That is
-not done: today one process serves, and its registry is the whole truth.
+
+**Several workers** (``relay serve --workers N``, ``relay/workers.py``) use the client's
+multiprocess mode: the parent names a directory in ``PROMETHEUS_MULTIPROC_DIR``, so every
+worker's usage counters and histograms are written there (``prometheus_client`` picks its
+file-backed values when it is imported), and a scrape, whichever worker answers it, renders a
+``MultiProcessCollector`` over the directory: counters and histograms summed over every worker
+that ever ran (a dead worker's counts stay), live state combined as :data:`MULTIPROCESS_MODES`
+says. A worker's live state reaches the directory through its :class:`LiveMirror`, which writes
+what :class:`LiveState` reads into multiprocess gauges (and its totals into counters) every
+:data:`PUBLISH_INTERVAL_S`: a scrape shows each worker's live state as of at most that long
+ago. In-flight and queued series of keys with nothing in flight or queued are left out of the
+combined view (a multiprocess gauge cannot be removed once set, only set to 0).
 
 Label values are bounded: ``model`` is the requested model only once it resolved to an upstream
 model (``unknown`` otherwise, so a client cannot mint series by sending made-up names), packages,
@@ -30,10 +38,13 @@ accounts, packages and key ids, which are the operator's business.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
+import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from ..runtime import Runtime
@@ -166,13 +177,131 @@ class LiveState(Collector):
         )
 
 
+#: How each live-state gauge of several workers is combined (``prometheus_client``'s
+#: ``multiprocess_mode``; ``live…``: dead workers' values are dropped). Sums for what adds up
+#: across processes (requests, queued requests, tokens and credits held, records waiting); the
+#: worst case for what each worker judges on its own until guard state is shared: an account
+#: counts as healthy only if every worker takes requests on it, disabled or cooling down if any
+#: worker has it so (with the longest rest left), and a queue's oldest wait is the longest.
+#: A gauge not named here is shown per worker (``liveall``: a ``pid`` label per live worker),
+#: which is never wrong, until it is given its mode here.
+MULTIPROCESS_MODES = {
+    "relay_active_requests": "livesum",
+    "relay_queue_depth": "livesum",
+    "relay_queue_oldest_wait_seconds": "livemax",
+    "relay_in_flight": "livesum",
+    "relay_key_queued": "livesum",
+    "relay_reserved_tokens": "livesum",
+    "relay_account_healthy": "livemin",
+    "relay_account_disabled": "livemax",
+    "relay_account_cooldown_seconds": "livemax",
+    "relay_account_missing_credentials": "livemax",
+    "relay_credits_held": "livesum",
+    "relay_credit_holds": "livesum",
+    "relay_usage_records_queued": "livesum",
+}
+
+#: Seconds between two writes of a worker's live state to the multiprocess directory.
+PUBLISH_INTERVAL_S = 1.0
+
+
+def multiprocess_dir() -> str | None:
+    """The directory of ``prometheus_client``'s multiprocess mode, when this process is one of
+    several workers (the variable the client itself reads)."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class LiveMirror:
+    """This worker's :class:`LiveState`, written into multiprocess metrics: gauges set to the
+    values read (a series that was published and is gone is set to 0), totals as counters
+    increased by what they grew since the last write."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.state = LiveState(runtime)
+        self._gauges: dict[str, Gauge] = {}
+        self._counters: dict[str, Counter] = {}
+        self._series: dict[str, set[tuple[str, ...]]] = {}  # gauge series published last time
+        self._totals: dict[tuple[str, tuple[str, ...]], float] = {}  # counters' published totals
+
+    async def run(self) -> None:
+        """Publish every :data:`PUBLISH_INTERVAL_S` until cancelled."""
+        while True:
+            self.publish()
+            await trio.sleep(PUBLISH_INTERVAL_S)
+
+    def publish(self) -> None:
+        series: dict[str, set[tuple[str, ...]]] = {}
+        for family in self.state.collect():
+            for sample in family.samples:
+                names, values = tuple(sample.labels), tuple(sample.labels.values())
+                if family.type == "counter":
+                    self._count(family, names, values, sample.value)
+                    continue
+                gauge = self._gauge(family, names)
+                (gauge.labels(*values) if values else gauge).set(sample.value)
+                series.setdefault(family.name, set()).add(values)
+        for name, published in self._series.items():
+            for values in published - series.get(name, set()):
+                self._gauges[name].labels(*values).set(0)  # gone (a key with nothing left)
+        self._series = series
+
+    def _gauge(self, family: Metric, names: tuple[str, ...]) -> Gauge:
+        gauge = self._gauges.get(family.name)
+        if gauge is None:
+            gauge = self._gauges[family.name] = Gauge(
+                family.name, family.documentation, names, registry=None,
+                multiprocess_mode=MULTIPROCESS_MODES.get(  # type: ignore[arg-type]
+                    family.name, "liveall"
+                ),
+            )
+        return gauge
+
+    def _count(
+        self, family: Metric, names: tuple[str, ...], values: tuple[str, ...], total: float
+    ) -> None:
+        counter = self._counters.get(family.name)
+        if counter is None:
+            counter = self._counters[family.name] = Counter(
+                family.name, family.documentation, names, registry=None
+            )
+        key = (family.name, values)
+        grown = total - self._totals.get(key, 0.0)
+        if grown > 0:
+            (counter.labels(*values) if values else counter).inc(grown)
+            self._totals[key] = total
+
+
+class WorkersCollector(Collector):
+    """Every worker's metrics from the multiprocess directory, without the in-flight and queued
+    series of keys that have nothing in flight or queued."""
+
+    def __init__(self, path: str) -> None:
+        self.collector = MultiProcessCollector(None, path)
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.collector.collect():
+            if metric.name in ("relay_in_flight", "relay_key_queued"):
+                metric.samples = [
+                    sample for sample in metric.samples
+                    if sample.value or not (
+                        metric.name == "relay_key_queued" or sample.labels.get("guard") == "key"
+                    )
+                ]
+            yield metric
+
+
 def build_registry(runtime: Runtime) -> CollectorRegistry:
-    """A registry of this relay's metrics alone: its usage metrics and its live state.
+    """A registry of this relay's metrics alone: its usage metrics and its live state (with
+    several workers, every worker's: see the module docstring).
 
     Never the client's global default registry, so two relays in one process (the tests) or a
-    library's own metrics do not mix in. This is where multiprocess mode would plug in.
+    library's own metrics do not mix in.
     """
     registry = CollectorRegistry(auto_describe=False)
+    path = multiprocess_dir()
+    if path:
+        registry.register(WorkersCollector(path))
+        return registry
     for collector in runtime.metrics.collectors():
         registry.register(collector)
     registry.register(LiveState(runtime))

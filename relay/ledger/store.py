@@ -2,7 +2,12 @@
 
 sqlite-utils is synchronous, so every method here is a plain function meant to be called through
 ``trio.to_thread.run_sync`` (or from the CLI directly). One connection is shared behind a lock;
-WAL mode lets the CLI create, top up or revoke keys while a relay process is serving.
+WAL mode lets the CLI create, top up or revoke keys while a relay process is serving, and
+several processes (``relay serve --workers N``) write one file: readers never wait for a
+writer, and a writer waits up to :data:`BUSY_TIMEOUT_S` for another's transaction instead of
+failing with "database is locked". Every write transaction begins with its first write
+(``sqlite3``'s implicit ``BEGIN`` comes right before it), so it never has to upgrade a read
+snapshot, the one case where SQLite answers "locked" without waiting.
 
 Credits are integers of nanocredits (``relay/ledger/prices.py``). A key's row carries
 ``credits_granted_nano`` (every grant: the initial credits and each top-up, each also a row of
@@ -40,6 +45,10 @@ from .prices import to_credits
 
 #: Random characters after the prefix: 32 URL-safe characters carry 192 bits.
 KEY_RANDOM_CHARS = 32
+
+
+#: Seconds a write waits for another connection's (another process's) transaction to end.
+BUSY_TIMEOUT_S = 30.0
 
 
 def hash_key(plaintext: str) -> str:
@@ -246,7 +255,9 @@ class Store:
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        connection = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
+        connection = sqlite3.connect(
+            self.path, check_same_thread=False, timeout=BUSY_TIMEOUT_S
+        )
         self._lock = threading.Lock()
         self.db = sqlite_utils.Database(connection)
         if self.path != ":memory:":
