@@ -581,7 +581,7 @@ def _admin_call(args: argparse.Namespace, method: str, path: str) -> dict:
         )
     except httpx2.HTTPError as error:
         raise CommandError(
-            f"the relay at {url} is not reachable ({_reason(error)}); is it running there?"
+            f"the relay at {url} is not reachable ({_reason(error)}); is it running?"
         ) from None
     try:
         body = response.json()
