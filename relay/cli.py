@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -207,6 +208,15 @@ def _load(path: str | None, loader: Callable[[str], Config] = load_config) -> Co
     return loader(path)
 
 
+def _open_store(path: str | os.PathLike[str]) -> Store:
+    """The keys-and-usage database, or :class:`CommandError` saying why it cannot be opened
+    (not an SQLite file, a folder that cannot be made, no permission)."""
+    try:
+        return Store(path)
+    except (sqlite3.DatabaseError, OSError) as error:
+        raise CommandError(f"cannot open the database {path}: {error}") from None
+
+
 def _load_servable(path: str | None) -> Config:
     """:func:`_load`, refusing a file that cannot serve (``check_serving``): what ``serve`` and
     ``check-config`` load, so a file ``check-config`` accepts is one ``serve`` starts with."""
@@ -246,6 +256,7 @@ def _setup_logging(config: Config | None = None, level: str | None = None) -> No
 def _serve(args: argparse.Namespace) -> int:
     config = _load_servable(args.config)
     _setup_logging(config, args.log_level)
+    _open_store(config.server.database).close()  # a bad database is one line, here
     # Accounts whose credentials variable is unset are logged by the runtime at start.
     from .server import serve
 
@@ -375,6 +386,7 @@ then: codex exec --skip-git-repo-check "Say hello"
 
 def _demo(args: argparse.Namespace) -> int:
     _setup_logging()
+    _open_store(args.database).close()  # a bad database is one line, here
     from .server import serve
     from .testing.upstream import SimProfile, SimUpstream
 
@@ -389,7 +401,7 @@ def _demo(args: argparse.Namespace) -> int:
             config = demo_config(
                 args.host, args.port, f"http://127.0.0.1:{upstream_port}/v1", args.database
             )
-            store = Store(config.server.database)
+            store = _open_store(config.server.database)
             try:
                 key, _ = store.create_key(
                     "demo", prefix="cr_", name=f"demo {time.ctime()}",
@@ -420,7 +432,7 @@ def _keys_create(args: argparse.Namespace) -> int:
     if credits < 0:
         raise CommandError("--credits must not be negative")
     limits = _limits_from(args)
-    store = Store(config.server.database)
+    store = _open_store(config.server.database)
     try:
         key, record = store.create_key(
             package.name, prefix=package.key_prefix, name=args.name, limits=limits,
@@ -452,7 +464,7 @@ def _keys_topup(args: argparse.Namespace) -> int:
     amount = _credits_arg(args.credits)
     if amount == 0:
         raise CommandError("the amount of credits must not be zero")
-    store = Store(config.server.database)
+    store = _open_store(config.server.database)
     try:
         record = store.top_up(args.key, amount, args.note)
     finally:
@@ -473,7 +485,7 @@ def _keys_topup(args: argparse.Namespace) -> int:
 
 def _keys_list(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    store = Store(config.server.database)
+    store = _open_store(config.server.database)
     try:
         records = store.list_keys()
         usage = store.usage_by_key()
@@ -520,7 +532,7 @@ def _key_listing(record, usage: dict | None) -> dict:
 
 def _keys_set_limits(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    store = Store(config.server.database)
+    store = _open_store(config.server.database)
     try:
         key = _find_key(store, args.key)
         current = {} if args.clear else key.limits
@@ -542,7 +554,7 @@ def _find_key(store: Store, key_or_id: str):
 
 def _keys_revoke(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    store = Store(config.server.database)
+    store = _open_store(config.server.database)
     try:
         record = _find_key(store, args.key)
         if not record.active:

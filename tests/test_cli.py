@@ -337,3 +337,11 @@ def test_url_that_is_not_http(tmp_path: Path) -> None:
         env={"RELAY_TEST_ADMIN_TOKEN": "x"},
     )
     assert_one_line(done, "--url must be the relay's http:// or https:// address")
+
+
+@pytest.mark.parametrize("command", [["keys", "list"], ["serve"]])
+def test_database_that_is_not_sqlite(tmp_path: Path, command: list[str]) -> None:
+    config = minimal_config(tmp_path)
+    (tmp_path / "relay.db").write_text("not a database, " * 10)
+    done = relay_cli(*command, "--config", str(config))
+    assert_one_line(done, f"cannot open the database {tmp_path / 'relay.db'}", "not a database")
