@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
 
         started = time.perf_counter()
         for item in records:
-            with credits.hold(key, item, input_tokens=1300, output_tokens=1024):
+            with credits.hold_local(key, item, input_tokens=1300, output_tokens=1024):
                 pass
         hold_us = per_request_us(started, count)
 

@@ -28,6 +28,7 @@ import trio
 
 from .config import Config, ConfigError, load_config, parse_config
 from .config_checks import check_warnings, load_servable_config
+from .ledger.expiry import expiry, format_moment, parse_duration
 from .ledger.prices import format_credits, parse_credits, to_credits, unpriced_models
 from .ledger.store import Store
 from .logs import setup_logging
@@ -90,7 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     _log_level_option(serve)
     serve.set_defaults(run=_serve)
 
-    keys = commands.add_parser("keys", help="create, list and revoke API keys")
+    keys = commands.add_parser(
+        "keys", help="create, list, top up, limit, expire, rotate and revoke API keys"
+    )
     key_commands = keys.add_subparsers(title="key commands")
     create = key_commands.add_parser("create", help="create a key; it is printed once")
     _config_option(create)
@@ -101,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
         help="credits to start with (default: the package's initial_credits)",
     )
     create.add_argument("--json", action="store_true", help="print JSON")
+    _expiry_options(create, required=False)
     _limit_options(create)
     create.set_defaults(run=_keys_create)
     topup = key_commands.add_parser(
@@ -128,6 +132,26 @@ def _parser() -> argparse.ArgumentParser:
     _config_option(revoke)
     revoke.add_argument("key", metavar="KEY_OR_ID")
     revoke.set_defaults(run=_keys_revoke)
+    set_expiry = key_commands.add_parser(
+        "set-expiry", help="change when a key expires (by id or plaintext), or --never"
+    )
+    _config_option(set_expiry)
+    set_expiry.add_argument("key", metavar="KEY_OR_ID")
+    set_expiry.add_argument("--json", action="store_true", help="print JSON")
+    _expiry_options(set_expiry, required=True)
+    set_expiry.set_defaults(run=_keys_set_expiry)
+    rotate = key_commands.add_parser(
+        "rotate",
+        help="give a key a new secret (same id, limits, credits and usage); printed once",
+    )
+    _config_option(rotate)
+    rotate.add_argument("key", metavar="KEY_OR_ID")
+    rotate.add_argument(
+        "--grace", default="0s", metavar="DURATION",
+        help="how long the old secret keeps working (30m, 24h, 7d; default 0s: it stops now)",
+    )
+    rotate.add_argument("--json", action="store_true", help="print JSON")
+    rotate.set_defaults(run=_keys_rotate)
 
     accounts = commands.add_parser(
         "accounts", help="upstream accounts of the running relay: health, enable, disable"
@@ -185,6 +209,30 @@ def _limits_from(args: argparse.Namespace) -> dict:
                 raise CommandError(f"--{option} must be positive, got {value}")
             limits[name] = value
     return limits
+
+
+def _expiry_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    group = parser.add_mutually_exclusive_group(required=required)
+    group.add_argument(
+        "--expires-in", default=None, metavar="DURATION",
+        help="expire this long from now: 30d, 24h, 90m, 45s (or 1d12h)",
+    )
+    group.add_argument(
+        "--expires-at", default=None, metavar="TIME",
+        help="expire at an ISO 8601 date or date-time (2027-01-31, 2027-01-31T12:00:00Z; "
+        "UTC unless it says)",
+    )
+    if required:
+        group.add_argument("--never", action="store_true", help="the key never expires")
+
+
+def _expiry_from(args: argparse.Namespace) -> float | None:
+    """The ``--expires-in`` / ``--expires-at`` moment (None: never), or a CommandError."""
+    try:
+        return expiry(expires_in=args.expires_in, expires_at=args.expires_at, now=time.time())
+    except ValueError as error:
+        message = str(error)
+        raise CommandError(f"--{message}" if message.startswith("expires-") else message) from None
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:
@@ -432,11 +480,12 @@ def _keys_create(args: argparse.Namespace) -> int:
     if credits < 0:
         raise CommandError("--credits must not be negative")
     limits = _limits_from(args)
+    expires_at = _expiry_from(args)
     store = _open_store(config.server.database)
     try:
         key, record = store.create_key(
             package.name, prefix=package.key_prefix, name=args.name, limits=limits,
-            credits_nano=credits,
+            credits_nano=credits, expires_at=expires_at,
         )
     finally:
         store.close()
@@ -446,9 +495,77 @@ def _keys_create(args: argparse.Namespace) -> int:
         print(key)
         print(
             f"created {record.id} in package '{package.name}' with "
-            f"{format_credits(credits)} credits. The key is shown only now: store it safely.",
+            f"{format_credits(credits)} credits{_expiry_note(record.expires_at)}. "
+            "The key is shown only now: store it safely.",
             file=sys.stderr,
         )
+    return 0
+
+
+def _expiry_note(expires_at: float | None) -> str:
+    return "" if expires_at is None else f", expiring at {format_moment(expires_at)}"
+
+
+def _keys_set_expiry(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    expires_at = None if args.never else _expiry_from(args)
+    store = _open_store(config.server.database)
+    try:
+        record = store.set_expiry(args.key, expires_at)
+    finally:
+        store.close()
+    if record is None:
+        raise CommandError(f"no key matches '{_redact(args.key)}'")
+    if args.json:
+        print(json.dumps(record.public()))
+    elif expires_at is None:
+        print(f"{record.id} ({record.hint}): never expires")
+    else:
+        print(f"{record.id} ({record.hint}): expires at {format_moment(expires_at)}")
+    return 0
+
+
+def _keys_rotate(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    try:
+        grace = parse_duration(args.grace, "--grace")
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    store = _open_store(config.server.database)
+    try:
+        current = _find_key(store, args.key)
+        if not current.active:
+            raise CommandError(f"{current.id} is revoked: a revoked key cannot be rotated")
+        key, record = store.rotate_key(current.id, grace)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({"key": key, **record.public()}))
+        return 0
+    print(key)
+    old = (
+        f"the old secret {record.previous_hint} stopped working now"
+        if grace == 0
+        else f"the old secret {record.previous_hint} works until "
+        f"{format_moment(record.previous_expires_at)}"
+    )
+    if current.previous_key_hash and not current.public()["previous_secret"]["expired"]:
+        # Only the most recent previous secret is kept: say that the older one's grace ended.
+        old += f" (and {current.previous_hint}, rotated away before, stopped working now)"
+    if record.expires_at is None:
+        expiry_note = ""
+    elif record.expired(time.time()):
+        expiry_note = (
+            f"; the key expired at {format_moment(record.expires_at)}, so neither secret "
+            "works until 'relay keys set-expiry' gives it a later one"
+        )
+    else:
+        expiry_note = f"; the key still expires at {format_moment(record.expires_at)}"
+    print(
+        f"rotated {record.id}: {old}{expiry_note}. The new key is shown only now: "
+        "store it safely.",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -499,16 +616,23 @@ def _keys_list(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{'ID':<22} {'KEY':<16} {'PACKAGE':<14} {'STATUS':<8} {'CREATED':<20} "
-        f"{'CREDITS LEFT':>14} {'USED':>12} {'CALLS':>7} NAME"
+        f"{'EXPIRES (UTC)':<20} {'CREDITS LEFT':>14} {'USED':>12} {'CALLS':>7} NAME"
     )
+    now = time.time()
     for record in records:
-        status = "active" if record.active else "revoked"
+        status = (
+            "revoked" if not record.active else "expired" if record.expired(now) else "active"
+        )
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created_at))
+        expires = (
+            "never" if record.expires_at is None
+            else format_moment(record.expires_at).replace("T", " ").removesuffix("Z")
+        )
         left = record.credits_granted_nano - record.credits_used_nano
         calls = (usage.get(record.id) or {}).get("calls", 0)
         print(
             f"{record.id:<22} {record.hint:<16} {record.package:<14} {status:<8} "
-            f"{created:<20} {format_credits(left):>14} "
+            f"{created:<20} {expires:<20} {format_credits(left):>14} "
             f"{format_credits(record.credits_used_nano):>12} {calls:>7} {record.name}"
         )
     return 0

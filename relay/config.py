@@ -90,6 +90,9 @@ class ServerConfig:
     database: str = "relay.db"
     admin_token_env: str = "RELAY_ADMIN_TOKEN"
     redis_url: str | None = None
+    #: Redis unreachable: "local" (each process enforces the limits alone) or "closed" (503).
+    redis_failure: str = "local"
+    redis_lease_ttl_s: float = 10.0  # a process's leases outlive its last heartbeat this long
     max_body_bytes: int = 64 * 1024 * 1024
     stall_timeout_s: float = 60.0
     upstream_connect_timeout_s: float = 10.0
@@ -484,6 +487,11 @@ def _read_server(table: _Table, base_dir: Path | None) -> ServerConfig:
         database=database,
         admin_token_env=table.env_name("admin_token_env", defaults.admin_token_env),
         redis_url=redis_url,
+        redis_failure=table.choice("redis_failure", ("local", "closed"))
+        or defaults.redis_failure,
+        redis_lease_ttl_s=table.number(
+            "redis_lease_ttl_s", defaults.redis_lease_ttl_s, positive=True
+        ),
         max_body_bytes=table.integer("max_body_bytes", defaults.max_body_bytes, positive=True),
         stall_timeout_s=table.number("stall_timeout_s", defaults.stall_timeout_s, positive=True),
         upstream_connect_timeout_s=table.number(

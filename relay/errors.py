@@ -195,6 +195,18 @@ class ShuttingDown(RelayError):
         super().__init__(message, headers={"retry-after": str(retry_after_s)})
 
 
+class SharedStateUnavailable(RelayError):
+    """503: the Redis holding the limits shared by several relay processes cannot be reached
+    and ``server.redis_failure = "closed"``: the request was not served."""
+
+    status = 503
+    type = "service_unavailable_error"
+    code = "shared_state_unavailable"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"retry-after": "1"})
+
+
 class RelayBusy(RelayError):
     """503: the relay itself is at a limit of its own (all its upstream connections in use);
     no account is at fault, so none is marked unhealthy and the request is not failed over."""

@@ -20,6 +20,7 @@ import trio
 
 from .config import Config
 from .guards.admission import Admission
+from .guards.shared import SharedGuards
 from .ledger.credits import Credits
 from .ledger.keys import KeyRing
 from .ledger.prices import PriceTable
@@ -90,12 +91,19 @@ async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
     store = Store(config.server.database)
     keys = KeyRing(store)
     keys.load()
-    credits = Credits(PriceTable(config.prices), keys.records())
+    shared = None
+    if config.server.redis_url is not None:
+        shared = SharedGuards(
+            config.server.redis_url,
+            failure_policy=config.server.redis_failure,
+            lease_ttl_s=config.server.redis_lease_ttl_s,
+        )
+    credits = Credits(PriceTable(config.prices), keys.records(), shared)
     metrics = Metrics(config)
     # Priced and debited first, then counted (the metrics read the cost).
     usage = UsageWriter(store, observers=[credits.charge, metrics.observe])
     upstream = UpstreamClient(config.server, config.accounts)
-    admission = Admission(config)
+    admission = Admission(config, shared)
     runtime = Runtime(
         config=config,
         store=store,
@@ -107,7 +115,7 @@ async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
         scheduler=Scheduler(config),
         catalog=Catalog(config),
         upstream=upstream,
-        health=Health(config.server),
+        health=Health(config.server, shared),
         started_at=time.time(),
     )
     log_missing_credentials(config)
@@ -119,9 +127,14 @@ async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
             async with trio.open_nursery() as background:
                 background.start_soon(keys.refresh_forever)
                 background.start_soon(admission.run)
+                if shared is not None:
+                    await background.start(shared.run)
+                    background.start_soon(runtime.health.follow, runtime.scheduler.accounts)
                 try:
                     yield runtime
                 finally:
+                    if shared is not None:
+                        await shared.aclose()
                     background.cancel_scope.cancel()
                     usage.close()
     finally:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -325,10 +327,12 @@ BILLING_BODY = textwrap.dedent(
 
 def start_relay(
     tmp: Path, sim_url: str, *, body: str | None = None, log_level: str = "WARNING",
-    **server: object,
+    database: Path | None = None, **server: object,
 ) -> Relay:
-    """Start ``relay serve`` with the standard test config, or with [server] and ``body``."""
-    database = tmp / "relay.db"
+    """Start ``relay serve`` with the standard test config, or with [server] and ``body``;
+    its database is ``tmp/relay.db`` unless ``database`` names another (one several relays
+    share)."""
+    database = database or tmp / "relay.db"
     config_path = tmp / "relay.toml"
     if body is None:
         text = relay_config(sim_url, database, **server)
@@ -358,6 +362,84 @@ def running_relay(tmp: Path, sim_url: str, **options: object) -> Iterator[Relay]
     finally:
         log = server.process.stop()
     assert "Traceback" not in log, log
+
+
+class RedisServer:
+    """A real ``redis-server`` (Debian's package) on a free loopback port, persistence off.
+
+    ``stop`` and ``start`` keep the port, so a test can take Redis away under load and bring it
+    back at the same URL."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is not installed (scripts/test installs Debian's package)"
+        self.proc = subprocess.Popen(
+            [
+                binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(self.directory), "--protected-mode", "no",
+            ],
+            stdout=open(self.directory / "redis.log", "a"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.ping():
+                return
+            time.sleep(0.02)
+        log = (self.directory / "redis.log").read_text()
+        raise RuntimeError(f"redis-server did not start:\n{log}")
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def command(self, *args: str) -> bytes:
+        """One command in Redis's inline protocol (tests only): the raw reply."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as conn:
+            parts = [f"${len(a.encode())}\r\n{a}\r\n" for a in args]
+            conn.sendall(f"*{len(args)}\r\n{''.join(parts)}".encode())
+            return conn.recv(1 << 16)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real Redis for the session; tests that share it use their own key prefix or flush
+    it first (:func:`redis_url`)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session's Redis, emptied for this test (and started again if a test stopped it)."""
+    if not redis_server.ping():
+        redis_server.start()
+    redis_server.command("FLUSHALL")
+    return redis_server.url
 
 
 @pytest.fixture(scope="session")

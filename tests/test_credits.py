@@ -52,17 +52,17 @@ def test_a_request_the_balance_cannot_cover_is_refused_with_402() -> None:
     credits = Credits(PER_TOKEN)
     key = key_record(10)
     with pytest.raises(InsufficientQuota) as refused:
-        with credits.hold(key, usage("r1"), input_tokens=0, output_tokens=11):
+        with credits.hold_local(key, usage("r1"), input_tokens=0, output_tokens=11):
             pass
     assert refused.value.status == 402 and refused.value.code == "insufficient_quota"
     assert "10 credits available" in refused.value.message
     assert "estimated at 11 credits" in refused.value.message
-    with credits.hold(key, usage("r2"), input_tokens=0, output_tokens=10) as estimate:
+    with credits.hold_local(key, usage("r2"), input_tokens=0, output_tokens=10) as estimate:
         assert estimate == 10 * NANO
         assert credits.balance(key).available == 0
         # what is held cannot be spent twice
         with pytest.raises(InsufficientQuota, match="held by your requests in progress"):
-            with credits.hold(key, usage("r3"), input_tokens=0, output_tokens=1):
+            with credits.hold_local(key, usage("r3"), input_tokens=0, output_tokens=1):
                 pass
     assert credits.status() == {"holds": 0, "held": 0.0}
 
@@ -71,7 +71,7 @@ def test_the_charge_replaces_the_hold_and_the_exit_releases_it_only_once() -> No
     credits = Credits(PER_TOKEN)
     key = key_record(10)
     record = usage("r1")
-    with credits.hold(key, record, input_tokens=0, output_tokens=4):
+    with credits.hold_local(key, record, input_tokens=0, output_tokens=4):
         assert credits.balance(key).held == 4 * NANO
         record.output_tokens = 3
         credits.charge(record)  # as the usage writer does when the request ends
@@ -80,7 +80,7 @@ def test_the_charge_replaces_the_hold_and_the_exit_releases_it_only_once() -> No
     assert credits.balance(key).available == 7 * NANO
     # an exception inside the block releases the hold too
     with pytest.raises(RuntimeError):
-        with credits.hold(key, usage("r2"), input_tokens=0, output_tokens=5):
+        with credits.hold_local(key, usage("r2"), input_tokens=0, output_tokens=5):
             raise RuntimeError("upstream broke")
     assert credits.status()["holds"] == 0 and credits.balance(key).available == 7 * NANO
 
@@ -90,7 +90,7 @@ def test_free_models_are_neither_held_nor_charged() -> None:
     key = key_record(0)
     record = UsageRecord(request_id="r", key_id="key_1", package="p", endpoint="responses",
                          model="other", upstream_model="other", output_tokens=10**6)
-    with credits.hold(key, record, input_tokens=10**6, output_tokens=10**6) as estimate:
+    with credits.hold_local(key, record, input_tokens=10**6, output_tokens=10**6) as estimate:
         assert estimate == 0 and credits.status()["holds"] == 0
     credits.charge(record)
     assert record.cost_nano == 0 and credits.balance(key).used == 0
@@ -130,7 +130,7 @@ def test_concurrent_requests_overdraw_by_at_most_their_own_estimate_errors(sched
         if arrive and pending:
             index, (estimate, real) = pending.pop(0)
             record = usage(f"r{index}")
-            block = credits.hold(key, record, input_tokens=0, output_tokens=estimate)
+            block = credits.hold_local(key, record, input_tokens=0, output_tokens=estimate)
             try:
                 block.__enter__()
             except InsufficientQuota:

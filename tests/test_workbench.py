@@ -83,6 +83,10 @@ def test_the_workbench_page_in_chromium(logged: Relay, tmp_path: Path) -> None:
     rows = rows_of(relay, key_id, count=5)
     assert len(rows) == 5
     wrong = key[:-4] + ("0000" if not key.endswith("0000") else "1111")
+    expiry = relay.admin(
+        "POST", f"/admin/keys/{key_id}/expiry", {"expires_at": "2099-01-02T03:04:00Z"}
+    )
+    assert expiry.status_code == 200, expiry.text
 
     seen = run_page(relay, key, wrong)
     assert seen["errors"] == [], seen["errors"]  # no script error
@@ -130,6 +134,7 @@ def test_the_workbench_page_in_chromium(logged: Relay, tmp_path: Path) -> None:
     assert set(limits) == {"tpm", "rpm", "concurrency", "queue"}
     assert "0 of 40" in limits["concurrency"]  # the paid package's max_concurrency
     assert key_id not in seen["keyIdentity"] and "package paid" in seen["keyIdentity"]
+    assert seen["keyExpiry"].startswith("Expires 2099-01-02 03:04 UTC (in "), seen["keyExpiry"]
 
     # -- the key: only in page memory and the Authorization header --------------------------
     assert all(key not in request["url"] for request in seen["requests"])

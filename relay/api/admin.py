@@ -9,10 +9,14 @@ key itself: a URL ends up in logs and histories.
 |---|---|
 | ``GET /admin/state`` | live guard state (as the leak tests read it) |
 | ``GET /admin/keys`` | every key with its live credits and all-time usage |
-| ``POST /admin/keys`` | ``{"package", "name"?, "credits"?, "limits"?}`` → 201, with the key |
+| ``POST /admin/keys`` | ``{"package", "name"?, "credits"?, "limits"?, "expires_in"? or
+  "expires_at"?}`` → 201, with the key |
 | ``GET /admin/keys/{id}`` | one key, with its grants |
 | ``POST /admin/keys/{id}/topup`` | ``{"credits": N, "note"?}`` (negative takes credits back) |
 | ``POST /admin/keys/{id}/limits`` | ``{"tpm": N, …}`` (null drops an override; ``"clear"``) |
+| ``POST /admin/keys/{id}/expiry`` | ``{"expires_in": "30d"}``, ``{"expires_at": T}`` or
+  ``{"expires_at": null}`` (never) |
+| ``POST /admin/keys/{id}/rotate`` | ``{"grace"?: "24h"}`` → the key's new secret (shown once) |
 | ``POST /admin/keys/{id}/revoke``, ``DELETE /admin/keys/{id}`` | revoke |
 | ``GET /admin/accounts`` | health, cool-downs, in-flight and failures per account |
 | ``POST /admin/accounts/{name}/enable`` / ``…/disable`` | put in / take out of service |
@@ -27,12 +31,14 @@ from __future__ import annotations
 import hmac
 import math
 import os
+import time
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ..errors import AuthenticationFailed, InvalidRequest, NotFound
 from ..guards.admission import KeyLimits
+from ..ledger.expiry import expiry, parse_duration
 from ..ledger.prices import parse_credits, to_credits
 from ..ledger.store import KeyRecord
 from ..protocol.requests import decode_json_body
@@ -74,9 +80,13 @@ def check_admin(runtime: Runtime, request: Request) -> None:
         )
 
 
-async def _body(request: Request) -> dict[str, Any]:
+async def _body(request: Request, *, optional: bool = False) -> dict[str, Any]:
+    """The JSON object the request carries (``{}`` for no body at all, when ``optional``)."""
     request.require_json()
-    return decode_json_body(await request.read_body(MAX_ADMIN_BODY))
+    raw = await request.read_body(MAX_ADMIN_BODY)
+    if optional and not raw.strip():
+        return {}
+    return decode_json_body(raw)
 
 
 def validate_limits(changes: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
@@ -152,7 +162,17 @@ async def _key_by_id(runtime: Runtime, request: Request) -> KeyRecord:
 
 async def state(runtime: Runtime, request: Request, responder: Responder) -> None:
     check_admin(runtime, request)
-    await responder.json(200, runtime.state())
+    body = runtime.state()
+    shared = runtime.admission.shared
+    if shared is not None:
+        subjects = (
+            ["g"]
+            + [f"p:{name}" for name in runtime.admission.pools]
+            + [f"k:{key_id}" for key_id in runtime.admission.keys]
+            + [f"a:{name}" for name in runtime.scheduler.by_name]
+        )
+        body["admission"]["shared"] = await shared.status(subjects)
+    await responder.json(200, body)
 
 
 async def list_keys(runtime: Runtime, request: Request, responder: Responder) -> None:
@@ -166,11 +186,12 @@ async def list_keys(runtime: Runtime, request: Request, responder: Responder) ->
 async def create_key(runtime: Runtime, request: Request, responder: Responder) -> None:
     check_admin(runtime, request)
     body = await _body(request)
-    unknown = set(body) - {"package", "name", "credits", "limits"}
+    unknown = set(body) - {"package", "name", "credits", "limits", "expires_in", "expires_at"}
     if unknown:
         name = sorted(unknown)[0]
         raise InvalidRequest(
-            f"Unknown field '{name}'; a new key takes package, name, credits and limits.",
+            f"Unknown field '{name}'; a new key takes package, name, credits, limits, "
+            "expires_in and expires_at.",
             param=name,
         )
     package_name = body.get("package")
@@ -192,10 +213,11 @@ async def create_key(runtime: Runtime, request: Request, responder: Responder) -
     if not isinstance(limits_body, dict):
         raise InvalidRequest("'limits' must be an object.", param="limits")
     limits = validate_limits(limits_body, {})
+    expires_at = _expiry(body)
     plaintext, record = await trio.to_thread.run_sync(
         lambda: runtime.store.create_key(
             package.name, prefix=package.key_prefix, name=name, limits=limits,
-            credits_nano=credits,
+            credits_nano=credits, expires_at=expires_at,
         )
     )
     runtime.keys.update(record)
@@ -247,6 +269,69 @@ async def set_limits(runtime: Runtime, request: Request, responder: Responder) -
             record.id, KeyLimits.of(package, record.limits), trio.current_time()
         )
     await responder.json(200, key_view(runtime, record))
+
+
+def _expiry(body: dict[str, Any]) -> float | None:
+    """The moment ``expires_in`` (``"30d"``, or seconds) or ``expires_at`` (ISO 8601, or
+    unix seconds) names, None for neither or a null; 400 naming the field otherwise."""
+    expires_in, expires_at = body.get("expires_in"), body.get("expires_at")
+    if expires_in is not None and expires_at is not None:
+        raise InvalidRequest(
+            "Give either 'expires_in' or 'expires_at', not both.", param="expires_at"
+        )
+    param = "expires_in" if expires_in is not None else "expires_at"
+    value = body.get(param)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, str | int | float)):
+        raise InvalidRequest(f"'{param}' must be a string or a number.", param=param)
+    try:
+        return expiry(expires_in=expires_in, expires_at=expires_at, now=time.time())
+    except ValueError as error:
+        raise InvalidRequest(f"'{param}': {error}.", param=param) from None
+
+
+async def set_expiry(runtime: Runtime, request: Request, responder: Responder) -> None:
+    check_admin(runtime, request)
+    record = await _key_by_id(runtime, request)
+    body = await _body(request)
+    unknown = set(body) - {"expires_in", "expires_at"}
+    if unknown or not body:
+        name = sorted(unknown)[0] if unknown else None
+        raise InvalidRequest(
+            "Set a key's expiry with 'expires_in' (\"30d\"), 'expires_at' (an ISO 8601 time) "
+            "or 'expires_at': null (never).",
+            param=name,
+        )
+    expires_at = _expiry(body)
+    record = await trio.to_thread.run_sync(runtime.store.set_expiry, record.id, expires_at)
+    runtime.keys.update(record)
+    await responder.json(200, key_view(runtime, record))
+
+
+async def rotate(runtime: Runtime, request: Request, responder: Responder) -> None:
+    """A new secret for the key (shown once); the old one works for ``grace`` (default 0)."""
+    check_admin(runtime, request)
+    record = await _key_by_id(runtime, request)
+    body = await _body(request, optional=True)
+    unknown = set(body) - {"grace"}
+    if unknown:
+        name = sorted(unknown)[0]
+        raise InvalidRequest(f"Unknown field '{name}'; a rotation takes grace.", param=name)
+    grace = body.get("grace", 0)
+    if isinstance(grace, bool) or not isinstance(grace, str | int | float):
+        raise InvalidRequest("'grace' must be a duration such as \"24h\".", param="grace")
+    try:
+        grace_s = parse_duration(grace, "grace")
+    except ValueError as error:
+        raise InvalidRequest(f"'grace': {error}.", param="grace") from None
+    if not record.active:
+        raise InvalidRequest(
+            f"{record.id} is revoked: a revoked key cannot be rotated.", code="key_revoked"
+        )
+    plaintext, record = await trio.to_thread.run_sync(
+        runtime.store.rotate_key, record.id, grace_s
+    )
+    runtime.keys.update(record)
+    await responder.json(200, {"key": plaintext, **key_view(runtime, record)})
 
 
 async def revoke(runtime: Runtime, request: Request, responder: Responder) -> None:
@@ -353,6 +438,8 @@ ROUTES = [
     ("POST", "/admin/keys/{key_id}/revoke", revoke),
     ("POST", "/admin/keys/{key_id}/topup", top_up),
     ("POST", "/admin/keys/{key_id}/limits", set_limits),
+    ("POST", "/admin/keys/{key_id}/expiry", set_expiry),
+    ("POST", "/admin/keys/{key_id}/rotate", rotate),
     ("GET", "/admin/accounts", list_accounts),
     ("POST", "/admin/accounts/{name}/enable", enable_account),
     ("POST", "/admin/accounts/{name}/disable", disable_account),

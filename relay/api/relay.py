@@ -35,6 +35,7 @@ from ..errors import (
     PermissionDenied,
     RateLimited,
     RelayError,
+    SharedStateUnavailable,
     ShuttingDown,
     UpstreamError,
     UpstreamResponseTooLarge,
@@ -286,7 +287,7 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
             try:
                 # 402 before admission and any upstream call; the estimate stays held until
                 # the usage record is charged (inside this block on every path that costs).
-                with runtime.credits.hold(
+                async with runtime.credits.hold(
                     key,
                     record,
                     input_tokens=client.estimated_input_tokens,
@@ -428,6 +429,13 @@ async def _upstream_call(
     scheduler = runtime.scheduler
     tried: set[str] = set()
     failure: RelayError | None = None
+    shared = runtime.admission.shared
+    session = call.client.session_key
+    if shared is not None and session:
+        # Bound by another process? Then this one follows that binding.
+        bound = await shared.session_account(call.route.pool, session)
+        if bound is not None:
+            scheduler.sessions.adopt(call.route.pool, session, bound, trio.current_time())
     for _ in range(runtime.config.server.failover_attempts):
         accounts = [a for a in call.candidates if a.name not in tried and not a.guard.disabled]
         if not accounts:
@@ -443,6 +451,8 @@ async def _upstream_call(
         except AdmissionRefused as refused:
             if refused.reason == "shutting_down":
                 raise ShuttingDown(refused.message) from None
+            if refused.reason == "shared_unavailable":
+                raise SharedStateUnavailable(refused.message) from None
             raise RateLimited(refused) from None
         account = scheduler.by_name[lease.account.name]
         record.queue_ms += lease.queued_s * 1000
@@ -475,10 +485,12 @@ async def _upstream_call(
         runtime.health.succeeded(account)
         del payload  # see drop_bodies
         call.drop_bodies(account)
-        if call.client.session_key:
-            scheduler.sessions.bind(
-                call.route.pool, call.client.session_key, account.name, trio.current_time()
-            )
+        if session:
+            scheduler.sessions.bind(call.route.pool, session, account.name, trio.current_time())
+            if shared is not None:
+                shared.bind_session(
+                    call.route.pool, session, account.name, runtime.config.server.session_ttl_s
+                )
         async with stack:
             yield lease, account, response
         return

@@ -18,8 +18,9 @@ relay's unit is the credit; plugins only display the number); ``hard_limit_usd``
 total grant, so a tool that computes ``hard_limit_usd - total_usage / 100`` over a window that
 covers the key's whole life (OpenAI's tools asked for 90-100 days) shows what is left;
 ``total_usage`` is over the asked window (all time when none is given), ``end_date`` exclusive,
-days in UTC; ``access_until`` is 0 (keys do not expire). Balances come from memory; usage and
-calls from the database, so a call shows up there once its record is written (about 50 ms).
+days in UTC; ``access_until`` is the key's expiry in unix seconds, 0 for a key that never
+expires. Balances come from memory; usage and calls from the database, so a call shows up
+there once its record is written (about 50 ms).
 """
 
 from __future__ import annotations
@@ -53,7 +54,13 @@ async def _key(runtime: Runtime, request: Request) -> KeyRecord:
 
 
 def _key_summary(key: KeyRecord) -> dict:
-    return {"id": key.id, "hint": key.hint, "name": key.name, "package": key.package}
+    return {
+        "id": key.id,
+        "hint": key.hint,
+        "name": key.name,
+        "package": key.package,
+        "expires_at": key.expires_at,
+    }
 
 
 async def balance(runtime: Runtime, request: Request, responder: Responder) -> None:
@@ -86,7 +93,7 @@ async def subscription(runtime: Runtime, request: Request, responder: Responder)
             "canceled": False,
             "canceled_at": None,
             "delinquent": None,
-            "access_until": 0,
+            "access_until": 0 if key.expires_at is None else int(key.expires_at),
             "soft_limit_usd": granted,
             "hard_limit_usd": granted,
             "system_hard_limit_usd": granted,

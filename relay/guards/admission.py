@@ -62,11 +62,20 @@ from ..config import Config, PackageConfig
 from .buckets import TokenBucket
 from .estimates import OutputEstimate
 from .fair_queue import FairQueue
+from .shared import (
+    Fairness,
+    SharedGuards,
+    SharedLease,
+    SharedUnavailable,
+    SharedWaitExpired,
+    subjects_of,
+)
 
 
 class AdmissionRefused(Exception):
     """The request was not admitted; ``reason`` is queue_full, queue_timeout, rate_limited,
-    concurrency_limited or shutting_down (see :meth:`Admission.refuse_waiting`). ``code`` is
+    concurrency_limited, shared_unavailable or shutting_down (see
+    :meth:`Admission.refuse_waiting`). ``code`` is
     the error code a client is told: the reason, or for a key that may not queue
     (``max_queue = 0``) the kind of limit it is at (``rate_limit_exceeded`` for a TPM/TPS/RPM
     bucket, ``concurrency_limit_exceeded`` for its max_concurrency). The message names the
@@ -324,6 +333,7 @@ class Lease:
     expected: int = 0  # expected output still held (reserved, not charged yet)
     output_seen: int = 0  # output tokens reported with produced()
     admission: Admission | None = field(default=None, repr=False)
+    shared: SharedLease | None = None  # what it holds in Redis (several processes)
 
     def produced(self, output_tokens: int) -> None:
         """The answer has produced ``output_tokens`` so far (a running total): charge the new
@@ -370,9 +380,13 @@ class Admission:
     #: level (what it was served beyond the level is then forgiven).
     FORGIVE_AFTER_S = 30.0
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, shared: SharedGuards | None = None) -> None:
         now = trio.current_time() if _in_trio() else 0.0
         self._config = config
+        #: The guard state shared with other processes through Redis (``server.redis_url``):
+        #: a request granted here also takes its leases there before it goes (see
+        #: :mod:`.shared`); None: this process's guards are the only ones.
+        self.shared = shared
         g = config.global_
         self.global_guard = Guard(
             "global", max_concurrency=g.max_concurrency, tpm=g.tpm, tps=g.tps, now=now
@@ -413,6 +427,9 @@ class Admission:
         assert limits is not None
         self._check_queue_room(ticket, pool, key, now)
         waiter = _Waiter(ticket, now)
+        fair = self._fairness(pool, ticket, limits)
+        if self.shared is not None:
+            self.shared.join_backlog(fair)
         pool.queue.push(pool.flow_of(ticket), limits.weight, waiter)
         self._lift_pool(pool)
         self._waiting[ticket.key_id] = self._waiting.get(ticket.key_id, 0) + 1
@@ -429,6 +446,8 @@ class Admission:
             if waiter.lease is not None:
                 waiter.lease.used_tokens = 0
                 self._release(waiter.lease)
+                if self.shared is not None:
+                    self.shared.leave_backlog(fair, None)
             raise
         finally:
             left = self._waiting[ticket.key_id] - 1
@@ -439,6 +458,8 @@ class Admission:
             if waiter.lease is None:
                 # Not granted (timed out or cancelled): leave the queue, uncharged.
                 pool.queue.remove(pool.flow_of(ticket), waiter)
+                if self.shared is not None:
+                    self.shared.leave_backlog(fair, None)
         lease = waiter.lease
         if lease is None and self._refusal is not None:
             raise AdmissionRefused("shutting_down", self._refusal, retry_after_s=1.0)
@@ -455,10 +476,55 @@ class Admission:
                 f"queue_timeout_s) and {still}.",
                 retry_after_s=self._retry_after(ticket, pool, key),
             )
+        if self.shared is not None:
+            try:
+                await self._acquire_shared(
+                    lease, waiter.enqueued_at + limits.queue_timeout_s, fair
+                )
+            except BaseException:
+                lease.used_tokens = 0  # nothing reached an upstream
+                self._release(lease)
+                raise
+            finally:
+                self.shared.leave_backlog(fair, lease.shared)
+            lease.queued_s = trio.current_time() - waiter.enqueued_at
         try:
             yield lease
         finally:
-            self._release(lease)
+            used = self._release(lease)
+            if lease.shared is not None:
+                assert self.shared is not None
+                await self.shared.release(lease.shared, used)
+
+    def _fairness(self, pool: _Pool, ticket: Ticket, limits: KeyLimits) -> Fairness:
+        """The request's place in its pool's fair order across processes."""
+        return Fairness(pool.name, pool.flow_of(ticket), 1.0 if pool.fifo else limits.weight)
+
+    async def _acquire_shared(self, lease: Lease, deadline: float, fair: Fairness) -> None:
+        """Take the lease's shared capacity too (every layer it holds here, in Redis), waiting
+        until ``deadline`` if another process holds it; refused like a local wait that ran
+        out, or, when Redis is unreachable under ``redis_failure = "closed"``, with reason
+        ``shared_unavailable``."""
+        assert self.shared is not None
+        layers = ["g", "p:", "k:"] + (["a:"] if lease.account is not None else [])
+        subjects = subjects_of(lease.held, layers)
+        try:
+            lease.shared = await self.shared.acquire(
+                subjects, lease.charged, lease.expected, deadline, fair
+            )
+        except SharedUnavailable as error:
+            raise AdmissionRefused("shared_unavailable", str(error), retry_after_s=1.0) from None
+        except SharedWaitExpired:
+            self.refused["queue_timeout"] += 1
+            limits = self.keys[lease.ticket.key_id].limits
+            assert limits is not None
+            raise AdmissionRefused(
+                "queue_timeout",
+                f"Your request waited {limits.queue_timeout_s:g}s in the queue (the key's "
+                "queue_timeout_s) and the limits shared with the relay's other processes "
+                "stayed reached.",
+                retry_after_s=1.0,
+            ) from None
 
     def refuse_waiting(self, message: str) -> None:
         """Admit no one any more (the relay is shutting down): every queued request is woken
@@ -808,13 +874,18 @@ class Admission:
         lease.charged += tokens
         lease.expected -= released
         self._count(self.pools[lease.ticket.pool], lease.ticket, tokens)
+        if lease.shared is not None:
+            assert self.shared is not None
+            self.shared.produced(lease.shared, tokens, released)
 
     def _count(self, pool: _Pool, ticket: Ticket, tokens: int) -> None:
         """Add ``tokens`` served to the key's virtual counter and its pool's."""
         pool.queue.charge(pool.flow_of(ticket), tokens)
         pool.counter += tokens / pool.weight
 
-    def _release(self, lease: Lease) -> None:
+    def _release(self, lease: Lease) -> int:
+        """Settle and free everything the lease holds here; the tokens it was charged in all
+        (what the shared guards are corrected to)."""
         now = trio.current_time()
         ticket = lease.ticket
         reserved = lease.charged + lease.expected
@@ -830,6 +901,7 @@ class Admission:
         if lease.output_tokens is not None and ticket.input_tokens is not None:
             self._estimate(ticket.key_id).learn(lease.output_tokens, ticket.max_output_tokens)
         self._dispatch()
+        return used
 
     def _estimate(self, key_id: str) -> OutputEstimate:
         estimate = self.estimates.pop(key_id, None)

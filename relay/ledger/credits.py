@@ -10,10 +10,15 @@ Where the numbers come from:
   reloads whenever the database changes, so a top-up made by the CLI counts within a second and
   one made through the admin API at once.
 * ``used``: loaded from the database when the relay starts, then kept here: every usage record
-  adds its cost (:meth:`Credits.charge`). The database catches up when the batch commits. This
-  makes one relay process the owner of its database's balances; several processes sharing one
-  ledger need the Redis backend, which is not built yet.
+  adds its cost (:meth:`Credits.charge`). The database catches up when the batch commits.
 * ``held``: the estimates of the requests in progress (:meth:`Credits.hold`).
+
+Several processes (``server.redis_url``): the check and the hold are made in Redis, atomically,
+against every process's holds and charges (:meth:`relay.guards.shared.SharedGuards.hold_credits`);
+each charge is added there too, and ends its hold in the same step. The balance a process shows
+(admin API, workbench) is its own view: the database's figure and what it last saw in Redis.
+When Redis is unreachable under ``redis_failure = "local"``, each process checks its own view
+(which then misses the other processes' charges since the last one it saw).
 
 The overdraft bound. A request is let through only if the key's *available* credits (granted −
 used − held) cover its estimate, and its estimate stays held until its real cost replaces it.
@@ -33,14 +38,18 @@ property tests and through HTTP with concurrent requests on a small balance.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..errors import InsufficientQuota
+from ..errors import InsufficientQuota, SharedStateUnavailable
 from .prices import PriceTable, cost, format_credits, to_credits
 from .store import KeyRecord
 from .usage import UsageRecord
+
+if TYPE_CHECKING:
+    from ..guards.shared import SharedGuards
 
 
 @dataclass(frozen=True)
@@ -75,8 +84,14 @@ class Balance:
 class Credits:
     """Balances, holds and charges of one relay process (nothing here does I/O)."""
 
-    def __init__(self, prices: PriceTable, keys: Iterable[KeyRecord] = ()) -> None:
+    def __init__(
+        self,
+        prices: PriceTable,
+        keys: Iterable[KeyRecord] = (),
+        shared: SharedGuards | None = None,
+    ) -> None:
         self.prices = prices
+        self.shared = shared
         self._used: dict[str, int] = {key.id: key.credits_used_nano for key in keys}
         self._held: dict[str, int] = {}
         self._holds: dict[str, tuple[str, int]] = {}  # request id → (key id, amount held)
@@ -89,10 +104,11 @@ class Credits:
         )
 
     @contextmanager
-    def hold(
+    def hold_local(
         self, key: KeyRecord, record: UsageRecord, *, input_tokens: int, output_tokens: int
     ) -> Iterator[int]:
-        """Check that the key covers the request's estimate and hold it for the block.
+        """Check that the key covers the request's estimate and hold it for the block, in this
+        process alone (no shared state).
 
         Raises :class:`InsufficientQuota` (402) when the key's available credits are below the
         estimate; a request to a model without a price is estimated at 0 and always passes.
@@ -101,27 +117,57 @@ class Credits:
         block exits (if it is recorded after, nothing may checkpoint in between). Neither this
         method nor its exit checkpoints, so no other task can see a half-taken hold.
         """
-        estimate = self.prices.estimate(
+        estimate = self._estimate(record, input_tokens, output_tokens)
+        if estimate > 0:
+            balance = self.balance(key)
+            if balance.available < estimate:
+                raise InsufficientQuota(_refusal(key, balance, estimate))
+        with self._held_for(key, record, estimate):
+            yield estimate
+
+    @asynccontextmanager
+    async def hold(
+        self, key: KeyRecord, record: UsageRecord, *, input_tokens: int, output_tokens: int
+    ) -> AsyncIterator[int]:
+        """:meth:`hold_local`, or with shared state, the same check and hold made in Redis
+        against every process's holds and charges (one call, shielded and bounded; the local
+        check when Redis is lost under ``"local"``, 503 under ``"closed"``)."""
+        if self.shared is None:
+            with self.hold_local(
+                key, record, input_tokens=input_tokens, output_tokens=output_tokens
+            ) as estimate:
+                yield estimate
+            return
+        estimate = self._estimate(record, input_tokens, output_tokens)
+        if estimate > 0 and await self._shared_balance(key, record.request_id, estimate) is None:
+            balance = self.balance(key)  # Redis lost, "local": this process decides
+            if balance.available < estimate:
+                raise InsufficientQuota(_refusal(key, balance, estimate))
+        with self._held_for(key, record, estimate):
+            yield estimate
+
+    def _estimate(self, record: UsageRecord, input_tokens: int, output_tokens: int) -> int:
+        return self.prices.estimate(
             record.model,
             record.upstream_model,
             input_tokens=input_tokens,
             output_tokens=output_tokens,
         )
+
+    @contextmanager
+    def _held_for(self, key: KeyRecord, record: UsageRecord, estimate: int) -> Iterator[None]:
         if estimate > 0:
-            balance = self.balance(key)
-            if balance.available < estimate:
-                raise InsufficientQuota(_refusal(key, balance, estimate))
             self._held[key.id] = self._held.get(key.id, 0) + estimate
             self._holds[record.request_id] = (key.id, estimate)
         try:
-            yield estimate
+            yield
         finally:
             self._release(record.request_id)
 
     def charge(self, record: UsageRecord) -> None:
         """Price ``record`` from its tokens (sets ``record.cost_nano``), debit its key and end
         its hold. Called by the usage writer for every record, exactly once."""
-        self._release(record.request_id)
+        self._release(record.request_id, shared=False)  # the shared charge ends it
         rate = self.prices.rate_for(record.model, record.upstream_model)
         record.cost_nano = cost(
             rate,
@@ -130,18 +176,51 @@ class Credits:
             output_tokens=record.output_tokens,
             reasoning_tokens=record.reasoning_tokens,
         )
+        seed = self._used.get(record.key_id, 0)
         if record.cost_nano:
-            self._used[record.key_id] = self._used.get(record.key_id, 0) + record.cost_nano
+            self._used[record.key_id] = seed + record.cost_nano
+        if self.shared is not None and record.key_id:
+            self.shared.charge_credits(record.key_id, record.request_id, record.cost_nano, seed)
+
+    async def _shared_balance(
+        self, key: KeyRecord, request_id: str, estimate: int
+    ) -> Balance | None:
+        """With shared state: hold ``estimate`` in Redis and return the key's balance as Redis
+        saw it (:class:`InsufficientQuota` if it does not cover the estimate); None without
+        shared state or when Redis is lost under ``"local"``."""
+        if self.shared is None:
+            return None
+        from ..guards.shared import SharedUnavailable
+
+        try:
+            result = await self.shared.hold_credits(
+                key.id, request_id, key.credits_granted_nano, self._used.get(key.id, 0), estimate
+            )
+        except SharedUnavailable as error:
+            raise SharedStateUnavailable(str(error)) from None
+        if result is None:
+            return None
+        held_ok, used, held = result
+        # Redis counts every process's charges; this process's view catches up.
+        self._used[key.id] = max(self._used.get(key.id, 0), used)
+        balance = Balance(granted=key.credits_granted_nano, used=used, held=held)
+        if not held_ok:
+            raise InsufficientQuota(_refusal(key, balance, estimate))
+        return balance
 
     def status(self) -> dict:
         """Holds in progress: what the leak tests check returns to zero."""
         return {"holds": len(self._holds), "held": to_credits(sum(self._held.values()))}
 
-    def _release(self, request_id: str) -> None:
+    def _release(self, request_id: str, *, shared: bool = True) -> None:
         entry = self._holds.pop(request_id, None)
         if entry is None:
             return
         key_id, amount = entry
+        if shared and self.shared is not None:
+            # Ended without a charge (none was recorded before the block exited): end the
+            # shared hold too. (A charge ends it itself.)
+            self.shared.charge_credits(key_id, request_id, 0, self._used.get(key_id, 0))
         left = self._held[key_id] - amount
         if left:
             self._held[key_id] = left

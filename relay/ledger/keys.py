@@ -3,16 +3,23 @@
 Keys are read from the store at start-up and refreshed by a background task whenever SQLite's
 ``data_version`` says another connection (the CLI, another relay process) changed something. A key
 that is not in memory yet is looked up once in the store, so a key created a moment ago works at
-once; a revocation takes effect within :data:`REFRESH_INTERVAL_S`.
+once; a revocation, a new expiry or a rotation made by another process takes effect within
+:data:`REFRESH_INTERVAL_S`. Expiry is checked against the clock on every request, so a key stops
+at its ``expires_at`` to the second, refreshed or not.
+
+A key is found by its secret or, after a rotation, by its previous secret: the ring maps both
+hashes to the key's one record, and replaces both when the record changes.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 
 import trio
 
 from ..errors import AuthenticationFailed
+from .expiry import format_moment
 from .store import KeyRecord, Store, hash_key
 
 REFRESH_INTERVAL_S = 1.0
@@ -34,22 +41,35 @@ class KeyRing:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._by_hash: dict[str, KeyRecord] = {}
+        self._by_id: dict[str, KeyRecord] = {}
         self._version = -1
 
     def load(self) -> None:
         """Read every key (synchronously; used at start-up and from the refresher's thread)."""
         version = self._store.data_version()
-        self._by_hash = {record.key_hash: record for record in self._store.list_keys()}
+        records = self._store.list_keys()
+        self._by_id = {record.id: record for record in records}
+        self._by_hash = {
+            key_hash: record for record in records for key_hash in record.hashes()
+        }
         self._version = version
 
     def records(self) -> list[KeyRecord]:
         """Every key known in memory (all of the store's as of the last load)."""
-        return list(self._by_hash.values())
+        return list(self._by_id.values())
 
     def update(self, record: KeyRecord) -> None:
         """Take a record this process just changed in the store (its own writes do not change
-        ``data_version``, so the refresher would not see them)."""
-        self._by_hash[record.key_hash] = record
+        ``data_version``, so the refresher would not see them). Hashes the key no longer
+        answers to (a secret rotated away) are dropped."""
+        old = self._by_id.get(record.id)
+        if old is not None:
+            for key_hash in old.hashes():
+                if self._by_hash.get(key_hash) is old:
+                    del self._by_hash[key_hash]
+        self._by_id[record.id] = record
+        for key_hash in record.hashes():
+            self._by_hash[key_hash] = record
 
     async def refresh_forever(self) -> None:
         while True:
@@ -72,14 +92,34 @@ class KeyRing:
         if record is None:
             record = await trio.to_thread.run_sync(self._store.find_key, key_hash)
             if record is not None:
-                self._by_hash[key_hash] = record
+                self.update(record)
         if record is None:
             raise AuthenticationFailed(f"Incorrect API key provided: {_redact(plaintext)}.")
         if not record.active:
             raise AuthenticationFailed(
                 f"The API key {record.hint} has been revoked.", code="revoked_api_key"
             )
+        now = time.time()
+        if record.expired(now):
+            raise AuthenticationFailed(
+                f"The API key {_hint_of(record, key_hash)} expired at "
+                f"{format_moment(record.expires_at)}. Ask the relay's operator for a new "
+                "key or a later expiry.",
+                code="key_expired",
+            )
+        if key_hash != record.key_hash and now >= (record.previous_expires_at or 0):
+            raise AuthenticationFailed(
+                f"The API key {record.previous_hint} expired at "
+                f"{format_moment(record.previous_expires_at or 0)}: it was rotated, and "
+                "replaced by a new key. Use the new key.",
+                code="key_expired",
+            )
         return record
+
+
+def _hint_of(record: KeyRecord, key_hash: str) -> str:
+    """The hint of the secret that hashes to ``key_hash``: the key's, or its previous one's."""
+    return record.hint if key_hash == record.key_hash else (record.previous_hint or record.hint)
 
 
 def _redact(plaintext: str) -> str:

@@ -11,6 +11,13 @@ second is only ever changed by :meth:`Store.insert_usage`, in the same transacti
 the usage rows, so ``credits_used_nano`` equals the sum of the key's ``usage.cost_nano`` at
 every commit; the first only by :meth:`Store.create_key` and :meth:`Store.top_up`, each in one
 transaction with its ``credit_grants`` row.
+
+Expiry and rotation (``relay/ledger/expiry.py`` reads the times): ``expires_at`` (unix seconds,
+NULL: never) applies to the key, whichever of its secrets is offered. :meth:`Store.rotate_key`
+gives the key a new secret and keeps the replaced one's hash in ``previous_key_hash`` with
+``previous_expires_at`` (the end of its grace, which may be the moment of rotation): only the
+most recent previous secret is kept, so rotating again within a grace ends the older secret at
+once (it then answers as an unknown key). The key's id, limits, credits and usage rows stay.
 """
 
 from __future__ import annotations
@@ -45,6 +52,16 @@ def new_plaintext_key(prefix: str) -> str:
     return prefix + random_part
 
 
+def key_hint(plaintext: str, prefix: str) -> str:
+    """What identifies a key without giving it away: its prefix, 4 characters, …, the last 4."""
+    return f"{plaintext[: len(prefix) + 4]}…{plaintext[-4:]}"
+
+
+def prefix_of(hint: str) -> str:
+    """The prefix a key was made with, read back from its :func:`key_hint`."""
+    return hint.partition("…")[0][:-4]
+
+
 @dataclass(frozen=True)
 class KeyRecord:
     """An API key as stored: never the plaintext, only its hash and a recognisable hint."""
@@ -59,10 +76,25 @@ class KeyRecord:
     limits: dict = field(default_factory=dict)  # the key's own overrides of its package's
     credits_granted_nano: int = 0  # initial credits plus every top-up
     credits_used_nano: int = 0  # as of the last committed usage batch
+    expires_at: float | None = None  # None: never
+    rotated_at: float | None = None  # when the current secret replaced the previous one
+    previous_key_hash: str | None = None  # the replaced secret, kept for its grace
+    previous_hint: str | None = None
+    previous_expires_at: float | None = None  # when the replaced secret stops (or stopped)
 
     @property
     def active(self) -> bool:
+        """Not revoked (an expired key is still active: see :meth:`expired`)."""
         return self.revoked_at is None
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+    def hashes(self) -> tuple[str, ...]:
+        """The hashes a request may present for this key: the secret and the previous one."""
+        if self.previous_key_hash:
+            return (self.key_hash, self.previous_key_hash)
+        return (self.key_hash,)
 
     @classmethod
     def from_row(cls, row: dict) -> KeyRecord:
@@ -77,11 +109,17 @@ class KeyRecord:
             limits=json.loads(row.get("limits") or "{}"),
             credits_granted_nano=row.get("credits_granted_nano") or 0,
             credits_used_nano=row.get("credits_used_nano") or 0,
+            expires_at=row.get("expires_at"),
+            rotated_at=row.get("rotated_at"),
+            previous_key_hash=row.get("previous_key_hash"),
+            previous_hint=row.get("previous_hint"),
+            previous_expires_at=row.get("previous_expires_at"),
         )
 
-    def public(self) -> dict:
-        """What the CLI and admin API may show: everything except the hash (credits as
-        stored, in credits)."""
+    def public(self, now: float | None = None) -> dict:
+        """What the CLI and admin API may show: everything except the hashes (credits as
+        stored, in credits; ``expired`` as of ``now``, by default the present)."""
+        now = time.time() if now is None else now
         return {
             "id": self.id,
             "hint": self.hint,
@@ -93,7 +131,25 @@ class KeyRecord:
             "limits": self.limits,
             "credits_granted": to_credits(self.credits_granted_nano),
             "credits_used": to_credits(self.credits_used_nano),
+            "expires_at": self.expires_at,
+            "expired": self.expired(now),
+            "rotated_at": self.rotated_at,
+            "previous_secret": None if self.previous_key_hash is None else {
+                "hint": self.previous_hint,
+                "expires_at": self.previous_expires_at,
+                "expired": self.previous_expires_at is None or now >= self.previous_expires_at,
+            },
         }
+
+
+#: The columns of ``api_keys`` that expiry and rotation added (all NULL when unused).
+EXPIRY_COLUMNS = {
+    "expires_at": float,
+    "rotated_at": float,
+    "previous_key_hash": str,
+    "previous_hint": str,
+    "previous_expires_at": float,
+}
 
 
 USAGE_COLUMNS = {
@@ -222,6 +278,12 @@ class Store:
             for column in ("credits_granted_nano", "credits_used_nano"):
                 if column not in columns:
                     keys.add_column(column, int, not_null_default=0)
+            # Expiry and rotation (NULL in every key made before: they never expire).
+            for column, kind in EXPIRY_COLUMNS.items():
+                if column not in columns:
+                    keys.add_column(column, kind)
+            if "previous_key_hash" not in columns:
+                keys.create_index(["previous_key_hash"], if_not_exists=True)
             usage = self.db["usage"]
             if not usage.exists():
                 usage.create({"id": int, **USAGE_COLUMNS}, pk="id")
@@ -250,8 +312,10 @@ class Store:
         name: str = "",
         limits: dict | None = None,
         credits_nano: int = 0,
+        expires_at: float | None = None,
     ) -> tuple[str, KeyRecord]:
-        """Create a key with ``credits_nano`` granted; return ``(plaintext, record)``.
+        """Create a key with ``credits_nano`` granted (expiring at ``expires_at``, None:
+        never); return ``(plaintext, record)``.
 
         The plaintext is not kept. The key and its initial grant are one transaction.
         """
@@ -259,12 +323,13 @@ class Store:
         record = KeyRecord(
             id="key_" + secrets.token_hex(8),
             key_hash=hash_key(plaintext),
-            hint=f"{plaintext[: len(prefix) + 4]}…{plaintext[-4:]}",
+            hint=key_hint(plaintext, prefix),
             name=name,
             package=package,
             created_at=time.time(),
             limits=dict(limits or {}),
             credits_granted_nano=credits_nano,
+            expires_at=expires_at,
         )
         row = {
             "id": record.id,
@@ -277,6 +342,7 @@ class Store:
             "limits": json.dumps(record.limits),
             "credits_granted_nano": credits_nano,
             "credits_used_nano": 0,
+            "expires_at": expires_at,
         }
         # Plain SQL inside one ``with conn``: sqlite-utils' insert commits on its own, which
         # would split the key from its grant.
@@ -340,9 +406,52 @@ class Store:
         return [KeyRecord.from_row(row) for row in rows]
 
     def find_key(self, key_hash: str) -> KeyRecord | None:
+        """The key whose secret, or previous secret, hashes to ``key_hash``."""
         with self._lock:
-            rows = list(self.db["api_keys"].rows_where("key_hash = ?", [key_hash], limit=1))
+            rows = list(
+                self.db["api_keys"].rows_where(
+                    "key_hash = ? or previous_key_hash = ?", [key_hash, key_hash], limit=1
+                )
+            )
         return KeyRecord.from_row(rows[0]) if rows else None
+
+    def set_expiry(self, key_or_id: str, expires_at: float | None) -> KeyRecord | None:
+        """Make a key (by id or plaintext) expire at ``expires_at`` (None: never); None if no
+        such key. A previous secret's grace is not changed (it ends at the key's expiry, if
+        that comes first)."""
+        with self._lock, self.db.conn:
+            row = self._find_row(key_or_id)
+            if row is None:
+                return None
+            self.db.conn.execute(
+                "update api_keys set expires_at = ? where id = ?", (expires_at, row["id"])
+            )
+            row = self._find_row(row["id"])
+        return KeyRecord.from_row(row)
+
+    def rotate_key(self, key_or_id: str, grace_s: float = 0.0) -> tuple[str, KeyRecord] | None:
+        """Give a key (by id or plaintext) a new secret; return ``(new plaintext, record)``,
+        None if no such key. The replaced secret keeps working for ``grace_s`` seconds (0: it
+        stops now); a secret replaced before it is forgotten. Id, name, package, limits,
+        expiry, credits and usage stay the key's. The caller refuses a revoked key."""
+        now = time.time()
+        with self._lock, self.db.conn:
+            row = self._find_row(key_or_id)
+            if row is None:
+                return None
+            prefix = prefix_of(row["hint"])
+            plaintext = new_plaintext_key(prefix)
+            self.db.conn.execute(
+                "update api_keys set key_hash = ?, hint = ?, rotated_at = ?, "
+                "previous_key_hash = ?, previous_hint = ?, previous_expires_at = ? "
+                "where id = ?",
+                (
+                    hash_key(plaintext), key_hint(plaintext, prefix), now,
+                    row["key_hash"], row["hint"], now + grace_s, row["id"],
+                ),
+            )
+            row = self._find_row(row["id"])
+        return plaintext, KeyRecord.from_row(row)
 
     def set_limits(self, key_or_id: str, limits: dict) -> KeyRecord | None:
         """Replace a key's own limit overrides (by id or plaintext); None if no such key."""

@@ -16,11 +16,18 @@ Each change is an operator event (``relay/logs.py``), logged once when it happen
 taken out of service (with the upstream's answer, or "by the operator"), put back, and a
 cool-down beginning (its length and reason; a cool-down extended while it runs is not logged
 again).
+
+Several processes (``server.redis_url``): each change is also written to Redis, and every
+process follows what the others wrote within :data:`FOLLOW_S` (:meth:`Health.follow`): a
+cool-down lasts as long as the longest one any process set, an account out of service is out
+everywhere, and an operator's enable on one process puts it back everywhere.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -29,8 +36,13 @@ from ..errors import RelayBusy, RelayError, UpstreamTimeout, UpstreamUnavailable
 from ..logs import event, redact
 from .routing import Account
 
+if TYPE_CHECKING:
+    from ..guards.shared import SharedGuards
+
 #: Failures in a row after which an account rests.
 FAILURES_BEFORE_COOLDOWN = 3
+#: How often a process reads the account health the other processes shared.
+FOLLOW_S = 1.0
 
 
 def is_account_failure(error: RelayError) -> bool:
@@ -43,8 +55,10 @@ def is_account_failure(error: RelayError) -> bool:
 
 
 class Health:
-    def __init__(self, server: ServerConfig) -> None:
+    def __init__(self, server: ServerConfig, shared: SharedGuards | None = None) -> None:
         self._server = server
+        self.shared = shared
+        self._seen_out: set[str] = set()  # accounts seen out of service in Redis
         #: Failed attempts per (account, upstream status), failed-over ones included: the
         #: metrics' upstream errors by account.
         self.failures: dict[tuple[str, int], int] = {}
@@ -89,6 +103,57 @@ class Health:
                     )
                 guard.unavailable_until = now + wait
                 account.consecutive_failures = 0
+        if guard.disabled or guard.unavailable_until > now:
+            self._share(account)
+
+    def _share(self, account: Account) -> None:
+        if self.shared is not None:
+            rest = account.guard.unavailable_until - trio.current_time()
+            self.shared.share_health(
+                account.name, until=time.time() + max(rest, 0.0), disabled=account.guard.disabled
+            )
+
+    async def follow(self, accounts: Iterable[Account]) -> None:
+        """Adopt, every :data:`FOLLOW_S`, the cool-downs and outages other processes shared
+        (runs for as long as the relay serves, with shared state only)."""
+        assert self.shared is not None
+        accounts = list(accounts)
+        while True:
+            await trio.sleep(FOLLOW_S)
+            found = await self.shared.account_health()
+            if found is not None:
+                self._adopt(accounts, found)
+
+    def _adopt(self, accounts: list[Account], found: dict[str, dict]) -> None:
+        now, wall = trio.current_time(), time.time()
+        for account in accounts:
+            guard, entry = account.guard, found.get(account.name)
+            if entry is None:
+                if account.name in self._seen_out and guard.disabled:
+                    # Another process's operator put it back (its entry is gone).
+                    event(
+                        "account_back_in_service",
+                        "account %s back in service: enabled through another relay process",
+                        account.name, account=account.name, reason="enabled elsewhere",
+                    )
+                    guard.disabled = False
+                    guard.unavailable_until = 0.0
+                self._seen_out.discard(account.name)
+                continue
+            rest = entry["until"] - wall
+            if rest > 0 and now + rest > guard.unavailable_until + 0.5:
+                if guard.unavailable_until <= now:
+                    _cooling(account, round(rest, 1), "another relay process saw it fail")
+                guard.unavailable_until = now + rest
+            if entry["disabled"]:
+                self._seen_out.add(account.name)
+                if not guard.disabled:
+                    event(
+                        "account_out_of_service",
+                        "account %s out of service: taken out by another relay process",
+                        account.name, account=account.name, reason="out of service elsewhere",
+                    )
+                    guard.disabled = True
 
     def disable(self, account: Account) -> None:
         """Take an account out of service until it is enabled again (an operator's choice;
@@ -100,6 +165,7 @@ class Health:
                 account.name, account=account.name, reason="disabled by the operator",
             )
         account.guard.disabled = True
+        self._share(account)
 
     def enable(self, account: Account) -> None:
         """Put an account back in service (an operator fixed its credential)."""
@@ -112,6 +178,9 @@ class Health:
         account.guard.disabled = False
         account.guard.unavailable_until = 0.0
         account.consecutive_failures = 0
+        if self.shared is not None:
+            self.shared.reset_health(account.name)
+            self._seen_out.discard(account.name)
 
 
 def _reason(account: Account, error: RelayError) -> str:

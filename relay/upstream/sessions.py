@@ -40,6 +40,12 @@ class SessionBindings:
         self._bindings[key] = (account, now)
         self._expire(now)
 
+    def adopt(self, pool: str, session: str, account: str, now: float) -> None:
+        """Take the binding another process made (shared state): no rebind is counted."""
+        self._bindings.pop((pool, session), None)
+        self._bindings[(pool, session)] = (account, now)
+        self._expire(now)
+
     def _expire(self, now: float) -> None:
         while self._bindings:
             key, (_, used) = next(iter(self._bindings.items()))

@@ -36,6 +36,22 @@
     return value >= 1000 ? (value / 1000).toFixed(2) + " s" : Math.round(value) + " ms";
   }
 
+  /** When a key stops working, in UTC to the minute: "Expires 2027-01-06 16:05 UTC (in 30
+   * days)", or "Never expires" */
+  function fmtExpiry(expiresAt) {
+    if (expiresAt === null || expiresAt === undefined) return "Never expires";
+    const when = new Date(expiresAt * 1000).toISOString().slice(0, 16).replace("T", " ");
+    const left = expiresAt - Date.now() / 1000;
+    const days = Math.floor(left / 86400);
+    const hours = Math.floor(left / 3600);
+    const minutes = Math.max(1, Math.ceil(left / 60));
+    const years = Math.floor(days / 365);
+    const inText =
+      years >= 2 ? years + " years" : days >= 2 ? days + " days"
+        : hours >= 2 ? hours + " hours" : minutes + " minutes";
+    return "Expires " + when + " UTC (in " + inText + ")";
+  }
+
   /** "refills fully in 12 s" for a rate limit that is in use, else "" */
   function refill(state) {
     const seconds = state.reset_s;
@@ -157,7 +173,7 @@
       if (error.status === 401) {
         showMessage(
           "This key was not accepted: " + error.message +
-            " Check that you pasted the whole key; a revoked key no longer works.",
+            " Check that you pasted the whole key; a revoked or expired key no longer works.",
         );
       } else {
         showMessage("Could not load the key's data: " + error.message);
@@ -191,6 +207,7 @@
     const who = balance.key;
     $("key-identity").textContent =
       who.hint + (who.name ? " · " + who.name : "") + " · package " + who.package;
+    $("key-expiry").textContent = fmtExpiry(who.expires_at);
 
     setNumber("bal-remaining", balance.balance, fmtCredits);
     setNumber("bal-granted", balance.granted, fmtCredits);

@@ -73,6 +73,7 @@ try {
   result.snippets = await page.$$eval("[data-snippet]", (figures) =>
     Object.fromEntries(figures.map((f) => [f.dataset.snippet, f.querySelector("code").textContent])));
   result.keyIdentity = await page.textContent("#key-identity");
+  result.keyExpiry = await page.textContent("#key-expiry");
 
   await page.screenshot({ path: screenshot, fullPage: true });
 

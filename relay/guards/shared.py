@@ -1,0 +1,813 @@
+"""Guard state shared by every relay process that points at one Redis (``server.redis_url``).
+
+Each process keeps its own :class:`~.admission.Admission` (its queue, its local guards); what
+must hold across processes lives in Redis and is changed only by the Lua scripts below, each one
+atomic and one round trip (loaded once, called by SHA):
+
+* **Leases owned by a live process.** Every concurrency slot a request holds (global, pool, key,
+  account) is a member ``owner|lease`` of the subject's sorted set ``{prefix}l:{subject}``; its
+  score is the output still *held* for the request (expected, not yet charged), which the TPM
+  check counts as a promise. Each process keeps a heartbeat key ``{prefix}hb:{owner}`` with a TTL
+  (``server.redis_lease_ttl_s``, renewed every third of it). An acquire counts only the leases
+  whose owner's heartbeat exists and removes the others: a killed process's slots come back
+  within one TTL, with no sweeper and no bulk delete; a process removes its own leases by id
+  and never anyone else's live ones.
+* **Buckets charged as served, in batches.** TPM, TPS and RPM buckets are hashes
+  ``{prefix}b:{subject}:{kind}`` (level, time) refilled by Redis's own ``TIME``, with the same
+  rules as :class:`~.buckets.TokenBucket` (a request needs its input and expected output to fit
+  on top of what is held; debt is kept). Admission takes the input (and one request of RPM) in
+  the acquire; the output a stream produces is summed locally and flushed every
+  :attr:`SharedGuards.FLUSH_S` (one call for every lease of the process), so a stream does not
+  cost a round trip per event. A bucket key expires once it would have refilled to full (a
+  missing bucket is a full one).
+* **Freed capacity wakes the other processes**: every release publishes on ``{prefix}freed``;
+  a process whose request waits for shared capacity retries when that arrives, or when the
+  bucket it waits for has refilled (the acquire says when), or after :attr:`RETRY_FLOOR_S`.
+
+The limits themselves travel with every call (each process's configuration and key limits), so
+a limit change needs nothing in Redis.
+
+Guarantees:
+
+* A request holds shared capacity only between a successful :meth:`SharedGuards.acquire` and
+  its :meth:`SharedGuards.release`, which runs shielded from cancellation with a timeout; a
+  release that fails is kept and retried by the process's flush task until Redis takes it
+  (nothing is lost while the process lives; if it dies, its leases expire with its heartbeat).
+  A release is idempotent: subjects that no longer hold the lease are left untouched.
+* No call waits on Redis longer than ``call_timeout_s`` (250 ms). When a call fails, the
+  process goes *degraded*: with ``redis_failure = "local"`` requests are admitted by the
+  process's own guards alone (logged once, and once when Redis is back), with ``"closed"``
+  they are refused (:class:`SharedUnavailable`); the heartbeat task probes Redis every
+  second and ends the degraded state by itself.
+* Without ``redis_url`` none of this exists: admission is purely in-process, as before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import coredis
+import coredis.retry
+import trio
+
+log = logging.getLogger("relay")
+
+# The scripts share these helpers (prepended to each). ``now`` is Redis's clock, in seconds.
+_LUA_COMMON = r"""
+local prefix, owner = ARGV[1], ARGV[2]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local alive = {}
+local function live(o)
+  local v = alive[o]
+  if v == nil then
+    v = redis.call('EXISTS', prefix .. 'hb:' .. o) == 1
+    alive[o] = v
+  end
+  return v
+end
+-- A subject's live leases: how many and what they hold; dead owners' leases are removed.
+local function leases(name)
+  local key = prefix .. 'l:' .. name
+  local items = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
+  local count, held = 0, 0
+  for i = 1, #items, 2 do
+    local o = string.match(items[i], '^([^|]+)|')
+    if o and live(o) then
+      count = count + 1
+      held = held + tonumber(items[i + 1])
+    else
+      redis.call('ZREM', key, items[i])
+    end
+  end
+  return count, held
+end
+-- A bucket ({rate per second, capacity}) at ``now``.
+local function level(name, kind, b)
+  local v = redis.call('HMGET', prefix .. 'b:' .. name .. ':' .. kind, 'level', 'ts')
+  local lvl, ts = tonumber(v[1]), tonumber(v[2])
+  if lvl == nil then return b[2] end
+  return math.min(b[2], lvl + math.max(0, now - ts) * b[1])
+end
+-- Take ``amount`` from a bucket (negative: give back, never above its capacity).
+local function take(name, kind, b, amount)
+  local key = prefix .. 'b:' .. name .. ':' .. kind
+  local lvl = math.min(b[2], level(name, kind, b) - amount)
+  if lvl >= b[2] then
+    redis.call('DEL', key)
+    return
+  end
+  redis.call('HSET', key, 'level', lvl, 'ts', now)
+  redis.call('PEXPIRE', key, math.ceil((b[2] - lvl) / b[1] * 1000) + 1000)
+end
+"""
+
+# ARGV: prefix, owner, lease id, JSON {subjects: [{name, cap, tpm, tps, rpm}], charged, held,
+# fair: {pool, flow, weight, contended, last} or absent}. Subjects 1 and 2 are the global and
+# the pool layer (the capacity flows of a pool compete for).
+#
+# The shared fair order (``fair``): {prefix}vc:{pool} holds every flow's virtual counter (tokens
+# served / weight), {prefix}w:{pool} the flows waiting for the pool's capacity, as owner|flow.
+# A flow whose counter is above the lowest counter of a flow waiting elsewhere (a live owner)
+# defers to it; a flow that was not waiting is first lifted to that lowest counter (idle time
+# banks no credit). A flow that fails on the global or pool layer, or defers, is registered as
+# waiting; on success (``last``: no other waiter of the flow on this process) or on failure
+# at its own key or account layer, it is no longer.
+#
+# Returns {1} when every subject took the lease, else {0, subject index (1-based; 0: deferred
+# to a flow with a smaller counter), wait ms} where wait ms is -1 when only a release can help.
+_LUA_ACQUIRE = _LUA_COMMON + r"""
+local member = owner .. '|' .. ARGV[3]
+local spec = cjson.decode(ARGV[4])
+local amount = spec.charged + spec.held
+local fair = spec.fair
+local vkey, wkey, me, mine
+local waiting = false
+if fair then
+  vkey = prefix .. 'vc:' .. fair.pool
+  wkey = prefix .. 'w:' .. fair.pool
+  me = owner .. '|' .. fair.flow
+  mine = tonumber(redis.call('ZSCORE', vkey, fair.flow) or '0')
+  local lowest = nil
+  local others = redis.call('ZRANGE', wkey, 0, -1)
+  for _, m in ipairs(others) do
+    local o, f = string.match(m, '^([^|]+)|(.*)$')
+    if not (o and live(o)) then
+      redis.call('ZREM', wkey, m)
+    elseif f == fair.flow then
+      waiting = true
+    else
+      local c = tonumber(redis.call('ZSCORE', vkey, f) or '0')
+      if lowest == nil or c < lowest then lowest = c end
+    end
+  end
+  if lowest ~= nil then
+    if not waiting and mine < lowest then
+      mine = lowest
+      redis.call('ZADD', vkey, mine, fair.flow)
+    end
+    if mine > lowest then
+      redis.call('ZADD', wkey, 0, me)
+      return {0, 0, -1}
+    end
+  elseif redis.call('ZCARD', vkey) > 2000 then
+    redis.call('DEL', vkey)  -- nobody waits: the counters order nothing until someone does
+  end
+end
+local function refused(i, wait)
+  if fair then
+    if i <= 2 then redis.call('ZADD', wkey, 0, me) else redis.call('ZREM', wkey, me) end
+  end
+  return {0, i, wait}
+end
+for i, s in ipairs(spec.subjects) do
+  local count, held = leases(s.name)
+  if s.cap and count >= s.cap then return refused(i, -1) end
+  if s.tpm then
+    local need = math.min(amount, s.tpm[2]) + held
+    local lvl = level(s.name, 'tpm', s.tpm)
+    if need > lvl then
+      if need > s.tpm[2] then return refused(i, -1) end
+      return refused(i, math.ceil((need - lvl) / s.tpm[1] * 1000))
+    end
+  end
+  if s.tps then
+    local need = math.min(amount, s.tps[2])
+    local lvl = level(s.name, 'tps', s.tps)
+    if need > lvl then return refused(i, math.ceil((need - lvl) / s.tps[1] * 1000)) end
+  end
+  if s.rpm then
+    local lvl = level(s.name, 'rpm', s.rpm)
+    if lvl < 1 then return refused(i, math.ceil((1 - lvl) / s.rpm[1] * 1000)) end
+  end
+end
+for _, s in ipairs(spec.subjects) do
+  local key = prefix .. 'l:' .. s.name
+  redis.call('ZADD', key, spec.held, member)
+  redis.call('PEXPIRE', key, 86400000)
+  if s.tpm then take(s.name, 'tpm', s.tpm, spec.charged) end
+  if s.tps then take(s.name, 'tps', s.tps, spec.charged) end
+  if s.rpm then take(s.name, 'rpm', s.rpm, 1) end
+end
+if fair then
+  redis.call('ZINCRBY', vkey, spec.charged / fair.weight, fair.flow)
+  if fair.last then redis.call('ZREM', wkey, me) end
+  -- Flows that deferred to this one may go now, if capacity is left.
+  if waiting then redis.call('PUBLISH', prefix .. 'freed', owner) end
+end
+return {1}
+"""
+
+# ARGV: prefix, owner, request id, key id, granted, seed, estimate (nanocredits). A key's
+# credits used are {prefix}cu:{key} (set from ``seed``, the database's figure, when missing);
+# its holds are leases of subject c:{key} whose score is the amount held. Holds the estimate if
+# granted - used - held covers it. Returns {1 or 0, used, held}.
+_LUA_CREDIT_HOLD = _LUA_COMMON + r"""
+local used_key = prefix .. 'cu:' .. ARGV[4]
+redis.call('SET', used_key, ARGV[6], 'NX')
+local used = tonumber(redis.call('GET', used_key))
+local _, held = leases('c:' .. ARGV[4])
+local estimate = tonumber(ARGV[7])
+if tonumber(ARGV[5]) - used - held < estimate then return {0, tostring(used), tostring(held)} end
+redis.call('ZADD', prefix .. 'l:c:' .. ARGV[4], estimate, owner .. '|' .. ARGV[3])
+return {1, tostring(used), tostring(held)}
+"""
+
+# ARGV: prefix, owner, JSON list of settlements, in the order they were made:
+# * a lease's {lease, subjects: [{name, tpm, tps}], tokens, released, done}: charges ``tokens``
+#   (negative: gives back) to the buckets of the subjects that still hold the lease, takes
+#   ``released`` off what the lease holds, and removes the lease when ``done``;
+# * a credit charge {credit: key id, request, cost, seed}: adds ``cost`` to the key's credits
+#   used (set from ``seed`` if missing) and ends the request's hold, if any.
+# Publishes on {prefix}freed when a lease was removed. Returns how many leases were removed.
+_LUA_SETTLE = _LUA_COMMON + r"""
+local removed = 0
+for _, item in ipairs(cjson.decode(ARGV[3])) do
+  if item.credit then
+    if item.cost ~= 0 then
+      local used_key = prefix .. 'cu:' .. item.credit
+      redis.call('SET', used_key, item.seed, 'NX')
+      redis.call('INCRBY', used_key, item.cost)
+    end
+    redis.call('ZREM', prefix .. 'l:c:' .. item.credit, owner .. '|' .. item.request)
+  end
+  if item.session then
+    redis.call('SET', prefix .. 's:' .. item.session, item.account, 'PX', item.ttl_ms)
+  end
+  if item.health then
+    local field = item.health
+    if item.reset then
+      redis.call('HDEL', prefix .. 'health', field)
+    else
+      local old = redis.call('HGET', prefix .. 'health', field)
+      local until_s, disabled = item['until'], item.disabled
+      if old then
+        local o = cjson.decode(old)
+        until_s = math.max(until_s, o['until'])
+        disabled = disabled or o.disabled
+      end
+      redis.call('HSET', prefix .. 'health', field,
+                 cjson.encode({['until'] = until_s, disabled = disabled}))
+    end
+  end
+  if item.unwait then
+    redis.call('ZREM', prefix .. 'w:' .. item.unwait, owner .. '|' .. item.flow)
+    redis.call('PUBLISH', prefix .. 'freed', owner)
+  end
+  local member = owner .. '|' .. (item.lease or '')
+  if item.fair and item.tokens ~= 0 then
+    redis.call('ZINCRBY', prefix .. 'vc:' .. item.fair.pool, item.tokens / item.fair.weight,
+               item.fair.flow)
+  end
+  for _, s in ipairs(item.subjects or {}) do
+    local key = prefix .. 'l:' .. s.name
+    if redis.call('ZSCORE', key, member) then
+      if item.tokens ~= 0 then
+        if s.tpm then take(s.name, 'tpm', s.tpm, item.tokens) end
+        if s.tps then take(s.name, 'tps', s.tps, item.tokens) end
+      end
+      if item.done then
+        redis.call('ZREM', key, member)
+        removed = removed + 1
+      elseif item.released ~= 0 then
+        redis.call('ZINCRBY', key, -item.released, member)
+      end
+    end
+  end
+end
+if removed > 0 then redis.call('PUBLISH', prefix .. 'freed', owner) end
+return removed
+"""
+
+# ARGV: prefix, owner, JSON [subject names]. Live leases per subject, and live processes.
+_LUA_STATUS = _LUA_COMMON + r"""
+local result = {}
+for _, name in ipairs(cjson.decode(ARGV[3])) do
+  local count = leases(name)
+  table.insert(result, count)
+end
+local procs = redis.call('ZRANGE', prefix .. 'procs', 0, -1)
+local live_procs = {}
+for _, o in ipairs(procs) do
+  if live(o) then table.insert(live_procs, o) else redis.call('ZREM', prefix .. 'procs', o) end
+end
+return {result, live_procs}
+"""
+
+
+class SharedUnavailable(Exception):
+    """Redis cannot be reached and ``redis_failure = "closed"``: the request is refused (503)."""
+
+
+class SharedWaitExpired(Exception):
+    """The request's deadline passed while it waited for shared capacity."""
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One layer's shared limits for one subject: ``name`` is unique across layers
+    (``g``, ``p:POOL``, ``k:KEY_ID``, ``a:ACCOUNT``); buckets are (rate per second, capacity)."""
+
+    name: str
+    cap: int | None = None
+    tpm: tuple[float, float] | None = None
+    tps: tuple[float, float] | None = None
+    rpm: tuple[float, float] | None = None
+
+    def spec(self) -> dict:
+        spec: dict = {"name": self.name}
+        for attr in ("cap", "tpm", "tps", "rpm"):
+            value = getattr(self, attr)
+            if value is not None:
+                spec[attr] = value
+        return spec
+
+    def buckets(self) -> dict:
+        spec: dict = {"name": self.name}
+        if self.tpm is not None:
+            spec["tpm"] = self.tpm
+        if self.tps is not None:
+            spec["tps"] = self.tps
+        return spec
+
+
+@dataclass(frozen=True)
+class Fairness:
+    """Where a request stands in its pool's shared fair order: its flow (the key, or ``*`` in
+    a first-come-first-served pool) and the flow's weight."""
+
+    pool: str
+    flow: str
+    weight: float
+
+
+@dataclass(eq=False)
+class SharedLease:
+    """What one request holds in Redis, as this process knows it."""
+
+    id: str
+    subjects: Sequence[Subject]
+    charged: int  # tokens charged so far (flushed or pending)
+    held: int  # expected output still held for it
+    fair: Fairness | None = None
+    left_backlog: bool = False  # its acquire took its flow off the waiting flows
+    pending_tokens: int = 0  # charged locally, not yet flushed
+    pending_released: int = 0
+
+
+@dataclass
+class _Totals:
+    acquired: int = 0
+    waits: int = 0
+    deferred: int = 0  # attempts that left the capacity to a flow with a smaller counter
+    released: int = 0
+    failures: int = 0
+    local_admissions: int = 0  # admitted by local guards alone while degraded
+    refused_closed: int = 0
+
+
+class SharedGuards:
+    """This process's side of the shared guard state (see the module docstring)."""
+
+    #: How often a process flushes the output its streams produced to the shared buckets.
+    FLUSH_S = 0.05
+    #: A request waiting for shared capacity retries at least this often (besides the
+    #: notifications of freed capacity and the refill time the acquire names).
+    RETRY_FLOOR_S = 0.25
+    #: While degraded, Redis is probed this often.
+    PROBE_S = 1.0
+    #: Settlements kept for Redis while it is unreachable; beyond this the oldest are dropped
+    #: (counted in ``dropped``): their leases are reclaimed with this process's heartbeat
+    #: anyway, only their bucket charges are lost.
+    MAX_UNSENT = 10_000
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        failure_policy: str = "local",
+        lease_ttl_s: float = 10.0,
+        call_timeout_s: float = 0.25,
+        prefix: str = "relay:",
+    ) -> None:
+        self.url = url
+        self.failure_policy = failure_policy
+        self.lease_ttl_s = lease_ttl_s
+        self.call_timeout_s = call_timeout_s
+        self.prefix = prefix
+        self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.degraded = False
+        self.degraded_reason = ""
+        self.live_processes = 1  # as last seen in Redis
+        self.totals = _Totals()
+        self._client: coredis.Redis | None = None
+        self._scripts: dict[str, object] = {}
+        self._freed = trio.Event()
+        self._backlog: dict[tuple[str, str], int] = {}  # (pool, flow) → requests waiting here
+        self._pending: dict[str, SharedLease] = {}  # leases with output not yet flushed
+        self._unsent: list[dict] = []  # settlements that did not reach Redis yet, in order
+        self.dropped = 0  # settlements dropped over MAX_UNSENT during a long outage
+        # Settlements reach Redis in the order they were made (a lease's last charges before
+        # its release), one call at a time.
+        self._settling = trio.Lock()
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the client open and run the heartbeat, the freed-capacity listener and the
+        flush of batched charges, for as long as the relay serves. Started before the relay
+        takes requests; a Redis that is down at start leaves the process degraded (it does
+        not stop it from starting)."""
+        client = coredis.Redis.from_url(
+            self.url,
+            decode_responses=True,
+            stream_timeout=self.call_timeout_s,
+            connect_timeout=self.call_timeout_s,
+            retry_policy=coredis.retry.NoRetryPolicy(),
+        )
+        async with client:
+            self._client = client
+            self._scripts = {
+                "acquire": client.register_script(_LUA_ACQUIRE),
+                "settle": client.register_script(_LUA_SETTLE),
+                "credit_hold": client.register_script(_LUA_CREDIT_HOLD),
+                "status": client.register_script(_LUA_STATUS),
+            }
+            await self._heartbeat_once()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._heartbeat)
+                nursery.start_soon(self._listen)
+                nursery.start_soon(self._flush_forever)
+                task_status.started()
+
+    async def aclose(self) -> None:
+        """At shutdown, after the last request: flush what is unsent and end this process's
+        heartbeat (its leases stop counting at once). Shielded, bounded by the call timeout."""
+        with trio.CancelScope(shield=True):
+            await self._flush_once()
+            if self._client is not None and not self.degraded:
+                client = self._client
+                await self._call(lambda: client.delete([self.prefix + "hb:" + self.owner]))
+
+    # -- the request's side ---------------------------------------------------------------
+
+    async def acquire(
+        self,
+        subjects: Sequence[Subject],
+        charged: int,
+        held: int,
+        deadline: float,
+        fair: Fairness | None = None,
+    ) -> SharedLease | None:
+        """Take a lease on every subject, waiting (until the trio time ``deadline``) while any
+        of them is full. Returns the lease, or None when Redis is unreachable under
+        ``redis_failure = "local"`` (the local guards alone then admit the request). Raises
+        :class:`SharedWaitExpired` when the deadline passed first, :class:`SharedUnavailable`
+        when Redis is unreachable under ``"closed"``.
+
+        With ``fair`` (the request's pool, flow and weight), the pool's capacity goes to the
+        flow with the smallest shared virtual counter among those waiting in any process (see
+        the acquire script); the lease's charges count on that counter.
+
+        Cancelled while waiting, nothing is held; an acquire whose outcome is unknown (the call
+        timed out) is released, so a lease never outlives its request."""
+        lease = SharedLease(uuid.uuid4().hex[:16], tuple(subjects), charged, held, fair)
+        spec: dict = {
+            "subjects": [s.spec() for s in lease.subjects], "charged": charged, "held": held
+        }
+        while True:
+            if self.degraded:
+                return self._unavailable()
+            if fair is not None:
+                spec["fair"] = {
+                    "pool": fair.pool, "flow": fair.flow, "weight": fair.weight,
+                    # No other request of the flow waits here: it leaves the waiting flows.
+                    "last": self._backlog.get((fair.pool, fair.flow), 0) <= 1,
+                }
+            payload = json.dumps(spec)
+            freed = self._freed
+            with trio.CancelScope(shield=True):
+                result = await self._call(
+                    lambda payload=payload: self._scripts["acquire"](
+                        args=[self.prefix, self.owner, lease.id, payload]
+                    )
+                )
+            if result is None:  # failed, maybe after Redis took it: release by id
+                self._unsent.append(self._settle_item(lease, done=True))
+                return self._unavailable()
+            if result[0] == 1:
+                self.totals.acquired += 1
+                if fair is not None and spec["fair"]["last"]:
+                    lease.left_backlog = True
+                return lease
+            if result[1] == 0:
+                self.totals.deferred += 1
+            self.totals.waits += 1
+            await self._wait_for_room(result[2], freed, deadline)
+
+    def join_backlog(self, fair: Fairness) -> None:
+        """A request of the flow is waiting on this process (in its local queue or for shared
+        capacity): while any is, the flow counts as waiting for the others' fair order."""
+        flow = (fair.pool, fair.flow)
+        self._backlog[flow] = self._backlog.get(flow, 0) + 1
+
+    def leave_backlog(self, fair: Fairness, lease: SharedLease | None) -> None:
+        """That request got its capacity (``lease``) or left; when it was the flow's last one
+        here, the flow stops counting as waiting (its acquire said so already, or with the
+        next flush)."""
+        flow = (fair.pool, fair.flow)
+        left = self._backlog[flow] - 1
+        if left:
+            self._backlog[flow] = left
+            return
+        del self._backlog[flow]
+        if lease is None or not lease.left_backlog:
+            self._unsent.append({"unwait": fair.pool, "flow": fair.flow})
+
+    async def _wait_for_room(self, wait_ms: int, freed: trio.Event, deadline: float) -> None:
+        """Sleep until capacity is freed anywhere, the bucket refill the acquire named, or the
+        retry floor; :class:`SharedWaitExpired` at ``deadline``."""
+        wait = self.RETRY_FLOOR_S if wait_ms < 0 else min(wait_ms / 1000, self.RETRY_FLOOR_S)
+        wake = min(deadline, trio.current_time() + max(wait, 0.001))
+        with trio.move_on_at(wake):
+            await freed.wait()
+        if trio.current_time() >= deadline:
+            raise SharedWaitExpired()
+
+    def produced(self, lease: SharedLease, tokens: int, released: int) -> None:
+        """``tokens`` more were served (``released`` of them from what was held): charged to
+        the shared buckets with the next flush (cheap: no I/O)."""
+        lease.charged += tokens
+        lease.held -= released
+        lease.pending_tokens += tokens
+        lease.pending_released += released
+        self._pending[lease.id] = lease
+
+    async def release(self, lease: SharedLease, used_tokens: int) -> None:
+        """Give the lease back: charges corrected to ``used_tokens``, whatever is still held
+        released, every subject's slot freed. Shielded, bounded by the call timeout; on
+        failure the release is kept and retried by the flush task."""
+        self._pending.pop(lease.id, None)
+        lease.pending_tokens += used_tokens - lease.charged
+        lease.charged = used_tokens
+        item = self._settle_item(lease, done=True)
+        self.totals.released += 1
+        with trio.CancelScope(shield=True):
+            await self._send([item])
+
+    # -- credits --------------------------------------------------------------------------
+
+    async def hold_credits(
+        self, key_id: str, request_id: str, granted: int, seed_used: int, estimate: int
+    ) -> tuple[bool, int, int] | None:
+        """Hold ``estimate`` nanocredits of the key for the request if its shared balance
+        (granted − used − held by every live process) covers it: (held?, used, held before).
+        None when Redis is unreachable under ``"local"`` (the process's own ledger decides);
+        raises :class:`SharedUnavailable` under ``"closed"``. The hold ends with
+        :meth:`charge_credits` for the same request (or a process's death)."""
+        if self.degraded:
+            return self._unavailable()
+        args = [self.prefix, self.owner, request_id, key_id, str(granted), str(seed_used),
+                str(estimate)]
+        with trio.CancelScope(shield=True):
+            result = await self._call(lambda: self._scripts["credit_hold"](args=args))
+        if result is None:
+            self.charge_credits(key_id, request_id, 0, seed_used)  # maybe held: end it
+            return self._unavailable()
+        return result[0] == 1, int(result[1]), int(result[2])
+
+    def charge_credits(self, key_id: str, request_id: str, cost: int, seed_used: int) -> None:
+        """Add ``cost`` to the key's shared credits used and end the request's hold, with the
+        next flush (ordered after everything this process settled before; no I/O here)."""
+        self._unsent.append(
+            {"credit": key_id, "request": request_id, "cost": cost, "seed": str(seed_used)}
+        )
+
+    # -- sessions and account health -------------------------------------------------------
+
+    async def session_account(self, pool: str, session: str) -> str | None:
+        """The account a sticky session is bound to by any process (None: unbound, or Redis
+        unreachable: then this process's own binding decides)."""
+        if self.degraded or self._client is None:
+            return None
+        client = self._client
+        return await self._call(lambda: client.get(f"{self.prefix}s:{pool}\x00{session}"))
+
+    def bind_session(self, pool: str, session: str, account: str, ttl_s: float) -> None:
+        """Bind the session for every process, with the next flush (no I/O here)."""
+        self._unsent.append(
+            {"session": f"{pool}\x00{session}", "account": account,
+             "ttl_ms": max(1, int(ttl_s * 1000))}
+        )
+
+    def share_health(self, account: str, *, until: float, disabled: bool) -> None:
+        """An account rests until the wall-clock time ``until`` or is out of service
+        (``disabled``), for every process, with the next flush; the longer rest wins."""
+        self._unsent.append({"health": account, "until": until, "disabled": disabled})
+
+    def reset_health(self, account: str) -> None:
+        """An operator put the account back in service: for every process."""
+        self._unsent.append({"health": account, "reset": True})
+
+    async def account_health(self) -> dict[str, dict] | None:
+        """Every account's shared health: {name: {"until": wall-clock s, "disabled": bool}}
+        (None when Redis is unreachable)."""
+        if self.degraded or self._client is None:
+            return None
+        client = self._client
+        found = await self._call(lambda: client.hgetall(self.prefix + "health"))
+        if found is None:
+            return None
+        return {name: json.loads(value) for name, value in found.items()}
+
+    # -- status ---------------------------------------------------------------------------
+
+    async def status(self, subjects: Sequence[str]) -> dict:
+        """The shared view: live processes and live leases per subject (admin API)."""
+        state: dict = {
+            "url": _redacted(self.url),
+            "owner": self.owner,
+            "failure_policy": self.failure_policy,
+            "degraded": self.degraded,
+            "totals": dict(vars(self.totals)),
+            "unsent_settlements": len(self._unsent),
+            "dropped_settlements": self.dropped,
+            "waiting_flows": len(self._backlog),  # flows with requests waiting here
+        }
+        if self.degraded:
+            state["degraded_reason"] = self.degraded_reason
+            return state
+        result = await self._call(
+            lambda: self._scripts["status"](
+                args=[self.prefix, self.owner, json.dumps(list(subjects))]
+            )
+        )
+        if result is not None:
+            counts, procs = result
+            state["processes"] = sorted(procs)
+            state["leases"] = dict(zip(subjects, counts, strict=True))
+        return state
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _unavailable(self) -> None:
+        if self.failure_policy == "closed":
+            self.totals.refused_closed += 1
+            raise SharedUnavailable(
+                "The relay cannot reach the Redis that holds its shared limits "
+                f"({self.degraded_reason or 'no answer'}); retry shortly."
+            )
+        self.totals.local_admissions += 1
+        return None
+
+    def _settle_item(self, lease: SharedLease, *, done: bool) -> dict:
+        item = {
+            "lease": lease.id,
+            "subjects": [s.buckets() for s in lease.subjects],
+            "tokens": lease.pending_tokens,
+            "released": lease.pending_released,
+            "done": done,
+        }
+        if lease.fair is not None and item["tokens"]:
+            fair = lease.fair
+            item["fair"] = {"pool": fair.pool, "flow": fair.flow, "weight": fair.weight}
+        lease.pending_tokens = lease.pending_released = 0
+        return item
+
+    async def _send(self, items: list[dict]) -> None:
+        """Send ``items`` after whatever is still unsent, in one call; keep them all for the
+        next flush if Redis does not take them (while degraded, without trying)."""
+        async with self._settling:
+            batch = self._unsent + items
+            self._unsent = []
+            if not batch:
+                return
+            sent = None
+            if not self.degraded:
+                sent = await self._call(
+                    lambda: self._scripts["settle"](
+                        args=[self.prefix, self.owner, json.dumps(batch)]
+                    )
+                )
+            if sent is None:
+                self._unsent = batch + self._unsent
+                excess = len(self._unsent) - self.MAX_UNSENT
+                if excess > 0:
+                    del self._unsent[:excess]
+                    self.dropped += excess
+
+    async def _flush_once(self) -> None:
+        pending, self._pending = self._pending, {}
+        await self._send([self._settle_item(lease, done=False) for lease in pending.values()])
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await trio.sleep(self.FLUSH_S)
+            await self._flush_once()
+
+    async def _heartbeat_once(self) -> bool:
+        client = self._client
+        assert client is not None
+        ttl_ms = int(self.lease_ttl_s * 1000)
+
+        async def beat() -> bool:
+            await client.set(self.prefix + "hb:" + self.owner, "1", px=ttl_ms)
+            await client.zadd(self.prefix + "procs", {self.owner: trio.current_time()})
+            return True
+
+        ok = await self._call(beat, probe=True)
+        return ok is not None
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await trio.sleep(self.PROBE_S if self.degraded else self.lease_ttl_s / 3)
+            if await self._heartbeat_once():
+                await self._count_processes()
+
+    async def _count_processes(self) -> None:
+        result = await self._call(
+            lambda: self._scripts["status"](args=[self.prefix, self.owner, "[]"])
+        )
+        if result is not None:
+            self.live_processes = max(1, len(result[1]))
+
+    async def _listen(self) -> None:
+        """Wake this process's waiters whenever any process frees capacity."""
+        client = self._client
+        assert client is not None
+        while True:
+            try:
+                async with client.pubsub(channels=[self.prefix + "freed"]) as pubsub:
+                    async for message in pubsub:
+                        if message["type"] == "message":
+                            self._freed.set()
+                            self._freed = trio.Event()
+            except* Exception:
+                # The connection failed (the next call says so, once), or closed under the
+                # subscription's own clean-up at shutdown (the cancellation goes on).
+                pass
+            await trio.sleep(self.PROBE_S)  # reconnect after a failure, without spinning
+
+    async def _call(self, make, *, probe: bool = False):
+        """One Redis call within the call timeout; None if it failed (the process is then
+        degraded until a call succeeds)."""
+        reason = ""
+        with trio.move_on_after(self.call_timeout_s) as scope:
+            try:
+                result = await make()
+            except Exception as error:  # any failure of the client: Redis is not usable now
+                reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+            else:
+                if self.degraded:
+                    self.degraded = False
+                    log.warning("Redis at %s is back: limits are shared again", _redacted(self.url))
+                return result
+        if scope.cancelled_caught:
+            reason = f"no answer within {self.call_timeout_s * 1000:g} ms"
+        self.totals.failures += 1
+        if not self.degraded:
+            self.degraded = True
+            self.degraded_reason = reason
+            enforcement = (
+                "each process enforces its limits alone"
+                if self.failure_policy == "local"
+                else "requests are refused with 503 (redis_failure = \"closed\")"
+            )
+            log.warning(
+                "Redis at %s is unreachable (%s): %s until it is back",
+                _redacted(self.url), reason, enforcement,
+            )
+        return None
+
+
+def subjects_of(guards: Sequence, layers: Sequence[str]) -> list[Subject]:
+    """The shared subjects of a lease's local guards (``layers`` gives each one's prefix)."""
+    subjects = []
+    for guard, layer in zip(guards, layers, strict=True):
+        cap = guard.max_concurrency
+        subjects.append(
+            Subject(
+                name=f"{layer}{guard.name}" if layer != "g" else "g",
+                cap=cap if cap is not None and cap != math.inf else None,
+                tpm=(guard.tpm.rate, guard.tpm.capacity) if guard.tpm is not None else None,
+                tps=(guard.tps.rate, guard.tps.capacity) if guard.tps is not None else None,
+                rpm=(guard.rpm.rate, guard.rpm.capacity) if guard.rpm is not None else None,
+            )
+        )
+    return subjects
+
+
+def _redacted(url: str) -> str:
+    """The URL without a password."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+

@@ -1,0 +1,425 @@
+"""Several relay processes, one set of limits (issue 13): two real ``relay serve`` processes on one
+real Redis and one database, in front of the simulated upstream, which counts what it serves."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import httpx2
+import pytest
+import trio
+
+from .conftest import ADMIN_TOKEN, RedisServer, Relay, Sim, start_relay
+
+SHARED = """
+[pools.shared]
+max_concurrency = 100
+
+[packages.four]
+pool = "shared"
+max_concurrency = 4
+max_queue = 100
+queue_timeout_s = 30
+
+[packages.metered]
+pool = "shared"
+rpm = 6
+max_queue = 100
+queue_timeout_s = 1.5
+
+[packages.paid]
+pool = "shared"
+initial_credits = 40
+
+[packages.sticky]
+pool = "shared"
+
+[prices.paid-model]
+input = 0
+output = 1000000                         # one credit per output token
+
+[[accounts]]
+name = "sim-chat"
+pool = "shared"
+provider = "openai-chat"
+base_url = "SIM_URL/v1"
+api_key_env = "SIM_UPSTREAM_KEY"
+models = ["deepseek-chat", "paid-model"]
+
+[[accounts]]
+name = "sim-a"
+pool = "shared"
+provider = "openai-chat"
+base_url = "SIM_URL/v1"
+api_key_env = "SIM_UPSTREAM_KEY"
+models = ["sticky-model", "only-a"]
+max_concurrency = 1
+
+[[accounts]]
+name = "sim-b"
+pool = "shared"
+provider = "openai-chat"
+base_url = "SIM_URL/v1"
+api_key_env = "SIM_UPSTREAM_KEY"
+models = ["sticky-model"]
+"""
+
+CHAT = "/v1/chat/completions"
+
+
+def chat(text: str, stream: bool = True) -> dict:
+    return {"model": "deepseek-chat", "stream": stream,
+            "messages": [{"role": "user", "content": text}]}
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="module")
+def redis(redis_server: RedisServer) -> RedisServer:
+    if not redis_server.ping():
+        redis_server.start()
+    redis_server.command("FLUSHALL")
+    return redis_server
+
+
+@pytest.fixture(scope="module")
+def pair(sim: Sim, redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+         ) -> Iterator[tuple[Relay, Relay]]:
+    """Two relays sharing one Redis and one database (leases outlive a dead process 1 s)."""
+    database = tmp_path_factory.mktemp("shared-db") / "relay.db"
+    relays = [
+        start_relay(tmp_path_factory.mktemp(f"shared-{i}"), sim.url, body=SHARED,
+                    database=database, redis_url=redis.url, redis_lease_ttl_s=1.0)
+        for i in range(2)
+    ]
+    yield relays[0], relays[1]
+    for relay in relays:
+        log = relay.process.stop()
+        assert "Traceback" not in log, log
+
+
+def shared_leases(relay: Relay) -> dict:
+    state = httpx2.get(relay.url + "/admin/state",
+                       headers={"authorization": f"Bearer {ADMIN_TOKEN}"}).json()
+    return state["admission"]["shared"]
+
+
+async def hammer(relays: tuple[Relay, ...], key: str, count: int, text: str) -> list[int]:
+    """``count`` concurrent streamed requests, alternating between the relays: their statuses."""
+    statuses: list[int] = []
+    async with httpx2.AsyncClient(timeout=60, limits=httpx2.Limits(max_connections=100)) as client:
+
+        async def one(i: int) -> None:
+            relay = relays[i % len(relays)]
+            response = await client.post(relay.url + CHAT, json=chat(text), headers=auth(key))
+            statuses.append(response.status_code)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(count):
+                nursery.start_soon(one, i)
+    return statuses
+
+
+async def test_a_concurrency_cap_holds_across_two_processes(
+    pair: tuple[Relay, Relay], sim: Sim
+) -> None:
+    key, key_id = pair[0].create_paid_key("four")
+    sim.reset()
+    statuses = await hammer(pair, key, 24, "#sim tokens=6 delay=0.03")
+    assert statuses == [200] * 24
+    # Each process alone would allow 4: together they reach the upstream 4 at a time, not 8.
+    assert sim.stats()["peak_active_streams"] == 4
+    for relay in pair:
+        relay.wait_idle()
+    shared = shared_leases(pair[0])
+    assert shared["leases"][f"k:{key_id}"] == 0 and shared["leases"]["g"] == 0
+    assert len(shared["processes"]) == 2
+
+
+async def test_rpm_is_shared_by_the_processes(pair: tuple[Relay, Relay], sim: Sim) -> None:
+    key = pair[0].create_key("metered")
+    sim.reset()
+    statuses = await hammer(pair, key, 16, "#sim tokens=2")
+    served = statuses.count(200)
+    # RPM 6: a full bucket's burst (6) plus what refills in the 1.5 s wait (0.15 request),
+    # summed over both processes; the rest wait out their queue timeout and get 429.
+    assert served == 6, statuses
+    assert statuses.count(429) == 10
+    assert len(sim.requests()) == 6
+
+
+async def test_two_processes_cannot_both_spend_the_last_credits(
+    pair: tuple[Relay, Relay], sim: Sim
+) -> None:
+    key, key_id = pair[0].create_paid_key("paid")
+    sim.reset()
+    # Estimated at 10 credits (input is free, output one credit per token).
+    body = {**chat("#sim tokens=10 delay=0.05"), "model": "paid-model", "max_tokens": 10}
+    statuses: list[int] = []
+    async with httpx2.AsyncClient(timeout=30) as client, trio.open_nursery() as nursery:
+
+        async def one(relay: Relay) -> None:
+            response = await client.post(relay.url + CHAT, json=body, headers=auth(key))
+            statuses.append(response.status_code)
+
+        for i in range(8):
+            nursery.start_soon(one, pair[i % 2])
+    # 40 credits cover four requests estimated at 10: the other four get 402 wherever they
+    # land (each process alone would have let four through: eight in all, 40 credits over).
+    assert sorted(statuses) == [200] * 4 + [402] * 4, statuses
+    assert len(sim.requests()) == 4
+    for relay in pair:
+        relay.wait_idle()
+    rows = [row for row in pair[0].usage_rows() if row["key_id"] == key_id]
+    spent = sum(row["cost_nano"] for row in rows) / 1e9
+    assert spent == 40  # the overdraft bound: cost = estimate here, so never below zero
+    view = pair[1].admin("GET", f"/admin/keys/{key_id}").json()
+    assert view["credits"]["remaining"] >= 0
+
+
+def served_by(relay: Relay, response: httpx2.Response) -> str:
+    return relay.usage_row(response.headers["x-request-id"])["account"]
+
+
+async def test_a_session_bound_on_one_process_stays_on_its_account_on_the_other(
+    pair: tuple[Relay, Relay],
+) -> None:
+    one, other = pair
+    key = one.create_key("sticky")
+    sticky = {"model": "sticky-model", "prompt_cache_key": "conversation-1",
+              "messages": [{"role": "user", "content": "#sim tokens=2"}]}
+    async with httpx2.AsyncClient(timeout=30) as client, trio.open_nursery() as nursery:
+        # sim-a (cap 1) is busy with a slow request, so the session is bound to sim-b...
+        nursery.start_soon(functools.partial(
+            client.post, one.url + CHAT, headers=auth(key),
+            json={"model": "only-a", "messages": [{"role": "user",
+                                                    "content": "#sim tokens=40 delay=0.02"}]}))
+        await trio.sleep(0.3)
+        first = await client.post(one.url + CHAT, json=sticky, headers=auth(key))
+        assert served_by(one, first) == "sim-b"
+    # ...and stays there on the other process, where sim-a is idle and would be picked first.
+    plain = await_post(other, {**sticky, "prompt_cache_key": None}, key)
+    assert served_by(other, plain) == "sim-a"
+    for _ in range(3):
+        again = await_post(other, sticky, key)
+        assert served_by(other, again) == "sim-b"
+
+
+def await_post(relay: Relay, body: dict, key: str) -> httpx2.Response:
+    body = {name: value for name, value in body.items() if value is not None}
+    response = httpx2.post(relay.url + CHAT, json=body, headers=auth(key), timeout=30)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def test_account_health_is_shared(pair: tuple[Relay, Relay]) -> None:
+    one, other = pair
+    key = one.create_key("sticky")
+    body = {"model": "only-a",
+            "messages": [{"role": "user", "content": "#sim fault=retry_forever"}]}
+    refused = httpx2.post(one.url + CHAT, json=body, headers=auth(key), timeout=30)
+    assert refused.status_code == 429
+    # sim-a rests on the first process; within a second the other one rests it too.
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        accounts = other.state()["accounts"]
+        if accounts["sim-a"].get("cooling_down_s"):
+            break
+        time.sleep(0.1)
+    assert accounts["sim-a"]["cooling_down_s"] > 200  # its 300 s (the cap on upstream hints)
+    plain = {"model": "sticky-model", "messages": [{"role": "user", "content": "#sim tokens=2"}]}
+    assert served_by(other, await_post(other, plain, key)) == "sim-b"
+    # An operator's disable on one process takes it out everywhere; enable puts it back.
+    assert one.admin("POST", "/admin/accounts/sim-b/disable").status_code == 200
+    wait_for(lambda: other.state()["accounts"]["sim-b"].get("disabled"))
+    assert other.admin("POST", "/admin/accounts/sim-b/enable").status_code == 200
+    assert other.admin("POST", "/admin/accounts/sim-a/enable").status_code == 200
+    wait_for(lambda: not one.state()["accounts"]["sim-b"].get("disabled"))
+    assert served_by(one, await_post(one, plain, key)) in ("sim-a", "sim-b")
+
+
+def wait_for(condition, timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not seen in time"
+        time.sleep(0.1)
+
+
+async def test_a_killed_process_slots_come_back_within_the_lease_ttl(
+    sim: Sim, redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    database = tmp_path_factory.mktemp("kill-db") / "relay.db"
+    doomed = start_relay(tmp_path_factory.mktemp("doomed"), sim.url, body=SHARED,
+                         database=database, redis_url=redis.url, redis_lease_ttl_s=1.0)
+    survivor = start_relay(tmp_path_factory.mktemp("survivor"), sim.url, body=SHARED,
+                           database=database, redis_url=redis.url, redis_lease_ttl_s=1.0)
+    try:
+        key = doomed.create_key("four")
+        sim.reset()
+        async with httpx2.AsyncClient(timeout=30) as client, trio.open_nursery() as nursery:
+
+            async def slow() -> None:
+                try:
+                    await client.post(doomed.url + CHAT, json=chat("#sim tokens=400 delay=0.05"),
+                                      headers=auth(key))
+                except httpx2.HTTPError:
+                    pass  # its relay is killed under it
+
+            for _ in range(4):
+                nursery.start_soon(slow)
+            deadline = time.monotonic() + 5
+            while sim.stats()["active_streams"] < 4 and time.monotonic() < deadline:
+                await trio.sleep(0.02)
+            assert sim.stats()["active_streams"] == 4
+            os.kill(doomed.process.proc.pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            # The survivor's request waits for the dead process's leases to lapse (TTL 1 s).
+            response = await client.post(survivor.url + CHAT, json=chat("#sim tokens=2"),
+                                         headers=auth(key))
+            waited = time.monotonic() - killed_at
+            nursery.cancel_scope.cancel()
+        assert response.status_code == 200
+        assert waited < 2.5, waited
+        assert int(response.headers["x-relay-queue-ms"]) > 300  # it did wait for them
+    finally:
+        doomed.process.stop()
+        log = survivor.process.stop()
+    assert "Traceback" not in log, log
+
+
+@pytest.mark.parametrize("policy", ["local", "closed"])
+async def test_redis_lost_and_back(
+    policy: str, sim: Sim, redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    tmp = tmp_path_factory.mktemp(f"lost-{policy}")
+    relay = start_relay(tmp, sim.url, body=SHARED, redis_url=redis.url,
+                        redis_failure=policy, log_level="WARNING")
+    try:
+        key = relay.create_key("four")
+        async with httpx2.AsyncClient(base_url=relay.url, timeout=10) as client:
+            before = await client.post(CHAT, json=chat("#sim tokens=2", False), headers=auth(key))
+            assert before.status_code == 200
+            redis.stop()
+            started = time.monotonic()
+            during = await client.post(CHAT, json=chat("#sim tokens=2", False), headers=auth(key))
+            assert time.monotonic() - started < 2  # no hang on a dead Redis
+            if policy == "local":
+                assert during.status_code == 200
+            else:
+                assert during.status_code == 503
+                error = during.json()["error"]
+                assert error["code"] == "shared_state_unavailable"
+                assert "Redis" in error["message"]
+                assert during.headers["retry-after"] == "1"
+            redis.start()
+            deadline = time.monotonic() + 5
+            while shared_leases(relay)["degraded"] and time.monotonic() < deadline:
+                await trio.sleep(0.1)
+            assert not shared_leases(relay)["degraded"]
+            after = await client.post(CHAT, json=chat("#sim tokens=2", False), headers=auth(key))
+            assert after.status_code == 200
+        assert relay.wait_idle()["admission"]["total"] == 0
+    finally:
+        if not redis.ping():
+            redis.start()
+        log = relay.process.stop()
+    assert "Traceback" not in log, log
+    assert log.count("is unreachable") == 1, log
+    assert log.count("is back: limits are shared again") == 1, log
+
+
+FAIR = """
+[pools.fair]
+max_concurrency = 4
+
+[packages.light]
+pool = "fair"
+weight = 1
+max_queue = 100
+queue_timeout_s = 30
+
+[packages.heavy]
+pool = "fair"
+weight = 3
+max_queue = 100
+queue_timeout_s = 30
+
+[[accounts]]
+name = "sim-fair"
+pool = "fair"
+provider = "openai-chat"
+base_url = "SIM_URL/v1"
+api_key_env = "SIM_UPSTREAM_KEY"
+models = ["fair-model"]
+"""
+
+
+@pytest.fixture(scope="module")
+def fair_pair(sim: Sim, redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+              ) -> Iterator[tuple[Relay, Relay]]:
+    database = tmp_path_factory.mktemp("fair-db") / "relay.db"
+    relays = [
+        start_relay(tmp_path_factory.mktemp(f"fair-{i}"), sim.url, body=FAIR,
+                    database=database, redis_url=redis.url)
+        for i in range(2)
+    ]
+    yield relays[0], relays[1]
+    for relay in relays:
+        log = relay.process.stop()
+        assert "Traceback" not in log, log
+
+
+async def served_ratio(
+    routes: dict[str, tuple[Relay, ...]], seconds: float, warmup: float = 1.0
+) -> float:
+    """Keep eight streams per key waiting on the pool (cap 4) through the given relays for
+    ``seconds``; heavy's served tokens over light's, counted after ``warmup``."""
+    served = {name: 0 for name in routes}
+    keys = {name: relays[0].create_key(name) for name, relays in routes.items()}
+    body = {"model": "fair-model", "stream": True,
+            "messages": [{"role": "user", "content": "#sim tokens=20 delay=0.004"}]}
+    started = trio.current_time()
+    async with httpx2.AsyncClient(timeout=60, limits=httpx2.Limits(max_connections=40)) as client:
+
+        async def loop(name: str, relay: Relay) -> None:
+            while True:
+                response = await client.post(relay.url + CHAT, json=body,
+                                             headers=auth(keys[name]))
+                assert response.status_code == 200, response.text
+                if trio.current_time() - started > warmup:
+                    served[name] += 20
+
+        with trio.move_on_after(warmup + seconds):
+            async with trio.open_nursery() as nursery:
+                for name, relays in routes.items():
+                    for i in range(8):
+                        nursery.start_soon(loop, name, relays[i % len(relays)])
+    return served["heavy"] / served["light"]
+
+
+async def test_weights_hold_across_processes_when_each_key_is_pinned_to_one(
+    fair_pair: tuple[Relay, Relay]
+) -> None:
+    one, other = fair_pair
+    ratio = await served_ratio({"light": (one,), "heavy": (other,)}, seconds=6)
+    print(f"\nweights 1:3, each key pinned to one process: served ratio {ratio:.3f}")
+    assert 2.85 <= ratio <= 3.15
+
+
+async def test_weights_hold_across_processes_when_clients_are_spread(
+    fair_pair: tuple[Relay, Relay]
+) -> None:
+    ratio = await served_ratio({"light": fair_pair, "heavy": fair_pair}, seconds=6)
+    print(f"\nweights 1:3, clients spread over both processes: served ratio {ratio:.3f}")
+    assert 2.85 <= ratio <= 3.15
+    for relay in fair_pair:
+        assert relay.wait_idle()["admission"]["total"] == 0
+        shared = shared_leases(relay)
+        assert shared["waiting_flows"] == 0 and shared["unsent_settlements"] == 0
+        assert shared["leases"]["p:fair"] == 0
