@@ -318,14 +318,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _run_server(run: Callable[[], Awaitable[None]]) -> None:
-    """``trio.run(run)``; a listen address that cannot be taken is a :class:`CommandError`
-    (it arrives wrapped in the nurseries' exception groups)."""
+    """``trio.run(run)``; a listen address that cannot be taken, or a :class:`CommandError`
+    raised inside, is a :class:`CommandError` (it arrives wrapped in the nurseries' exception
+    groups)."""
     from .server import ListenError
 
     try:
         trio.run(run)
     except BaseExceptionGroup as group:
-        refused, rest = group.split(ListenError)
+        refused, rest = group.split((ListenError, CommandError))
         if refused is None or rest is not None:
             raise
         raise CommandError(str(_first_leaf(refused))) from None
