@@ -145,18 +145,26 @@ def test_codex_runs_a_shell_tool_call_from_a_chat_only_upstream(
     assert results[0]["content"], "the command's output went back upstream"
 
 
-@pytest.mark.parametrize("case", ["unknown", "revoked"])
+@pytest.mark.parametrize("case", ["unknown", "revoked", "expired"])
 def test_codex_stops_at_once_on_a_bad_key(tmp_path: Path, relay: Relay, case: str) -> None:
     """With its default retries (5 turn retries, 4 transport retries) Codex re-sent a turn
     answered 401 six times; the relay's answer to a Codex client with a wrong key is final:
     one request reaches the relay and Codex exits with the relay's message."""
     if case == "unknown":
         key, expected = "sk-relay-" + uuid.uuid4().hex, "Incorrect API key provided"
-    else:
+    elif case == "revoked":
         key = relay.create_key(name="codex revoked")
         done = relay.cli("keys", "revoke", key, "--config", str(relay.config_path))
         assert done.returncode == 0, done.stderr
         expected = "has been revoked"
+    else:
+        done = relay.cli(
+            "keys", "create", "--config", str(relay.config_path), "--package", "team",
+            "--expires-in", "1s", "--json",
+        )
+        assert done.returncode == 0, done.stderr
+        key, expected = json.loads(done.stdout)["key"], "expired"
+        time.sleep(1.2)
     env = codex_home(tmp_path, relay, "/openai")
     config = Path(env["CODEX_HOME"]) / "config.toml"
     text = config.read_text().replace(relay.key(), key)
