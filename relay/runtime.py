@@ -118,6 +118,16 @@ async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
         health=Health(config.server, shared),
         started_at=time.time(),
     )
+    if shared is not None:
+        accounts = [(account.guard, account.config) for account in runtime.scheduler.accounts]
+
+        def follow_redis(degraded: bool) -> None:
+            if degraded:
+                admission.share_limits(1 / shared.live_processes, accounts)
+            else:
+                admission.redis_back(accounts)
+
+        shared.on_degraded = follow_redis
     log_missing_credentials(config)
     try:
         async with trio.open_nursery() as nursery:

@@ -383,7 +383,7 @@ async def served_ratio(
     served = {name: 0 for name in routes}
     keys = {name: relays[0].create_key(name) for name, relays in routes.items()}
     body = {"model": "fair-model", "stream": True,
-            "messages": [{"role": "user", "content": "#sim tokens=20 delay=0.004"}]}
+            "messages": [{"role": "user", "content": "#sim tokens=12 delay=0.004"}]}
     started = trio.current_time()
     async with httpx2.AsyncClient(timeout=60, limits=httpx2.Limits(max_connections=40)) as client:
 
@@ -393,7 +393,7 @@ async def served_ratio(
                                              headers=auth(keys[name]))
                 assert response.status_code == 200, response.text
                 if trio.current_time() - started > warmup:
-                    served[name] += 20
+                    served[name] += 12
 
         with trio.move_on_after(warmup + seconds):
             async with trio.open_nursery() as nursery:
@@ -423,3 +423,43 @@ async def test_weights_hold_across_processes_when_clients_are_spread(
         shared = shared_leases(relay)
         assert shared["waiting_flows"] == 0 and shared["unsent_settlements"] == 0
         assert shared["leases"]["p:fair"] == 0
+
+
+async def test_redis_stopped_under_load_each_process_keeps_its_share(
+    pair: tuple[Relay, Relay], sim: Sim, redis: RedisServer
+) -> None:
+    """``redis_failure = "local"``: with Redis gone, each of the two processes enforces half
+    the key's cap of 4, so the upstream still sees at most 4; nothing fails, nothing hangs, and
+    once Redis is back the limits are shared again and nothing is left held."""
+    key = pair[0].create_key("four")
+    sim.reset()
+    statuses: list[int] = []
+    async with httpx2.AsyncClient(timeout=60, limits=httpx2.Limits(max_connections=60)) as client:
+
+        async def one(i: int) -> None:
+            relay = pair[i % 2]
+            response = await client.post(relay.url + CHAT, json=chat("#sim tokens=8 delay=0.02"),
+                                         headers=auth(key))
+            statuses.append(response.status_code)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(16):
+                nursery.start_soon(one, i)
+            await trio.sleep(0.5)
+            redis.stop()
+            for i in range(16):
+                nursery.start_soon(one, i)
+            await trio.sleep(1.5)
+            redis.start()
+            await trio.sleep(1.5)  # both processes find it again (probed every second)
+            for i in range(16):
+                nursery.start_soon(one, i)
+    assert statuses == [200] * 48
+    assert sim.stats()["peak_active_streams"] <= 4
+    for relay in pair:
+        relay.wait_idle()
+        shared = shared_leases(relay)
+        assert not shared["degraded"] and shared["totals"]["local_admissions"] > 0
+        assert shared["unsent_settlements"] == 0
+    # Redis came back empty (no persistence): what it counts now is what runs now, nothing.
+    assert shared["leases"]["g"] == 0 and len(shared["processes"]) == 2

@@ -145,7 +145,13 @@ class Guard:
         return self.limiter.borrowed_tokens
 
     def reconfigure(
-        self, *, max_concurrency: int | None, tpm: int | None, rpm: int | None, now: float
+        self,
+        *,
+        max_concurrency: int | None,
+        tpm: int | None,
+        rpm: int | None,
+        now: float,
+        tps: int | object | None = ...,
     ) -> None:
         """Change the limits in place, keeping what requests in flight hold.
 
@@ -161,6 +167,8 @@ class Guard:
         self.limiter.total_tokens = max_concurrency if max_concurrency is not None else math.inf
         self.tpm = _rebucket(self.tpm, tpm, TokenBucket.tokens_per_minute, now)
         self.rpm = _rebucket(self.rpm, rpm, TokenBucket.per_minute, now)
+        if tps is not ...:  # given (None drops it), else kept as it is
+            self.tps = _rebucket(self.tps, tps, TokenBucket.per_second, now)
 
     def idle(self, now: float) -> bool:
         """Nothing in flight or held, and every bucket full again: a new guard with the same
@@ -334,6 +342,7 @@ class Lease:
     output_seen: int = 0  # output tokens reported with produced()
     admission: Admission | None = field(default=None, repr=False)
     shared: SharedLease | None = None  # what it holds in Redis (several processes)
+    local_only: bool = False  # admitted by this process alone while Redis was lost
 
     def produced(self, output_tokens: int) -> None:
         """The answer has produced ``output_tokens`` so far (a running total): charge the new
@@ -387,6 +396,10 @@ class Admission:
         #: a request granted here also takes its leases there before it goes (see
         #: :mod:`.shared`); None: this process's guards are the only ones.
         self.shared = shared
+        self._share: float | None = None  # see share_limits
+        self._local_only = 0  # leases in flight admitted while Redis was lost
+        self._released = trio.Event()  # set (and replaced) whenever a lease is released
+        self._restore: Sequence[tuple[Guard, Any]] | None = None  # see redis_back
         g = config.global_
         self.global_guard = Guard(
             "global", max_concurrency=g.max_concurrency, tpm=g.tpm, tps=g.tps, now=now
@@ -399,6 +412,12 @@ class Admission:
             self.pools[name] = _Pool(
                 name, guard, pool.weight, pool.max_queue, fifo=pool.queue == "fifo"
             )
+        if shared is not None:
+            # The global and pool caps are leases in Redis, taken in the shared fair order:
+            # held back here too, a process's requests would wait in front of its own
+            # slots, out of that order (and capacity free elsewhere would go unused).
+            for guard in (self.global_guard, *(pool.guard for pool in self.pools.values())):
+                guard.limiter.total_tokens = math.inf
         self.keys: dict[str, Guard] = {}  # least recently examined or arrived first
         self.estimates: dict[str, OutputEstimate] = {}
         self._waiting: dict[str, int] = {}  # key id → queued requests
@@ -447,7 +466,7 @@ class Admission:
                 waiter.lease.used_tokens = 0
                 self._release(waiter.lease)
                 if self.shared is not None:
-                    self.shared.leave_backlog(fair, None)
+                    self.shared.leave_backlog(fair)
             raise
         finally:
             left = self._waiting[ticket.key_id] - 1
@@ -459,7 +478,7 @@ class Admission:
                 # Not granted (timed out or cancelled): leave the queue, uncharged.
                 pool.queue.remove(pool.flow_of(ticket), waiter)
                 if self.shared is not None:
-                    self.shared.leave_backlog(fair, None)
+                    self.shared.leave_backlog(fair)
         lease = waiter.lease
         if lease is None and self._refusal is not None:
             raise AdmissionRefused("shutting_down", self._refusal, retry_after_s=1.0)
@@ -486,15 +505,30 @@ class Admission:
                 self._release(lease)
                 raise
             finally:
-                self.shared.leave_backlog(fair, lease.shared)
+                self.shared.leave_backlog(fair)
             lease.queued_s = trio.current_time() - waiter.enqueued_at
+            if lease.shared is None:
+                lease.local_only = True
+                self._local_only += 1
         try:
             yield lease
         finally:
             used = self._release(lease)
+            if lease.local_only:
+                self._local_only -= 1
+                if not self._local_only and self._restore is not None:
+                    self.share_limits(None, self._restore)
             if lease.shared is not None:
                 assert self.shared is not None
                 await self.shared.release(lease.shared, used)
+
+    async def _within_share(self, lease: Lease, deadline: float) -> None:
+        while any(guard.in_flight > guard.limiter.total_tokens for guard in lease.held):
+            released = self._released
+            with trio.move_on_at(deadline):
+                await released.wait()
+            if trio.current_time() >= deadline:
+                raise SharedWaitExpired()
 
     def _fairness(self, pool: _Pool, ticket: Ticket, limits: KeyLimits) -> Fairness:
         """The request's place in its pool's fair order across processes."""
@@ -512,6 +546,11 @@ class Admission:
             lease.shared = await self.shared.acquire(
                 subjects, lease.charged, lease.expected, deadline, fair
             )
+            if lease.shared is None:
+                # Redis is lost ("local"): this process's share of each cap now holds alone.
+                # The request may have been granted here under the whole caps, before Redis
+                # went: it waits until every layer it holds is within its share.
+                await self._within_share(lease, deadline)
         except SharedUnavailable as error:
             raise AdmissionRefused("shared_unavailable", str(error), retry_after_s=1.0) from None
         except SharedWaitExpired:
@@ -616,11 +655,72 @@ class Admission:
         if limits != guard.limits:
             now = trio.current_time()
             guard.reconfigure(
-                max_concurrency=limits.max_concurrency, tpm=limits.tpm, rpm=limits.rpm, now=now
+                max_concurrency=self._scaled(limits.max_concurrency),
+                tpm=self._scaled(limits.tpm),
+                rpm=self._scaled(limits.rpm),
+                now=now,
             )
             guard.limits = limits
             self._dispatch()
         return guard
+
+    def redis_back(self, accounts: Sequence[tuple[Guard, Any]] = ()) -> None:
+        """Redis is back: the whole limits again, once the requests admitted without it have
+        ended (Redis does not count them: until then the divided limits stay too)."""
+        if self._local_only:
+            self._restore = accounts
+        else:
+            self.share_limits(None, accounts)
+
+    def share_limits(self, share: float | None, accounts: Sequence[tuple[Guard, Any]] = ()) -> None:
+        """Enforce ``share`` of every limit in this process alone (Redis is lost under
+        ``redis_failure = "local"``: 1 / the live processes last seen), or, with None, the
+        whole limits again with their shared part in Redis. ``accounts`` are the accounts'
+        (guard, config) pairs. A divided cap is at least 1 (so a cap of 1 may admit one
+        request per process while Redis is lost). Requests in flight keep their slots
+        (:meth:`Guard.reconfigure`)."""
+        self._share = share
+        self._restore = None
+        now = trio.current_time()
+        g = self._config.global_
+        layers: list[tuple[Guard, Any]] = [(self.global_guard, g)]
+        for name, pool in self.pools.items():
+            config = self._config.pools.get(name)
+            if config is not None:
+                layers.append((pool.guard, config))
+        for guard, config in layers:
+            guard.reconfigure(
+                max_concurrency=self._scaled(config.max_concurrency),
+                tpm=self._scaled(config.tpm),
+                tps=self._scaled(config.tps),
+                rpm=None,
+                now=now,
+            )
+            if self.shared is not None and share is None:
+                guard.limiter.total_tokens = math.inf  # the cap is Redis's (see __init__)
+        for guard in self.keys.values():
+            limits = guard.limits
+            assert limits is not None
+            guard.reconfigure(
+                max_concurrency=self._scaled(limits.max_concurrency),
+                tpm=self._scaled(limits.tpm),
+                rpm=self._scaled(limits.rpm),
+                now=now,
+            )
+        for guard, config in accounts:
+            guard.reconfigure(
+                max_concurrency=self._scaled(config.max_concurrency),
+                tpm=self._scaled(config.tpm),
+                rpm=self._scaled(config.rpm),
+                now=now,
+            )
+        self._dispatch()
+
+    def _scaled(self, limit: int | None) -> int | None:
+        """``limit`` under the current share (see :meth:`share_limits`)."""
+        if limit is None or self._share is None:
+            return limit
+        return max(1, math.floor(limit * self._share))
 
     async def run(self) -> None:
         """Wake the dispatcher when a token bucket has refilled enough for a queued request.
@@ -651,9 +751,9 @@ class Admission:
             limits = ticket.limits
             guard = self.keys[ticket.key_id] = Guard(
                 ticket.key_id,
-                max_concurrency=limits.max_concurrency,
-                tpm=limits.tpm,
-                rpm=limits.rpm,
+                max_concurrency=self._scaled(limits.max_concurrency),
+                tpm=self._scaled(limits.tpm),
+                rpm=self._scaled(limits.rpm),
                 now=now,
             )
             guard.limits, guard.limits_read_at = limits, ticket.limits_read_at
@@ -896,6 +996,8 @@ class Admission:
             guard.last_used = now
         lease.held.clear()
         lease.charged, lease.expected = used, 0
+        self._released.set()
+        self._released = trio.Event()
         if correction:
             self._count(self.pools[ticket.pool], ticket, correction)
         if lease.output_tokens is not None and ticket.input_tokens is not None:

@@ -49,7 +49,7 @@ import logging
 import math
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import coredis
@@ -115,10 +115,10 @@ end
 # The shared fair order (``fair``): {prefix}vc:{pool} holds every flow's virtual counter (tokens
 # served / weight), {prefix}w:{pool} the flows waiting for the pool's capacity, as owner|flow.
 # A flow whose counter is above the lowest counter of a flow waiting elsewhere (a live owner)
-# defers to it; a flow that was not waiting is first lifted to that lowest counter (idle time
-# banks no credit). A flow that fails on the global or pool layer, or defers, is registered as
-# waiting; on success (``last``: no other waiter of the flow on this process) or on failure
-# at its own key or account layer, it is no longer.
+# defers to it; a flow back from idle (``fresh``) is first lifted to that lowest counter (idle
+# time banks no credit). A flow that fails on the global or pool layer, or defers, is
+# registered as waiting; on success (``last``: no other request of the flow waits to contend
+# on this process) or on failure at its own key or account layer, it is no longer.
 #
 # Returns {1} when every subject took the lease, else {0, subject index (1-based; 0: deferred
 # to a flow with a smaller counter), wait ms} where wait ms is -1 when only a release can help.
@@ -148,7 +148,7 @@ if fair then
     end
   end
   if lowest ~= nil then
-    if not waiting and mine < lowest then
+    if not waiting and fair.fresh and mine < lowest then
       mine = lowest
       redis.call('ZADD', vkey, mine, fair.flow)
     end
@@ -356,9 +356,15 @@ class SharedLease:
     charged: int  # tokens charged so far (flushed or pending)
     held: int  # expected output still held for it
     fair: Fairness | None = None
-    left_backlog: bool = False  # its acquire took its flow off the waiting flows
+    left_wait: bool = False  # its acquire took its flow off the waiting flows
     pending_tokens: int = 0  # charged locally, not yet flushed
     pending_released: int = 0
+
+
+class _Contender:
+    def __init__(self) -> None:
+        self.lock = trio.Lock()  # FIFO: the flow's requests contend in arrival order
+        self.users = 0
 
 
 @dataclass
@@ -406,10 +412,16 @@ class SharedGuards:
         self.degraded_reason = ""
         self.live_processes = 1  # as last seen in Redis
         self.totals = _Totals()
+        #: Called with True when Redis is lost and False when it is back (the runtime makes
+        #: the local guards enforce their share of the limits meanwhile).
+        self.on_degraded: Callable[[bool], None] | None = None
         self._client: coredis.Redis | None = None
         self._scripts: dict[str, object] = {}
         self._freed = trio.Event()
         self._backlog: dict[tuple[str, str], int] = {}  # (pool, flow) → requests waiting here
+        # (pool, flow) → the one request of the flow that contends for shared capacity at a
+        # time on this process (the others wait behind it, in order).
+        self._contenders: dict[tuple[str, str], _Contender] = {}
         self._pending: dict[str, SharedLease] = {}  # leases with output not yet flushed
         self._unsent: list[dict] = []  # settlements that did not reach Redis yet, in order
         self.dropped = 0  # settlements dropped over MAX_UNSENT during a long outage
@@ -478,17 +490,48 @@ class SharedGuards:
         Cancelled while waiting, nothing is held; an acquire whose outcome is unknown (the call
         timed out) is released, so a lease never outlives its request."""
         lease = SharedLease(uuid.uuid4().hex[:16], tuple(subjects), charged, held, fair)
+        if fair is None:
+            return await self._acquire(lease, deadline, None, None)
+        flow = (fair.pool, fair.flow)
+        lock = self._contenders.get(flow)
+        if lock is None:
+            lock = self._contenders[flow] = _Contender()
+        lock.users += 1
+        try:
+            async with lock.lock:
+                return await self._acquire(lease, deadline, fair, lock)
+        finally:
+            lock.users -= 1
+            if not lock.users:
+                del self._contenders[flow]
+                if not lease.left_wait:
+                    # The flow's last contender here left without taking capacity: others
+                    # need not defer to it any more.
+                    self._unsent.append({"unwait": fair.pool, "flow": fair.flow})
+
+    async def _acquire(
+        self,
+        lease: SharedLease,
+        deadline: float,
+        fair: Fairness | None,
+        contender: _Contender | None,
+    ) -> SharedLease | None:
         spec: dict = {
-            "subjects": [s.spec() for s in lease.subjects], "charged": charged, "held": held
+            "subjects": [s.spec() for s in lease.subjects],
+            "charged": lease.charged,
+            "held": lease.held,
         }
         while True:
             if self.degraded:
                 return self._unavailable()
-            if fair is not None:
+            if fair is not None and contender is not None:
                 spec["fair"] = {
                     "pool": fair.pool, "flow": fair.flow, "weight": fair.weight,
-                    # No other request of the flow waits here: it leaves the waiting flows.
-                    "last": self._backlog.get((fair.pool, fair.flow), 0) <= 1,
+                    # No other request of the flow waits to contend here: on success the
+                    # flow leaves the waiting flows.
+                    "last": contender.lock.statistics().tasks_waiting == 0,
+                    # The flow's only request here: it comes back from idle (lifted).
+                    "fresh": self._backlog.get((fair.pool, fair.flow), 0) <= 1,
                 }
             payload = json.dumps(spec)
             freed = self._freed
@@ -504,7 +547,7 @@ class SharedGuards:
             if result[0] == 1:
                 self.totals.acquired += 1
                 if fair is not None and spec["fair"]["last"]:
-                    lease.left_backlog = True
+                    lease.left_wait = True
                 return lease
             if result[1] == 0:
                 self.totals.deferred += 1
@@ -512,23 +555,19 @@ class SharedGuards:
             await self._wait_for_room(result[2], freed, deadline)
 
     def join_backlog(self, fair: Fairness) -> None:
-        """A request of the flow is waiting on this process (in its local queue or for shared
-        capacity): while any is, the flow counts as waiting for the others' fair order."""
+        """A request of the flow waits on this process (in its local queue or for shared
+        capacity). A flow's first such request is one back from idle."""
         flow = (fair.pool, fair.flow)
         self._backlog[flow] = self._backlog.get(flow, 0) + 1
 
-    def leave_backlog(self, fair: Fairness, lease: SharedLease | None) -> None:
-        """That request got its capacity (``lease``) or left; when it was the flow's last one
-        here, the flow stops counting as waiting (its acquire said so already, or with the
-        next flush)."""
+    def leave_backlog(self, fair: Fairness) -> None:
+        """That request got its capacity or left."""
         flow = (fair.pool, fair.flow)
         left = self._backlog[flow] - 1
         if left:
             self._backlog[flow] = left
-            return
-        del self._backlog[flow]
-        if lease is None or not lease.left_backlog:
-            self._unsent.append({"unwait": fair.pool, "flow": fair.flow})
+        else:
+            del self._backlog[flow]
 
     async def _wait_for_room(self, wait_ms: int, freed: trio.Event, deadline: float) -> None:
         """Sleep until capacity is freed anywhere, the bucket refill the acquire named, or the
@@ -767,6 +806,8 @@ class SharedGuards:
                 if self.degraded:
                     self.degraded = False
                     log.warning("Redis at %s is back: limits are shared again", _redacted(self.url))
+                    if self.on_degraded is not None:
+                        self.on_degraded(False)
                 return result
         if scope.cancelled_caught:
             reason = f"no answer within {self.call_timeout_s * 1000:g} ms"
@@ -775,7 +816,7 @@ class SharedGuards:
             self.degraded = True
             self.degraded_reason = reason
             enforcement = (
-                "each process enforces its limits alone"
+                f"each process enforces 1/{self.live_processes} of every limit alone"
                 if self.failure_policy == "local"
                 else "requests are refused with 503 (redis_failure = \"closed\")"
             )
@@ -783,6 +824,8 @@ class SharedGuards:
                 "Redis at %s is unreachable (%s): %s until it is back",
                 _redacted(self.url), reason, enforcement,
             )
+            if self.on_degraded is not None:
+                self.on_degraded(True)
         return None
 
 
