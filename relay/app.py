@@ -98,8 +98,10 @@ class RelayApp:
                 code="unknown_url",
             )
         handler = methods.get(request.method)
+        if handler is None and request.method == "HEAD":
+            handler = methods.get("GET")  # RFC 9110 §9.3.2: the GET answer, without its body
         if handler is None:
-            allowed = ", ".join(sorted(methods))
+            allowed = ", ".join(sorted({*methods, *(["HEAD"] if "GET" in methods else [])}))
             raise MethodNotAllowed(
                 f"Method {request.method} is not allowed on {request.path}; use {allowed}.",
                 headers={"allow": allowed},
@@ -132,7 +134,7 @@ class RelayApp:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = trio.current_time()
         request_id = "req_" + uuid.uuid4().hex
-        responder = Responder(send, request_id)
+        responder = Responder(send, request_id, head=scope.get("method") == "HEAD")
         try:
             request = Request(
                 scope, receive, request_id, self.runtime.config.server.body_read_timeout_s

@@ -2,7 +2,8 @@
 
 Every subcommand that needs a configuration takes ``--config PATH`` or reads ``RELAY_CONFIG``.
 Errors are printed as one line each, without a traceback, and the exit status says whether the
-command did what was asked (0) or not (1; 2 for usage errors, as argparse does).
+command did what was asked (0) or not (1; 2 for usage errors, as argparse does; 141 when the
+reader of its output went away, as for a tool ended by SIGPIPE).
 
 ``keys …`` works on the database directly, so it works whether or not the relay runs (a running
 relay sees the change within a second). ``accounts …`` and ``queues`` show and change live state
@@ -16,9 +17,11 @@ import argparse
 import functools
 import json
 import os
+import signal
+import sqlite3
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx2
@@ -28,7 +31,7 @@ from .config import Config, ConfigError, load_config, parse_config, parse_worker
 from .config_checks import check_warnings, load_servable_config
 from .ledger.expiry import expiry, format_moment, parse_duration
 from .ledger.prices import format_credits, parse_credits, to_credits, unpriced_models
-from .ledger.store import Store, hash_key
+from .ledger.store import Store
 from .logs import setup_logging
 
 DEMO_UPSTREAM_KEY_ENV = "RELAY_DEMO_UPSTREAM_KEY"
@@ -45,8 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.run(args) or 0
+        status = args.run(args) or 0
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return status
     except ConfigError as error:
+        if len(error.issues) == 1 and error.issues[0].path == error.source:
+            # The file itself (missing, unreadable, not TOML): one line says it.
+            print(f"relay: configuration {error.issues[0]}", file=sys.stderr)
+            return 1
         print(f"relay: configuration {error.source or ''} is invalid:", file=sys.stderr)
         for issue in error.issues:
             print(f"  {issue}", file=sys.stderr)
@@ -54,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as error:
         print(f"relay: {error}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (``relay keys list | head -1``): stop quietly, as Unix tools
+        # do. Python would try to flush stdout again at exit and complain; point it at
+        # /dev/null first. 141 is what a shell reports for a tool ended by SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt:
         return 130
 
@@ -247,6 +262,15 @@ def _load(path: str | None, loader: Callable[[str], Config] = load_config) -> Co
     return loader(path)
 
 
+def _open_store(path: str | os.PathLike[str]) -> Store:
+    """The keys-and-usage database, or :class:`CommandError` saying why it cannot be opened
+    (not an SQLite file, a folder that cannot be made, no permission)."""
+    try:
+        return Store(path)
+    except (sqlite3.DatabaseError, OSError) as error:
+        raise CommandError(f"cannot open the database {path}: {error}") from None
+
+
 def _load_servable(path: str | None) -> Config:
     """:func:`_load`, refusing a file that cannot serve (``check_serving``): what ``serve`` and
     ``check-config`` load, so a file ``check-config`` accepts is one ``serve`` starts with."""
@@ -291,12 +315,13 @@ def _serve(args: argparse.Namespace) -> int:
             workers = parse_workers(args.workers)
         except ValueError as error:
             raise CommandError(f"--workers {error}") from None
-    from .workers import Supervisor, WorkersError, check_workers
+    from .workers import Supervisor, check_workers
 
     refusal = check_workers(config, workers)
     if refusal:
         raise CommandError(refusal)
     _setup_logging(config, args.log_level)
+    _open_store(config.server.database).close()  # a bad database is one line, here
     # Accounts whose credentials variable is unset are logged by the runtime at start.
     from .server import serve
 
@@ -311,16 +336,29 @@ def _serve(args: argparse.Namespace) -> int:
             url = await nursery.start(serving)
             print(f"relay listening on {url}", flush=True)
 
+    _run_server(run)
+    return 0
+
+
+def _run_server(run: Callable[[], Awaitable[None]]) -> None:
+    """``trio.run(run)``; a listen address that cannot be taken, or a :class:`CommandError`
+    raised inside, is a :class:`CommandError` (it arrives wrapped in the nurseries' exception
+    groups)."""
+    from .server import ListenError
+    from .workers import WorkersError
+
     try:
         trio.run(run)
-    except BaseExceptionGroup as group:  # raised in run()'s nursery, so grouped by trio
-        failed, _ = group.split(WorkersError)
-        if failed is None:
+    except BaseExceptionGroup as group:
+        refused, rest = group.split((ListenError, CommandError, WorkersError))
+        if refused is None or rest is not None:
             raise
-        while isinstance(failed, BaseExceptionGroup):
-            failed = failed.exceptions[0]
-        raise CommandError(str(failed)) from None
-    return 0
+        raise CommandError(str(_first_leaf(refused))) from None
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 # -- demo ---------------------------------------------------------------------------------
@@ -421,6 +459,7 @@ then: codex exec --skip-git-repo-check "Say hello"
 
 def _demo(args: argparse.Namespace) -> int:
     _setup_logging()
+    _open_store(args.database).close()  # a bad database is one line, here
     from .server import serve
     from .testing.upstream import SimProfile, SimUpstream
 
@@ -435,7 +474,7 @@ def _demo(args: argparse.Namespace) -> int:
             config = demo_config(
                 args.host, args.port, f"http://127.0.0.1:{upstream_port}/v1", args.database
             )
-            store = Store(config.server.database)
+            store = _open_store(config.server.database)
             try:
                 key, _ = store.create_key(
                     "demo", prefix="cr_", name=f"demo {time.ctime()}",
@@ -449,7 +488,7 @@ def _demo(args: argparse.Namespace) -> int:
             # ``serve`` returned (SIGINT/SIGTERM): the simulated upstream goes with it.
             nursery.cancel_scope.cancel()
 
-    trio.run(run)
+    _run_server(run)
     return 0
 
 
@@ -467,7 +506,7 @@ def _keys_create(args: argparse.Namespace) -> int:
         raise CommandError("--credits must not be negative")
     limits = _limits_from(args)
     expires_at = _expiry_from(args)
-    store = Store(config.server.database)
+    store = _open_store(config.server.database)
     try:
         key, record = store.create_key(
             package.name, prefix=package.key_prefix, name=args.name, limits=limits,
@@ -495,7 +534,7 @@ def _expiry_note(expires_at: float | None) -> str:
 def _keys_set_expiry(args: argparse.Namespace) -> int:
     config = _load(args.config)
     expires_at = None if args.never else _expiry_from(args)
-    store = Store(config.server.database)
+    store = _open_store(config.server.database)
     try:
         record = store.set_expiry(args.key, expires_at)
     finally:
@@ -517,11 +556,9 @@ def _keys_rotate(args: argparse.Namespace) -> int:
         grace = parse_duration(args.grace, "--grace")
     except ValueError as error:
         raise CommandError(str(error)) from None
-    store = Store(config.server.database)
+    store = _open_store(config.server.database)
     try:
-        current = store.get_key(args.key)
-        if current is None:
-            raise CommandError(f"no key matches '{_redact(args.key)}'")
+        current = _find_key(store, args.key)
         if not current.active:
             raise CommandError(f"{current.id} is revoked: a revoked key cannot be rotated")
         key, record = store.rotate_key(current.id, grace)
@@ -569,7 +606,7 @@ def _keys_topup(args: argparse.Namespace) -> int:
     amount = _credits_arg(args.credits)
     if amount == 0:
         raise CommandError("the amount of credits must not be zero")
-    store = Store(config.server.database)
+    store = _open_store(config.server.database)
     try:
         record = store.top_up(args.key, amount, args.note)
     finally:
@@ -590,7 +627,7 @@ def _keys_topup(args: argparse.Namespace) -> int:
 
 def _keys_list(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    store = Store(config.server.database)
+    store = _open_store(config.server.database)
     try:
         records = store.list_keys()
         usage = store.usage_by_key()
@@ -644,32 +681,37 @@ def _key_listing(record, usage: dict | None) -> dict:
 
 def _keys_set_limits(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    store = Store(config.server.database)
+    store = _open_store(config.server.database)
     try:
-        current = {} if args.clear else _find_key(store, args.key).limits
-        record = store.set_limits(args.key, {**current, **_limits_from(args)})
+        key = _find_key(store, args.key)
+        current = {} if args.clear else key.limits
+        record = store.set_limits(key.id, {**current, **_limits_from(args)})
     finally:
         store.close()
+    assert record is not None  # found just before; keys are never deleted
     print(f"{record.id}: limits {json.dumps(record.limits) if record.limits else 'of its package'}")
     return 0
 
 
 def _find_key(store: Store, key_or_id: str):
-    for record in store.list_keys():
-        if record.id == key_or_id or record.key_hash == hash_key(key_or_id):
-            return record
-    raise CommandError(f"no key matches '{_redact(key_or_id)}'")
+    """The key by id or plaintext, or :class:`CommandError` naming what matched nothing."""
+    record = store.get_key(key_or_id)
+    if record is None:
+        raise CommandError(f"no key matches '{_redact(key_or_id)}'")
+    return record
 
 
 def _keys_revoke(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    store = Store(config.server.database)
+    store = _open_store(config.server.database)
     try:
-        record = store.revoke_key(args.key)
+        record = _find_key(store, args.key)
+        if not record.active:
+            revoked = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.revoked_at))
+            raise CommandError(f"{record.id} ({record.hint}) is already revoked (since {revoked})")
+        record = store.revoke_key(record.id)
     finally:
         store.close()
-    if record is None:
-        raise CommandError(f"no key matches '{_redact(args.key)}'")
     print(f"revoked {record.id} ({record.hint})")
     return 0
 
@@ -691,21 +733,37 @@ def _admin_call(args: argparse.Namespace, method: str, path: str) -> dict:
             f"set {env_name} to the relay's admin token (the variable server.admin_token_env "
             "names)"
         )
+    if not url.startswith(("http://", "https://")):
+        raise CommandError(f"--url must be the relay's http:// or https:// address, got {url!r}")
     try:
         response = httpx2.request(
             method, url.rstrip("/") + path, headers={"authorization": f"Bearer {token}"},
             timeout=10,
         )
     except httpx2.HTTPError as error:
-        raise CommandError(f"cannot reach the relay at {url} ({error}); is it running?") from None
+        raise CommandError(
+            f"the relay at {url} is not reachable ({_reason(error)}); is it running?"
+        ) from None
     try:
         body = response.json()
     except ValueError:
-        body = {}
+        body = None
     if response.status_code >= 400:
-        message = (body.get("error") or {}).get("message") or response.text
-        raise CommandError(f"{method} {path}: {response.status_code} {message}")
+        error = body.get("error") if isinstance(body, dict) else None
+        message = error.get("message") if isinstance(error, dict) else None
+        raise CommandError(
+            f"{method} {path}: {response.status_code} {message or response.text[:200]}"
+        )
+    if not isinstance(body, dict):
+        raise CommandError(f"{url} answered {method} {path} with something else than the "
+                           "relay's admin API (no JSON object): is it the relay?")
     return body
+
+
+def _reason(error: Exception) -> str:
+    """The socket's words for a failed connection ("Connection refused"), without errno."""
+    text = str(error) or type(error).__name__
+    return text.split("] ", 1)[1] if text.startswith("[Errno") and "] " in text else text
 
 
 def _local_url(config: Config) -> str:

@@ -118,7 +118,11 @@ class UnsupportedMediaType(RelayError):
 
 
 class RateLimited(RelayError):
-    """429 from the relay's own guards: the key's queue is full or its wait ran out.
+    """429 from the relay's own guards: the key's queue is full, its wait ran out, or a key
+    that may not queue is at one of its limits. The code and the message say which limit
+    refused (``queue_full``, ``queue_timeout``, ``rate_limit_exceeded`` for a TPM/RPM bucket,
+    ``concurrency_limit_exceeded`` for a max_concurrency: a cap on requests at once is not a
+    rate); the type stays OpenAI's ``rate_limit_error`` for every 429.
 
     ``Retry-After`` and ``retry-after-ms`` say when to come back; the OpenAI SDKs honour them.
     """
@@ -130,7 +134,7 @@ class RateLimited(RelayError):
         super().__init__(
             # The phrase the Codex CLI parses for its retry delay (protocols.md §2.6).
             f"{refused.message} Please try again in {int(retry_after)}s.",
-            code="rate_limit_exceeded" if refused.reason == "rate_limited" else refused.reason,
+            code=refused.code,
             headers={
                 "retry-after": str(int(retry_after)),
                 "retry-after-ms": str(int(retry_after * 1000)),

@@ -42,7 +42,10 @@ MAX_ERROR_CODES = 64
 _CODE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 
 #: Error codes a usage record can carry that are the client's doing, not the upstream's.
-_CLIENT_SIDE = {"client_stalled", "insufficient_quota", "rate_limit_exceeded"}
+_CLIENT_SIDE = {
+    "client_stalled", "insufficient_quota", "rate_limit_exceeded", "concurrency_limit_exceeded",
+    "queue_full", "queue_timeout",
+}
 
 
 class Metrics:

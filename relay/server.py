@@ -36,6 +36,7 @@ and would cut every stream longer than it.
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import signal
@@ -85,14 +86,24 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+class ListenError(Exception):
+    """The listen address cannot be taken; the message says why in the operator's terms
+    ("127.0.0.1:8080 is already in use"), for the command line to print as it is."""
+
+
 def make_listener(host: str, port: int, user_timeout_s: float | None = None) -> socket.socket:
+    """A socket bound to ``host:port`` (port 0: a free one), or :class:`ListenError`."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if user_timeout_s is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
         # Inherited by every accepted connection on Linux.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout_s * 1000))
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise ListenError(_listen_failure(host, port, error)) from None
     sock.set_inheritable(True)
     return sock
 
@@ -101,6 +112,17 @@ def listen_url(listener: socket.socket) -> str:
     """``http://HOST:PORT`` of a bound socket (the port the OS picked, for port 0)."""
     host, port = listener.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _listen_failure(host: str, port: int, error: OSError) -> str:
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if error.errno == errno.EADDRINUSE:
+        return f"{address} is already in use (another relay or program listens there)"
+    if error.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {address}: {host} is not an address of this machine"
+    if error.errno == errno.EACCES:
+        return f"cannot listen on {address}: permission denied (ports below 1024 need privileges)"
+    return f"cannot listen on {address}: {error.strerror or error}"
 
 
 #: Seconds hypercorn waits for handlers after the drain timeout: room for the error events

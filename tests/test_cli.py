@@ -7,10 +7,13 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -162,3 +165,183 @@ def test_usage_without_subcommand(argv: list[str]) -> None:
     done = relay_cli(*argv)
     assert done.returncode == 2
     assert "usage" in (done.stdout + done.stderr).lower()
+
+
+# -- operator mistakes: one line on stderr, a non-zero exit, never a traceback --------------
+
+
+def assert_one_line(done: subprocess.CompletedProcess, *needles: str, status: int = 1) -> None:
+    """The command failed with ``status`` and said so in one line holding every needle."""
+    assert done.returncode == status, (done.returncode, done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def minimal_config(tmp_path: Path, listen: str = "127.0.0.1:0") -> Path:
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        f'[server]\nlisten = "{listen}"\ndatabase = "{tmp_path / "relay.db"}"\n'
+        'admin_token_env = "RELAY_TEST_ADMIN_TOKEN"\n\n'
+        '[pools.main]\n\n[packages.team]\npool = "main"\n\n'
+        '[[accounts]]\nname = "a"\npool = "main"\nprovider = "openai-chat"\n'
+        'base_url = "http://127.0.0.1:9/v1"\napi_key_env = "RELAY_TEST_UNSET_KEY"\n'
+        'models = ["m"]\n'
+    )
+    return path
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A loopback port something else listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_on_a_port_in_use(tmp_path: Path, busy_port: int) -> None:
+    config = minimal_config(tmp_path, f"127.0.0.1:{busy_port}")
+    done = relay_cli("serve", "--config", str(config))
+    assert_one_line(done, f"127.0.0.1:{busy_port} is already in use")
+
+
+def test_demo_on_a_port_in_use(tmp_path: Path, busy_port: int) -> None:
+    done = relay_cli("demo", "--port", str(busy_port), cwd=tmp_path)
+    assert_one_line(done, f"127.0.0.1:{busy_port} is already in use")
+
+
+def test_serve_on_an_address_of_another_machine(tmp_path: Path) -> None:
+    config = minimal_config(tmp_path, "192.0.2.1:8080")  # TEST-NET-1: never this host's
+    done = relay_cli("serve", "--config", str(config))
+    assert_one_line(done, "cannot listen on 192.0.2.1:8080", "not an address of this machine")
+
+
+def unreadable(path: Path) -> list[str]:
+    """``path`` made unreadable; the command prefix that runs ``relay`` without the power to
+    read it anyway (root reads any file unless it gives up CAP_DAC_OVERRIDE)."""
+    path.write_text("[server]\n")
+    path.chmod(0)
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "running as root, the test needs setpriv (util-linux) to drop privileges"
+    caps = "-dac_override,-dac_read_search"
+    return [setpriv, f"--inh-caps={caps}", f"--bounding-set={caps}"]
+
+
+@pytest.mark.parametrize("via", ["--config", "RELAY_CONFIG"])
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("missing", "file not found"),
+        ("directory", "cannot read the file: Is a directory"),
+        ("unreadable", "cannot read the file: Permission denied"),
+    ],
+)
+def test_config_missing_or_unreadable(tmp_path: Path, via: str, kind: str, message: str) -> None:
+    path = tmp_path / "relay.toml"
+    prefix: list[str] = []
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "unreadable":
+        prefix = unreadable(path)
+    args = ["keys", "list"]
+    env = {**os.environ, "RELAY_CONFIG": str(path)}
+    if via == "--config":
+        args += ["--config", str(path)]
+        env.pop("RELAY_CONFIG")
+    done = subprocess.run(
+        [*prefix, sys.executable, "-m", "relay", *args],
+        capture_output=True, text=True, cwd=ROOT, timeout=60, env=env,
+    )
+    assert_one_line(done, f"relay: configuration {path}: {message}")
+
+
+@pytest.mark.parametrize("args", [["keys", "list"], ["keys", "list", "--json"]])
+def test_closed_pipe_ends_quietly(relay: Relay, args: list[str]) -> None:
+    """``relay keys list | head -1``: the reader is gone before the listing is written."""
+    relay.create_key(name="pipe")
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "relay", *args, "--config", str(relay.config_path)],
+            stdout=write, stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=60,
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == 128 + signal.SIGPIPE
+    assert done.stderr == ""  # no BrokenPipeError, no "Exception ignored"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["topup", "KEY", "5"],
+        ["set-limits", "KEY", "--rpm", "5"],
+        ["set-limits", "KEY", "--clear"],
+        ["revoke", "KEY"],
+    ],
+)
+@pytest.mark.parametrize("key", ["key_0000000000000000", "sk-no-such-key-0123456789"])
+def test_unknown_key(relay: Relay, command: list[str], key: str) -> None:
+    args = [key if part == "KEY" else part for part in command]
+    done = relay_cli("keys", *args, "--config", str(relay.config_path))
+    if key.startswith("key_"):
+        assert_one_line(done, f"no key matches '{key}'")
+    else:  # a plaintext is not echoed whole
+        assert_one_line(done, f"no key matches '{key[:6]}…'")
+        assert key[6:] not in done.stderr
+
+
+def test_revoking_a_revoked_key(relay: Relay) -> None:
+    key = relay.create_key(name="twice")
+    config = str(relay.config_path)
+    first = relay_cli("keys", "revoke", key, "--config", config)
+    assert first.returncode == 0, first.stderr
+    key_id = first.stdout.split()[1]
+    again = relay_cli("keys", "revoke", key_id, "--config", config)
+    assert_one_line(again, key_id, "is already revoked")
+
+
+@pytest.mark.parametrize("command", [["accounts", "list"], ["queues"], ["accounts", "enable", "a"]])
+def test_relay_not_reachable(tmp_path: Path, command: list[str]) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    done = relay_cli(
+        *command, "--config", str(minimal_config(tmp_path)), "--url", url,
+        env={"RELAY_TEST_ADMIN_TOKEN": "x"},
+    )
+    assert_one_line(done, f"the relay at {url} is not reachable", "Connection refused")
+
+
+def test_default_url_not_reachable(tmp_path: Path) -> None:
+    """Without --url the configured listen address is asked, and named."""
+    port = free_port()
+    config = minimal_config(tmp_path, f"0.0.0.0:{port}")
+    done = relay_cli("queues", "--config", str(config), env={"RELAY_TEST_ADMIN_TOKEN": "x"})
+    assert_one_line(done, f"the relay at http://127.0.0.1:{port} is not reachable")
+
+
+def test_url_that_is_not_http(tmp_path: Path) -> None:
+    done = relay_cli(
+        "queues", "--config", str(minimal_config(tmp_path)), "--url", "127.0.0.1:8080",
+        env={"RELAY_TEST_ADMIN_TOKEN": "x"},
+    )
+    assert_one_line(done, "--url must be the relay's http:// or https:// address")
+
+
+@pytest.mark.parametrize("command", [["keys", "list"], ["serve"]])
+def test_database_that_is_not_sqlite(tmp_path: Path, command: list[str]) -> None:
+    config = minimal_config(tmp_path)
+    (tmp_path / "relay.db").write_text("not a database, " * 10)
+    done = relay_cli(*command, "--config", str(config))
+    assert_one_line(done, f"cannot open the database {tmp_path / 'relay.db'}", "not a database")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -142,3 +143,50 @@ def test_codex_runs_a_shell_tool_call_from_a_chat_only_upstream(
     assert json.loads(call["function"]["arguments"])["cmd"] == "echo relay-tool-ok > proof.txt"
     assert results[0]["tool_call_id"] == call["id"]
     assert results[0]["content"], "the command's output went back upstream"
+
+
+@pytest.mark.parametrize("case", ["unknown", "revoked", "expired"])
+def test_codex_stops_at_once_on_a_bad_key(tmp_path: Path, relay: Relay, case: str) -> None:
+    """With its default retries (5 turn retries, 4 transport retries) Codex re-sent a turn
+    answered 401 six times; the relay's answer to a Codex client with a wrong key is final:
+    one request reaches the relay and Codex exits with the relay's message."""
+    if case == "unknown":
+        key, expected = "sk-relay-" + uuid.uuid4().hex, "Incorrect API key provided"
+    elif case == "revoked":
+        key = relay.create_key(name="codex revoked")
+        done = relay.cli("keys", "revoke", key, "--config", str(relay.config_path))
+        assert done.returncode == 0, done.stderr
+        expected = "has been revoked"
+    else:
+        done = relay.cli(
+            "keys", "create", "--config", str(relay.config_path), "--package", "team",
+            "--expires-in", "1s", "--json",
+        )
+        assert done.returncode == 0, done.stderr
+        key, expected = json.loads(done.stdout)["key"], "expired"
+        time.sleep(1.2)
+    env = codex_home(tmp_path, relay, "/openai")
+    config = Path(env["CODEX_HOME"]) / "config.toml"
+    text = config.read_text().replace(relay.key(), key)
+    config.write_text(text.replace("request_max_retries = 0\nstream_max_retries = 0\n", ""))
+    assert "max_retries" not in config.read_text()  # Codex's own defaults
+
+    def refused() -> int:
+        log = relay.process.log.read_text()
+        return sum(
+            "path=/openai/responses" in line and "status=400" in line
+            for line in log.splitlines()
+        )
+
+    before = refused()
+    work = tmp_path / "work"
+    work.mkdir()
+    done = subprocess.run(
+        [str(CODEX), "exec", "--skip-git-repo-check", "hello"], env=env, cwd=work,
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode != 0
+    assert expected in done.stderr, done.stderr
+    assert "Reconnecting" not in done.stderr, done.stderr
+    time.sleep(0.2)  # the access line is written when the request ends
+    assert refused() - before == 1

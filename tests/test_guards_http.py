@@ -43,6 +43,14 @@ pool = "shared"
 tpm = 100000
 rpm = 60
 
+[packages.solo]                         # one at a time (keys of it made with --max-queue 0)
+pool = "shared"
+max_concurrency = 1
+
+[packages.sparse]                       # two requests a minute (likewise)
+pool = "shared"
+rpm = 2
+
 [packages.storm]
 pool = "shared"
 max_concurrency = 8
@@ -136,6 +144,7 @@ async def test_queue_full_is_an_immediate_429_with_retry_after(guarded: Relay) -
     assert full.status_code == 429
     error = full.json()["error"]
     assert error["code"] == "queue_full" and "try again in" in error["message"]
+    assert "its max_queue of 1" in error["message"], error
     assert int(full.headers["retry-after"]) >= 1
     assert int(full.headers["retry-after-ms"]) >= 1000
     assert elapsed < 0.4  # refused at once, not after waiting
@@ -155,10 +164,64 @@ async def test_queue_timeout_is_429(guarded: Relay) -> None:
         waited = time.monotonic() - started
     assert timed_out.status_code == 429
     assert timed_out.json()["error"]["code"] == "queue_timeout"
+    message = timed_out.json()["error"]["message"]
+    assert "waited 0.5s in the queue" in message, message
+    assert "your key's max_concurrency of 1 (1 running) was still reached" in message, message
     assert "retry-after" in timed_out.headers
     assert 0.4 < waited < 3  # the key's queue_timeout_s is 0.5
     row = guarded.usage_row(timed_out.headers["x-request-id"])
     assert (row["status"], row["error_code"], row["output_tokens"]) == (429, "queue_timeout", 0)
+
+
+def unqueued_key(relay: Relay, package: str) -> str:
+    """A key of ``package`` that may not queue (``--max-queue 0``): refused at once."""
+    done = relay.cli(
+        "keys", "create", "--config", str(relay.config_path), "--package", package,
+        "--max-queue", "0", "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)["key"]
+
+
+async def test_concurrency_cap_refusal_names_max_concurrency(guarded: Relay) -> None:
+    """A key that may not queue, at its max_concurrency: the 429 says so, and does not call
+    a cap on requests at once "a rate limit"."""
+    key = unqueued_key(guarded, "solo")
+    async with httpx2.AsyncClient(base_url=guarded.url, timeout=10) as client, \
+            trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: client.post(CHAT, json=chat("#sim tokens=10 delay=0.05"), headers=auth(key))
+        )
+        await _wait_until(guarded, lambda s: s["admission"]["pools"]["shared"]["in_flight"])
+        refused = await client.post(CHAT, json=chat("#sim tokens=1"), headers=auth(key))
+    assert refused.status_code == 429
+    error = refused.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["code"]) == ("rate_limit_error", "concurrency_limit_exceeded")
+    assert error["message"].startswith(
+        "Your key is at its max_concurrency of 1 (1 running), and it may not queue"
+    ), error
+    assert "rate limit" not in error["message"]
+    assert int(refused.headers["retry-after"]) >= 1
+    assert guarded.state()["admission"]["refused"]["concurrency_limited"] >= 1
+
+
+async def test_rpm_refusal_names_the_rpm_limit(guarded: Relay) -> None:
+    key = unqueued_key(guarded, "sparse")
+    async with httpx2.AsyncClient(base_url=guarded.url, timeout=10) as client:
+        for _ in range(2):
+            done = await client.post(CHAT, json=chat("#sim tokens=1"), headers=auth(key))
+            assert done.status_code == 200, done.text
+        refused = await client.post(CHAT, json=chat("#sim tokens=1"), headers=auth(key))
+    assert refused.status_code == 429
+    error = refused.json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+    assert error["message"].startswith(
+        "Your key is at its rpm limit of 2 requests per minute, and it may not queue"
+    ), error
+    assert 1 <= int(refused.headers["retry-after"]) <= 30  # a request's worth refills in 30 s
+    row = guarded.usage_row(refused.headers["x-request-id"])
+    assert (row["status"], row["error_code"]) == (429, "rate_limit_exceeded")
 
 
 async def test_disconnect_while_queued_frees_the_place(guarded: Relay, sim: Sim) -> None:

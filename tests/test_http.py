@@ -166,6 +166,52 @@ def test_healthz_and_unknown_path_and_method(relay: Relay) -> None:
     assert wrong.json()["error"]["type"] == "invalid_request_error"
 
 
+#: Headers that differ between any two answers: when, and which request.
+PER_ANSWER = {"date", "x-request-id"}
+
+
+def stable_headers(response: httpx2.Response) -> dict[str, str]:
+    return {name: value for name, value in response.headers.items() if name not in PER_ANSWER}
+
+
+@pytest.mark.parametrize(
+    ("path", "accept", "keyed"),
+    [
+        ("/", "application/json", False),
+        ("/", "text/html", False),  # the workbench page for a browser
+        ("/workbench", "", False),
+        ("/web/app.js", "", False),
+        ("/healthz", "", False),
+        ("/openai", "", False),
+        *((base + "/models", "", True) for base in ("/v1", "/openai/v1", "/codex/v1", "/api/v1")),
+        ("/v1/models", "", False),  # 401 without a key: the same refusal, without its body
+        ("/v1/models/gpt-5", "", True),
+        ("/v1/models/nope", "", True),  # 404
+    ],
+)
+def test_head_answers_as_get_without_the_body(
+    relay: Relay, path: str, accept: str, keyed: bool
+) -> None:
+    headers = {"accept": accept} if accept else {}
+    if keyed:
+        headers["authorization"] = f"Bearer {relay.key()}"
+    with httpx2.Client(base_url=relay.url, headers=headers, timeout=10) as client:
+        got = client.get(path)
+        head = client.head(path)
+    assert head.status_code == got.status_code
+    assert head.content == b"" and got.content
+    assert int(head.headers["content-length"]) == len(got.content)
+    assert stable_headers(head) == stable_headers(got)
+    assert head.headers["x-request-id"] != got.headers["x-request-id"]
+
+
+def test_head_on_a_post_route_is_405_naming_post(relay: Relay) -> None:
+    response = httpx2.head(relay.url + CHAT)
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    assert response.content == b""
+    assert httpx2.post(relay.url + "/healthz").headers["allow"] == "GET, HEAD"
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["non-stream", "stream"])
 @pytest.mark.parametrize("path", [CHAT, RESPONSES])
 def test_upstream_errors_keep_their_status(relay: Relay, path: str, stream: bool) -> None:

@@ -184,6 +184,10 @@ class Responder:
     """Wraps ``send``: adds ``x-request-id``, remembers whether the response started, and sends
     the final body message shielded.
 
+    For a ``HEAD`` request (``head``) the body is dropped and everything else is sent as for
+    ``GET``, ``content-length`` included (RFC 9110 §9.3.2): the routes answer HEAD by running
+    their GET handler, and need not know.
+
     The shield matters: hypercorn delivers ``http.disconnect`` while the last ``send`` is in
     progress, and a disconnect watcher that cancels the request at that moment would land the
     cancellation inside hypercorn's connection bookkeeping, leaving ``Connection: close`` and
@@ -191,11 +195,13 @@ class Responder:
     """
 
     __slots__ = (
-        "_send", "finished", "header_hook", "request_id", "started", "started_at", "status",
+        "_send", "finished", "head", "header_hook", "request_id", "started", "started_at",
+        "status",
     )
 
-    def __init__(self, send: Send, request_id: str) -> None:
+    def __init__(self, send: Send, request_id: str, *, head: bool = False) -> None:
         self._send = send
+        self.head = head
         self.request_id = request_id.encode()
         self.started = False
         self.started_at: float | None = None  # trio time the response head was sent
@@ -216,11 +222,14 @@ class Responder:
         )
 
     async def body(self, data: bytes) -> None:
-        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+        if not self.head:
+            await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def end(self, data: bytes = b"") -> None:
         # Set first: the disconnect that follows a complete response is not a client abort.
         self.finished = True
+        if self.head:
+            data = b""
         with trio.CancelScope(shield=True):
             await self._send({"type": "http.response.body", "body": data, "more_body": False})
 

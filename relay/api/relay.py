@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..errors import (
+    AuthenticationFailed,
     InsufficientQuota,
     InvalidRequest,
     NoHealthyAccount,
@@ -217,7 +218,12 @@ async def responses(runtime: Runtime, request: Request, responder: Responder) ->
 
 async def _handle(runtime: Runtime, request: Request, responder: Responder, endpoint: Endpoint):
     started = trio.current_time()
-    key = await runtime.keys.authenticate(request.headers)
+    try:
+        key = await runtime.keys.authenticate(request.headers)
+    except AuthenticationFailed as error:
+        if endpoint is Endpoint.RESPONSES and _from_codex(request):
+            raise _final_for_codex(error) from None
+        raise
     # Every request past authentication leaves one record, whatever it is refused for.
     record = UsageRecord(
         request_id=request.request_id,
@@ -354,15 +360,28 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{rest}s" if minutes else f"{rest}s"
 
 
+def _from_codex(request: Request) -> bool:
+    """The Codex CLI sends ``originator: codex_…`` (and a ``codex…`` User-Agent)."""
+    originator = request.headers.get("originator", "").lower()
+    agent = request.headers.get("user-agent", "").lower()
+    return originator.startswith("codex") or agent.startswith("codex")
+
+
+def _final_for_codex(error: AuthenticationFailed) -> InvalidRequest:
+    """A key the relay refuses, answered to the Codex CLI as a 400 with the same message and
+    code. Codex re-sends a turn that got a 401 five times when it holds a plain bearer token
+    (nothing to refresh), but treats a 400 as final and prints its body (protocols.md §2.6):
+    a wrong key is then one request and one clear error instead of six."""
+    return InvalidRequest(error.message, code=error.code, param=error.param)
+
+
 def _wants_stream_failure(call: Call) -> bool:
     """The Codex CLI never retries an HTTP 429 but waits and retries a ``response.failed`` with
     ``rate_limit_exceeded`` and "try again in Ns" (protocols.md §2.6): give it that form."""
-    originator = call.request.headers.get("originator", "").lower()
-    agent = call.request.headers.get("user-agent", "").lower()
     return (
         call.client.endpoint is Endpoint.RESPONSES
         and call.client.stream
-        and (originator.startswith("codex") or agent.startswith("codex"))
+        and _from_codex(call.request)
     )
 
 

@@ -73,14 +73,36 @@ from .shared import (
 
 
 class AdmissionRefused(Exception):
-    """The request was not admitted; ``reason`` is queue_full, queue_timeout, rate_limited or
-    shutting_down (see :meth:`Admission.refuse_waiting`)."""
+    """The request was not admitted; ``reason`` is queue_full, queue_timeout, rate_limited,
+    concurrency_limited, shared_unavailable or shutting_down (see
+    :meth:`Admission.refuse_waiting`). ``code`` is
+    the error code a client is told: the reason, or for a key that may not queue
+    (``max_queue = 0``) the kind of limit it is at (``rate_limit_exceeded`` for a TPM/TPS/RPM
+    bucket, ``concurrency_limit_exceeded`` for its max_concurrency). The message names the
+    limit and its value."""
 
-    def __init__(self, reason: str, message: str, retry_after_s: float) -> None:
+    def __init__(
+        self, reason: str, message: str, retry_after_s: float, code: str | None = None
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
         self.retry_after_s = retry_after_s
+        self.code = code or reason
+
+
+#: What a bucket's limit counts (the bucket holds one period's worth: its capacity is the limit).
+LIMIT_UNITS = {
+    "tpm": "tokens per minute", "tps": "tokens per second", "rpm": "requests per minute",
+}
+
+#: The error code of a refusal by each kind of limit: a concurrency cap is not a rate limit.
+LIMIT_CODES = {
+    "max_concurrency": "concurrency_limit_exceeded",
+    "tpm": "rate_limit_exceeded",
+    "tps": "rate_limit_exceeded",
+    "rpm": "rate_limit_exceeded",
+}
 
 
 class Guard:
@@ -172,6 +194,34 @@ class Guard:
         if self.rpm is not None:
             wait = max(wait, self.rpm.wait_time(1, now))
         return wait
+
+    def limit_reached(self, tokens: int, now: float) -> str | None:
+        """Which of this guard's limits holds back a request reserving ``tokens``: the first
+        of "disabled", "max_concurrency", "cooling_down", "tpm", "tps", "rpm" that does (the
+        checks of :meth:`wait_time`), or None when it may go."""
+        if self.disabled:
+            return "disabled"
+        if self.limiter.available_tokens < 1:
+            return "max_concurrency"
+        if self.unavailable_until > now:
+            return "cooling_down"
+        if self.tpm is not None and self.tpm.wait_time(tokens, now, held=self.reserved):
+            return "tpm"
+        if self.tps is not None and self.tps.wait_time(tokens, now):
+            return "tps"
+        if self.rpm is not None and self.rpm.wait_time(1, now):
+            return "rpm"
+        return None
+
+    def describe(self, limit: str) -> str:
+        """One of :meth:`limit_reached`'s answers in words, with the limit's value."""
+        if limit == "max_concurrency":
+            return f"max_concurrency of {self.max_concurrency} ({self.in_flight} running)"
+        bucket = getattr(self, limit, None)
+        if isinstance(bucket, TokenBucket):
+            unit = LIMIT_UNITS[limit]
+            return f"{limit} limit of {math.floor(bucket.capacity)} {unit}"
+        return {"disabled": "being out of service", "cooling_down": "cool-down"}[limit]
 
     def take(self, lease: Lease, charged: int, held: int, now: float) -> None:
         """Take a slot, charge ``charged`` tokens now and hold ``held`` more for the request."""
@@ -373,7 +423,9 @@ class Admission:
         self._wake_at = math.inf
         self._rearm = trio.Event()
         self.granted = 0
-        self.refused: dict[str, int] = {"queue_full": 0, "queue_timeout": 0, "rate_limited": 0}
+        self.refused: dict[str, int] = {
+            "queue_full": 0, "queue_timeout": 0, "rate_limited": 0, "concurrency_limited": 0,
+        }
         self._refusal: str | None = None  # set by refuse_waiting: no one is admitted any more
 
     # -- the public surface ---------------------------------------------------------------
@@ -431,10 +483,15 @@ class Admission:
             raise AdmissionRefused("shutting_down", self._refusal, retry_after_s=1.0)
         if lease is None:
             self.refused["queue_timeout"] += 1
+            holding = self._holding_back(ticket, pool, key, trio.current_time())
+            still = (
+                f"{holding[1]} was still reached" if holding is not None
+                else "its turn did not come (other keys' requests were served first)"
+            )
             raise AdmissionRefused(
                 "queue_timeout",
-                f"Your request waited {limits.queue_timeout_s:g}s in the queue without "
-                "capacity freeing up.",
+                f"Your request waited {limits.queue_timeout_s:g}s in the queue (the key's "
+                f"queue_timeout_s) and {still}.",
                 retry_after_s=self._retry_after(ticket, pool, key),
             )
         if self.shared is not None:
@@ -498,8 +555,9 @@ class Admission:
             assert limits is not None
             raise AdmissionRefused(
                 "queue_timeout",
-                f"Your request waited {limits.queue_timeout_s:g}s in the queue without "
-                "capacity freeing up.",
+                f"Your request waited {limits.queue_timeout_s:g}s in the queue (the key's "
+                "queue_timeout_s) and the limits shared with the relay's other processes "
+                "stayed reached.",
                 retry_after_s=1.0,
             ) from None
 
@@ -737,27 +795,65 @@ class Admission:
         if limits.max_queue is not None and self._waiting.get(ticket.key_id, 0) >= max(
             limits.max_queue, 0
         ):
-            if limits.max_queue == 0 and key.wait_time(self._reservation(ticket), now) == 0:
-                return  # no queueing allowed, but nothing to wait for either
-            reason = "rate_limited" if limits.max_queue == 0 else "queue_full"
-            self.refused[reason] += 1
-            what = (
-                "You are over your key's rate limit"
-                if reason == "rate_limited"
-                else f"Your key already has {limits.max_queue} requests waiting (its queue cap)"
-            )
+            if limits.max_queue == 0:
+                limit = key.limit_reached(self._reservation(ticket), now)
+                if limit is None:
+                    return  # no queueing allowed, but nothing to wait for either
+                code = LIMIT_CODES.get(limit, "rate_limit_exceeded")
+                reason = (
+                    "concurrency_limited" if code == "concurrency_limit_exceeded"
+                    else "rate_limited"
+                )
+                self.refused[reason] += 1
+                raise AdmissionRefused(
+                    reason,
+                    f"Your key is at its {key.describe(limit)}, and it may not queue "
+                    "(its max_queue is 0).",
+                    retry_after_s=self._retry_after(ticket, pool, key),
+                    code=code,
+                )
+            self.refused["queue_full"] += 1
             raise AdmissionRefused(
-                reason,
-                f"{what}.",
+                "queue_full",
+                f"Your key already has {limits.max_queue} requests waiting (its max_queue of "
+                f"{limits.max_queue}).",
                 retry_after_s=self._retry_after(ticket, pool, key),
             )
         if pool.max_queue is not None and len(pool.queue) >= pool.max_queue:
             self.refused["queue_full"] += 1
             raise AdmissionRefused(
                 "queue_full",
-                f"The '{pool.name}' pool's queue is full ({pool.max_queue} requests waiting).",
+                f"The '{pool.name}' pool's queue is full ({len(pool.queue)} requests waiting, "
+                f"its max_queue of {pool.max_queue}).",
                 retry_after_s=self._retry_after(ticket, pool, key),
             )
+
+    def _holding_back(
+        self, ticket: Ticket, pool: _Pool, key: Guard, now: float
+    ) -> tuple[str, str] | None:
+        """The limit that keeps ``ticket`` waiting, as (error code, words naming it and its
+        value), looking at the key, its pool, the relay and the accounts in turn; None when
+        none does (the request only waits for its fair turn)."""
+        tokens = self._reservation(ticket)
+        layers = ((key, "your key"), (pool.guard, f"the '{pool.name}' pool"),
+                  (self.global_guard, "the relay"))
+        for guard, whose in layers:
+            limit = guard.limit_reached(tokens, now)
+            if limit is not None:
+                return LIMIT_CODES.get(limit, "rate_limit_exceeded"), (
+                    f"{whose}'s {guard.describe(limit)}"
+                )
+        reached = {guard.limit_reached(tokens, now) for guard in ticket.accounts}
+        if ticket.accounts and None not in reached:
+            if reached == {"max_concurrency"}:
+                return "concurrency_limit_exceeded", (
+                    "the max_concurrency of every account that serves the model"
+                )
+            return "rate_limit_exceeded", (
+                "the limits of every account that serves the model (busy, over its rates, "
+                "resting or out of service)"
+            )
+        return None
 
     def _retry_after(self, ticket: Ticket, pool: _Pool, key: Guard) -> float:
         """A useful Retry-After: when the limiting bucket will have room, at least 1 s."""
