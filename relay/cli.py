@@ -833,6 +833,15 @@ def _check_config(args: argparse.Namespace) -> int:
     refusal = check_workers(config, config.server.workers)
     if refusal:  # what ``serve`` refuses (unless its --workers says otherwise)
         raise CommandError(f"{config.source}: server.workers: {refusal.removeprefix('--')}")
+    if config.server.redis_url is not None:
+        from .guards.shared import reach, redacted
+
+        failure = reach(config.server.redis_url)
+        if failure is not None:
+            raise CommandError(
+                f"{config.source}: server.redis_url: cannot reach Redis at "
+                f"{redacted(config.server.redis_url)} ({failure})"
+            )
     for issue in check_warnings(config):
         print(f"warning: {issue}")
     unpriced = unpriced_models(config)

@@ -341,3 +341,19 @@ def test_an_account_with_an_unset_key_variable_shows_missing_credentials(
     assert ("relay_account_missing_credentials", (("account", "plain"),)) in samples
     assert value(samples, "relay_account_missing_credentials", account="plain") == 0
     assert value(samples, "relay_account_healthy", account="locked") == 0
+
+
+def test_check_config_reaches_the_redis_url(tmp_path: Path, redis_url: str) -> None:
+    reachable = config_file(tmp_path, f'[server]\nredis_url = "{redis_url}"\n' + one_account())
+    done = relay_cli("check-config", str(reachable))
+    assert done.returncode == 0, done.stderr
+    assert ": OK (" in done.stdout
+    unreachable = tmp_path / "down.toml"
+    unreachable.write_text(
+        '[server]\nredis_url = "redis://:secret@127.0.0.1:1/0"\n' + one_account()
+    )
+    done = relay_cli("check-config", str(unreachable))
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "server.redis_url: cannot reach Redis at redis://***@127.0.0.1:1/0" in done.stderr
+    assert "ConnectionError" in done.stderr and "secret" not in done.stderr

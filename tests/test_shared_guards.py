@@ -439,31 +439,38 @@ async def test_redis_stopped_under_load_each_process_keeps_its_share(
 ) -> None:
     """``redis_failure = "local"``: with Redis gone, each of the two processes enforces half
     the key's cap of 4, so the upstream still sees at most 4; nothing fails, nothing hangs, and
-    once Redis is back the limits are shared again and nothing is left held."""
+    once Redis is back the limits are shared again and nothing is left held.
+
+    Only the moment Redis goes is exempt: the requests then running stay (a process may run
+    three of them when its share is two), and the cap holds again once they end (0.2 s here)."""
     key = pair[0].create_key("four")
     quiet(sim)
     statuses: list[int] = []
     async with httpx2.AsyncClient(timeout=60, limits=httpx2.Limits(max_connections=60)) as client:
 
-        async def one(i: int) -> None:
+        async def load(i: int) -> None:
             relay = pair[i % 2]
-            response = await client.post(relay.url + CHAT, json=chat("#sim tokens=8 delay=0.02"),
-                                         headers=auth(key))
-            statuses.append(response.status_code)
+            while True:
+                response = await client.post(
+                    relay.url + CHAT, json=chat("#sim tokens=8 delay=0.02"), headers=auth(key)
+                )
+                statuses.append(response.status_code)
 
         async with trio.open_nursery() as nursery:
-            for i in range(16):
-                nursery.start_soon(one, i)
-            await trio.sleep(0.5)
+            for i in range(12):
+                nursery.start_soon(load, i)
+            await trio.sleep(1.0)
             redis.stop()
-            for i in range(16):
-                nursery.start_soon(one, i)
+            await trio.sleep(0.5)
+            sim.reset()  # the requests running when Redis went have ended
+            served_before = len(statuses)
             await trio.sleep(1.5)
+            degraded_served = len(statuses) - served_before
             redis.start()
-            await trio.sleep(1.5)  # both processes find it again (probed every second)
-            for i in range(16):
-                nursery.start_soon(one, i)
-    assert statuses == [200] * 48
+            await trio.sleep(4.0)  # found again (probed every second), then the grace
+            nursery.cancel_scope.cancel()
+    assert statuses and set(statuses) == {200}
+    assert degraded_served > 10  # no hang while Redis was gone
     assert sim.stats()["peak_active_streams"] <= 4
     for relay in pair:
         relay.wait_idle()
@@ -471,5 +478,5 @@ async def test_redis_stopped_under_load_each_process_keeps_its_share(
         assert not shared["degraded"] and shared["totals"]["local_admissions"] > 0
         assert shared["unsent_settlements"] == 0
     # Redis came back empty (no persistence): what it counts now is what runs now, nothing.
-    assert shared["leases"]["g"] == 0
+    assert shared["leases"]["g"] == 0 and shared["leases"]["p:shared"] == 0
     assert {shared_leases(relay)["owner"] for relay in pair} <= set(shared["processes"])

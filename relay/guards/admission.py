@@ -399,6 +399,7 @@ class Admission:
         self._share: float | None = None  # see share_limits
         self._local_leases: set[Lease] = set()  # in flight, admitted while Redis was lost
         self._released = trio.Event()  # set (and replaced) whenever a lease is released
+        self._share_waiting: list[Lease] = []  # waiting to fit this process's share alone
         g = config.global_
         self.global_guard = Guard(
             "global", max_concurrency=g.max_concurrency, tpm=g.tpm, tps=g.tps, now=now
@@ -518,13 +519,37 @@ class Admission:
                 assert self.shared is not None
                 await self.shared.release(lease.shared, used)
 
-    async def _within_share(self, lease: Lease, deadline: float) -> None:
-        while any(guard.in_flight > guard.limiter.total_tokens for guard in lease.held):
-            released = self._released
-            with trio.move_on_at(deadline):
-                await released.wait()
-            if trio.current_time() >= deadline:
-                raise SharedWaitExpired()
+    async def _within_share(self, lease: Lease, deadline: float) -> bool:
+        """Wait (in arrival order) until the lease fits this process's share of every layer
+        it holds, counting the leases that run, not those waiting here as it does: True when
+        it may go on this process's say alone, False as soon as Redis is back (the caller
+        then takes the lease there instead). :class:`SharedWaitExpired` at ``deadline``."""
+        assert self.shared is not None
+        self._share_waiting.append(lease)
+        try:
+            while self.shared.degraded:
+                first = next(
+                    (w for w in self._share_waiting if self._fits_share(w)), None
+                )
+                if first is lease:
+                    return True
+                released = self._released
+                with trio.move_on_at(min(deadline, trio.current_time() + 0.25)):
+                    await released.wait()
+                if trio.current_time() >= deadline:
+                    raise SharedWaitExpired()
+            return False
+        finally:
+            self._share_waiting.remove(lease)
+            self._released.set()  # the next one may fit now (or stop waiting)
+            self._released = trio.Event()
+
+    def _fits_share(self, lease: Lease) -> bool:
+        for guard in lease.held:
+            waiting = sum(1 for w in self._share_waiting if guard in w.held)
+            if guard.in_flight - waiting >= guard.limiter.total_tokens:
+                return False
+        return True
 
     def _fairness(self, pool: _Pool, ticket: Ticket, limits: KeyLimits) -> Fairness:
         """The request's place in its pool's fair order across processes."""
@@ -539,14 +564,15 @@ class Admission:
         layers = ["g", "p:", "k:"] + (["a:"] if lease.account is not None else [])
         subjects = subjects_of(lease.held, layers)
         try:
-            lease.shared = await self.shared.acquire(
-                subjects, lease.charged, lease.expected, deadline, fair
-            )
-            if lease.shared is None:
-                # Redis is lost ("local"): this process's share of each cap now holds alone.
+            while True:
+                lease.shared = await self.shared.acquire(
+                    subjects, lease.charged, lease.expected, deadline, fair
+                )
+                # None: Redis is lost ("local"); this process's share of each cap holds alone.
                 # The request may have been granted here under the whole caps, before Redis
-                # went: it waits until every layer it holds is within its share.
-                await self._within_share(lease, deadline)
+                # went: it waits until it fits within that share, or for Redis to be back.
+                if lease.shared is not None or await self._within_share(lease, deadline):
+                    break
         except SharedUnavailable as error:
             raise AdmissionRefused("shared_unavailable", str(error), retry_after_s=1.0) from None
         except SharedWaitExpired:
@@ -660,21 +686,23 @@ class Admission:
             self._dispatch()
         return guard
 
-    async def register_local_leases(self) -> None:
+    async def register_local_leases(self) -> bool:
         """Redis is back: count in it every request this process admitted alone while it was
         lost and that still runs, so that the other processes see them (their release then
         goes to Redis as any other's)."""
         assert self.shared is not None
-        for lease in list(self._local_leases):
+        while self._local_leases:  # until none is left (more may be admitted meanwhile)
+            lease = next(iter(self._local_leases))
             layers = ["g", "p:", "k:"] + (["a:"] if lease.account is not None else [])
             shared = await self.shared.register(subjects_of(lease.held, layers), lease.expected)
             if shared is None:
-                return  # Redis is gone again
+                return False  # Redis is gone again
             self._local_leases.discard(lease)
             if lease.held:
                 lease.shared, lease.local_only = shared, False
             else:  # it ended meanwhile
                 await self.shared.release(shared, 0)
+        return True
 
     def share_limits(self, share: float | None, accounts: Sequence[tuple[Guard, Any]] = ()) -> None:
         """Enforce ``share`` of every limit in this process alone (Redis is lost under

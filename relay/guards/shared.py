@@ -420,7 +420,7 @@ class SharedGuards:
         #: the local guards enforce their share of the limits meanwhile).
         self.on_degraded: Callable[[bool], None] | None = None
         #: Awaited when Redis answers again, before this process uses it (see _recover).
-        self.on_recovering: Callable[[], Awaitable[None]] | None = None
+        self.on_recovering: Callable[[], Awaitable[bool]] | None = None
         self._nursery: trio.Nursery | None = None
         self._client: coredis.Redis | None = None
         self._scripts: dict[str, object] = {}
@@ -678,7 +678,7 @@ class SharedGuards:
     async def status(self, subjects: Sequence[str]) -> dict:
         """The shared view: live processes and live leases per subject (admin API)."""
         state: dict = {
-            "url": _redacted(self.url),
+            "url": redacted(self.url),
             "owner": self.owner,
             "failure_policy": self.failure_policy,
             "degraded": self.degraded,
@@ -785,14 +785,13 @@ class SharedGuards:
         meanwhile are registered there (:attr:`on_recovering`), so the others count them;
         the divided limits stay for :attr:`RECOVERY_GRACE_S` more, until every live process
         has found Redis and done the same."""
-        if self.on_recovering is not None:
-            await self.on_recovering()
-        if self.degraded:
+        registered = True if self.on_recovering is None else await self.on_recovering()
+        if self.degraded and registered:
             self._back()
 
     def _back(self) -> None:
         self.degraded = False
-        log.warning("Redis at %s is back: limits are shared again", _redacted(self.url))
+        log.warning("Redis at %s is back: limits are shared again", redacted(self.url))
         assert self._nursery is not None
         self._nursery.start_soon(self._restore_after_grace)
 
@@ -848,7 +847,7 @@ class SharedGuards:
             try:
                 result = await make()
             except Exception as error:  # any failure of the client: Redis is not usable now
-                reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+                reason = describe(error)
             else:
                 if self.degraded and not probe:
                     self._back()
@@ -866,11 +865,32 @@ class SharedGuards:
             )
             log.warning(
                 "Redis at %s is unreachable (%s): %s until it is back",
-                _redacted(self.url), reason, enforcement,
+                redacted(self.url), reason, enforcement,
             )
             if self.on_degraded is not None:
                 self.on_degraded(True)
         return None
+
+
+def reach(url: str, timeout_s: float = 2.0) -> str | None:
+    """Whether a Redis answers PING at ``url`` within ``timeout_s`` (run outside trio, for
+    ``relay check-config``): None if it does, else why not, in a line."""
+
+    async def ping() -> str | None:
+        client = coredis.Redis.from_url(
+            url, connect_timeout=timeout_s, stream_timeout=timeout_s,
+            retry_policy=coredis.retry.NoRetryPolicy(),
+        )
+        with trio.move_on_after(timeout_s):
+            try:
+                async with client:
+                    await client.ping()
+                return None
+            except Exception as error:  # any failure of the client: say what it was
+                return describe(error)
+        return f"no answer within {timeout_s:g} s"
+
+    return trio.run(ping)
 
 
 def subjects_of(guards: Sequence, layers: Sequence[str]) -> list[Subject]:
@@ -890,7 +910,14 @@ def subjects_of(guards: Sequence, layers: Sequence[str]) -> list[Subject]:
     return subjects
 
 
-def _redacted(url: str) -> str:
+def describe(error: BaseException) -> str:
+    """An exception in a line (the first of a group: trio groups the client's failures)."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def redacted(url: str) -> str:
     """The URL without a password."""
     if "@" not in url:
         return url
