@@ -28,6 +28,7 @@ COMMANDS = {
     "chaos": "bench.chaos",
     "fuzz": "bench.fuzz",
     "workers": "bench.workers",
+    "scaleout": "bench.scaleout",
 }
 
 

@@ -820,7 +820,29 @@ def _queues(args: argparse.Namespace) -> int:
             f"{name:<20} {pool.get('queue_depth', 0):>7} {pool.get('oldest_wait_s', 0):>11.1f}s "
             f"{pool.get('in_flight', 0):>10}  {waiting}"
         )
+    shared = queues.get("shared")
+    if shared is not None:
+        _print_shared(shared)
     return 0
+
+
+def _print_shared(shared: dict) -> None:
+    """The Redis-shared view of ``relay queues`` (several relay processes)."""
+    print()
+    if shared.get("degraded"):
+        print(f"shared state: Redis unreachable ({shared.get('degraded_reason', '')}); "
+              "the figures above are this process's alone")
+        return
+    processes = shared.get("processes", [])
+    print(f"shared through Redis: {len(processes)} live processes "
+          f"(the one that answered: {shared.get('owner')})")
+    leases = shared.get("leases", {})
+    for subject, count in leases.items():
+        name = "global" if subject == "g" else f"pool {subject.removeprefix('p:')}"
+        print(f"  {name:<24} {count:>4} slots held (all processes)")
+    for owner, depths in shared.get("queued_per_process", {}).items():
+        waiting = ", ".join(f"{pool} {depth}" for pool, depth in depths.items() if depth) or "-"
+        print(f"  process {owner:<16} queued: {waiting}")
 
 
 # -- check-config -------------------------------------------------------------------------

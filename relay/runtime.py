@@ -127,6 +127,7 @@ async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
 
         shared.on_degraded = follow_redis
         shared.on_recovering = admission.register_local_leases
+        shared.queue_depths = admission.queue_depths
     log_missing_credentials(config)
     try:
         async with trio.open_nursery() as nursery:

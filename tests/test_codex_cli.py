@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx2
 import pytest
 
 from .conftest import Relay, Sim, running_relay
@@ -157,6 +158,12 @@ def test_codex_stops_at_once_on_a_bad_key(tmp_path: Path, relay: Relay, case: st
         done = relay.cli("keys", "revoke", key, "--config", str(relay.config_path))
         assert done.returncode == 0, done.stderr
         expected = "has been revoked"
+        # The running relay sees the CLI's change within a second: wait for it.
+        deadline = time.monotonic() + 5
+        while httpx2.get(relay.url + "/v1/models",
+                         headers={"authorization": f"Bearer {key}"}).status_code != 401:
+            assert time.monotonic() < deadline, "the relay never saw the revocation"
+            time.sleep(0.05)
     else:
         done = relay.cli(
             "keys", "create", "--config", str(relay.config_path), "--package", "team",

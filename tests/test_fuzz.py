@@ -131,6 +131,19 @@ BODY = textwrap.dedent(
 MODELS = ["chat-only", "resp-only", "both", "chat-high", "resp-high", "no-such-model"]
 
 
+#: A key refused: no usage row (nobody to bill). The Codex CLI gets these as a 400, which it
+#: treats as final (a fuzzed User-Agent may say ``codex``), every other client as a 401.
+REFUSED_KEY_CODES = {"missing_api_key", "invalid_api_key", "key_revoked", "key_expired"}
+
+
+def _refused_key(response: httpx2.Response) -> bool:
+    try:
+        error = response.json().get("error")
+    except ValueError:
+        return False
+    return isinstance(error, dict) and error.get("code") in REFUSED_KEY_CODES
+
+
 @dataclass
 class Target:
     """The relay under test, its client, and what the ledger check needs to know."""
@@ -164,7 +177,7 @@ class Target:
             response = self.http.request(method, path, headers=headers, content=content)
         self.sent += 1
         check_answer(response, method)
-        if relayed and response.status_code != 401:
+        if relayed and response.status_code != 401 and not _refused_key(response):
             self.relayed[response.headers["x-request-id"]] = response.status_code
         return response
 

@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from .conftest import ADMIN_TOKEN, RedisServer, Relay, Sim, start_relay
+from .test_admin import cli as admin_cli
 
 SHARED = """
 [pools.shared]
@@ -149,6 +150,27 @@ async def test_a_concurrency_cap_holds_across_two_processes(
     shared = shared_leases(pair[0])
     assert shared["leases"][f"k:{key_id}"] == 0 and shared["leases"]["g"] == 0
     assert {shared_leases(relay)["owner"] for relay in pair} <= set(shared["processes"])
+
+
+async def test_relay_queues_shows_the_shared_state(pair: tuple[Relay, Relay]) -> None:
+    key = pair[0].create_key("four")
+    async with httpx2.AsyncClient(timeout=30) as client, trio.open_nursery() as nursery:
+        for _ in range(8):  # on the first process: four run (the key's cap), four wait
+            nursery.start_soon(functools.partial(
+                client.post, pair[0].url + CHAT, json=chat("#sim tokens=40 delay=0.1"),
+                headers=auth(key)))
+        await trio.sleep(1.5)  # a heartbeat (every third of the 1 s lease TTL) published them
+        done = admin_cli(pair[1], "queues", "--url", pair[1].url)
+        nursery.cancel_scope.cancel()
+    assert done.returncode == 0, done.stderr
+    owners = {shared_leases(relay)["owner"] for relay in pair}
+    assert "shared through Redis:" in done.stdout and "live processes" in done.stdout
+    assert "pool shared" in done.stdout
+    lines = {line.split()[1]: line for line in done.stdout.splitlines()
+             if line.strip().startswith("process ")}
+    assert owners <= set(lines)
+    busy = shared_leases(pair[0])["owner"]
+    assert "queued: shared 4" in lines[busy], done.stdout
 
 
 async def test_rpm_is_shared_by_the_processes(pair: tuple[Relay, Relay], sim: Sim) -> None:

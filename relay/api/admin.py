@@ -418,14 +418,15 @@ async def queues(runtime: Runtime, request: Request, responder: Responder) -> No
                 "queued": key.get("queued", 0),
                 "in_flight": key.get("in_flight", 0),
             }
-    await responder.json(
-        200,
-        {
-            "pools": pools,
-            "global": admission.get("global", {}),
-            "queued": admission.get("queued", 0),
-        },
-    )
+    body = {"pools": pools, "global": admission.get("global", {}),
+            "queued": admission.get("queued", 0)}
+    shared = runtime.admission.shared
+    if shared is not None:
+        # Several processes: what Redis holds for every one of them (this answer's pools and
+        # keys are the process that took the request).
+        subjects = ["g", *(f"p:{name}" for name in runtime.admission.pools)]
+        body["shared"] = await shared.status(subjects)
+    await responder.json(200, body)
 
 
 #: (method, path, handler); ``{name}`` matches one path segment.

@@ -637,6 +637,10 @@ class Admission:
             "refused": dict(self.refused),
         }
 
+    def queue_depths(self) -> dict[str, int]:
+        """Requests waiting in each pool's queue of this process."""
+        return {name: len(pool.queue) for name, pool in self.pools.items()}
+
     def key_rate_state(self, ticket: Ticket) -> dict[str, float]:
         """The key's limits and what remains of them, for ``x-ratelimit-*`` headers.
 

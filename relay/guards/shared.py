@@ -296,7 +296,12 @@ end
 local procs = redis.call('ZRANGE', prefix .. 'procs', 0, -1)
 local live_procs = {}
 for _, o in ipairs(procs) do
-  if live(o) then table.insert(live_procs, o) else redis.call('ZREM', prefix .. 'procs', o) end
+  if live(o) then
+    table.insert(live_procs, o)
+  else
+    redis.call('ZREM', prefix .. 'procs', o)
+    redis.call('HDEL', prefix .. 'queued', o)
+  end
 end
 return {result, live_procs}
 """
@@ -421,6 +426,8 @@ class SharedGuards:
         self.on_degraded: Callable[[bool], None] | None = None
         #: Awaited when Redis answers again, before this process uses it (see _recover).
         self.on_recovering: Callable[[], Awaitable[bool]] | None = None
+        #: This process's queue depth per pool, published with each heartbeat.
+        self.queue_depths: Callable[[], dict[str, int]] | None = None
         self._nursery: trio.Nursery | None = None
         self._client: coredis.Redis | None = None
         self._scripts: dict[str, object] = {}
@@ -699,6 +706,15 @@ class SharedGuards:
             counts, procs = result
             state["processes"] = sorted(procs)
             state["leases"] = dict(zip(subjects, counts, strict=True))
+            client = self._client
+            assert client is not None
+            queued = await self._call(lambda: client.hgetall(self.prefix + "queued"))
+            if queued is not None:
+                # As of each process's last heartbeat (every third of the lease TTL).
+                state["queued_per_process"] = {
+                    owner: json.loads(depths) for owner, depths in sorted(queued.items())
+                    if owner in procs
+                }
         return state
 
     # -- internals ------------------------------------------------------------------------
@@ -766,6 +782,10 @@ class SharedGuards:
         async def beat() -> bool:
             await client.set(self.prefix + "hb:" + self.owner, "1", px=ttl_ms)
             await client.zadd(self.prefix + "procs", {self.owner: trio.current_time()})
+            if self.queue_depths is not None:
+                await client.hset(
+                    self.prefix + "queued", {self.owner: json.dumps(self.queue_depths())}
+                )
             return True
 
         ok = await self._call(beat, probe=True)
