@@ -21,7 +21,7 @@ import trio
 
 from .api import admin, discovery, selfservice
 from .api import relay as relay_routes
-from .api.discovery import BASE_PATHS
+from .api.discovery import ANTHROPIC_BASE, BASE_PATHS
 from .api.http import ClientDisconnected, Receive, Request, Responder, Scope, Send
 from .api.metrics import serve_metrics
 from .api.web import Web
@@ -44,11 +44,14 @@ class RelayApp:
         self.web = Web()
         self._routes: dict[str, dict[str, Handler]] = {}
         self._patterns: list[tuple[re.Pattern[str], dict[str, Handler]]] = []
+        for base in (*BASE_PATHS, ANTHROPIC_BASE):
+            self._add(base + "/messages", "POST", relay_routes.messages)
+            self._add(base + "/messages/count_tokens", "POST", relay_routes.count_tokens)
+            self._add(base + "/models", "GET", discovery.list_models)
+            self._add(base + "/models/{model}", "GET", discovery.get_model)
         for base in BASE_PATHS:
             self._add(base + "/chat/completions", "POST", relay_routes.chat)
             self._add(base + "/responses", "POST", relay_routes.responses)
-            self._add(base + "/models", "GET", discovery.list_models)
-            self._add(base + "/models/{model}", "GET", discovery.get_model)
             self._add(base, "GET", discovery.health)
             for path, handler in selfservice.ROUTES:
                 self._add(base + path, "GET", handler)
@@ -93,8 +96,9 @@ class RelayApp:
         if methods is None:
             raise NotFound(
                 f"Invalid URL ({request.method} {request.path}). The relay serves "
-                "/v1/chat/completions, /v1/responses and /v1/models (also under /openai/v1, "
-                "/codex/v1 and /api/v1); the key workbench page is at /workbench.",
+                "/v1/chat/completions, /v1/responses, /v1/messages and /v1/models (also under "
+                "/openai/v1, /codex/v1 and /api/v1; Anthropic clients also /claude/v1); the key "
+                "workbench page is at /workbench.",
                 code="unknown_url",
             )
         handler = methods.get(request.method)
@@ -143,6 +147,7 @@ class RelayApp:
             await responder.error(error)
             log_request_end(scope, request_id, None, responder, error.code or error.type, started)
             return
+        responder.anthropic = _speaks_anthropic(request)
         error_code = ""
         try:
             handler = self._find(request)
@@ -201,6 +206,18 @@ def log_request_end(
             queue_ms=record.queue_ms,
         )
     log_access(fields)
+
+
+def _speaks_anthropic(request: Request) -> bool:
+    """Whether the request's errors go out in Anthropic's shape: on a Messages route, under
+    ``/claude/``, or from a client that names an Anthropic API version (the anthropic SDKs and
+    Claude Code send ``anthropic-version`` with every request)."""
+    path = request.path
+    return (
+        "anthropic-version" in request.headers
+        or path.startswith("/claude/")
+        or path.rstrip("/").endswith(("/messages", "/messages/count_tokens"))
+    )
 
 
 def _compile(path: str) -> re.Pattern[str]:

@@ -1,5 +1,5 @@
 """Structured concurrency seen from outside: a client that leaves cancels the upstream call and
-frees every slot, for both endpoints, relayed or translated; a client that stops reading cannot
+frees every slot, for every endpoint, relayed or translated; a client that stops reading cannot
 pin the upstream."""
 
 from __future__ import annotations
@@ -34,6 +34,17 @@ STREAMS = {
     "chat-on-anthropic": (
         "/v1/chat/completions",
         {"model": "claude-sim", "stream": True,
+         "messages": [{"role": "user", "content": "#sim tokens=400 delay=0.01"}]},
+    ),
+    # Anthropic Messages: relayed to the Anthropic account, translated to the Chat one.
+    "messages": (
+        "/v1/messages",
+        {"model": "claude-sim", "stream": True, "max_tokens": 1000,
+         "messages": [{"role": "user", "content": "#sim tokens=400 delay=0.01"}]},
+    ),
+    "messages-on-chat": (
+        "/v1/messages",
+        {"model": "deepseek-chat", "stream": True, "max_tokens": 1000,
          "messages": [{"role": "user", "content": "#sim tokens=400 delay=0.01"}]},
     ),
 }

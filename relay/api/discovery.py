@@ -2,11 +2,14 @@
 
 ``GET {base}`` / ``/healthz`` (health), ``GET /`` for anything but a browser (the relay's
 self-description: its base paths and the workbench), ``GET {base}/models`` and
-``GET {base}/models/{model}`` in OpenAI's list and object shapes, with the models of the key's
+``GET {base}/models/{model}`` in OpenAI's list and object shapes (Anthropic's for a request with
+``anthropic-version``), with the models of the key's
 package only (a model the key cannot use is 404 ``model_not_found``, as OpenAI answers it).
 """
 
 from __future__ import annotations
+
+from datetime import UTC, datetime
 
 from ..config import PackageConfig
 from ..errors import ModelNotFound, PermissionDenied
@@ -16,6 +19,9 @@ from .http import Request, Responder
 #: Every path prefix clients are told to use (seed documents): OpenAI-style, Codex relays,
 #: multi-model gateways.
 BASE_PATHS = ("/openai/v1", "/v1", "/codex/v1", "/api/v1")
+#: The base path for Anthropic clients only (Messages, count_tokens, models):
+#: ``ANTHROPIC_BASE_URL=http://relay/claude``.
+ANTHROPIC_BASE = "/claude/v1"
 
 
 async def health(runtime: Runtime, request: Request, responder: Responder) -> None:
@@ -28,7 +34,11 @@ async def index(runtime: Runtime, request: Request, responder: Responder) -> Non
         {
             "object": "relay",
             "status": "ok",
-            "base_urls": [*BASE_PATHS, "/openai (Codex: appends /responses)"],
+            "base_urls": [
+                *BASE_PATHS,
+                "/openai (Codex: appends /responses)",
+                "/ or /claude (Anthropic clients: append /v1/messages)",
+            ],
             "workbench": "/workbench",
         },
     )
@@ -55,9 +65,37 @@ def _model_object(runtime: Runtime, model: str) -> dict:
     }
 
 
+def _anthropic_model(runtime: Runtime, model: str) -> dict:
+    created = datetime.fromtimestamp(int(runtime.started_at), UTC)
+    return {
+        "type": "model",
+        "id": model,
+        "display_name": model,
+        "created_at": created.isoformat().replace("+00:00", "Z"),
+    }
+
+
+def _wants_anthropic(request: Request) -> bool:
+    """Anthropic's shapes for its clients: they send ``anthropic-version`` (the SDKs always)."""
+    return "anthropic-version" in request.headers
+
+
 async def list_models(runtime: Runtime, request: Request, responder: Responder) -> None:
+    """OpenAI's list, or Anthropic's (``data``, ``has_more``, ``first_id``, ``last_id``; all
+    models on one page) when the request carries ``anthropic-version``."""
     package = await _package_of(runtime, request)
     models = runtime.catalog.models_for(package)
+    if _wants_anthropic(request):
+        await responder.json(
+            200,
+            {
+                "data": [_anthropic_model(runtime, m) for m in models],
+                "has_more": False,
+                "first_id": models[0] if models else None,
+                "last_id": models[-1] if models else None,
+            },
+        )
+        return
     await responder.json(
         200, {"object": "list", "data": [_model_object(runtime, m) for m in models]}
     )
@@ -71,4 +109,7 @@ async def get_model(runtime: Runtime, request: Request, responder: Responder) ->
             f"The model '{model}' does not exist or you do not have access to it.",
             param="model",
         )
-    await responder.json(200, _model_object(runtime, model))
+    if _wants_anthropic(request):
+        await responder.json(200, _anthropic_model(runtime, model))
+    else:
+        await responder.json(200, _model_object(runtime, model))

@@ -23,6 +23,7 @@ from ..errors import (
     RequestTimeout,
     UnsupportedMediaType,
 )
+from ..protocol.messages import anthropic_error
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -195,8 +196,8 @@ class Responder:
     """
 
     __slots__ = (
-        "_send", "finished", "head", "header_hook", "request_id", "started", "started_at",
-        "status",
+        "_send", "anthropic", "finished", "head", "header_hook", "request_id", "started",
+        "started_at", "status",
     )
 
     def __init__(self, send: Send, request_id: str, *, head: bool = False) -> None:
@@ -209,6 +210,8 @@ class Responder:
         self.status = 0
         # Headers computed when the response starts (the key's rate-limit state, for one).
         self.header_hook: Callable[[], list[tuple[bytes, bytes]]] | None = None
+        #: Errors go out in Anthropic's shape (a Messages route, or an Anthropic client).
+        self.anthropic = False
 
     async def start(self, status: int, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
         self.started = True
@@ -255,4 +258,8 @@ class Responder:
         await self.end(body)
 
     async def error(self, error: RelayError) -> None:
+        if self.anthropic:
+            status, body = anthropic_error(error, self.request_id.decode())
+            await self.raw(status, json.dumps(body).encode(), JSON_TYPE, error.headers)
+            return
         await self.raw(error.status, error.to_json(), JSON_TYPE, error.headers)

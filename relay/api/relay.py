@@ -1,4 +1,4 @@
-"""The relay routes: ``POST …/chat/completions`` and ``POST …/responses``.
+"""The relay routes: ``POST …/chat/completions``, ``POST …/responses`` and ``POST …/messages``.
 
 One way through for every request (README, "Architecture"):
 
@@ -216,6 +216,41 @@ async def responses(runtime: Runtime, request: Request, responder: Responder) ->
     await handle(runtime, request, responder, Endpoint.RESPONSES)
 
 
+async def messages(runtime: Runtime, request: Request, responder: Responder) -> None:
+    """``POST {base}/messages``: Anthropic's Messages API (Claude Code, the anthropic SDKs).
+    The query string (Claude Code's ``?beta=true``) plays no part in routing."""
+    await handle(runtime, request, responder, Endpoint.MESSAGES)
+
+
+async def count_tokens(runtime: Runtime, request: Request, responder: Responder) -> None:
+    """``POST {base}/messages/count_tokens``: ``{"input_tokens": N}`` for a Messages body.
+
+    The count is the relay's estimate (the one its guards reserve by: characters / 4), not a
+    tokenizer's: the relay serves the model from upstreams of several kinds, most of which have
+    no counting endpoint. It is free, leaves no usage record and uses no slot; the key must be
+    valid and the model one its package may use (404 otherwise, as for a real request)."""
+    key = await runtime.keys.authenticate(request.headers)
+    request.key_id = key.id
+    package = runtime.config.packages.get(key.package)
+    if package is None:
+        raise PermissionDenied(
+            f"Your key belongs to package '{key.package}', which this relay no longer "
+            "offers. Ask the operator for a new key.",
+            code="package_not_found",
+        )
+    request.require_json()
+    raw = await request.read_body(runtime.config.server.max_body_bytes)
+    try:
+        body = decode_json_body(raw)
+        if body.get("max_tokens") is None:
+            body = {**body, "max_tokens": 1}  # count_tokens bodies have none
+        client = parse_request(Endpoint.MESSAGES, body, request.headers)
+    except RecursionError:
+        raise InvalidRequest(TOO_DEEP) from None
+    runtime.catalog.resolve(package, client.model)
+    await responder.json(200, {"input_tokens": client.estimated_input_tokens})
+
+
 async def _handle(runtime: Runtime, request: Request, responder: Responder, endpoint: Endpoint):
     started = trio.current_time()
     try:
@@ -253,6 +288,9 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
         except RecursionError:  # parsed, but too deep to measure
             raise InvalidRequest(TOO_DEEP) from None
         del raw  # parsed: not held for the rest of the request
+        if client.session_key:
+            # Sessions are the key's own: no key can steer another key's session's account.
+            client.session_key = f"{key.id}:{client.session_key}"
         record.model = client.model
         record.stream = client.stream
         route = runtime.catalog.resolve(package, client.model)

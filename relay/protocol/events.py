@@ -247,6 +247,9 @@ class TranslationContext:
     custom_tools: frozenset[str] = frozenset()
     namespaced: dict[str, tuple[str, str]] = field(default_factory=dict)
     echo: dict = field(default_factory=dict)
+    #: Tool names shortened for the upstream (see :func:`.translate.shorten_tool_names`):
+    #: the upstream's name → the client's.
+    tool_names: dict[str, str] = field(default_factory=dict)
 
     @property
     def passthrough(self) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -21,7 +22,14 @@ from ..errors import InvalidRequest
 
 #: Headers that carry a conversation id, in the spellings the Codex CLI has used
 #: (protocols.md §2.4)..
-SESSION_HEADERS = ("session-id", "session_id", "conversation_id", "thread-id", "thread_id")
+SESSION_HEADERS = (
+    "session-id",
+    "session_id",
+    "conversation_id",
+    "thread-id",
+    "thread_id",
+    "x-claude-code-session-id",
+)
 
 #: Output tokens assumed for the estimate when the client sets no cap. Chosen near the median
 #: answer length of coding assistants; the reservation is corrected to the real usage afterwards.
@@ -38,11 +46,19 @@ class Endpoint(Enum):
 
     CHAT = "chat/completions"
     RESPONSES = "responses"
+    MESSAGES = "messages"
 
     @property
     def upstream_kind(self) -> str:
         """The account provider kind that speaks this protocol natively."""
-        return "openai-chat" if self is Endpoint.CHAT else "openai-responses"
+        return _NATIVE_KINDS[self]
+
+
+_NATIVE_KINDS = {
+    Endpoint.CHAT: "openai-chat",
+    Endpoint.RESPONSES: "openai-responses",
+    Endpoint.MESSAGES: "anthropic",
+}
 
 
 @dataclass
@@ -168,6 +184,8 @@ def parse_request(
     stream = _optional(body, "stream", bool) or False
     if endpoint is Endpoint.CHAT:
         request = _parse_chat(body, model, stream)
+    elif endpoint is Endpoint.MESSAGES:
+        request = _parse_messages(body, model, stream)
     else:
         request = _parse_responses(body, model, stream)
     request.session_key = session_key(body, headers)
@@ -193,6 +211,9 @@ def session_key(body: Mapping[str, Any], headers: Mapping[str, str]) -> str | No
     """The conversation id used for account stickiness, from the body or the headers.
 
     ``session_id`` in the body is an alias of ``prompt_cache_key`` (seed documents 001/002).
+    Claude Code names its session in ``X-Claude-Code-Session-Id`` and in the Messages body's
+    ``metadata.user_id`` (``user_…_account_…_session_<uuid>``, or a JSON object with a
+    ``session_id``).
     """
     for name in ("prompt_cache_key", "session_id"):
         value = body.get(name)
@@ -202,6 +223,25 @@ def session_key(body: Mapping[str, Any], headers: Mapping[str, str]) -> str | No
         value = headers.get(name)
         if value:
             return value
+    metadata = body.get("metadata")
+    user = metadata.get("user_id") if isinstance(metadata, dict) else None
+    return _claude_code_session(user) if isinstance(user, str) else None
+
+
+_SESSION_IN_USER_ID = re.compile(r"_session_([0-9A-Za-z-]{8,})$")
+
+
+def _claude_code_session(user_id: str) -> str | None:
+    match = _SESSION_IN_USER_ID.search(user_id)
+    if match:
+        return match.group(1)
+    if user_id.startswith("{"):
+        try:
+            value = json.loads(user_id)
+        except ValueError:
+            return None
+        session = value.get("session_id") if isinstance(value, dict) else None
+        return session if isinstance(session, str) and session else None
     return None
 
 
@@ -308,6 +348,88 @@ def _parse_responses(body: dict[str, Any], model: str, stream: bool) -> ClientRe
         max_output_tokens=_positive_int(body, "max_output_tokens"),
         input_chars=_text_size(value) + _text_size(instructions) + _text_size(body.get("tools")),
     )
+
+
+#: Roles a Messages body may hold; ``system`` mid-conversation is Claude Code's (the API takes it).
+_MESSAGES_ROLES = ("user", "assistant", "system")
+
+
+def _parse_messages(body: dict[str, Any], model: str, stream: bool) -> ClientRequest:
+    """A Messages body, checked as Anthropic checks it where a wrong shape would otherwise
+    reach the upstream: ``max_tokens`` is required, as Anthropic requires it."""
+    max_tokens = body.get("max_tokens")
+    if max_tokens is None:
+        raise InvalidRequest(
+            "'max_tokens' is required: the Messages API needs the most tokens the answer may "
+            "use, for example \"max_tokens\": 1024.",
+            param="max_tokens",
+        )
+    max_tokens = _positive_int(body, "max_tokens")
+    messages = _require(body, "messages", list)
+    if not messages:
+        raise InvalidRequest("'messages' must contain at least one message.", param="messages")
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        message = _object(message, where)
+        role = message.get("role")
+        if role not in _MESSAGES_ROLES:
+            raise InvalidRequest(
+                f"'{where}.role' must be \"user\" or \"assistant\", not {json.dumps(role)}.",
+                param=f"{where}.role",
+            )
+        content = message.get("content")
+        if not isinstance(content, str | list):
+            raise InvalidRequest(
+                f"'{where}.content' must be a string or an array of content blocks, "
+                f"not {_json_type(content)}.",
+                param=f"{where}.content",
+            )
+        for k, block in enumerate(content if isinstance(content, list) else ()):
+            block = _object(block, f"{where}.content[{k}]")
+            _require_in(block, "type", str, f"{where}.content[{k}]")
+            if block["type"] == "tool_use":
+                _require_in(block, "id", str, f"{where}.content[{k}]")
+                _require_in(block, "name", str, f"{where}.content[{k}]")
+            elif block["type"] == "tool_result":
+                _require_in(block, "tool_use_id", str, f"{where}.content[{k}]")
+                _shape(block.get("content"), (str, list), f"{where}.content[{k}].content")
+    system = _shape(body.get("system"), (str, list), "system")
+    for index, block in enumerate(system if isinstance(system, list) else ()):
+        _require_in(_object(block, f"system[{index}]"), "type", str, f"system[{index}]")
+    for index, tool in enumerate(_shape(body.get("tools"), list, "tools") or ()):
+        tool = _object(tool, f"tools[{index}]")
+        _require_in(tool, "name", str, f"tools[{index}]")
+        _shape(tool.get("input_schema"), dict, f"tools[{index}].input_schema")
+    choice = _shape(body.get("tool_choice"), dict, "tool_choice")
+    if choice is not None:
+        _require_in(choice, "type", str, "tool_choice")
+    for name in ("thinking", "metadata", "output_config", "context_management"):
+        _optional(body, name, dict)
+    stops = _shape(body.get("stop_sequences"), list, "stop_sequences")
+    for index, stop in enumerate(stops or ()):
+        _shape(stop, str, f"stop_sequences[{index}]")
+    for name in ("temperature", "top_p"):
+        _shape(body.get(name), (int, float), name)
+    _shape(body.get("top_k"), int, "top_k")
+    return ClientRequest(
+        endpoint=Endpoint.MESSAGES,
+        body=body,
+        model=model,
+        stream=stream,
+        max_output_tokens=max_tokens,
+        input_chars=_text_size(messages) + _text_size(system) + _text_size(body.get("tools")),
+    )
+
+
+def _require_in(value: dict, name: str, kind: type, where: str) -> Any:
+    """``value[name]``, which must be there and of ``kind``, else a 400 naming it."""
+    item = value.get(name)
+    if not isinstance(item, kind) or isinstance(item, bool):
+        raise InvalidRequest(
+            f"'{where}.{name}' is required and must be {_KIND_NAMES[kind]}.",
+            param=f"{where}.{name}",
+        )
+    return item
 
 
 def _shape(value: Any, kinds: type | tuple[type, ...], where: str) -> Any:
@@ -423,6 +545,7 @@ _KIND_NAMES = {
     list: "an array",
     dict: "an object",
     int: "an integer",
+    float: "a number",
 }
 
 

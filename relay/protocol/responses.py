@@ -402,9 +402,11 @@ def write_responses_request(
     """The Responses body for an OpenAI Responses upstream (protocols.md §4.1).
 
     Leading system messages become ``instructions``; later ones stay in place as ``developer``
-    messages (the ChatGPT backend rejects ``system`` in input). Reasoning a Chat client replays
-    is not sent: OpenAI accepts only its own encrypted reasoning. ``stop`` and ``user`` have no
-    Responses equivalent that every Responses upstream accepts and are dropped.
+    messages (the ChatGPT backend rejects ``system`` in input). Reasoning is sent back only when
+    it is a Responses upstream's own (its ``encrypted_content``, which a Messages client carries
+    in a thinking block's signature): OpenAI accepts only its own encrypted reasoning. ``stop``
+    and ``user`` have no Responses equivalent that every Responses upstream accepts and are
+    dropped.
     """
     system, rest = conv.split_system()
     body: dict[str, Any] = {"model": model}
@@ -470,6 +472,10 @@ def _responses_input(messages: list[Message]) -> list[dict]:
                 {"type": "message", "role": "user", "content": _input_content(message.parts)}
             )
         elif message.role == "assistant":
+            for part in message.parts:
+                if isinstance(part, Reasoning) and part.kind == "openai-responses":
+                    if part.signature:
+                        items.append(_reasoning_item(part))
             texts = message.texts()
             if texts:
                 items.append(
@@ -511,6 +517,14 @@ def _responses_input(messages: list[Message]) -> list[dict]:
             )
             items.append({"type": kind, "call_id": result.call_id, "output": output})
     return items
+
+
+def _reasoning_item(part: Reasoning) -> dict:
+    """A reasoning item an OpenAI Responses upstream made, given back: its encrypted content
+    (the state it reasons on from), with the summary the client saw (a Messages client's
+    thinking block carried both, see :mod:`.messages`)."""
+    summary = [{"type": "summary_text", "text": part.text}] if part.text else []
+    return {"type": "reasoning", "summary": summary, "encrypted_content": part.signature}
 
 
 def _input_content(parts: list) -> list[dict]:
@@ -658,16 +672,21 @@ class ResponsesDecoder:
                 events.append(
                     ToolCallEnd(call, arguments or ("" if kind != "function_call" else "{}"))
                 )
-        elif index not in self._streamed:
-            # An item that arrived whole (no deltas): take its text from the done item.
-            if kind == "message":
-                text = _text_of(item.get("content"))
-                if text:
-                    events.append(TextDelta(text))
-            elif kind == "reasoning":
-                reasoning = _read_reasoning(item)
-                if reasoning is not None:
-                    events.append(ReasoningDelta(reasoning.text))
+        else:
+            if index not in self._streamed:
+                # An item that arrived whole (no deltas): take its text from the done item.
+                if kind == "message":
+                    text = _text_of(item.get("content"))
+                    if text:
+                        events.append(TextDelta(text))
+                elif kind == "reasoning":
+                    reasoning = _read_reasoning(item)
+                    if reasoning is not None:
+                        events.append(ReasoningDelta(reasoning.text))
+            encrypted = item.get("encrypted_content") if kind == "reasoning" else None
+            if isinstance(encrypted, str) and encrypted:
+                # The reasoning's state, for a client that can carry it to the next turn.
+                events.append(ReasoningDelta("", signature=encrypted))
 
     def _terminal(self, response: dict, events: list[Event]) -> None:
         for call in sorted(self._open):

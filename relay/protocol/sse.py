@@ -21,6 +21,7 @@ _EVENT_END = re.compile(rb"\r?\n\r?\n")
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 _SEQUENCE_NUMBER = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
 _DONE = b"[DONE]"
+_ERROR_EVENT = re.compile(rb'^event:\s*error|"type"\s*:\s*"error"', re.MULTILINE)
 
 
 #: Default bound of one event, blank line included (``server.upstream_max_event_bytes``). The
@@ -164,7 +165,22 @@ class Usage:
         usage = body.get("usage")
         if not isinstance(usage, dict):
             return None
+        if endpoint is Endpoint.MESSAGES:
+            return cls.from_messages(usage)
         return cls.from_chat(usage) if endpoint is Endpoint.CHAT else cls.from_responses(usage)
+
+    @classmethod
+    def from_messages(cls, usage: dict) -> Usage:
+        """Anthropic's usage (protocols.md §5.1): its ``input_tokens`` excludes the cache reads
+        and writes, which the relay's input includes."""
+        cached = token_count(usage.get("cache_read_input_tokens"))
+        return cls(
+            input_tokens=token_count(usage.get("input_tokens"))
+            + cached
+            + token_count(usage.get("cache_creation_input_tokens")),
+            cached_tokens=cached,
+            output_tokens=token_count(usage.get("output_tokens")),
+        )
 
 
 def token_count(value: object) -> int:
@@ -182,6 +198,7 @@ class StreamMeter:
     __slots__ = (
         "_drop_usage_chunk",
         "_endpoint",
+        "_messages_usage",
         "deltas",
         "events",
         "finished",
@@ -199,6 +216,9 @@ class StreamMeter:
         self.finished = False
         self.first_event: bytes | None = None
         self.last_event: bytes | None = None
+        #: Anthropic's usage counters so far: ``message_start`` has the input side,
+        #: ``message_delta`` the output (some gateways put the input there too).
+        self._messages_usage: dict[str, int] = {}
 
     def forwardable(self, events: list[bytes]) -> bytes:
         """Account for ``events`` and return the bytes to send on to the client."""
@@ -219,6 +239,9 @@ class StreamMeter:
             return self._capture_usage(event)
         if self._endpoint is Endpoint.CHAT:
             if _DONE in event and event_data(event).strip() == _DONE:
+                self.finished = True
+        elif self._endpoint is Endpoint.MESSAGES:
+            if b"message_stop" in event or (b"error" in event and _ERROR_EVENT.search(event)):
                 self.finished = True
         elif (
             b"response.completed" in event
@@ -241,6 +264,20 @@ class StreamMeter:
                 self.usage = Usage.from_chat(usage)
                 if self._drop_usage_chunk and not payload.get("choices"):
                     return False
+        elif self._endpoint is Endpoint.MESSAGES:
+            message = payload.get("message")
+            usage = message.get("usage") if isinstance(message, dict) else payload.get("usage")
+            if isinstance(usage, dict):
+                counters = self._messages_usage
+                for name, value in usage.items():
+                    if isinstance(value, int) and not isinstance(value, bool):
+                        counters[name] = max(value, counters.get(name, 0))
+                if payload.get("type") == "message_delta":
+                    # The answer's usage is whole only here: a stream cut before it is billed
+                    # as the other protocols' are (the estimate, and what was produced).
+                    self.usage = Usage.from_messages(counters)
+            if payload.get("type") == "message_stop":
+                self.finished = True
         else:
             response = payload.get("response")
             if isinstance(response, dict) and isinstance(response.get("usage"), dict):
@@ -283,13 +320,22 @@ def error_event(
 ) -> bytes:
     """The event that tells a streaming client its answer failed midway, in its own protocol.
 
-    Chat clients get a chunk with a top-level ``error`` (both SDKs raise on it). Responses
+    Chat clients get a chunk with a top-level ``error`` (both SDKs raise on it); Messages clients
+    an ``event: error``, as Anthropic ends a stream it cannot finish. Responses
     clients get ``response.failed``, which the Codex CLI reads as a failed turn and retries
     (protocols.md §2.6); it is the last event, as Codex expects.
     """
     if endpoint is Endpoint.CHAT:
         payload = {"error": {"message": message, "type": type, "param": None, "code": code}}
         return b"data: " + json.dumps(payload).encode() + b"\n\n"
+    if endpoint is Endpoint.MESSAGES:
+        kind = {
+            "rate_limit_exceeded": "rate_limit_error",
+            "server_is_overloaded": "overloaded_error",
+            "upstream_timeout": "timeout_error",
+        }.get(code, "api_error")
+        payload = {"type": "error", "error": {"type": kind, "message": message}}
+        return b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
     payload = {
         "type": "response.failed",
         "sequence_number": meter.next_sequence_number(),

@@ -20,6 +20,8 @@ encoder per client protocol). Everything here is pure: no I/O, no clock except f
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -30,8 +32,16 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-from . import anthropic, chat, gemini, responses
-from .events import Event, Failure, TranslationContext, UsageEvent, counts_as_delta
+from . import anthropic, chat, gemini, messages, responses
+from .conversation import Conversation
+from .events import (
+    Event,
+    Failure,
+    ToolCallStart,
+    TranslationContext,
+    UsageEvent,
+    counts_as_delta,
+)
 from .requests import Endpoint, unsendable_body
 from .sse import MAX_EVENT_BYTES, EventSplitter, StreamMeter, Usage, error_event, event_data
 from .trust import Confidential, redact
@@ -146,14 +156,18 @@ def build_upstream_request(
     if context.passthrough:
         body = _same_protocol_body(client_body, client, model, reasoning_effort, stream)
     else:
+        namespaced: dict[str, tuple[str, str]] = {}
         if client is Endpoint.CHAT:
             chat.check_chat_files(client_body)
             conv = chat.read_chat_request(client_body)
-            namespaced: dict[str, tuple[str, str]] = {}
+        elif client is Endpoint.MESSAGES:
+            messages.check_messages_files(client_body)
+            conv = messages.read_messages_request(client_body)
         else:
             responses.check_responses_files(client_body)
             conv, namespaced = responses.read_responses_request(client_body)
         conv.stream = stream
+        context.tool_names = shorten_tool_names(conv)
         writer = _WRITERS[upstream_kind]
         body = writer(conv, model=model, reasoning_effort=reasoning_effort)
         context.custom_tools = frozenset(tool.name for tool in conv.tools if tool.custom)
@@ -165,6 +179,40 @@ def build_upstream_request(
         stream=stream,
         context=context,
     )
+
+
+#: The longest tool name OpenAI, Anthropic and Gemini accept (``^[a-zA-Z0-9_-]{1,64}$``).
+MAX_TOOL_NAME = 64
+
+
+def shorten_tool_names(conv: Conversation) -> dict[str, str]:
+    """Shorten the conversation's tool names that are longer than :data:`MAX_TOOL_NAME` (an MCP
+    server's ``mcp__server__tool`` names often are), in its tools, its tool calls and its tool
+    choice alike. Returns the short name → the client's name, for the answer's way back.
+
+    A short name is the name's head and 8 hex digits of its SHA-256: the same name always gets
+    the same short name, so a conversation's calls keep matching its tools across turns."""
+    long_names = {tool.name for tool in conv.tools if len(tool.name) > MAX_TOOL_NAME}
+    for message in conv.messages:
+        long_names.update(
+            call.name for call in message.tool_calls() if len(call.name) > MAX_TOOL_NAME
+        )
+    if not long_names:
+        return {}
+    short = {name: _short_name(name) for name in long_names}
+    for tool in conv.tools:
+        tool.name = short.get(tool.name, tool.name)
+    for message in conv.messages:
+        for call in message.tool_calls():
+            call.name = short.get(call.name, call.name)
+    if conv.tool_choice_name in short:
+        conv.tool_choice_name = short[conv.tool_choice_name]
+    return {value: name for name, value in short.items()}
+
+
+def _short_name(name: str) -> str:
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[: MAX_TOOL_NAME - 9]}_{digest}"
 
 
 _WRITERS = {
@@ -187,6 +235,9 @@ def _same_protocol_body(
     are removed, because OpenAI accepts only its own encrypted reasoning."""
     if client is Endpoint.CHAT:
         chat.check_chat_files(client_body)
+    elif client is Endpoint.MESSAGES:
+        messages.check_messages_files(client_body)
+        return _same_messages_body(client_body, model, reasoning_effort)
     else:
         responses.check_responses_files(client_body)
     body = dict(client_body)
@@ -211,6 +262,19 @@ def _same_protocol_body(
         }
     if client is Endpoint.RESPONSES and isinstance(body.get("input"), list):
         body["input"] = [item for item in body["input"] if not _relay_reasoning(item)]
+    return body
+
+
+def _same_messages_body(client_body: dict, model: str, reasoning_effort: str | None) -> dict:
+    """A Messages body for an Anthropic upstream: the client's, with the upstream model, and an
+    alias's reasoning effort as a thinking budget when the client asked for no thinking and
+    ``max_tokens`` leaves room for it (Anthropic requires ``budget_tokens < max_tokens``)."""
+    body = dict(client_body)
+    body["model"] = model
+    budget = anthropic.THINKING_BUDGETS.get(reasoning_effort or "")
+    max_tokens = body.get("max_tokens")
+    if budget and "thinking" not in body and isinstance(max_tokens, int) and budget < max_tokens:
+        body["thinking"] = {"type": "enabled", "budget_tokens": budget}
     return body
 
 
@@ -259,7 +323,16 @@ _DECODERS = {
 def _encoder(context: TranslationContext, upstream_kind: str):
     if context.client is Endpoint.CHAT:
         return chat.ChatEncoder(context, upstream_kind)
+    if context.client is Endpoint.MESSAGES:
+        return messages.MessagesEncoder(context, upstream_kind)
     return responses.ResponsesEncoder(context, upstream_kind)
+
+
+def _client_names(event: Event, context: TranslationContext) -> Event:
+    """A tool call under the name the client gave its tool (see :func:`shorten_tool_names`)."""
+    if isinstance(event, ToolCallStart) and event.name in context.tool_names:
+        return dataclasses.replace(event, name=context.tool_names[event.name])
+    return event
 
 
 def _parse_event(event: bytes) -> tuple[str | None, Any]:
@@ -373,6 +446,8 @@ class StreamTranslator:
                     redact(event.message, self._confidential),
                     redact(event.code, self._confidential),
                 )
+            elif self._context.tool_names:
+                event = _client_names(event, self._context)
             out.append(self._encoder.encode(event))
             if isinstance(event, Failure):
                 self._closed = True
@@ -406,6 +481,8 @@ class StreamTranslator:
         """
         if self._closed:
             return b""
+        if self._context.client is Endpoint.MESSAGES:
+            return messages.PING  # Anthropic's own keep-alive, in a relayed stream too
         if self._meter is None and isinstance(self._encoder, responses.ResponsesEncoder):
             return self._encoder.keepalive()
         return KEEPALIVE_COMMENT
@@ -467,7 +544,7 @@ def translate_response(upstream_kind: str, context: TranslationContext, body: di
     decoder = _DECODERS[upstream_kind]()
     encoder = _encoder(context, upstream_kind)
     for event in decoder.decode_body(body):
-        encoder.encode(event)
+        encoder.encode(_client_names(event, context))
     if isinstance(encoder, chat.ChatEncoder):
         return encoder.body()
     if not encoder.closed:

@@ -76,6 +76,10 @@ FORWARDED_HEADERS = (
     "x-openai-subagent",
 )
 
+#: Client headers an Anthropic upstream gets unchanged: the betas the client asked for (Claude
+#: Code's list) and its API version, which replaces the relay's default.
+ANTHROPIC_FORWARDED_HEADERS = ("anthropic-beta", "anthropic-version")
+
 #: Content types of a 2xx answer that are a web page, not an API's answer (a captive portal,
 #: a proxy's or CDN's page): refused before any byte reaches the client.
 DOCUMENT_TYPES = ("text/html", "application/xhtml+xml")
@@ -140,6 +144,11 @@ class UpstreamClient:
             sent["accept"] = "text/event-stream"
         if kind in OPENAI_KINDS:
             for name in FORWARDED_HEADERS:
+                value = client_headers.get(name)
+                if value is not None:
+                    sent[name] = value
+        elif kind == "anthropic":
+            for name in ANTHROPIC_FORWARDED_HEADERS:
                 value = client_headers.get(name)
                 if value is not None:
                     sent[name] = value

@@ -1,0 +1,373 @@
+"""The Anthropic Messages API as a client protocol, through the official ``anthropic`` SDK and
+raw HTTP, over every upstream kind: relayed to an Anthropic account, translated to the others."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import anthropic
+import httpx2
+import pytest
+
+from .conftest import SIM_KEY, Relay, Sim, running_relay
+
+KINDS = {
+    "anthropic": ("m-anthropic", "/v1"),
+    "openai-responses": ("m-responses", "/v1"),
+    "openai-chat": ("m-chat", "/v1"),
+    "gemini": ("m-gemini", "/v1beta"),
+}
+
+CONFIG = """
+[pools.p]
+
+[packages.team]
+pool = "p"
+
+[packages.once]
+pool = "p"
+rpm = 1
+
+[packages.paid]
+pool = "p"
+initial_credits = 0
+
+[models.m-priced]
+target = "m-chat"
+
+[prices.m-priced]
+input = 1000
+output = 1000
+""" + "".join(
+    f"""
+[[accounts]]
+name = "{kind}"
+pool = "p"
+provider = "{kind}"
+base_url = "SIM_URL{prefix}"
+api_key_env = "SIM_UPSTREAM_KEY"
+models = ["{model}"]
+"""
+    for kind, (model, prefix) in KINDS.items()
+)
+
+READ_TOOL = {
+    "name": "Read",
+    "description": "Reads a file from the local filesystem.",
+    "input_schema": {
+        "type": "object",
+        "properties": {"file_path": {"type": "string"}},
+        "required": ["file_path"],
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def messages_relay(sim: Sim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
+    with running_relay(tmp_path_factory.mktemp("messages"), sim.url, body=CONFIG) as server:
+        yield server
+
+
+@pytest.fixture
+def client(messages_relay: Relay) -> anthropic.Anthropic:
+    # The SDK appends /v1/messages to the base URL, as Claude Code does.
+    return anthropic.Anthropic(
+        base_url=messages_relay.url, api_key=messages_relay.key(), max_retries=0
+    )
+
+
+def upstream_requests(sim: Sim, marker: str) -> list[dict]:
+    return [r for r in sim.requests() if marker in json.dumps(r.get("body"))]
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_create_over_every_upstream(
+    client: anthropic.Anthropic, messages_relay: Relay, sim: Sim, kind: str
+) -> None:
+    model = KINDS[kind][0]
+    raw = client.messages.with_raw_response.create(
+        model=model,
+        max_tokens=200,
+        system=[{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+        messages=[{"role": "user", "content": f"create-{kind} #sim tokens=5"}],
+    )
+    message = raw.parse()
+    assert message.type == "message" and message.role == "assistant"
+    assert message.model == model
+    assert [block.type for block in message.content] == ["text"]
+    assert message.content[0].text == " ".join(["tok"] * 5)
+    assert message.stop_reason == "end_turn"
+    assert message.usage.output_tokens == 5
+    assert message.usage.input_tokens > 0
+    row = messages_relay.usage_row(raw.headers["x-request-id"])
+    assert (row["status"], row["account"], row["endpoint"]) == (200, kind, "messages")
+    assert row["output_tokens"] == 5 and row["usage_source"] == "upstream"
+    assert row["input_tokens"] == (
+        message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0)
+    )
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_stream_with_thinking_in_anthropic_event_order(
+    client: anthropic.Anthropic, messages_relay: Relay, kind: str
+) -> None:
+    model = KINDS[kind][0]
+    with client.messages.stream(
+        model=model,
+        max_tokens=4000,
+        thinking={"type": "enabled", "budget_tokens": 2000},
+        messages=[{"role": "user", "content": f"stream-{kind} #sim tokens=6 reasoning=4"}],
+    ) as stream:
+        names = [event.type for event in stream]
+        final = stream.get_final_message()
+        request_id = stream.response.headers["x-request-id"]
+    assert names[0] == "message_start"
+    assert names[-1] == "message_stop" and names[-2] == "message_delta"
+    blocks = [block.type for block in final.content]
+    assert blocks == ["thinking", "text"], blocks
+    assert final.content[0].thinking and final.content[0].signature
+    assert final.content[1].text == " ".join(["tok"] * 6)
+    assert final.stop_reason == "end_turn"
+    assert final.usage.output_tokens >= 6
+    row = messages_relay.usage_row(request_id)
+    assert (row["status"], row["stream"], row["account"]) == (200, 1, kind)
+    assert row["output_tokens"] == final.usage.output_tokens
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_tool_round_trip(
+    client: anthropic.Anthropic, sim: Sim, kind: str
+) -> None:
+    model = KINDS[kind][0]
+    marker = f"tool-{kind}"
+    args = json.dumps({"file_path": "/tmp/notes.txt"}, separators=(",", ":"))
+    question = {"role": "user", "content": f"{marker} #sim tool=Read args={args}"}
+    with client.messages.stream(
+        model=model, max_tokens=500, tools=[READ_TOOL], messages=[question]
+    ) as stream:
+        first = stream.get_final_message()
+    assert first.stop_reason == "tool_use"
+    call = next(block for block in first.content if block.type == "tool_use")
+    assert call.name == "Read" and call.input == {"file_path": "/tmp/notes.txt"}
+    answer = client.messages.create(
+        model=model,
+        max_tokens=500,
+        tools=[READ_TOOL],
+        messages=[
+            question,
+            {"role": "assistant", "content": [b.model_dump() for b in first.content]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": call.id,
+                     "content": "the notes say: 42"},
+                ],
+            },
+        ],
+    )
+    assert answer.stop_reason == "end_turn"
+    assert answer.content[0].type == "text"
+    upstream = json.dumps(upstream_requests(sim, marker)[-1]["body"])
+    assert "the notes say: 42" in upstream  # the result reached the model, in its protocol
+
+
+def test_thinking_from_a_responses_upstream_comes_back_as_its_reasoning_item(
+    client: anthropic.Anthropic, sim: Sim
+) -> None:
+    """The thinking block's signature carries the Responses reasoning item's encrypted content:
+    the next turn gives the upstream back the same encrypted content."""
+    question = {"role": "user", "content": "reasoning-trip #sim tokens=3 reasoning=3"}
+    first = client.messages.create(
+        model="m-responses", max_tokens=4000, messages=[question],
+        thinking={"type": "enabled", "budget_tokens": 2000},
+    )
+    thinking = first.content[0]
+    assert thinking.type == "thinking" and thinking.signature.startswith("rly1.")
+    client.messages.create(
+        model="m-responses",
+        max_tokens=4000,
+        thinking={"type": "enabled", "budget_tokens": 2000},
+        messages=[
+            question,
+            {"role": "assistant", "content": [b.model_dump() for b in first.content]},
+            {"role": "user", "content": "and then? #sim tokens=2"},
+        ],
+    )
+    requests = upstream_requests(sim, "reasoning-trip")
+    sent = requests[0]["body"]
+    assert sent["reasoning"]["effort"] == "low"  # budget 2000 → low
+    replayed = [item for item in requests[-1]["body"]["input"] if item["type"] == "reasoning"]
+    assert len(replayed) == 1
+    assert replayed[0]["encrypted_content"].startswith("gAAAAB")
+    assert replayed[0]["summary"][0]["text"] == thinking.thinking
+
+
+def test_a_long_tool_name_is_shortened_upstream_and_restored(
+    client: anthropic.Anthropic, sim: Sim
+) -> None:
+    name = "mcp__a_very_long_server_name_for_tests__" + "look_up_the_thing_" * 3
+    assert len(name) > 64
+    tool = {**READ_TOOL, "name": name}
+    message = client.messages.create(
+        model="m-responses",
+        max_tokens=300,
+        tools=[tool],
+        messages=[{"role": "user", "content": f"long-name #sim tool={name} args={{}}"}],
+    )
+    call = next(block for block in message.content if block.type == "tool_use")
+    assert call.name == name
+    sent = upstream_requests(sim, "long-name")[-1]["body"]
+    upstream_name = sent["tools"][0]["name"]
+    assert len(upstream_name) <= 64 and upstream_name != name
+
+
+def test_beta_headers_and_query_reach_an_anthropic_upstream(
+    client: anthropic.Anthropic, sim: Sim
+) -> None:
+    client.beta.messages.create(
+        model="m-anthropic",
+        max_tokens=100,
+        betas=["context-management-2025-06-27", "interleaved-thinking-2025-05-14"],
+        context_management={"edits": [{"type": "clear_tool_uses_20250919"}]},
+        messages=[{"role": "user", "content": "betas #sim tokens=2"}],
+    )
+    record = upstream_requests(sim, "betas")[-1]
+    headers = record["headers"]
+    assert headers["anthropic-beta"] == (
+        "context-management-2025-06-27,interleaved-thinking-2025-05-14"
+    )
+    # The client's API version, unchanged (the relay's own default is 2023-06-01).
+    assert headers["anthropic-version"] == client.default_headers["anthropic-version"]
+    assert headers["x-api-key"] == SIM_KEY  # the relay's credential, not the client's key
+    # Relayed natively: what Chat-based peers drop is there.
+    assert record["body"]["context_management"] == {
+        "edits": [{"type": "clear_tool_uses_20250919"}]
+    }
+
+
+def test_count_tokens(client: anthropic.Anthropic) -> None:
+    counted = client.messages.count_tokens(
+        model="m-chat", messages=[{"role": "user", "content": "x" * 400}]
+    )
+    assert 100 <= counted.input_tokens <= 110
+    with pytest.raises(anthropic.NotFoundError) as caught:
+        client.messages.count_tokens(
+            model="no-such-model", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert caught.value.body["error"]["type"] == "not_found_error"
+
+
+def test_models_in_anthropic_shape_for_anthropic_clients(
+    client: anthropic.Anthropic, messages_relay: Relay
+) -> None:
+    models = client.models.list()
+    assert {model.id for model in models.data} == {m for m, _ in KINDS.values()} | {"m-priced"}
+    assert all(model.type == "model" for model in models.data)
+    one = client.models.retrieve("m-chat")
+    assert one.id == "m-chat" and one.display_name == "m-chat"
+    plain = httpx2.get(
+        messages_relay.url + "/v1/models",
+        headers={"authorization": f"Bearer {messages_relay.key()}"},
+    ).json()
+    assert plain["object"] == "list"  # OpenAI's shape without anthropic-version
+
+
+def test_claude_base_path_and_head(messages_relay: Relay) -> None:
+    client = anthropic.Anthropic(
+        base_url=messages_relay.url + "/claude", api_key=messages_relay.key(), max_retries=0
+    )
+    message = client.messages.create(
+        model="m-chat", max_tokens=50, messages=[{"role": "user", "content": "#sim tokens=2"}]
+    )
+    assert message.content[0].text == "tok tok"
+    assert httpx2.head(messages_relay.url + "/").status_code == 200
+
+
+def test_typed_errors_from_the_relays_error_paths(messages_relay: Relay) -> None:
+    def sdk(key: str) -> anthropic.Anthropic:
+        return anthropic.Anthropic(base_url=messages_relay.url, api_key=key, max_retries=0)
+
+    hello = [{"role": "user", "content": "hello #sim tokens=1"}]
+    with pytest.raises(anthropic.AuthenticationError) as caught:
+        sdk("sk-wrong").messages.create(model="m-chat", max_tokens=10, messages=hello)
+    assert caught.value.body["type"] == "error"
+    assert caught.value.body["error"]["type"] == "authentication_error"
+    assert "Incorrect API key" in caught.value.body["error"]["message"]
+
+    client = sdk(messages_relay.key())
+    with pytest.raises(anthropic.NotFoundError) as caught:
+        client.messages.create(model="claude-nope", max_tokens=10, messages=hello)
+    assert caught.value.body["error"]["type"] == "not_found_error"
+    assert "claude-nope" in caught.value.body["error"]["message"]
+
+    done = messages_relay.cli(
+        "keys", "create", "--config", str(messages_relay.config_path), "--package", "once",
+        "--max-queue", "0", "--json",
+    )
+    limited = sdk(json.loads(done.stdout)["key"])  # may not queue: refused at once
+    limited.messages.create(model="m-chat", max_tokens=10, messages=hello)
+    with pytest.raises(anthropic.RateLimitError) as caught:
+        limited.messages.create(model="m-chat", max_tokens=10, messages=hello)
+    assert caught.value.body["error"]["type"] == "rate_limit_error"
+    assert int(caught.value.response.headers["retry-after"]) >= 1
+
+    broke = sdk(messages_relay.create_key("paid"))
+    with pytest.raises(anthropic.PaymentRequiredError) as caught:
+        broke.messages.create(model="m-priced", max_tokens=10, messages=hello)
+    assert caught.value.body["error"]["type"] == "billing_error"
+
+    for model in ("m-anthropic", "m-chat"):  # Anthropic's 529 and OpenAI's 503 alike
+        with pytest.raises(anthropic.OverloadedError) as caught:
+            client.messages.create(
+                model=model, max_tokens=10,
+                messages=[{"role": "user", "content": "#sim fault=529"}],
+            )
+        assert caught.value.status_code == 529
+        assert caught.value.body["error"]["type"] == "overloaded_error"
+
+
+@pytest.mark.parametrize(
+    ("body", "names"),
+    [
+        ({"model": "m-chat", "messages": [{"role": "user", "content": "hi"}]}, "max_tokens"),
+        ({"model": "m-chat", "max_tokens": 5, "messages": "hi"}, "messages"),
+        ({"model": "m-chat", "max_tokens": 5,
+          "messages": [{"role": "tool", "content": "hi"}]}, "messages[0].role"),
+        ({"model": "m-chat", "max_tokens": 5,
+          "messages": [{"role": "user", "content": [{"type": "tool_result"}]}]},
+         "messages[0].content[0].tool_use_id"),
+        ({"model": "m-chat", "max_tokens": 5, "messages": [{"role": "user", "content": [
+            {"type": "document",
+             "source": {"type": "text", "media_type": "text/plain", "data": "x"}}]}]},
+         "messages[0].content[0]"),
+    ],
+)
+def test_malformed_bodies_get_anthropic_400s(
+    messages_relay: Relay, body: dict, names: str
+) -> None:
+    response = httpx2.post(
+        messages_relay.url + "/v1/messages?beta=true", json=body,
+        headers={"x-api-key": messages_relay.key(), "anthropic-version": "2023-06-01"},
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()
+    assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    assert names in error["error"]["message"]
+    assert error["request_id"] == response.headers["x-request-id"]
+
+
+def test_an_upstream_that_breaks_off_ends_the_stream_with_an_error_event(
+    messages_relay: Relay,
+) -> None:
+    body = {"model": "m-chat", "max_tokens": 100, "stream": True,
+            "messages": [{"role": "user", "content": "#sim tokens=50 fault=drop"}]}
+    with httpx2.stream(
+        "POST", messages_relay.url + "/v1/messages", json=body, timeout=10,
+        headers={"x-api-key": messages_relay.key()},
+    ) as response:
+        assert response.status_code == 200
+        events = [line for line in response.iter_lines() if line.startswith("event:")]
+    assert events[0] == "event: message_start"
+    assert events[-1] == "event: error"
+    assert "message_stop" not in " ".join(events)
