@@ -4,18 +4,24 @@ order, what a package's allow-list lets in, and what the configuration refuses."
 from __future__ import annotations
 
 import fnmatch
+import json
+import time
 import tomllib
+from collections.abc import Iterator
 
+import openai
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.config import ConfigError, parse_config
+from relay.config import ConfigError, load_config, parse_config
 from relay.config_checks import check_serving, check_warnings
 from relay.errors import ModelNotFound
-from relay.ledger.prices import unpriced_models
+from relay.ledger.prices import PriceTable, cost, unpriced_models
 from relay.model_names import literal_length, may_overlap, pattern_problem
 from relay.upstream.routing import Catalog
+
+from .conftest import Relay, Sim, running_relay
 
 ACCOUNTS = """
 [pools.main]
@@ -291,3 +297,143 @@ def test_prices_are_not_patterns() -> None:
         "claude-sonnet-4-5-20250929", "claude-sonnet-4-5-exact", "claude-sonnet-4-5-served",
         "deepseek-chat", "gpt-5-mini",
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# Through the real relay: Claude Code's ids on an OpenAI-compatible account
+# --------------------------------------------------------------------------------------------
+
+CLAUDE_CODE_BODY = """
+[pools.main]
+
+[packages.team]
+pool = "main"
+initial_credits = 100
+
+[[accounts]]
+name = "gpt-chat"
+pool = "main"
+provider = "openai-chat"
+base_url = "SIM_URL/v1"
+api_key_env = "SIM_UPSTREAM_KEY"
+models = ["gpt-5.5", "gpt-5-mini"]
+
+[models."claude-sonnet-*"]
+target = "gpt-5.5"
+reasoning_effort = "high"
+
+[models."claude-opus-*"]
+target = "gpt-5.5"
+
+[models."claude-*haiku*"]
+target = "gpt-5-mini"
+
+[prices."gpt-5.5"]
+input = 1000
+output = 2000
+
+[prices.claude-opus-4-1-20250805]
+input = 5000
+output = 9000
+"""
+
+
+@pytest.fixture(scope="module")
+def mapped(sim: Sim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
+    tmp = tmp_path_factory.mktemp("patterns")
+    with running_relay(tmp, sim.url, body=CLAUDE_CODE_BODY) as server:
+        yield server
+
+
+@pytest.fixture
+def client(mapped: Relay) -> openai.OpenAI:
+    return openai.OpenAI(base_url=mapped.url + "/v1", api_key=mapped.key(), max_retries=0)
+
+
+def upstream_chat(sim: Sim, marker: str) -> dict:
+    found = [
+        r for r in sim.requests()
+        if r["path"].endswith("/chat/completions") and marker in json.dumps(r["body"])
+    ]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_a_dated_sonnet_id_reaches_the_openai_account_as_its_target(
+    client: openai.OpenAI, mapped: Relay, sim: Sim
+) -> None:
+    marker = f"sonnet-{time.monotonic_ns()}"
+    raw = client.chat.completions.with_raw_response.create(
+        model="claude-sonnet-4-5-20250929",
+        messages=[{"role": "user", "content": f"{marker} #sim tokens=4"}],
+    )
+    completion = raw.parse()
+    assert completion.choices[0].message.content == "tok tok tok tok"
+    upstream = upstream_chat(sim, marker)
+    assert upstream["body"]["model"] == "gpt-5.5"
+    assert upstream["body"]["reasoning_effort"] == "high"
+    row = mapped.usage_row(raw.headers["x-request-id"])
+    assert (row["model"], row["upstream_model"], row["account"], row["status"]) == (
+        "claude-sonnet-4-5-20250929", "gpt-5.5", "gpt-chat", 200,
+    )
+    # Priced as its target: the requested id has no price of its own.
+    rate = PriceTable(load_config(mapped.config_path).prices).rate_for("gpt-5.5")
+    assert row["cost_nano"] == cost(
+        rate, input_tokens=row["input_tokens"], output_tokens=row["output_tokens"]
+    ) > 0
+
+
+def test_the_small_model_streams_through_its_pattern_and_an_exact_price_applies_first(
+    client: openai.OpenAI, mapped: Relay, sim: Sim
+) -> None:
+    marker = f"haiku-{time.monotonic_ns()}"
+    with client.chat.completions.with_streaming_response.create(
+        model="claude-3-5-haiku-20241022",
+        messages=[{"role": "user", "content": f"{marker} #sim tokens=3"}],
+        stream=True,
+    ) as response:
+        text = "".join(
+            choice.delta.content or "" for chunk in response.parse() for choice in chunk.choices
+        )
+        request_id = response.headers["x-request-id"]
+    assert text == "tok tok tok"
+    assert upstream_chat(sim, marker)["body"]["model"] == "gpt-5-mini"
+    row = mapped.usage_row(request_id)
+    assert (row["model"], row["upstream_model"]) == ("claude-3-5-haiku-20241022", "gpt-5-mini")
+
+    raw = client.chat.completions.with_raw_response.create(
+        model="claude-opus-4-1-20250805",
+        messages=[{"role": "user", "content": "#sim tokens=2"}],
+    )
+    row = mapped.usage_row(raw.headers["x-request-id"])
+    assert row["upstream_model"] == "gpt-5.5"
+    prices = PriceTable(load_config(mapped.config_path).prices)
+    own = prices.rate_for("claude-opus-4-1-20250805")
+    assert own is not None and own.model == "claude-opus-4-1-20250805"
+    assert row["cost_nano"] == cost(
+        own, input_tokens=row["input_tokens"], output_tokens=row["output_tokens"]
+    ) > 0
+
+
+@pytest.mark.parametrize(
+    "model", ["claude-3-opus-20240229", "claude-instant-1.2", "Claude-sonnet-4-5-20250929"]
+)
+def test_an_unmatched_claude_id_is_404_model_not_found(
+    client: openai.OpenAI, sim: Sim, model: str
+) -> None:
+    before = len(sim.requests())
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.code == "model_not_found"
+    assert caught.value.body["param"] == "model"
+    assert f"'{model}'" in caught.value.message
+    assert len(sim.requests()) == before  # nothing went upstream
+
+
+def test_the_model_list_has_no_patterns_and_a_mapped_id_can_be_retrieved(
+    client: openai.OpenAI,
+) -> None:
+    assert [model.id for model in client.models.list()] == ["gpt-5-mini", "gpt-5.5"]
+    assert client.models.retrieve("claude-opus-4-1-20250805").id == "claude-opus-4-1-20250805"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("claude-3-opus-20240229")
