@@ -8,6 +8,7 @@ import json
 import time
 import tomllib
 from collections.abc import Iterator
+from pathlib import Path
 
 import openai
 import pytest
@@ -437,3 +438,34 @@ def test_the_model_list_has_no_patterns_and_a_mapped_id_can_be_retrieved(
     assert client.models.retrieve("claude-opus-4-1-20250805").id == "claude-opus-4-1-20250805"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("claude-3-opus-20240229")
+
+
+def test_the_readme_example_maps_claude_codes_ids_as_it_says() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Model aliases and patterns", 1)[1]
+    snippet = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    accounts = """
+    [pools.main]
+
+    [packages.team]
+    pool = "main"
+
+    [[accounts]]
+    name = "gpt"
+    pool = "main"
+    provider = "openai-chat"
+    base_url = "https://api.example.com/v1"
+    models = ["gpt-5.5", "deepseek-chat"]
+    """
+    cfg = parse_config(tomllib.loads(accounts.replace("\n    ", "\n") + snippet))
+    assert check_serving(cfg) == []
+    catalog = Catalog(cfg)
+    expected = {
+        "claude-sonnet-4-5-20250929": ("gpt-5.5", "high"),
+        "claude-opus-4-1-20250805": ("gpt-5.5", None),
+        "claude-3-5-haiku-20241022": ("deepseek-chat", None),
+        "claude-haiku-4-5-20251001": ("deepseek-chat", None),
+    }
+    for model, target in expected.items():
+        assert route(catalog, cfg, "team", model) == target
+    assert not catalog.can_call(cfg.packages["team"], "claude-3-opus-20240229")
