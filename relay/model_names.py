@@ -36,6 +36,7 @@ __all__ = [
     "allowed",
     "is_pattern",
     "literal_length",
+    "matches",
     "may_overlap",
     "pattern_problem",
 ]
