@@ -27,6 +27,10 @@ Decisions worth knowing:
   directory, so ``relay serve -c /etc/relay/relay.toml`` finds the same database from anywhere.
 - Aliases do not chain: an alias's ``target`` may not be another alias. One level is all a client
   needs (``gpt-5-high`` → ``gpt-5`` with effort ``high``) and it rules out cycles.
+- A ``[models.NAME]`` whose NAME holds ``*``, ``?`` or ``[`` is a pattern alias
+  (``[models."claude-sonnet-*"]``), and a package's ``models`` entries may be patterns too; both
+  are fnmatch globs, and one that fnmatch would misread (an unclosed ``[``, an empty ``[z-a]``)
+  is refused here. What a name resolves to, exact names first: :mod:`relay.model_names`.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .config_urls import base_url_problem, check_proxy_url, split_listen
+from .model_names import pattern_problem
 
 __all__ = [
     "PROVIDERS",
@@ -201,7 +206,11 @@ class AccountConfig:
 
 @dataclass(frozen=True)
 class ModelAlias:
-    """``[models.ALIAS]``: a model id clients may use that maps to ``target`` (and an effort)."""
+    """``[models.ALIAS]``: a model id clients may use that maps to ``target`` (and an effort).
+
+    A ``name`` holding ``*``, ``?`` or ``[`` is a pattern: every requested id it matches maps
+    to ``target``, unless an exact name claims it first (:mod:`relay.model_names`).
+    """
 
     name: str
     target: str
@@ -682,10 +691,22 @@ def _read_package(name: str, table: _Table, pools: Mapping[str, Any]) -> Package
         weight=table.number("weight", 1.0, positive=True),
         key_prefix=key_prefix,
         initial_credits=table.number("initial_credits", 0.0, non_negative=True),
-        models=table.string_list("models"),
+        models=_read_model_list(table),
     )
     table.finish()
     return package
+
+
+def _read_model_list(table: _Table) -> tuple[str, ...] | None:
+    """A package's ``models``: names or fnmatch patterns, each pattern a glob fnmatch reads as
+    written."""
+    models = table.string_list("models")
+    for index, model in enumerate(models or ()):
+        problem = pattern_problem(model)
+        if problem is not None:
+            path = f"{_join(table.path, 'models')}[{index}]"
+            table.issues.append(ConfigIssue(path, f"pattern {model!r}: {problem}"))
+    return models
 
 
 _SECRET_HINT = (
@@ -738,6 +759,9 @@ def _read_account(
 
 
 def _read_alias(name: str, table: _Table) -> ModelAlias:
+    problem = pattern_problem(name)
+    if problem is not None:
+        table.issues.append(ConfigIssue(table.path, f"pattern {name!r}: {problem}"))
     alias = ModelAlias(
         name=name,
         target=table.string("target", required=True) or "",

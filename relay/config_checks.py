@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 from .config import Config, ConfigError, ConfigIssue, _join, load_config
+from .model_names import AliasTable, is_pattern, matches, may_overlap
 
 __all__ = [
     "check_environment",
@@ -69,12 +70,14 @@ def check_serving(config: Config) -> list[ConfigIssue]:
     """What makes a valid file unable to serve, each at its key path; empty when it can serve.
 
     :func:`parse_config` checks each value and reference on its own; this checks the file as a
-    relay: it defines at least one account, every alias's target is served by some account, and
-    every model a package lists is served (directly or through an alias) by an account of the
-    package's pool. A file that passes serves every model it names without an error of its own
-    making. Kept apart from :func:`parse_config` so a fragment (a ``[server]`` table alone) is
-    still a valid configuration to parse; ``relay serve`` and ``relay check-config`` refuse what
-    this reports.
+    relay: it defines at least one account, every alias's target (a pattern alias's too) is
+    served by some account, and every model a package lists is served (directly or through an
+    alias) by an account of the package's pool; a pattern in a package's list must be able to
+    match something the pool serves. A pattern alias that shadows nothing is fine. A file that
+    passes serves every model it names without an error of its own making. Kept apart from
+    :func:`parse_config` so a fragment (a ``[server]`` table alone) is still a valid
+    configuration to parse; ``relay serve`` and ``relay check-config`` refuse what this
+    reports.
     """
     issues: list[ConfigIssue] = []
     if not config.accounts:
@@ -92,24 +95,55 @@ def check_serving(config: Config) -> list[ConfigIssue]:
                     f"no account serves {alias.target!r} ({_served_list(served)})",
                 )
             )
+    aliases = AliasTable(config.models)
     for name, package in config.packages.items():
         if package.models is None:
             continue
         pool_served = _served(config, package.pool)
         for index, model in enumerate(package.models):
-            alias = config.models.get(model)
-            target = alias.target if alias is not None else model
-            if target in pool_served:
+            problem = _unreachable(config, aliases, model, pool_served)
+            if problem is None:
                 continue
-            what = f"{model!r} (an alias of {target!r})" if alias is not None else repr(model)
             issues.append(
                 ConfigIssue(
                     f"{_join('packages', name)}.models[{index}]",
-                    f"no account of pool {package.pool!r} serves {what} "
+                    f"no account of pool {package.pool!r} serves {problem} "
                     f"({_served_list(pool_served)})",
                 )
             )
     return issues
+
+
+def _unreachable(
+    config: Config, aliases: AliasTable, entry: str, pool_served: set[str]
+) -> str | None:
+    """What a package ``models`` entry names that its pool cannot serve, or ``None`` if it lets
+    some request through.
+
+    A plain name must resolve (as the relay resolves it) to a model the pool serves. A pattern
+    entry is fine when it matches a served model or an exact alias onto one, or may match the
+    same names as a pattern alias onto one (:func:`may_overlap`: refused only when it cannot).
+    """
+    if not is_pattern(entry):
+        alias = aliases.lookup(entry, pool_served)
+        target = alias.target if alias is not None else entry
+        if target in pool_served:
+            return None
+        if alias is None:
+            return repr(entry)
+        kind = "a pattern alias" if is_pattern(alias.name) else "an alias"
+        via = f" through {alias.name!r}" if is_pattern(alias.name) else ""
+        return f"{entry!r} ({kind} of {target!r}{via})"
+    if any(matches(model, entry) for model in pool_served):
+        return None
+    for alias in config.models.values():
+        if alias.target not in pool_served:
+            continue
+        if is_pattern(alias.name) and may_overlap(entry, alias.name):
+            return None
+        if not is_pattern(alias.name) and matches(alias.name, entry):
+            return None
+    return f"a model matching {entry!r}"
 
 
 def _served_list(served: set[str]) -> str:
@@ -123,7 +157,16 @@ def check_warnings(config: Config) -> list[ConfigIssue]:
     warnings: list[ConfigIssue] = []
     served = _served(config)
     for model in config.prices:
-        if model not in served and model not in config.models:
+        if is_pattern(model):
+            warnings.append(
+                ConfigIssue(
+                    _join("prices", model),
+                    "prices are looked up by exact model id, not by pattern: this price never "
+                    "applies (a pattern alias's requests pay the price of the id asked for, "
+                    "else its target's)",
+                )
+            )
+        elif model not in served and model not in config.models:
             warnings.append(
                 ConfigIssue(
                     _join("prices", model),

@@ -198,6 +198,61 @@ def test_package_models_that_no_account_of_its_pool_serves_are_refused(tmp_path:
         assert fine not in done.stderr, done.stderr
 
 
+def test_pattern_aliases_a_target_nobody_serves_or_a_misread_glob_are_refused(
+    tmp_path: Path,
+) -> None:
+    extra = """
+    [models."claude-sonnet-*"]
+    target = "gpt-5"
+    reasoning_effort = "high"
+
+    [models."claude-opus-*"]
+    target = "gpt-9"
+
+    [models."claude-[haiku-*"]
+    target = "deepseek-chat"
+
+    [packages.claude-code]
+    pool = "main"
+    models = ["claude-sonnet-*", "claude-[0-9-*", "mistral-*"]
+    """
+    done = relay_cli("check-config", str(config_file(tmp_path, one_account(extra=extra))))
+    # The globs fnmatch would misread are parse errors: reported first, each at its key.
+    assert_refused(done, 'models."claude-[haiku-*"', "packages.claude-code.models[1]")
+    lines = done.stderr.splitlines()
+    assert any(
+        line.startswith("  models.\"claude-[haiku-*\": pattern 'claude-[haiku-*': the '[' at "
+                        "position 8 is never closed")
+        for line in lines
+    ), lines
+
+    # Globs fixed: a pattern whose target nobody serves, and an allow-list pattern nothing can
+    # match, are refused on one line each.
+    extra = extra.replace("claude-[haiku-*", "claude-*haiku*").replace("[0-9-*", "[0-9]*")
+    done = relay_cli("check-config", str(config_file(tmp_path, one_account(extra=extra))))
+    assert_refused(done, 'models."claude-opus-*".target', "packages.claude-code.models[2]")
+    lines = done.stderr.splitlines()
+    assert (
+        "  models.\"claude-opus-*\".target: no account serves 'gpt-9' "
+        "(served: deepseek-chat, gpt-5)"
+    ) in lines, lines
+    assert (
+        "  packages.claude-code.models[2]: no account of pool 'main' serves a model matching "
+        "'mistral-*' (served: deepseek-chat, gpt-5)"
+    ) in lines, lines
+    assert "claude-sonnet-*" not in done.stderr  # its target is served
+    assert len(lines) == 3, lines  # the heading and the two issues
+
+    # Fixed, with a pattern that shadows nothing (fine): OK.
+    extra = extra.replace('"gpt-9"', '"gpt-5"').replace(', "mistral-*"', "") + """
+    [models."mistral-*"]
+    target = "deepseek-chat"
+    """
+    done = relay_cli("check-config", str(config_file(tmp_path, one_account(extra=extra))))
+    assert done.returncode == 0, done.stderr
+    assert "4 model aliases" in done.stdout
+
+
 def test_unused_prices_and_unset_key_variables_are_warnings_not_errors(tmp_path: Path) -> None:
     body = one_account(
         extra=f"""

@@ -132,7 +132,9 @@ def test_example_config_loads_with_the_pools_packages_and_accounts_it_documents(
     for effort in ("low", "medium", "high"):
         alias = config.models[f"gpt-5-codex-{effort}"]
         assert (alias.target, alias.reasoning_effort) == ("gpt-5-codex", effort)
-    assert len(config.models) == 7
+    assert config.models["claude-sonnet-*"] == ModelAlias("claude-sonnet-*", "gpt-5.5", "high")
+    assert config.models["claude-*haiku*"] == ModelAlias("claude-*haiku*", "gpt-5", "low")
+    assert len(config.models) == 9
 
     assert set(config.prices) == {
         "gpt-5",

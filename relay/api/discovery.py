@@ -3,8 +3,9 @@
 ``GET {base}`` / ``/healthz`` (health), ``GET /`` for anything but a browser (the relay's
 self-description: its base paths and the workbench), ``GET {base}/models`` and
 ``GET {base}/models/{model}`` in OpenAI's list and object shapes (Anthropic's for a request with
-``anthropic-version``), with the models of the key's
-package only (a model the key cannot use is 404 ``model_not_found``, as OpenAI answers it).
+``anthropic-version``), with the models of the key's package only (a model the key cannot use is
+404 ``model_not_found``, as OpenAI answers it). The list holds model ids, never a pattern alias;
+retrieving an id a pattern maps answers 200, as calling it would.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ async def list_models(runtime: Runtime, request: Request, responder: Responder) 
 async def get_model(runtime: Runtime, request: Request, responder: Responder) -> None:
     package = await _package_of(runtime, request)
     model = request.params["model"]
-    if model not in runtime.catalog.models_for(package):
+    if not runtime.catalog.can_call(package, model):
         raise ModelNotFound(
             f"The model '{model}' does not exist or you do not have access to it.",
             param="model",

@@ -17,8 +17,11 @@ A request's cost (:func:`cost`):
 
 Which price applies (:meth:`PriceTable.rate_for`): the model the client asked for if it has its
 own ``[prices]`` entry (so an alias such as ``gpt-5-high`` may be priced apart), else the upstream
-model it resolved to. A model with no price is free: it is neither charged nor refused for
-credits (``relay check-config`` lists such models when the file prices any model at all).
+model it resolved to. Entries are exact ids, never patterns: a request a pattern alias maps
+(``claude-sonnet-4-5-20250929`` through ``claude-sonnet-*``) pays the price of the id it asked
+for if there is one, else its target's. A model with no price is free: it is neither charged
+nor refused for credits (``relay check-config`` lists such models when the file prices any
+model at all).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
 from ..config import Config, Price
+from ..model_names import is_pattern
 
 #: Nanocredits per credit: the integer unit of every stored amount.
 NANO = 1_000_000_000
@@ -165,6 +169,8 @@ def unpriced_models(config: Config) -> list[str]:
     missing.update(
         alias.name
         for alias in config.models.values()
-        if alias.target in served and table.rate_for(alias.name, alias.target) is None
+        if not is_pattern(alias.name)  # not a model id: its requests pay its target's price
+        and alias.target in served
+        and table.rate_for(alias.name, alias.target) is None
     )
     return sorted(missing)

@@ -1,7 +1,8 @@
 """Which models a key may use, and which upstream accounts may serve a request.
 
 :class:`Catalog` answers "what can this package call, and what does this model name mean"
-(aliases resolved to a target model and a reasoning effort). :class:`Scheduler` lists the
+(aliases, exact or patterns, resolved to a target model and a reasoning effort: the order is
+:mod:`relay.model_names`'s). :class:`Scheduler` lists the
 accounts that serve the model, in any protocol, best priority first; admission then takes the
 least-loaded one that has room (its concurrency, TPM and RPM are guards like any other). Sticky
 sessions (:mod:`.sessions`) and health (:mod:`.health`) plug in here.
@@ -16,6 +17,7 @@ import trio
 from ..config import AccountConfig, Config, PackageConfig
 from ..errors import ModelNotFound
 from ..guards.admission import Guard
+from ..model_names import AliasTable, allowed, is_pattern
 from .sessions import SessionBindings
 
 
@@ -30,27 +32,47 @@ class ModelRoute:
 
 
 class Catalog:
+    """The model names each package may call and what they resolve to.
+
+    A package's ``models`` allow-list is matched against the name the client sent (its entries
+    may be patterns); the alias it resolves through does not need to be listed.
+    """
+
     def __init__(self, config: Config) -> None:
         self._config = config
+        self._aliases = AliasTable(config.models)
         self._served: dict[str, set[str]] = {}
         for account in config.accounts:
             self._served.setdefault(account.pool, set()).update(account.models)
 
     def models_for(self, package: PackageConfig) -> list[str]:
-        """Model ids the package may call: served targets plus aliases onto them, sorted."""
+        """Model ids the package may call, sorted: served models and exact aliases onto them,
+        and the plain names of its allow-list that resolve (through a pattern, say).
+
+        Pattern aliases are not model ids and are not listed; the ids they map still resolve
+        (:meth:`resolve`, :meth:`can_call`)."""
         served = self._served.get(package.pool, set())
         names = set(served)
-        names.update(alias for alias, spec in self._config.models.items() if spec.target in served)
-        if package.models is not None:
-            names &= set(package.models)
-        return sorted(names)
+        names.update(
+            name for name, spec in self._aliases.exact.items() if spec.target in served
+        )
+        listed = sorted(name for name in names if allowed(package.models, name))
+        extra = [
+            name
+            for name in package.models or ()
+            if not is_pattern(name) and name not in names and self.can_call(package, name)
+        ]
+        return sorted([*listed, *extra])
 
     def resolve(self, package: PackageConfig, model: str) -> ModelRoute:
+        """The route of ``model`` for ``package``: exact alias, else the model served directly
+        by the package's pool, else the most specific pattern alias; 404 ``model_not_found``
+        when the result is not served by the pool or the allow-list does not let the name in.
+        ``requested`` is always the client's name."""
         served = self._served.get(package.pool, set())
-        alias = self._config.models.get(model)
+        alias = self._aliases.lookup(model, served)
         target, effort = (alias.target, alias.reasoning_effort) if alias else (model, None)
-        allowed = package.models is None or model in package.models
-        if target not in served or not allowed:
+        if target not in served or not allowed(package.models, model):
             raise ModelNotFound(
                 f"The model '{model}' does not exist or you do not have access to it. "
                 "GET /v1/models lists the models your key can use.",
@@ -59,6 +81,14 @@ class Catalog:
         return ModelRoute(
             requested=model, target=target, reasoning_effort=effort, pool=package.pool
         )
+
+    def can_call(self, package: PackageConfig, model: str) -> bool:
+        """Whether :meth:`resolve` would route ``model`` for ``package``."""
+        try:
+            self.resolve(package, model)
+        except ModelNotFound:
+            return False
+        return True
 
 
 class Account:
