@@ -36,6 +36,9 @@ initial_credits = 0
 [models.m-priced]
 target = "m-chat"
 
+[models."claude-sonnet-*"]
+target = "m-responses"
+
 [prices.m-priced]
 input = 1000
 output = 1000
@@ -244,6 +247,30 @@ def test_beta_headers_and_query_reach_an_anthropic_upstream(
     assert record["body"]["context_management"] == {
         "edits": [{"type": "clear_tool_uses_20250919"}]
     }
+
+
+def test_claude_code_model_names_reach_the_mapped_upstream(
+    client: anthropic.Anthropic, messages_relay: Relay, sim: Sim
+) -> None:
+    with client.messages.stream(
+        model="claude-sonnet-4-5-20250929",
+        max_tokens=300,
+        messages=[{"role": "user", "content": "mapped-name #sim tokens=3"}],
+    ) as stream:
+        final = stream.get_final_message()
+        request_id = stream.response.headers["x-request-id"]
+    assert final.model == "claude-sonnet-4-5-20250929"  # the name the client asked for
+    assert final.content[0].text == "tok tok tok"
+    assert upstream_requests(sim, "mapped-name")[-1]["body"]["model"] == "m-responses"
+    row = messages_relay.usage_row(request_id)
+    assert (row["model"], row["upstream_model"], row["account"]) == (
+        "claude-sonnet-4-5-20250929", "m-responses", "openai-responses"
+    )
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.create(
+            model="claude-opus-4-1-20250805", max_tokens=10,
+            messages=[{"role": "user", "content": "hi"}],
+        )
 
 
 def test_count_tokens(client: anthropic.Anthropic) -> None:

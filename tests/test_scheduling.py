@@ -114,6 +114,35 @@ def test_a_session_stays_on_its_account(scheduled: Relay, sim: Sim, sim_b: Sim) 
     assert scheduled.state()["accounts"]["b"]["sessions"] >= 1
 
 
+def test_claude_code_sessions_stick_and_are_each_keys_own(scheduled: Relay) -> None:
+    """Claude Code's session header binds a Messages session to an account (b, while a is
+    busy); the same session id from another key is another session: it goes where an unbound
+    request goes (a), not to the first key's account."""
+    def message(key: str, session: str) -> httpx2.Response:
+        body = {"model": "sticky-model", "max_tokens": 50,
+                "messages": [{"role": "user", "content": "hi #sim tokens=1"}]}
+        return httpx2.post(
+            scheduled.url + "/v1/messages", json=body, timeout=20,
+            headers={"x-api-key": key, "x-claude-code-session-id": session},
+        )
+
+    owner, other = scheduled.key(), scheduled.create_key("team", "other")
+    busy = threading.Thread(target=ask, args=(scheduled, "#sim tokens=10 delay=0.1"),
+                            kwargs={"model": "sticky-model"})
+    busy.start()
+    try:
+        deadline = time.monotonic() + 5
+        while scheduled.state()["accounts"]["a"]["in_flight"] == 0:
+            assert time.monotonic() < deadline
+        first = message(owner, "cc-session-1")
+    finally:
+        busy.join()
+    assert first.status_code == 200, first.text
+    assert account_of(scheduled, first) == "b"
+    assert [account_of(scheduled, message(owner, "cc-session-1")) for _ in range(5)] == ["b"] * 5
+    assert account_of(scheduled, message(other, "cc-session-1")) == "a"
+
+
 def test_rate_limited_account_rebinds_the_session_without_an_error(
     scheduled: Relay, sim: Sim, sim_b: Sim
 ) -> None:
