@@ -672,8 +672,8 @@ def _key_listing(record, usage: dict | None) -> dict:
         "usage": {
             name: usage.get(name, 0)
             for name in (
-                "calls", "errors", "input_tokens", "cached_tokens", "output_tokens",
-                "reasoning_tokens",
+                "calls", "errors", "input_tokens", "cached_tokens", "cache_write_tokens",
+                "output_tokens", "reasoning_tokens",
             )
         },
     }

@@ -219,15 +219,18 @@ class ModelAlias:
 
 @dataclass(frozen=True)
 class Price:
-    """``[prices.MODEL]``: credits per million input, cached-input and output tokens.
+    """``[prices.MODEL]``: credits per million input, cached-input, cache-write and output
+    tokens.
 
-    ``cached_input`` of ``None`` means cached input tokens are billed at the ``input`` price.
+    ``cached_input`` of ``None`` means cached input tokens are billed at the ``input`` price;
+    ``cache_write`` of ``None`` the same for input tokens written to the prompt cache.
     """
 
     model: str
     input: float
     cached_input: float | None = None
     output: float = 0.0
+    cache_write: float | None = None
 
 
 def _empty_mapping() -> Mapping[str, Any]:
@@ -777,6 +780,7 @@ def _read_price(model: str, table: _Table) -> Price:
         input=table.number("input", 0.0, non_negative=True, required=True),
         cached_input=table.number("cached_input", None, non_negative=True),
         output=table.number("output", 0.0, non_negative=True, required=True),
+        cache_write=table.number("cache_write", None, non_negative=True),
     )
     table.finish()
     return price

@@ -123,6 +123,7 @@ class Metrics:
         for kind, count in (
             ("input", record.input_tokens),
             ("cached_input", record.cached_tokens),
+            ("cache_write", record.cache_write_tokens),
             ("output", record.output_tokens),
             ("reasoning", record.reasoning_tokens),
         ):

@@ -142,8 +142,13 @@ def test_example_config_loads_with_the_pools_packages_and_accounts_it_documents(
         "gpt-5.5",
         "deepseek-chat",
         "deepseek-reasoner",
+        "claude-sonnet-4-5",
+        "claude-opus-4-1",
     }
     assert config.prices["gpt-5"] == Price("gpt-5", input=1.25, cached_input=0.125, output=10.0)
+    assert config.prices["claude-sonnet-4-5"] == Price(
+        "claude-sonnet-4-5", input=3.0, cached_input=0.3, output=15.0, cache_write=3.75
+    )
 
 
 def test_example_file_documents_every_server_key():
@@ -403,6 +408,12 @@ BROKEN = [
         "prices.gpt-5.cached_input",
         "must be a non-negative number, got nan",
         id="nan-price",
+    ),
+    pytest.param(
+        "[prices.claude]\ninput = 3\noutput = 15\ncache_write = -3.75\n",
+        "prices.claude.cache_write",
+        "must be a non-negative number, got -3.75",
+        id="negative-cache-write-price",
     ),
     pytest.param(
         BASE.replace('api_key_env = "CODEX_1_KEY"', 'api_key_env = "codex key"'),

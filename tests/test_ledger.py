@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+
+import pytest
 import trio
 
 from relay.ledger.keys import KeyRing, key_from_headers
@@ -52,3 +55,73 @@ async def test_writer_drains_every_record_on_close(tmp_path) -> None:
     assert len(rows) == 1234
     assert {row["request_id"] for row in rows} == {f"r{i}" for i in range(1234)}
     assert writer.queued == 0 and writer.written == 1234
+
+
+async def test_cache_writes_are_stored_and_summed_with_the_record(tmp_path) -> None:
+    store = Store(tmp_path / "r.db")
+    writer = UsageWriter(store)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run)
+        for index, (cached, written) in enumerate([(300, 500), (0, 1200), (40, 0)]):
+            writer.record(UsageRecord(
+                request_id=f"r{index}", key_id="k", package="p", endpoint="chat/completions",
+                model="claude", input_tokens=2000, cached_tokens=cached,
+                cache_write_tokens=written, output_tokens=7,
+            ))
+        writer.close()
+    rows = {row["request_id"]: row for row in store.usage_rows()}
+    assert [rows[f"r{i}"]["cache_write_tokens"] for i in range(3)] == [500, 1200, 0]
+    assert [rows[f"r{i}"]["cached_tokens"] for i in range(3)] == [300, 0, 40]
+    totals, groups = store.usage_summary("k", 0, 2**40, group_by="model")
+    assert totals["cache_write_tokens"] == 1700 and totals["cached_tokens"] == 340
+    assert groups[0]["grp"] == "claude" and groups[0]["cache_write_tokens"] == 1700
+    assert store.usage_by_key()["k"]["cache_write_tokens"] == 1700
+    store.close()
+
+
+#: The ``usage`` table as the relay first made it (no ``cost_nano``), and as it was made from
+#: credits (issue 4) until cache writes were counted apart: both must open and gain the columns.
+USAGE_FIRST_COLUMNS = (
+    '"id" INTEGER PRIMARY KEY, "ts" REAL, "request_id" TEXT, "key_id" TEXT, "package" TEXT, '
+    '"endpoint" TEXT, "model" TEXT, "upstream_model" TEXT, "account" TEXT, "stream" INTEGER, '
+    '"status" INTEGER, "error_code" TEXT, "input_tokens" INTEGER, "cached_tokens" INTEGER, '
+    '"output_tokens" INTEGER, "reasoning_tokens" INTEGER, "usage_source" TEXT, '
+    '"latency_ms" REAL, "ttft_ms" REAL, "queue_ms" REAL, "client_disconnected" INTEGER'
+)
+
+
+@pytest.mark.parametrize("extra", ["", ', "cost_nano" INTEGER'], ids=["first", "with-credits"])
+async def test_a_usage_table_from_before_cache_writes_gains_the_column(tmp_path, extra) -> None:
+    database = tmp_path / "old.db"
+    connection = sqlite3.connect(database)
+    with connection:
+        connection.execute(f'CREATE TABLE "usage" ({USAGE_FIRST_COLUMNS}{extra})')
+        connection.execute(
+            "insert into usage (ts, request_id, key_id, package, endpoint, model, status, "
+            "error_code, input_tokens, cached_tokens, output_tokens) "
+            "values (1000, 'req_old', 'k', 'p', 'chat', 'claude', 200, '', 900, 100, 20)"
+        )
+    connection.close()
+
+    store = Store(database)
+    columns = {column.name: column for column in store.db["usage"].columns}
+    assert columns["cache_write_tokens"].notnull and "cost_nano" in columns
+    writer = UsageWriter(store)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run)
+        writer.record(UsageRecord(
+            request_id="req_new", key_id="k", package="p", endpoint="chat/completions",
+            model="claude", input_tokens=3000, cached_tokens=1000, cache_write_tokens=1500,
+            output_tokens=5,
+        ))
+        writer.close()
+    rows = {row["request_id"]: row for row in store.usage_rows()}
+    assert rows["req_old"]["cache_write_tokens"] == 0
+    assert (rows["req_old"]["input_tokens"], rows["req_old"]["cached_tokens"]) == (900, 100)
+    assert rows["req_new"]["cache_write_tokens"] == 1500
+    totals, _ = store.usage_summary("k", 0, 2**40)
+    assert (totals["calls"], totals["input_tokens"], totals["cache_write_tokens"]) == (
+        2, 3900, 1500
+    )
+    store.close()
+    Store(database).close()  # opening again migrates nothing twice

@@ -1,5 +1,6 @@
 """Billing arithmetic, as properties: exact to half a nanocredit, reasoning billed as output,
-cached input at its own price, monotonic, and a ledger that adds up exactly."""
+cached input and cache writes at their own prices, monotonic, and a ledger that adds up
+exactly."""
 
 from __future__ import annotations
 
@@ -29,18 +30,24 @@ tokens = st.integers(min_value=0, max_value=2_000_000)
 @st.composite
 def rates(draw) -> Rate:
     cached = draw(st.one_of(st.none(), prices))
-    return Rate.of(Price("m", input=draw(prices), cached_input=cached, output=draw(prices)))
+    written = draw(st.one_of(st.none(), prices))
+    return Rate.of(
+        Price("m", input=draw(prices), cached_input=cached, output=draw(prices),
+              cache_write=written)
+    )
 
 
-@given(rates(), tokens, tokens, tokens, tokens)
-def test_cost_is_the_exact_price_rounded_to_half_a_nanocredit(rate, inp, cached, out, reasoning):
+@given(rates(), tokens, tokens, tokens, tokens, tokens)
+def test_cost_is_the_exact_price_rounded_to_half_a_nanocredit(
+    rate, inp, cached, written, out, reasoning
+):
     exact = exact_cost(
         rate, input_tokens=inp, cached_tokens=cached, output_tokens=out,
-        reasoning_tokens=reasoning,
+        reasoning_tokens=reasoning, cache_write_tokens=written,
     )
     billed = cost(
         rate, input_tokens=inp, cached_tokens=cached, output_tokens=out,
-        reasoning_tokens=reasoning,
+        reasoning_tokens=reasoning, cache_write_tokens=written,
     )
     assert isinstance(billed, int)
     assert abs(billed - exact) <= Fraction(1, 2)
@@ -76,17 +83,71 @@ def test_reasoning_is_billed_as_output(rate, inp, out, reasoning):
     )
 
 
-@given(rates(), tokens, tokens, tokens, st.integers(min_value=1, max_value=10_000))
-def test_more_tokens_never_cost_less(rate, inp, cached, out, extra):
-    base = cost(rate, input_tokens=inp, cached_tokens=cached, output_tokens=out)
-    assert cost(rate, input_tokens=inp, cached_tokens=cached, output_tokens=out + extra) >= base
-    assert cost(rate, input_tokens=inp + extra, cached_tokens=cached, output_tokens=out) >= base
+@given(rates(), tokens, tokens, tokens, tokens, st.integers(min_value=1, max_value=10_000))
+def test_more_tokens_never_cost_less(rate, inp, cached, written, out, extra):
+    def billed(inp=inp, out=out) -> int:
+        return cost(rate, input_tokens=inp, cached_tokens=cached, cache_write_tokens=written,
+                    output_tokens=out)
+
+    base = billed()
+    assert billed(out=out + extra) >= base
+    assert billed(inp=inp + extra) >= base
 
 
 @given(prices, prices, tokens, tokens)
 def test_cached_input_without_its_own_price_costs_as_input(p_in, p_out, inp, cached):
     rate = Rate.of(Price("m", input=p_in, output=p_out))
     assert cost(rate, input_tokens=inp, cached_tokens=cached) == cost(rate, input_tokens=inp)
+
+
+@given(prices, st.one_of(st.none(), prices), st.one_of(st.none(), prices), prices,
+       tokens, tokens, tokens, tokens)
+def test_cache_writes_follow_their_price_per_million(
+    p_in, p_cached, p_write, p_out, inp, cached, written, out
+):
+    """Input counts cache reads and writes: uncached input (input − cached − writes) at
+    `input`, cached at `cached_input`, writes at `cache_write` (each `input` when unset)."""
+    rate = Rate.of(
+        Price("m", input=p_in, cached_input=p_cached, output=p_out, cache_write=p_write)
+    )
+    inp = inp + cached + written  # a report that adds up, as Anthropic's always does
+    cached_price = p_in if p_cached is None else p_cached
+    write_price = p_in if p_write is None else p_write
+    expected_credits = (
+        Fraction(str(p_in)) * (inp - cached - written)
+        + Fraction(str(cached_price)) * cached
+        + Fraction(str(write_price)) * written
+        + Fraction(str(p_out)) * out
+    ) / 1_000_000
+    assert exact_cost(
+        rate, input_tokens=inp, cached_tokens=cached, cache_write_tokens=written,
+        output_tokens=out,
+    ) == expected_credits * NANO
+
+
+@given(prices, prices, prices, tokens, tokens, tokens)
+def test_cache_writes_without_their_own_price_cost_as_input(
+    p_in, p_cached, p_out, inp, cached, written
+):
+    rate = Rate.of(Price("m", input=p_in, cached_input=p_cached, output=p_out))
+    assert cost(rate, input_tokens=inp, cached_tokens=cached, cache_write_tokens=written) == (
+        cost(rate, input_tokens=inp, cached_tokens=cached)
+    )
+
+
+@given(rates(), tokens, tokens, st.integers(min_value=0, max_value=4_000_000))
+def test_cache_writes_count_at_most_the_input_left_uncached(rate, inp, cached, written):
+    """A report of more reads and writes than input bills the input once: reads first, then
+    writes up to what is left, never a negative count of uncached input."""
+    cached = min(cached, inp)
+    fitted = min(written, inp - cached)
+    assert exact_cost(
+        rate, input_tokens=inp, cached_tokens=cached, cache_write_tokens=written
+    ) == exact_cost(rate, input_tokens=inp, cached_tokens=cached, cache_write_tokens=fitted)
+    everything_written = exact_cost(
+        rate, input_tokens=inp, cached_tokens=0, cache_write_tokens=written + inp
+    )
+    assert everything_written == inp * rate.cache_write
 
 
 @given(rates(), st.lists(st.tuples(tokens, tokens, tokens), max_size=50))
@@ -117,6 +178,20 @@ def test_free_model_and_price_lookup() -> None:
     assert cost(rate, input_tokens=1100, cached_tokens=100, output_tokens=500) == (
         1000 * 1250 + 100 * 125 + 500 * 10_000
     )
+    # Anthropic's Sonnet 4.5: 1,000 uncached input tokens at 3/M, 2,000 cache reads at 0.30/M,
+    # 4,000 cache writes at 3.75/M, 100 output at 15/M (input counts all 7,000)
+    claude = Rate.of(
+        Price("claude", input=3, cached_input=0.3, cache_write=3.75, output=15)
+    )
+    assert cost(
+        claude, input_tokens=7000, cached_tokens=2000, cache_write_tokens=4000,
+        output_tokens=100,
+    ) == 1000 * 3000 + 2000 * 300 + 4000 * 3750 + 100 * 15_000
+    # without a cache_write price the writes are billed as plain input
+    assert cost(
+        Rate.of(Price("claude", input=3, cached_input=0.3, output=15)),
+        input_tokens=7000, cached_tokens=2000, cache_write_tokens=4000, output_tokens=100,
+    ) == 5000 * 3000 + 2000 * 300 + 100 * 15_000
     # the estimate prices all input as uncached
     assert table.estimate("gpt-5", "gpt-5", input_tokens=1000, output_tokens=10) == (
         1000 * 1250 + 10 * 10_000

@@ -774,6 +774,29 @@ async def test_anthropic_non_stream_thinking_text_tool_use(env: Env) -> None:
     }
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_anthropic_cache_writes_are_reported_apart(env: Env, stream: bool) -> None:
+    """``cache_write=N``: N of the prompt's tokens are cache writes, as Anthropic reports them
+    (``cache_creation_input_tokens``, not part of its ``input_tokens``); at most the prompt
+    left after the cache reads."""
+    body = messages("go " * 40 + "#sim tokens=2 cached=5 cache_write=11", stream=stream)
+    prompt_tokens = max(1, len(json.dumps([body["messages"], None])) // 4)
+    async with anthropic_http(env) as http:
+        response = await http.post("/v1/messages", json=body)
+    assert response.status_code == 200
+    if stream:
+        usage = parse_anthropic_sse(response.text)[0]["message"]["usage"]
+    else:
+        usage = response.json()["usage"]
+    assert usage["input_tokens"] == prompt_tokens - 5 - 11
+    assert (usage["cache_read_input_tokens"], usage["cache_creation_input_tokens"]) == (5, 11)
+    assert env.sim.requests[-1].usage["input_tokens"] == prompt_tokens
+    too_many = messages("hi #sim cache_write=100000")
+    async with anthropic_http(env) as http:
+        usage = (await http.post("/v1/messages", json=too_many)).json()["usage"]
+    assert usage["input_tokens"] == 0 and usage["cache_creation_input_tokens"] > 0
+
+
 async def test_anthropic_stream_events(env: Env) -> None:
     args = {"cmd": "ls", "workdir": "/tmp"}
     compact = json.dumps(args, separators=(",", ":"))

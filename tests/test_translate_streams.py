@@ -557,6 +557,8 @@ def test_any_upstream_stream_becomes_a_valid_chat_stream(kind: str, data) -> Non
     assert result.usage["total_tokens"] == 70
     assert translator.finished
     assert translator.usage.input_tokens == 50
+    # Anthropic's cache writes (cache_creation_input_tokens) are part of the input, kept apart
+    assert translator.usage.cache_write_tokens == (8 if kind == "anthropic" else 0)
     assert translator.deltas >= 6
 
 

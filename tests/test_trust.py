@@ -75,6 +75,15 @@ def test_a_long_message_is_cut() -> None:
 def test_honest_usage_is_kept() -> None:
     usage = Usage(input_tokens=1200, cached_tokens=1000, output_tokens=900, reasoning_tokens=800)
     assert bound_usage(usage, carried_bytes=5_000, max_output_tokens=1000) == (usage, None)
+    written = Usage(input_tokens=1200, cached_tokens=300, output_tokens=9, cache_write_tokens=800)
+    assert bound_usage(written, carried_bytes=100) == (written, None)
+
+
+def test_cache_writes_fit_in_the_input_left_uncached() -> None:
+    usage = Usage(input_tokens=1000, cached_tokens=700, cache_write_tokens=500)
+    assert bound_usage(usage, carried_bytes=0)[0].cache_write_tokens == 300
+    negative = Usage(input_tokens=10, cache_write_tokens=-4)
+    assert bound_usage(negative, carried_bytes=0)[0].cache_write_tokens == 0
 
 
 def test_hidden_reasoning_is_not_bounded_by_the_bytes() -> None:
@@ -106,16 +115,17 @@ def test_absurd_counts_are_capped() -> None:
 @given(
     st.integers(-(10**18), 10**18), st.integers(-(10**18), 10**18),
     st.integers(-(10**18), 10**18), st.integers(-(10**18), 10**18),
-    st.integers(0, 10**7), st.none() | st.integers(1, 10**6),
+    st.integers(-(10**18), 10**18), st.integers(0, 10**7), st.none() | st.integers(1, 10**6),
 )
 def test_bounded_usage_is_always_within_the_bounds(
-    input_tokens, cached, output, reasoning, carried, cap
+    input_tokens, cached, output, reasoning, written, carried, cap
 ) -> None:
     bounded, _ = bound_usage(
-        Usage(input_tokens, cached, output, reasoning), carried_bytes=carried,
+        Usage(input_tokens, cached, output, reasoning, written), carried_bytes=carried,
         max_output_tokens=cap,
     )
     assert 0 <= bounded.cached_tokens <= bounded.input_tokens <= MAX_INPUT_TOKENS
+    assert 0 <= bounded.cache_write_tokens <= bounded.input_tokens - bounded.cached_tokens
     assert 0 <= bounded.reasoning_tokens <= bounded.output_tokens
     assert bounded.output_tokens <= (cap or MAX_OUTPUT_TOKENS)
     assert bounded.output_tokens - bounded.reasoning_tokens <= carried + 64

@@ -20,7 +20,8 @@ import pytest
 
 from relay.ledger.prices import NANO
 
-from .conftest import BILLING_BODY, ROOT, Relay, Sim, start_relay
+from .conftest import ROOT, Relay, Sim, start_relay
+from .test_cache_writes import CACHE_BODY
 from .test_codex_cli import CODEX
 from .test_credits import chat, rows_of
 
@@ -42,7 +43,7 @@ def int_text(value: int) -> str:
 def logged(sim: Sim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
     """A billing relay that logs everything (DEBUG), to show the key never reaches its log."""
     server = start_relay(
-        tmp_path_factory.mktemp("workbench"), sim.url, body=BILLING_BODY, log_level="DEBUG"
+        tmp_path_factory.mktemp("workbench"), sim.url, body=CACHE_BODY, log_level="DEBUG"
     )
     yield server
     server.process.stop()
@@ -78,10 +79,11 @@ def test_the_workbench_page_in_chromium(logged: Relay, tmp_path: Path) -> None:
         ("gamma " * 40 + "#sim tokens=20 cached=16", "deepseek-chat"),
         ("delta #sim tokens=25", "gpt-5.5"),
         ("epsilon #sim fault=400", "gpt-5.5"),
+        ("zeta " * 60 + "#sim tokens=6 cached=20 cache_write=48", "claude-cache"),
     ):
         chat(relay, key, content, model=model)
-    rows = rows_of(relay, key_id, count=5)
-    assert len(rows) == 5
+    rows = rows_of(relay, key_id, count=6)
+    assert len(rows) == 6
     wrong = key[:-4] + ("0000" if not key.endswith("0000") else "1111")
     expiry = relay.admin(
         "POST", f"/admin/keys/{key_id}/expiry", {"expires_at": "2099-01-02T03:04:00Z"}
@@ -106,20 +108,23 @@ def test_the_workbench_page_in_chromium(logged: Relay, tmp_path: Path) -> None:
     assert balance["remaining"]["text"] == credits_text((10 * NANO - spent) / NANO)
     assert balance["held"]["text"] == credits_text(0)
     totals = seen["totals"]
-    assert totals["calls"]["text"] == "5" and totals["errors"]["text"] == "1"
+    assert totals["calls"]["text"] == "6" and totals["errors"]["text"] == "1"
     for name, column in (("input", "input_tokens"), ("cached", "cached_tokens"),
-                         ("output", "output_tokens"), ("reasoning", "reasoning_tokens")):
+                         ("cache-write", "cache_write_tokens"), ("output", "output_tokens"),
+                         ("reasoning", "reasoning_tokens")):
         assert totals[name]["text"] == int_text(sum(row[column] for row in rows)), name
     assert totals["credits"]["text"] == credits_text(spent / NANO)
 
     models = {row["id"]: row["cells"] for row in seen["models"]}
-    assert set(models) == {"gpt-5", "deepseek-chat", "gpt-5.5"}
+    assert set(models) == {"gpt-5", "deepseek-chat", "gpt-5.5", "claude-cache"}
     for model, cells in models.items():
         mine = [row for row in rows if row["model"] == model]
         assert cells["calls"]["text"] == str(len(mine))
         assert cells["output"]["text"] == int_text(sum(r["output_tokens"] for r in mine))
         assert cells["credits"]["text"] == credits_text(sum(r["cost_nano"] for r in mine) / NANO)
     assert models["deepseek-chat"]["cached"]["text"] == "16"
+    assert models["claude-cache"]["cache-write"]["text"] == "48"
+    assert models["deepseek-chat"]["cache-write"]["text"] == "0"  # only Anthropic writes
 
     calls = seen["calls"]
     assert [call["id"] for call in calls] == [row["request_id"] for row in rows]

@@ -138,6 +138,7 @@ def key_view(runtime: Runtime, record: KeyRecord, usage: dict | None = None) -> 
         "errors": usage.get("errors", 0),
         "input_tokens": usage.get("input_tokens", 0),
         "cached_tokens": usage.get("cached_tokens", 0),
+        "cache_write_tokens": usage.get("cache_write_tokens", 0),
         "output_tokens": usage.get("output_tokens", 0),
         "reasoning_tokens": usage.get("reasoning_tokens", 0),
         "credits": to_credits(usage.get("cost_nano", 0)),

@@ -176,6 +176,7 @@ class Call:
                 )
             record.input_tokens = usage.input_tokens
             record.cached_tokens = usage.cached_tokens
+            record.cache_write_tokens = usage.cache_write_tokens
             record.output_tokens = usage.output_tokens
             record.reasoning_tokens = usage.reasoning_tokens
             record.usage_source = "upstream"

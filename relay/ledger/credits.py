@@ -175,6 +175,7 @@ class Credits:
             cached_tokens=record.cached_tokens,
             output_tokens=record.output_tokens,
             reasoning_tokens=record.reasoning_tokens,
+            cache_write_tokens=record.cache_write_tokens,
         )
         seed = self._used.get(record.key_id, 0)
         if record.cost_nano:

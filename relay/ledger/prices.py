@@ -8,10 +8,15 @@ costs, however many requests there were: no floating-point drift. Prices come fr
 
 A request's cost (:func:`cost`):
 
-* uncached input tokens at ``input``, cached input tokens at ``cached_input`` (``input`` when the
-  price sets none), output tokens at ``output``; reasoning tokens are output tokens (every
-  upstream's usage is normalised so that output includes reasoning, ``relay/protocol``), and a
-  count of reasoning larger than the output is billed as output too;
+* input is all the input tokens, of which cached ones (read from the upstream's prompt cache)
+  and cache writes (written to it; only Anthropic reports them, and bills them at about 1.25×
+  its input price) are parts: uncached input (input − cached − cache writes) at ``input``,
+  cached input at ``cached_input`` and cache writes at ``cache_write`` (each ``input`` when the
+  price sets none, so without a ``cache_write`` price a cache write costs as plain input);
+  cached input counts at most the input, cache writes at most the input left uncached;
+* output tokens at ``output``; reasoning tokens are output tokens (every upstream's usage is
+  normalised so that output includes reasoning, ``relay/protocol``), and a count of reasoning
+  larger than the output is billed as output too;
 * the exact rational sum, rounded half up to a whole nanocredit: each request is off by less than
   half a nanocredit (5·10⁻¹⁰ credit), never more.
 
@@ -50,15 +55,18 @@ class Rate:
     input: Fraction
     cached_input: Fraction
     output: Fraction
+    cache_write: Fraction
 
     @classmethod
     def of(cls, price: Price) -> Rate:
         cached = price.input if price.cached_input is None else price.cached_input
+        written = price.input if price.cache_write is None else price.cache_write
         return cls(
             model=price.model,
             input=_exact(price.input) * _PER_TOKEN,
             cached_input=_exact(cached) * _PER_TOKEN,
             output=_exact(price.output) * _PER_TOKEN,
+            cache_write=_exact(written) * _PER_TOKEN,
         )
 
 
@@ -74,12 +82,19 @@ def exact_cost(
     cached_tokens: int = 0,
     output_tokens: int = 0,
     reasoning_tokens: int = 0,
+    cache_write_tokens: int = 0,
 ) -> Fraction:
     """The unrounded cost in nanocredits (see the module docstring for the rules)."""
     input_tokens = max(0, input_tokens)
     cached = min(max(0, cached_tokens), input_tokens)
+    written = min(max(0, cache_write_tokens), input_tokens - cached)
     output = max(0, output_tokens, reasoning_tokens)
-    return (input_tokens - cached) * rate.input + cached * rate.cached_input + output * rate.output
+    return (
+        (input_tokens - cached - written) * rate.input
+        + cached * rate.cached_input
+        + written * rate.cache_write
+        + output * rate.output
+    )
 
 
 def cost(
@@ -89,6 +104,7 @@ def cost(
     cached_tokens: int = 0,
     output_tokens: int = 0,
     reasoning_tokens: int = 0,
+    cache_write_tokens: int = 0,
 ) -> int:
     """A request's cost in whole nanocredits: the exact cost rounded half up; 0 without a rate."""
     if rate is None:
@@ -99,6 +115,7 @@ def cost(
         cached_tokens=cached_tokens,
         output_tokens=output_tokens,
         reasoning_tokens=reasoning_tokens,
+        cache_write_tokens=cache_write_tokens,
     )
     return math.floor(exact + Fraction(1, 2))
 
@@ -121,9 +138,10 @@ class PriceTable:
     ) -> int:
         """What a request is expected to cost before it runs, in nanocredits.
 
-        Input is priced as uncached (the cache hit is not known in advance): the estimate errs
-        on the high side for input, and its output side is the request's own output cap or
-        the relay's expected output (``relay/protocol/requests.py``).
+        Input is priced as uncached (neither cache reads nor cache writes are known in
+        advance): the estimate errs on the high side for input, unless the request writes to
+        the cache at a ``cache_write`` price above ``input``, and its output side is the
+        request's own output cap or the relay's expected output (``relay/protocol/requests.py``).
         """
         return cost(
             self.rate_for(model, upstream_model),

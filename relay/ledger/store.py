@@ -177,6 +177,7 @@ USAGE_COLUMNS = {
     "cached_tokens": int,
     "output_tokens": int,
     "reasoning_tokens": int,
+    "cache_write_tokens": int,
     "usage_source": str,
     "latency_ms": float,
     "ttft_ms": float,
@@ -184,6 +185,9 @@ USAGE_COLUMNS = {
     "client_disconnected": int,
     "cost_nano": int,
 }
+
+#: The columns of ``usage`` added after its first version, in the order they came.
+USAGE_ADDED_COLUMNS = ("cost_nano", "cache_write_tokens")
 
 #: Aggregates of usage rows, as SQL over the ``usage`` table (one row per request).
 USAGE_TOTALS_SQL = (
@@ -193,6 +197,7 @@ USAGE_TOTALS_SQL = (
     "coalesce(sum(cached_tokens), 0) as cached_tokens, "
     "coalesce(sum(output_tokens), 0) as output_tokens, "
     "coalesce(sum(reasoning_tokens), 0) as reasoning_tokens, "
+    "coalesce(sum(cache_write_tokens), 0) as cache_write_tokens, "
     "coalesce(sum(cost_nano), 0) as cost_nano"
 )
 
@@ -299,8 +304,12 @@ class Store:
             if not usage.exists():
                 usage.create({"id": int, **USAGE_COLUMNS}, pk="id")
                 usage.create_index(["key_id", "ts"])
-            elif "cost_nano" not in usage.columns_dict:
-                usage.add_column("cost_nano", int, not_null_default=0)
+            else:
+                # Columns added since the table's first version: 0 in every older row.
+                columns = usage.columns_dict
+                for column in USAGE_ADDED_COLUMNS:
+                    if column not in columns:
+                        usage.add_column(column, int, not_null_default=0)
             grants = self.db["credit_grants"]
             if not grants.exists():
                 grants.create(

@@ -60,10 +60,11 @@ class UsageRecord:
     stream: bool = False
     status: int = 0
     error_code: str = ""
-    input_tokens: int = 0
-    cached_tokens: int = 0
+    input_tokens: int = 0  # all the input, cache reads and writes included
+    cached_tokens: int = 0  # input tokens read from the prompt cache
     output_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_write_tokens: int = 0  # input tokens written to the prompt cache (part of input)
     usage_source: str = "none"  # upstream | estimate | none
     latency_ms: float = 0.0
     ttft_ms: float | None = None

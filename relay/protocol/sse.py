@@ -123,12 +123,17 @@ def event_data(event: bytes) -> bytes:
 
 @dataclass
 class Usage:
-    """Token counts in one vocabulary for both protocols (reasoning is part of output)."""
+    """Token counts in one vocabulary for both protocols (reasoning is part of output).
+
+    ``input_tokens`` is all the input; ``cached_tokens`` (read from the prompt cache) and
+    ``cache_write_tokens`` (written to it: only Anthropic reports them) are parts of it.
+    """
 
     input_tokens: int = 0
     cached_tokens: int = 0
     output_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_write_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

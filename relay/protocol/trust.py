@@ -142,7 +142,8 @@ def bound_usage(
 ) -> tuple[Usage, str | None]:
     """``usage`` within sane bounds, and what was wrong with it (None if nothing was).
 
-    - every count at least 0; cached input at most the input, reasoning at most the output;
+    - every count at least 0; cached input at most the input, cache writes at most the input
+      left uncached, reasoning at most the output;
     - input at most :data:`MAX_INPUT_TOKENS`;
     - output at most what the request allowed: its ``max_output_tokens`` per choice
       (``choices``: Chat's ``n``), else :data:`MAX_OUTPUT_TOKENS` per choice;
@@ -180,5 +181,8 @@ def bound_usage(
         cached_tokens=min(cached, input_tokens),
         output_tokens=output,
         reasoning_tokens=reasoning,
+    )
+    bounded.cache_write_tokens = min(
+        max(0, usage.cache_write_tokens), input_tokens - bounded.cached_tokens
     )
     return bounded, "; ".join(problems) or None

@@ -12,9 +12,10 @@ OpenAI builders in :mod:`relay.testing.sim_protocol`:
   ``message_delta`` (``stop_reason`` and the cumulative ``output_tokens``), ``message_stop``.
 
 Usage: every thinking/text/input-JSON delta is one output token; the signature is not a token.
-``input_tokens`` is the prompt estimate minus the ``cached=`` tokens, which are reported as
-``cache_read_input_tokens`` (Anthropic counts cache reads apart), so
-``input_tokens + cache_read_input_tokens`` equals the recorded ``usage["input_tokens"]``.
+``input_tokens`` is the prompt estimate minus the ``cached=`` tokens, reported as
+``cache_read_input_tokens``, and the ``cache_write=`` tokens, reported as
+``cache_creation_input_tokens`` (Anthropic counts cache reads and writes apart), so the three
+add up to the recorded ``usage["input_tokens"]``.
 """
 
 from __future__ import annotations
@@ -159,8 +160,8 @@ def stop_reason(plan: Plan) -> str:
 
 def usage(plan: Plan) -> dict:
     return {
-        "input_tokens": plan.reported_input - plan.cached_tokens,
-        "cache_creation_input_tokens": 0,
+        "input_tokens": plan.reported_input - plan.cached_tokens - plan.cache_write_tokens,
+        "cache_creation_input_tokens": plan.cache_write_tokens,
         "cache_read_input_tokens": plan.cached_tokens,
         "output_tokens": plan.reported_output,
     }

@@ -88,6 +88,7 @@ class Directives:
     tokens: int | None = None
     reasoning: int | None = None
     cached: int | None = None
+    cache_write: int | None = None  # anthropic only: cache_creation_input_tokens
     tool: str | None = None
     args: str | None = None
     text: str | None = None
@@ -115,7 +116,7 @@ def _apply_directive(d: Directives, key: str, value: str) -> None:
     """Apply one ``key=value``; malformed values are ignored (a prompt is not a config file)."""
     if key in ("ttft", "delay"):
         setattr(d, key, _non_negative_float(value))
-    elif key in ("tokens", "reasoning", "cached"):
+    elif key in ("tokens", "reasoning", "cached", "cache_write"):
         setattr(d, key, _non_negative_int(value))
     elif key in ("tool", "text"):
         if value:
@@ -379,6 +380,7 @@ class Plan:
     created: int = field(default_factory=lambda: int(time.time()))
     sse: bool = True  # gemini only: False streams a JSON array (no ``alt=sse``)
     claimed: int | None = None  # huge_usage: the input and output tokens the usage claims
+    cache_write_tokens: int = 0  # anthropic only: input written to the prompt cache
 
     # One random part per response keeps ids unique without drawing five random numbers.
     @property
@@ -490,6 +492,7 @@ def build_plan(
 
     input_tokens = estimate_input_tokens(kind, body)
     cached = min(directives.cached or 0, input_tokens)
+    cache_write = min(directives.cache_write or 0, input_tokens - cached)
     stream_options = body.get("stream_options")
     include_usage = bool(
         kind == "chat" and isinstance(stream_options, dict) and stream_options.get("include_usage")
@@ -510,6 +513,7 @@ def build_plan(
         cached_tokens=cached,
         include_usage=include_usage,
         sse=sse,
+        cache_write_tokens=cache_write,
     )
 
 

@@ -224,6 +224,7 @@
     setNumber("sum-errors", totals.errors, fmtInt);
     setNumber("sum-input", totals.input_tokens, fmtInt);
     setNumber("sum-cached", totals.cached_tokens, fmtInt);
+    setNumber("sum-cache-write", totals.cache_write_tokens, fmtInt);
     setNumber("sum-output", totals.output_tokens, fmtInt);
     setNumber("sum-reasoning", totals.reasoning_tokens, fmtInt);
     setNumber("sum-credits", totals.credits, fmtCredits);
@@ -280,7 +281,7 @@
     const total = models.totals.credits;
     const rows = [...models.data].sort((a, b) => b.credits - a.credits || b.calls - a.calls);
     if (!rows.length) {
-      body.append(element("tr", {}, [element("td", { colspan: "8", className: "empty",
+      body.append(element("tr", {}, [element("td", { colspan: "9", className: "empty",
         text: "No calls yet." })]));
     }
     for (const row of rows) {
@@ -292,6 +293,7 @@
         cell("num calls", row.calls, fmtInt(row.calls)),
         cell("num input", row.input_tokens, fmtInt(row.input_tokens)),
         cell("num cached", row.cached_tokens, fmtInt(row.cached_tokens)),
+        cell("num cache-write", row.cache_write_tokens, fmtInt(row.cache_write_tokens)),
         cell("num output", row.output_tokens, fmtInt(row.output_tokens)),
         cell("num reasoning", row.reasoning_tokens, fmtInt(row.reasoning_tokens)),
         cell("num credits", row.credits, fmtCredits(row.credits)),

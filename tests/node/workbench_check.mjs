@@ -52,7 +52,8 @@ try {
     result.balance[name] = await figure("bal-" + name);
   }
   result.totals = {};
-  for (const name of ["calls", "errors", "input", "cached", "output", "reasoning", "credits"]) {
+  for (const name of ["calls", "errors", "input", "cached", "cache-write", "output", "reasoning",
+    "credits"]) {
     result.totals[name] = await figure("sum-" + name);
   }
   const table = (selector, keyAttribute) =>
