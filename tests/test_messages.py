@@ -398,3 +398,25 @@ def test_an_upstream_that_breaks_off_ends_the_stream_with_an_error_event(
     assert events[0] == "event: message_start"
     assert events[-1] == "event: error"
     assert "message_stop" not in " ".join(events)
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "openai-responses", "openai-chat"])
+def test_usage_in_anthropic_terms_excludes_cached_tokens(
+    client: anthropic.Anthropic, messages_relay: Relay, kind: str
+) -> None:
+    """``input_tokens`` excludes cache reads (and writes), reported apart, from every upstream:
+    the record keeps the relay's sum, the client sees Anthropic's split."""
+    writes = " cache_write=5" if kind == "anthropic" else ""
+    raw = client.messages.with_raw_response.create(
+        model=KINDS[kind][0], max_tokens=100,
+        messages=[{"role": "user", "content": "x " * 200 + f"#sim tokens=2 cached=40{writes}"}],
+    )
+    usage = raw.parse().usage
+    assert usage.cache_read_input_tokens == 40
+    assert usage.cache_creation_input_tokens == (5 if writes else 0)
+    row = messages_relay.usage_row(raw.headers["x-request-id"])
+    assert row["cached_tokens"] == 40
+    assert row["cache_write_tokens"] == usage.cache_creation_input_tokens
+    assert row["input_tokens"] == (
+        usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens
+    )

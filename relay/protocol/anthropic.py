@@ -57,7 +57,7 @@ from .events import (
     ToolCallStart,
     UsageEvent,
 )
-from .sse import Usage, token_count
+from .sse import Usage
 
 ANTHROPIC_VERSION = "2023-06-01"
 
@@ -355,18 +355,7 @@ ERROR_CODES = {
 def anthropic_usage(usage: dict) -> Usage:
     """Anthropic usage in the relay's vocabulary (§5.1): input counts cache reads and writes,
     which are also kept apart (cached, cache write)."""
-
-    def number(name: str) -> int:
-        return token_count(usage.get(name))
-
-    cached = number("cache_read_input_tokens")
-    written = number("cache_creation_input_tokens")
-    return Usage(
-        input_tokens=number("input_tokens") + cached + written,
-        cached_tokens=cached,
-        output_tokens=number("output_tokens"),
-        cache_write_tokens=written,
-    )
+    return Usage.from_messages(usage)
 
 
 class AnthropicDecoder:

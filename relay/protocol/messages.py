@@ -401,7 +401,7 @@ def messages_usage(usage: Usage | None) -> dict:
     if usage is None:
         usage = Usage()
     cached = usage.cached_tokens
-    written = getattr(usage, "cache_write_tokens", 0)
+    written = usage.cache_write_tokens
     return {
         "input_tokens": max(0, usage.input_tokens - cached - written),
         "cache_creation_input_tokens": written,

@@ -726,9 +726,11 @@ def responses_usage(usage: Usage | None) -> dict:
     usage = usage or Usage()
     return {
         "input_tokens": usage.input_tokens,
-        # cache_write_tokens: required by the newest SDK types; no upstream kind reports it
-        # in a form the relay keeps, so it is 0.
-        "input_tokens_details": {"cached_tokens": usage.cached_tokens, "cache_write_tokens": 0},
+        # cache_write_tokens: required by the newest SDK types (Anthropic upstreams report it).
+        "input_tokens_details": {
+            "cached_tokens": usage.cached_tokens,
+            "cache_write_tokens": usage.cache_write_tokens,
+        },
         "output_tokens": usage.output_tokens,
         "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
         "total_tokens": usage.total_tokens,

@@ -179,12 +179,12 @@ class Usage:
         """Anthropic's usage (protocols.md §5.1): its ``input_tokens`` excludes the cache reads
         and writes, which the relay's input includes."""
         cached = token_count(usage.get("cache_read_input_tokens"))
+        written = token_count(usage.get("cache_creation_input_tokens"))
         return cls(
-            input_tokens=token_count(usage.get("input_tokens"))
-            + cached
-            + token_count(usage.get("cache_creation_input_tokens")),
+            input_tokens=token_count(usage.get("input_tokens")) + cached + written,
             cached_tokens=cached,
             output_tokens=token_count(usage.get("output_tokens")),
+            cache_write_tokens=written,
         )
 
 
