@@ -420,3 +420,60 @@ def test_usage_in_anthropic_terms_excludes_cached_tokens(
     assert row["input_tokens"] == (
         usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens
     )
+
+
+PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNg+M/AAAADAQEAGNhOAAAAAElFTkSu"
+    "QmCC"
+)
+PDF = "JVBERi0xLjQKJcfsj6IKMSAwIG9iago8PD4+CmVuZG9iagp0cmFpbGVyCjw8Pj4KJSVFT0YK"
+
+
+def test_a_claude_code_shaped_body_reaches_a_responses_upstream_whole(
+    client: anthropic.Anthropic, sim: Sim
+) -> None:
+    """What Claude Code sends (system blocks with cache_control, a system message mid-way,
+    adaptive thinking with an effort, context_management, metadata, tool_choice), with an image
+    and a PDF: each becomes its Responses counterpart or is dropped as documented."""
+    client.messages.create(
+        model="m-responses",
+        max_tokens=2000,
+        system=[{"type": "text", "text": "You are a coding agent.",
+                 "cache_control": {"type": "ephemeral"}}],
+        thinking={"type": "adaptive"},
+        extra_body={
+            "output_config": {"effort": "high"},
+            "context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]},
+            "top_k": 5,
+        },
+        metadata={"user_id": "user_abc_account_def_session_0f1e2d3c-aaaa-bbbb-cccc-0123456789ab"},
+        tools=[READ_TOOL, {"type": "web_search_20250305", "name": "web_search"}],
+        tool_choice={"type": "any", "disable_parallel_tool_use": True},
+        messages=[
+            {"role": "user", "content": [
+                {"type": "text", "text": "whole-body look at these"},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                             "data": PNG}},
+                {"type": "document", "source": {"type": "base64",
+                                                "media_type": "application/pdf", "data": PDF},
+                 "title": "spec.pdf"},
+            ]},
+            {"role": "assistant", "content": "Looking."},
+            {"role": "system", "content": "The user switched to plan mode."},
+            {"role": "user", "content": "go on #sim tokens=2"},
+        ],
+    )
+    sent = upstream_requests(sim, "whole-body")[-1]["body"]
+    assert sent["instructions"] == "You are a coding agent."
+    assert sent["reasoning"]["effort"] == "high"
+    assert [tool["name"] for tool in sent["tools"]] == ["Read"]  # the server tool is Anthropic's
+    assert sent["tool_choice"] == "required" and sent["parallel_tool_calls"] is False
+    for dropped in ("context_management", "metadata", "top_k", "cache_control"):
+        assert dropped not in json.dumps(sent)
+    parts = sent["input"][0]["content"]
+    assert [part["type"] for part in parts] == ["input_text", "input_image", "input_file"]
+    assert parts[1]["image_url"] == f"data:image/png;base64,{PNG}"
+    assert parts[2]["file_data"].endswith(PDF) and parts[2]["filename"] == "spec.pdf"
+    roles = [(item.get("role"), item["type"]) for item in sent["input"]]
+    assert roles == [("user", "message"), ("assistant", "message"), ("developer", "message"),
+                     ("user", "message")]

@@ -184,6 +184,16 @@ def test_the_workbench_page_in_chromium(logged: Relay, tmp_path: Path) -> None:
                             text=True, timeout=60)
     assert python.returncode == 0, python.stderr
     assert python.stdout.startswith("tok")
+    anthropic_sdk = subprocess.run([sys.executable, "-c", snippets["anthropic-python"]],
+                                   capture_output=True, text=True, timeout=60)
+    assert anthropic_sdk.returncode == 0, anthropic_sdk.stderr
+    assert anthropic_sdk.stdout.startswith("tok")
+    claude_env = dict(
+        line.removeprefix("export ").split("=", 1)
+        for line in snippets["claude-code"].splitlines() if line.startswith("export ")
+    )
+    assert claude_env["ANTHROPIC_BASE_URL"] == f'"{relay.url}"'
+    assert claude_env["ANTHROPIC_AUTH_TOKEN"] == f'"{key}"'
     balance_now = subprocess.run(snippets["curl-balance"], shell=True, capture_output=True,
                                  text=True, timeout=30)
     assert json.loads(balance_now.stdout)["object"] == "balance"

@@ -449,6 +449,31 @@ Endpoint:  chat/completions
 `,
       },
       {
+        id: "claude-code",
+        title: "Claude Code — environment (Anthropic Messages API)",
+        text: `export ANTHROPIC_BASE_URL="${origin}"
+export ANTHROPIC_AUTH_TOKEN="${shownKey}"
+export ANTHROPIC_MODEL="${model}"
+export ANTHROPIC_SMALL_FAST_MODEL="${model}"
+export CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1
+claude
+`,
+      },
+      {
+        id: "anthropic-python",
+        title: "Anthropic SDK, Python",
+        text: `import anthropic
+
+client = anthropic.Anthropic(base_url="${origin}", api_key="${shownKey}")
+reply = client.messages.create(
+    model="${model}",
+    max_tokens=1024,
+    messages=[{"role": "user", "content": "Say hello"}],
+)
+print(reply.content[0].text)
+`,
+      },
+      {
         id: "python",
         title: "OpenAI SDK, Python",
         text: `from openai import OpenAI
