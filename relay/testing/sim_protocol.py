@@ -88,6 +88,7 @@ class Directives:
     tokens: int | None = None
     reasoning: int | None = None
     cached: int | None = None
+    cache_write: int | None = None
     tool: str | None = None
     args: str | None = None
     text: str | None = None
@@ -115,7 +116,7 @@ def _apply_directive(d: Directives, key: str, value: str) -> None:
     """Apply one ``key=value``; malformed values are ignored (a prompt is not a config file)."""
     if key in ("ttft", "delay"):
         setattr(d, key, _non_negative_float(value))
-    elif key in ("tokens", "reasoning", "cached"):
+    elif key in ("tokens", "reasoning", "cached", "cache_write"):
         setattr(d, key, _non_negative_int(value))
     elif key in ("tool", "text"):
         if value:
@@ -375,6 +376,7 @@ class Plan:
     input_tokens: int
     cached_tokens: int
     include_usage: bool
+    cache_write_tokens: int = 0  # anthropic only: prompt tokens written to the cache
     uid: str = field(default_factory=lambda: f"{random.getrandbits(96):024x}")
     created: int = field(default_factory=lambda: int(time.time()))
     sse: bool = True  # gemini only: False streams a JSON array (no ``alt=sse``)
@@ -424,6 +426,7 @@ class Plan:
         return {
             "input_tokens": self.reported_input,
             "cached_tokens": self.cached_tokens,
+            "cache_write_tokens": self.cache_write_tokens,
             "output_tokens": self.reported_output,
             "reasoning_tokens": len(self.reasoning),
             "total_tokens": self.reported_input + self.reported_output,
@@ -490,6 +493,10 @@ def build_plan(
 
     input_tokens = estimate_input_tokens(kind, body)
     cached = min(directives.cached or 0, input_tokens)
+    # Only Anthropic reports cache writes; they come out of the same prompt as the reads.
+    cache_write = min(directives.cache_write or 0, input_tokens - cached)
+    if kind != "anthropic":
+        cache_write = 0
     stream_options = body.get("stream_options")
     include_usage = bool(
         kind == "chat" and isinstance(stream_options, dict) and stream_options.get("include_usage")
@@ -509,6 +516,7 @@ def build_plan(
         input_tokens=input_tokens,
         cached_tokens=cached,
         include_usage=include_usage,
+        cache_write_tokens=cache_write,
         sse=sse,
     )
 
