@@ -181,6 +181,7 @@ def summary(record: dict) -> dict:
     """One recorded request as the doc shows it."""
     body = record.get("body") or {}
     messages = body.get("messages") or []
+    tools = body.get("tools") or []
     return {
         "request": f"{record['method']} {record['path']} -> {record['status']}",
         "headers": redacted_headers(record["headers"]),
@@ -192,13 +193,28 @@ def summary(record: dict) -> dict:
         "context_management": body.get("context_management"),
         "metadata": body.get("metadata"),
         "system": shape(body.get("system")),
-        "tools": [t.get("name") for t in body.get("tools") or []],
-        "tool_keys": sorted({k for t in body.get("tools") or [] for k in t}),
+        "tools": [t.get("name") for t in tools],
+        "tools_deferred": [t.get("name") for t in tools if t.get("defer_loading")],
+        "tool_keys": sorted({k for t in tools for k in t}),
         "tool_choice": body.get("tool_choice"),
-        "messages": [
-            {"role": m.get("role"), "content": shape(m.get("content"))} for m in messages
-        ],
+        "messages": [{"role": m.get("role"), "blocks": blocks(m.get("content"))} for m in messages],
     }
+
+
+def blocks(content: Any) -> list[str] | str:
+    """A message's content as block types (``+cache`` where a block has ``cache_control``)."""
+    if isinstance(content, str):
+        return f"<str {len(content)} chars>"
+    out = []
+    for block in content or []:
+        kind = str(block.get("type"))
+        if kind == "text" and block.get("text", "").startswith("<system-reminder>"):
+            kind = "text(system-reminder)"
+        if kind == "tool_result":
+            inner = block.get("content")
+            kind += f"(content {'str' if isinstance(inner, str) else 'blocks'})"
+        out.append(kind + ("+cache" if "cache_control" in block else ""))
+    return out
 
 
 def _capture() -> None:
@@ -221,6 +237,7 @@ def _capture() -> None:
             for name, prompt in flows.items():
                 run = run_claude(url, "sim-capture-key", prompt, Path(work), sim_url=url)
                 print(f"## {name}: {run.describe().splitlines()[0]}")
+                print(json.dumps({k: run.output.get(k) for k in ("result", "num_turns", "usage")}))
                 print(json.dumps([summary(r) for r in run.requests], indent=1))
     finally:
         proc.terminate()

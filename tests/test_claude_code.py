@@ -57,14 +57,15 @@ def test_claude_code_prints_the_answer(tmp_path: Path, sim: Sim, auth: str) -> N
     assert body["messages"][0]["role"] == "user"
 
 
-def test_claude_code_reads_a_file_through_a_tool_call(tmp_path: Path, sim: Sim) -> None:
+@pytest.mark.parametrize("model", [MODEL, "claude-opus-4-8"])
+def test_claude_code_reads_a_file_through_a_tool_call(tmp_path: Path, sim: Sim, model: str) -> None:
     note = tmp_path / "note.txt"
     note.write_text("the secret word is avocado\n")
     args = json.dumps({"file_path": str(note)}, separators=(",", ":"))
     # The directive stays in the prompt for every turn; the sim spends the tool call once the
     # tool's result has come back, so the second request is answered with text.
     prompt = f"Read note.txt and answer. #sim tool=Read args={args} tokens=2 text=done"
-    run = run_claude(sim.url, SIM_KEY, prompt, tmp_path, sim_url=sim.url)
+    run = run_claude(sim.url, SIM_KEY, prompt, tmp_path, sim_url=sim.url, model=model)
     assert run.returncode == 0, run.describe()
     assert run.output["result"] == "done done" and run.output["num_turns"] == 2
 
@@ -74,7 +75,14 @@ def test_claude_code_reads_a_file_through_a_tool_call(tmp_path: Path, sim: Sim) 
         second["headers"]["x-claude-code-session-id"]
     )
     # The second request replays the call and carries Read's result for it.
-    *_, call_turn, result_turn = second["body"]["messages"]
+    turns = second["body"]["messages"]
+    roles = [m["role"] for m in turns]
+    if model == "claude-opus-4-8":
+        # For Opus 4.8 it sends mid-conversation system messages, one after each user turn.
+        assert roles == ["user", "system", "assistant", "user", "system"]
+    else:
+        assert roles == ["user", "assistant", "user"]
+    *_, call_turn, result_turn = [m for m in turns if m["role"] != "system"]
     assert call_turn["role"] == "assistant"
     (tool_use,) = [b for b in call_turn["content"] if b["type"] == "tool_use"]
     assert tool_use["name"] == "Read" and tool_use["input"] == {"file_path": str(note)}

@@ -853,13 +853,18 @@ async def test_anthropic_tool_result_turn(env: Env) -> None:
         },
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1"}]},
     ]
+    # Claude Code (for Opus 4.8) puts a mid-conversation system message after the results.
+    reminder = {"role": "system", "content": [{"type": "text", "text": "<total_tokens>"}]}
     async with anthropic_http(env) as http:
         done = (await http.post("/v1/messages", json=body)).json()
+        reminded = {**body, "messages": [*body["messages"], reminder]}
+        after_system = (await http.post("/v1/messages", json=reminded)).json()
         del body["messages"][1]["content"][0]["signature"]
         unsigned = await http.post("/v1/messages", json=body)
     # The directives still come from the prompt; the tool call is spent after its result.
     assert done["content"] == [{"type": "text", "text": "tok tok"}]
     assert done["stop_reason"] == "end_turn"
+    assert after_system["content"] == done["content"]
     assert unsigned.status_code == 400
     assert unsigned.json()["error"]["message"] == (
         "messages.1.content.0.thinking.signature: Field required"

@@ -248,11 +248,17 @@ def ends_with_tool_output(kind: str, body: dict) -> bool:
 
     A ``tool=`` directive in the user prompt stays in every later request of the conversation;
     honouring it after the tool output came back would make an agent (Codex) loop forever, so the
-    tool call is produced only for the turn that asks for it.
+    tool call is produced only for the turn that asks for it. (anthropic: mid-conversation
+    ``system`` messages after the results do not count; Claude Code sends them for Opus 4.8.)
     """
     if kind == "anthropic":
         messages = body.get("messages")
-        last = messages[-1] if isinstance(messages, list) and messages else None
+        turns = [
+            m
+            for m in (messages if isinstance(messages, list) else [])
+            if not (isinstance(m, dict) and m.get("role") == "system")
+        ]
+        last = turns[-1] if turns else None
         content = last.get("content") if isinstance(last, dict) else None
         return isinstance(content, list) and any(
             isinstance(block, dict) and block.get("type") == "tool_result" for block in content
