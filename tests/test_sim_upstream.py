@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import anthropic
 import httpx2
 import openai
 import pytest
@@ -768,6 +769,7 @@ async def test_anthropic_non_stream_thinking_text_tool_use(env: Env) -> None:
     assert record.usage == {
         "input_tokens": prompt_tokens,
         "cached_tokens": 2,
+        "cache_write_tokens": 0,
         "output_tokens": output,
         "reasoning_tokens": 2,
         "total_tokens": prompt_tokens + output,
@@ -874,13 +876,18 @@ async def test_anthropic_tool_result_turn(env: Env) -> None:
         },
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1"}]},
     ]
+    # Claude Code (for Opus 4.8) puts a mid-conversation system message after the results.
+    reminder = {"role": "system", "content": [{"type": "text", "text": "<total_tokens>"}]}
     async with anthropic_http(env) as http:
         done = (await http.post("/v1/messages", json=body)).json()
+        reminded = {**body, "messages": [*body["messages"], reminder]}
+        after_system = (await http.post("/v1/messages", json=reminded)).json()
         del body["messages"][1]["content"][0]["signature"]
         unsigned = await http.post("/v1/messages", json=body)
     # The directives still come from the prompt; the tool call is spent after its result.
     assert done["content"] == [{"type": "text", "text": "tok tok"}]
     assert done["stop_reason"] == "end_turn"
+    assert after_system["content"] == done["content"]
     assert unsigned.status_code == 400
     assert unsigned.json()["error"]["message"] == (
         "messages.1.content.0.thinking.signature: Field required"
@@ -890,8 +897,15 @@ async def test_anthropic_tool_result_turn(env: Env) -> None:
 async def test_anthropic_auth_and_validation(env: Env) -> None:
     async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{env.port}/v1") as http:
         missing = await http.post("/messages", json=messages("hi"))
-        bearer_only = await http.post(
-            "/messages", json=messages("hi"), headers={"authorization": "Bearer k"}
+        bearer_only = await http.post(  # as the anthropic SDKs send an API key
+            "/messages",
+            json=messages("hi"),
+            headers={"authorization": "Bearer k", "anthropic-version": "2023-06-01"},
+        )
+        not_bearer = await http.post(
+            "/messages",
+            json=messages("hi"),
+            headers={"authorization": "Basic k", "anthropic-version": "2023-06-01"},
         )
         no_version = await http.post("/messages", json=messages("hi"), headers={"x-api-key": "k"})
         env.sim.profile.api_key = "secret"
@@ -910,7 +924,8 @@ async def test_anthropic_auth_and_validation(env: Env) -> None:
         )
         bad_json = await http.post("/messages", content=b"{nope", headers=headers)
         wrong_method = await http.get("/messages", headers=headers)
-    for response in (missing, bearer_only, wrong):
+    assert bearer_only.status_code == 200
+    for response in (missing, not_bearer, wrong):
         assert response.status_code == 401
         assert response.json()["type"] == "error"
         assert response.json()["error"]["type"] == "authentication_error"
@@ -994,6 +1009,346 @@ async def test_anthropic_client_close_mid_stream(env: Env) -> None:
     await wait_for(lambda: env.sim.active_streams == 0)
 
 
+PNG_1PX = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+)
+PDF_B64 = "JVBERi0xLjQKJcfsj6IKMSAwIG9iago8PD4+CmVuZG9iagp0cmFpbGVyCjw8Pj4KJSVFT0YK"
+
+
+def claude_code_body(prompt: str) -> dict:
+    """A request shaped like Claude Code's (docs/claude-code.md), with every kind of block the
+    real API takes in a conversation: images, a PDF, replayed thinking, string and block tool
+    results (one an error), a mid-conversation ``system`` message, ``cache_control`` all over."""
+    cache = {"cache_control": {"type": "ephemeral"}}
+    return {
+        "model": "claude-sonnet-4-6",
+        "max_tokens": 32000,
+        "stream": False,
+        "system": [
+            {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.337;"},
+            {"type": "text", "text": "You are Claude Code.", **cache},
+        ],
+        "tools": [*TOOLS_ANTHROPIC, {"name": "Read", "input_schema": {"type": "object"}, **cache}],
+        "tool_choice": {"type": "auto", "disable_parallel_tool_use": True},
+        "thinking": {"type": "adaptive", "display": "omitted"},
+        "output_config": {"effort": "high"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        "metadata": {"user_id": json.dumps({"device_id": "d", "session_id": "s"})},
+        "top_k": 40,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "<system-reminder>env</system-reminder>"},
+                    {
+                        "type": "image",
+                        "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX},
+                    },
+                    {"type": "image", "source": {"type": "url", "url": "https://e.test/a.png"}},
+                    {
+                        "type": "document",
+                        "source": {
+                            "type": "base64", "media_type": "application/pdf", "data": PDF_B64
+                        },
+                        **cache,
+                    },
+                    {"type": "text", "text": "read both"},
+                ],
+            },
+            {"role": "system", "content": [{"type": "text", "text": "Be terse.", **cache}]},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "thinking", "thinking": "", "signature": "c2ln"},
+                    {"type": "redacted_thinking", "data": "ZW5jcnlwdGVk"},
+                    {"type": "text", "text": "Reading."},
+                    {"type": "tool_use", "id": "toolu_a", "name": "Read", "input": {"p": "a"}},
+                    {"type": "tool_use", "id": "toolu_b", "name": "Read", "input": {"p": "b"}},
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_a", "content": "1\tfile a"},
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": "toolu_b",
+                        "is_error": True,
+                        "content": [{"type": "text", "text": "File does not exist."}],
+                        **cache,
+                    },
+                    {"type": "text", "text": prompt},
+                ],
+            },
+        ],
+    }
+
+
+async def test_anthropic_takes_what_claude_code_sends(env: Env) -> None:
+    body = claude_code_body("go on #sim tokens=2 reasoning=3")
+    beta = "claude-code-20250219,interleaved-thinking-2025-05-14"
+    async with anthropic_http(env, **{"anthropic-beta": beta, "x-app": "cli"}) as http:
+        response = await http.post("/v1/messages?beta=true", json=body)
+        streamed = await http.post("/v1/messages?beta=true", json={**body, "stream": True})
+    assert response.status_code == 200, response.text
+    message = response.json()
+    # display "omitted": the thinking block keeps its signature and loses its text.
+    thinking, text = message["content"]
+    assert thinking["type"] == "thinking" and thinking["thinking"] == ""
+    assert thinking["signature"]
+    assert text == {"type": "text", "text": "tok tok"}
+    assert message["usage"]["output_tokens"] == 3 + 2  # omitted thinking is still billed
+    events = parse_anthropic_sse(streamed.text)
+    deltas = [e["delta"]["type"] for e in events if e["type"] == "content_block_delta"]
+    assert deltas == ["signature_delta", "text_delta", "text_delta"]
+    assert [b["type"] for b in rebuild_anthropic(events)] == ["thinking", "text"]
+    assert events[-2]["usage"]["output_tokens"] == 5
+    # What reached the upstream is recorded: target, query string and every header as sent.
+    record = env.sim.requests[-2]
+    assert record.path == "/v1/messages?beta=true" and record.query == "beta=true"
+    assert record.headers["anthropic-beta"] == beta
+    assert record.headers["anthropic-version"] == "2023-06-01"
+    assert record.headers["x-api-key"] == "k" and record.headers["x-app"] == "cli"
+    assert record.body == body
+
+
+async def test_anthropic_adaptive_thinking_shows_signed_thinking(env: Env) -> None:
+    adaptive = {"type": "adaptive"}
+    env.sim.profile.reasoning_tokens = 2
+    async with anthropic_http(env) as http:
+        plain = (await http.post("/v1/messages", json=messages("hi", thinking=adaptive))).json()
+        effort = await http.post(
+            "/v1/messages",
+            json=messages("hi", thinking=adaptive, output_config={"effort": "high"}, stream=True),
+        )
+        off = messages("hi", thinking={"type": "disabled"})
+        disabled = await http.post("/v1/messages", json=off)
+    thinking, _ = plain["content"]
+    assert thinking["type"] == "thinking" and thinking["thinking"] == "think think"
+    assert thinking["signature"]
+    blocks = rebuild_anthropic(parse_anthropic_sse(effort.text))
+    assert blocks[0]["thinking"] == "think think" and blocks[0]["signature"]
+    assert [b["type"] for b in disabled.json()["content"]] == ["text"]
+
+
+async def test_anthropic_tool_loop_validation(env: Env) -> None:
+    call = {"type": "tool_use", "id": "toolu_1", "name": "exec_command", "input": {}}
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "ok"}
+
+    def conversation(*answer: dict) -> dict:
+        body = messages("run", tools=TOOLS_ANTHROPIC)
+        body["messages"] += [{"role": "assistant", "content": [call]}]
+        if answer:
+            body["messages"].append({"role": "user", "content": list(answer)})
+        return body
+
+    text = {"type": "text", "text": "and then"}
+    async with anthropic_http(env) as http:
+        answered = await http.post("/v1/messages", json=conversation(result, text))
+        ends_on_call = await http.post("/v1/messages", json=conversation())
+        unanswered = await http.post("/v1/messages", json=conversation(text))
+        text_first = await http.post("/v1/messages", json=conversation(text, result))
+        stray = messages([{**result, "tool_use_id": "toolu_x"}])
+        unexpected = await http.post("/v1/messages", json=stray)
+        redacted = messages("hi")
+        redacted["messages"] += [
+            {"role": "assistant", "content": [{"type": "redacted_thinking"}]},
+            {"role": "user", "content": "more"},
+        ]
+        no_data = await http.post("/v1/messages", json=redacted)
+        tool_role = await http.post(
+            "/v1/messages", json={**messages("hi"), "messages": [{"role": "tool", "content": "x"}]}
+        )
+    assert answered.status_code == 200 and ends_on_call.status_code == 200
+    for response in (unanswered, text_first):
+        assert response.status_code == 400
+        assert response.json()["error"] == {
+            "type": "invalid_request_error",
+            "message": "messages.2: `tool_use` ids were found without `tool_result` blocks "
+            "immediately after: toolu_1. Each `tool_use` block must have a corresponding "
+            "`tool_result` block in the next message.",
+        }
+    assert unexpected.status_code == 400
+    assert unexpected.json()["error"]["message"].startswith(
+        "messages.0.content.0: unexpected `tool_use_id` found in `tool_result` blocks: toolu_x."
+    )
+    assert no_data.status_code == 400
+    assert no_data.json()["error"]["message"] == (
+        "messages.1.content.0.redacted_thinking.data: Field required"
+    )
+    assert tool_role.status_code == 400
+    assert tool_role.json()["error"]["message"] == (
+        "messages.0.role: Input should be 'user', 'assistant' or 'system'"
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_anthropic_cache_reads_and_writes(env: Env, stream: bool) -> None:
+    body = messages("x" * 400 + " #sim cached=30 cache_write=50 tokens=2", stream=stream)
+    prompt = max(1, len(json.dumps([body["messages"], None])) // 4)
+    async with anthropic_http(env) as http:
+        response = await http.post("/v1/messages", json=body)
+    if stream:
+        usage = parse_anthropic_sse(response.text)[0]["message"]["usage"]
+        assert usage["output_tokens"] == 0
+    else:
+        usage = response.json()["usage"]
+        assert usage["output_tokens"] == 2
+    assert usage["input_tokens"] == prompt - 30 - 50
+    assert usage["cache_read_input_tokens"] == 30
+    assert usage["cache_creation_input_tokens"] == 50
+    record = env.sim.requests[-1].usage
+    assert record["input_tokens"] == prompt  # all three parts of the prompt
+    assert record["cached_tokens"] == 30 and record["cache_write_tokens"] == 50
+    # No more is written than the prompt has; OpenAI kinds report no cache writes.
+    async with anthropic_http(env) as http:
+        capped = await http.post("/v1/messages", json=messages("hi #sim cache_write=99999"))
+    assert capped.json()["usage"]["input_tokens"] == 0
+    async with env.http() as http:
+        await http.post("/chat/completions", json=chat("hi #sim cache_write=5"))
+    assert env.sim.requests[-1].usage["cache_write_tokens"] == 0
+
+
+async def test_anthropic_count_tokens(env: Env) -> None:
+    body = {
+        "model": "claude-sonnet-4-6",
+        "system": [{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": "count me"}],
+        "tools": TOOLS_ANTHROPIC,
+        "thinking": {"type": "enabled", "budget_tokens": 2048},  # no max_tokens to be below
+    }
+    async with anthropic_http(env) as http:
+        counted = await http.post("/v1/messages/count_tokens?beta=true", json=body)
+        no_messages = await http.post("/v1/messages/count_tokens", json={"model": "c"})
+        get = await http.get("/v1/messages/count_tokens")
+    async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{env.port}") as bare:
+        no_key = await bare.post("/v1/messages/count_tokens", json=body)
+    assert counted.status_code == 200
+    expected = max(1, len(json.dumps([body["messages"], body["system"]])) // 4)
+    assert counted.json() == {"input_tokens": expected}
+    assert no_messages.status_code == 400
+    assert no_messages.json()["error"]["message"] == "messages: Field required"
+    assert get.status_code == 405 and get.json()["type"] == "error"
+    assert no_key.status_code == 401
+    assert no_key.json()["error"]["type"] == "authentication_error"
+    record = env.sim.requests[-4]
+    assert record.path == "/v1/messages/count_tokens?beta=true" and record.body == body
+    assert record.status == 200 and record.usage is None
+
+
+async def test_anthropic_models_list(env: Env) -> None:
+    async with anthropic_http(env) as http:
+        await http.post("/v1/messages", json={**messages("hi"), "model": "claude-seen-1"})
+        listed = (await http.get("/v1/models")).json()
+        first = (await http.get("/v1/models?limit=1")).json()
+        after = (await http.get(f"/v1/models?after_id={first['last_id']}&limit=1")).json()
+        one = await http.get("/v1/models/claude-sonnet-4-6")
+        missing = await http.get("/v1/models/claude-nope")
+    async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{env.port}") as bare:
+        no_key = await bare.get("/v1/models", headers={"anthropic-version": "2023-06-01"})
+    ids = [m["id"] for m in listed["data"]]
+    assert ids[:3] == ["claude-opus-4-7", "claude-sonnet-4-6", "claude-haiku-4-5"]
+    assert "claude-seen-1" in ids
+    assert listed["has_more"] is False
+    assert listed["first_id"] == ids[0] and listed["last_id"] == ids[-1]
+    for model in listed["data"]:
+        assert set(model) == {"type", "id", "display_name", "created_at"}
+        assert model["type"] == "model" and model["created_at"].endswith("Z")
+    assert first["has_more"] is True and [m["id"] for m in first["data"]] == ids[:1]
+    assert [m["id"] for m in after["data"]] == ids[1:2]
+    assert one.json() == {
+        "type": "model",
+        "id": "claude-sonnet-4-6",
+        "display_name": "Claude Sonnet 4.6",
+        "created_at": "2026-01-01T00:00:00Z",
+    }
+    assert missing.status_code == 404
+    assert missing.json()["error"]["type"] == "not_found_error"
+    assert no_key.status_code == 401 and no_key.json()["type"] == "error"
+    # Without anthropic-version the OpenAI list is answered, as before.
+    async with env.http() as http:
+        openai_list = (await http.get("/models")).json()
+    assert openai_list["object"] == "list" and "claude-seen-1" in [
+        m["id"] for m in openai_list["data"]
+    ]
+
+
+def anthropic_sdk(env: Env) -> anthropic.Anthropic:
+    """The official SDK pointed straight at the sim (sync: it runs in a worker thread)."""
+    return anthropic.Anthropic(
+        base_url=f"http://127.0.0.1:{env.port}", api_key="k", max_retries=0, timeout=10
+    )
+
+
+async def test_anthropic_sdk_create_count_and_models(env: Env) -> None:
+    def run() -> tuple:
+        with anthropic_sdk(env) as client:
+            created = client.messages.create(
+                model="claude-sonnet-4-6",
+                max_tokens=2048,
+                thinking={"type": "enabled", "budget_tokens": 1024},
+                tools=TOOLS_ANTHROPIC,
+                messages=[
+                    {"role": "user", "content": "go #sim reasoning=2 tokens=3 tool=exec_command"}
+                ],
+            )
+            counted = client.messages.count_tokens(
+                model="claude-sonnet-4-6", messages=[{"role": "user", "content": "count me"}]
+            )
+            models = list(client.models.list())
+            with pytest.raises(anthropic.BadRequestError) as bad:
+                client.messages.create(
+                    model="claude-sonnet-4-6",
+                    max_tokens=100,
+                    messages=[{"role": "tool", "content": "x"}],  # type: ignore[typeddict-item]
+                )
+        return created, counted, models, bad.value
+
+    created, counted, models, bad = await trio.to_thread.run_sync(run)
+    assert [b.type for b in created.content] == ["thinking", "text", "tool_use"]
+    assert created.content[0].signature and created.content[1].text == "tok tok tok"
+    assert created.content[2].name == "exec_command"
+    assert created.content[2].input == {"cmd": "echo hi"}
+    assert created.stop_reason == "tool_use"
+    assert created.usage.cache_read_input_tokens == 0
+    assert counted.input_tokens == max(
+        1, len(json.dumps([[{"role": "user", "content": "count me"}], None])) // 4
+    )
+    assert "claude-sonnet-4-6" in [m.id for m in models]
+    assert models[0].display_name.startswith("Claude")
+    assert bad.status_code == 400 and "role" in bad.message
+    record = env.sim.requests[0]
+    # anthropic 2.17 sends its API key as a bearer token, with a newer version date.
+    assert record.headers["authorization"] == "Bearer k" and "x-api-key" not in record.headers
+    assert record.headers["anthropic-version"] == anthropic._constants.ANTHROPIC_API_VERSION
+
+
+async def test_anthropic_sdk_stream_with_thinking_and_tool_use(env: Env) -> None:
+    directive = 'reasoning=3 tokens=2 tool=exec_command args={"cmd":"ls"}'
+
+    def run() -> tuple:
+        with anthropic_sdk(env) as client:
+            with client.messages.stream(
+                model="claude-sonnet-4-6",
+                max_tokens=4096,
+                thinking={"type": "adaptive"},
+                tools=TOOLS_ANTHROPIC,
+                messages=[{"role": "user", "content": f"ls #sim {directive}"}],
+            ) as stream:
+                kinds = [event.type for event in stream]
+                return kinds, stream.get_final_message()
+
+    kinds, final = await trio.to_thread.run_sync(run)
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    assert "thinking" in kinds and "signature" in kinds and "input_json" in kinds
+    thinking, text, tool_use = final.content
+    assert thinking.thinking == "think think think" and thinking.signature
+    assert text.text == "tok tok"
+    assert tool_use.name == "exec_command" and tool_use.input == {"cmd": "ls"}
+    assert final.stop_reason == "tool_use"
+    assert final.usage.output_tokens == 3 + 2 + len(sp.split_arguments('{"cmd":"ls"}'))
+
+
 # ------------------------------------------------------------------------------------------
 # Gemini
 
@@ -1066,6 +1421,7 @@ async def test_gemini_non_stream(env: Env) -> None:
     assert record.usage == {
         "input_tokens": prompt,
         "cached_tokens": 1,
+        "cache_write_tokens": 0,
         "output_tokens": 6,
         "reasoning_tokens": 2,
         "total_tokens": prompt + 6,

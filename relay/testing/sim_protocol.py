@@ -88,7 +88,7 @@ class Directives:
     tokens: int | None = None
     reasoning: int | None = None
     cached: int | None = None
-    cache_write: int | None = None  # anthropic only: cache_creation_input_tokens
+    cache_write: int | None = None
     tool: str | None = None
     args: str | None = None
     text: str | None = None
@@ -248,11 +248,17 @@ def ends_with_tool_output(kind: str, body: dict) -> bool:
 
     A ``tool=`` directive in the user prompt stays in every later request of the conversation;
     honouring it after the tool output came back would make an agent (Codex) loop forever, so the
-    tool call is produced only for the turn that asks for it.
+    tool call is produced only for the turn that asks for it. (anthropic: mid-conversation
+    ``system`` messages after the results do not count; Claude Code sends them for Opus 4.8.)
     """
     if kind == "anthropic":
         messages = body.get("messages")
-        last = messages[-1] if isinstance(messages, list) and messages else None
+        turns = [
+            m
+            for m in (messages if isinstance(messages, list) else [])
+            if not (isinstance(m, dict) and m.get("role") == "system")
+        ]
+        last = turns[-1] if turns else None
         content = last.get("content") if isinstance(last, dict) else None
         return isinstance(content, list) and any(
             isinstance(block, dict) and block.get("type") == "tool_result" for block in content
@@ -376,11 +382,11 @@ class Plan:
     input_tokens: int
     cached_tokens: int
     include_usage: bool
+    cache_write_tokens: int = 0  # anthropic only: prompt tokens written to the cache
     uid: str = field(default_factory=lambda: f"{random.getrandbits(96):024x}")
     created: int = field(default_factory=lambda: int(time.time()))
     sse: bool = True  # gemini only: False streams a JSON array (no ``alt=sse``)
     claimed: int | None = None  # huge_usage: the input and output tokens the usage claims
-    cache_write_tokens: int = 0  # anthropic only: input written to the prompt cache
 
     # One random part per response keeps ids unique without drawing five random numbers.
     @property
@@ -426,6 +432,7 @@ class Plan:
         return {
             "input_tokens": self.reported_input,
             "cached_tokens": self.cached_tokens,
+            "cache_write_tokens": self.cache_write_tokens,
             "output_tokens": self.reported_output,
             "reasoning_tokens": len(self.reasoning),
             "total_tokens": self.reported_input + self.reported_output,
@@ -492,7 +499,10 @@ def build_plan(
 
     input_tokens = estimate_input_tokens(kind, body)
     cached = min(directives.cached or 0, input_tokens)
+    # Only Anthropic reports cache writes; they come out of the same prompt as the reads.
     cache_write = min(directives.cache_write or 0, input_tokens - cached)
+    if kind != "anthropic":
+        cache_write = 0
     stream_options = body.get("stream_options")
     include_usage = bool(
         kind == "chat" and isinstance(stream_options, dict) and stream_options.get("include_usage")
@@ -512,8 +522,8 @@ def build_plan(
         input_tokens=input_tokens,
         cached_tokens=cached,
         include_usage=include_usage,
-        sse=sse,
         cache_write_tokens=cache_write,
+        sse=sse,
     )
 
 

@@ -10,8 +10,11 @@ Routes (every one also without the ``/v1`` prefix):
 
 - ``POST /v1/chat/completions``, ``POST /v1/responses``, ``GET /v1/models[/{id}]``: OpenAI, auth
   ``Authorization: Bearer``;
-- ``POST /v1/messages``: Anthropic, auth ``x-api-key``, header ``anthropic-version`` required,
-  streams when the body has ``"stream": true``;
+- ``POST /v1/messages[?beta=true]``: Anthropic, auth ``x-api-key`` or ``Authorization: Bearer``,
+  header ``anthropic-version`` required, streams when the body has ``"stream": true``;
+  ``POST /v1/messages/count_tokens``
+  answers ``{"input_tokens": N}``, and ``GET /v1/models[/{id}]`` with ``anthropic-version`` answers
+  in Anthropic's shape (the same auth);
 - ``POST /v1beta/models/{model}:generateContent`` and ``…:streamGenerateContent[?alt=sse]`` (also
   under ``/v1/``): Gemini, auth ``x-goog-api-key`` or ``?key=``.
 
@@ -94,9 +97,12 @@ _PROFILE_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
 class RequestRecord:
     """What the upstream saw and did for one API request (``/_sim/*`` calls are not recorded).
 
-    ``usage`` is protocol-neutral (``input_tokens``, ``cached_tokens``, ``output_tokens``,
-    ``reasoning_tokens``, ``total_tokens``) and is set only once the complete response, and with
-    it the usage, has been written.
+    ``path`` is the request target as sent (with its query string, also in ``query``);
+    ``headers`` has every header, names lower-cased, values as sent (credentials included: a test
+    asserts what reached the upstream). ``usage`` is protocol-neutral (``input_tokens``,
+    ``cached_tokens``, ``cache_write_tokens``, ``output_tokens``, ``reasoning_tokens``,
+    ``total_tokens``) and is set only once the complete response, and with it the usage, has been
+    written.
     """
 
     id: int
@@ -105,6 +111,7 @@ class RequestRecord:
     headers: dict[str, str]
     body: dict | None
     received_at: float
+    query: str = ""
     status: int | None = None
     events_sent: int = 0
     finished: bool = False
@@ -483,6 +490,7 @@ class SimUpstream:
             headers=headers,
             body=None,
             received_at=time.monotonic(),
+            query=query,
         )
         self._next_id += 1
         self.total_requests += 1
@@ -498,20 +506,21 @@ class SimUpstream:
             kind = "chat"
         elif route == "/responses":
             kind = "responses"
-        elif route == "/messages":
+        elif route in ("/messages", "/messages/count_tokens"):
             kind = "anthropic"
             req_headers.append(("request-id", f"req_sim{rec.id}"))
         elif gemini is not None:
             kind = "gemini"
         elif route == "/models" or route.startswith("/models/"):
-            kind = "models"
+            # Anthropic's SDKs list models with their version header and x-api-key.
+            kind = "anthropic_models" if headers.get("anthropic-version") else "models"
         else:
             await ex.send_full(404, _not_found(method, path), req_headers)
             return True
-        allowed = "GET" if kind == "models" else "POST"
+        allowed = "GET" if kind in ("models", "anthropic_models") else "POST"
         if method != allowed:
             message = f"Method {method} not allowed for {path}; use {allowed}."
-            body = _error(kind, 405, message)
+            body = _error("anthropic" if kind == "anthropic_models" else kind, 405, message)
             await ex.send_full(405, body, [*req_headers, ("allow", allowed)])
             return True
         auth_error = self._auth_error(kind, headers, query)
@@ -521,6 +530,9 @@ class SimUpstream:
             return True
         if kind == "models":
             await self._models(ex, route, req_headers)
+            return True
+        if kind == "anthropic_models":
+            await self._anthropic_models(ex, route, query, req_headers)
             return True
         if kind == "anthropic" and not headers.get("anthropic-version"):
             error = sa.error_body(400, "anthropic-version: header is required")
@@ -541,10 +553,17 @@ class SimUpstream:
             await ex.send_full(400, _error(kind, 400, msg), req_headers)
             return True
         rec.body = body
+        counting = route == "/messages/count_tokens"
         if kind == "anthropic" or kind == "gemini":
-            message = sa.validate(body) if kind == "anthropic" else sg.validate(body)
+            if kind == "anthropic":
+                message = sa.validate(body, count_tokens=counting)
+            else:
+                message = sg.validate(body)
             if message is not None:
                 await ex.send_full(400, _error(kind, 400, message), req_headers)
+                return True
+            if counting:
+                await ex.send_full(200, sp.dumps(sa.count_tokens(body)), req_headers)
                 return True
         else:
             problem = _validate(kind, body)
@@ -581,8 +600,14 @@ class SimUpstream:
         self, kind: str, headers: dict[str, str], query: str
     ) -> tuple[int, bytes] | None:
         """Status and body of the auth failure for *kind*'s credentials, or None if they pass."""
-        if kind == "anthropic":
+        if kind in ("anthropic", "anthropic_models"):
+            # x-api-key, or an API key as a bearer token: the anthropic SDKs (Python 2.17) send
+            # ``Authorization: Bearer``, Claude Code sends ANTHROPIC_API_KEY as x-api-key and
+            # ANTHROPIC_AUTH_TOKEN as a bearer token.
             key = headers.get("x-api-key", "").strip()
+            if not key:
+                scheme, _, token = headers.get("authorization", "").partition(" ")
+                key = token.strip() if scheme.lower() == "bearer" else ""
             if self._key_ok(key):
                 return None
             message = "invalid x-api-key" if key else "x-api-key header is required"
@@ -614,6 +639,19 @@ class SimUpstream:
                 "model",
             )
             await ex.send_full(404, body, headers)
+
+    async def _anthropic_models(
+        self, ex: _Exchange, route: str, query: str, headers: list[tuple[str, str]]
+    ) -> None:
+        models = list(dict.fromkeys([*sa.BASE_MODELS, *self._models_seen]))
+        if route == "/models":
+            await ex.send_full(200, sp.dumps(sa.models_list(models, query)), headers)
+            return
+        model = urllib.parse.unquote(route[len("/models/") :])
+        if model in models:
+            await ex.send_full(200, sp.dumps(sa.model_object(model)), headers)
+        else:
+            await ex.send_full(404, sa.error_body(404, f"model: {model}"), headers)
 
     async def _control(self, ex: _Exchange, method: str, route: str, raw_body: bytes) -> None:
         """``/_sim/*``: inspection and steering for tests in another process."""

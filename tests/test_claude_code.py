@@ -1,0 +1,95 @@
+"""The real Claude Code CLI (2.1.337) against the simulated Anthropic upstream directly, no relay:
+the simulated upstream takes what Claude Code sends and answers so that Claude Code can use it,
+in a plain answer and in a turn where the model calls Claude Code's Read tool.
+
+The same :func:`tests.claude_code.run_claude` runs it against the relay (base URL the relay's,
+token a relay key, ``sim_url`` the upstream's to see what the relay sent on)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .claude_code import CLAUDE, MODEL, run_claude
+from .conftest import SIM_KEY, Sim
+
+
+def test_claude_code_version_is_the_pinned_one() -> None:
+    done = subprocess.run([str(CLAUDE), "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0] == "2.1.337"
+
+
+@pytest.mark.parametrize("auth", ["auth_token", "api_key"])
+def test_claude_code_prints_the_answer(tmp_path: Path, sim: Sim, auth: str) -> None:
+    run = run_claude(
+        sim.url, SIM_KEY, "Say pong. #sim tokens=3 text=pong", tmp_path, sim_url=sim.url, auth=auth
+    )
+    assert run.returncode == 0, run.describe()
+    assert run.output["result"] == "pong pong pong" and run.output["is_error"] is False
+
+    (request,) = run.requests  # nothing but the one Messages call (no HEAD /, no telemetry)
+    assert request["method"] == "POST" and request["path"] == "/v1/messages?beta=true"
+    assert request["query"] == "beta=true" and request["status"] == 200
+    headers = request["headers"]
+    if auth == "auth_token":
+        assert headers["authorization"] == f"Bearer {SIM_KEY}" and "x-api-key" not in headers
+    else:
+        assert headers["x-api-key"] == SIM_KEY and "authorization" not in headers
+    assert headers["anthropic-version"] == "2023-06-01"
+    assert "claude-code-20250219" in headers["anthropic-beta"].split(",")
+    assert headers["x-app"] == "cli"
+    assert headers["user-agent"].startswith("claude-cli/2.1.337 ")
+
+    body = request["body"]
+    assert body["model"] == MODEL and body["stream"] is True
+    assert isinstance(body["max_tokens"], int) and body["max_tokens"] > 0
+    assert body["thinking"]["type"] == "adaptive"
+    assert "effort" in body["output_config"]
+    assert isinstance(body["context_management"]["edits"], list)
+    user_id = json.loads(body["metadata"]["user_id"])  # a JSON object in a string
+    assert user_id["session_id"] == headers["x-claude-code-session-id"]
+    assert any("cache_control" in block for block in body["system"])
+    assert {"Read", "Bash", "Edit", "Write"} <= {tool["name"] for tool in body["tools"]}
+    assert body["messages"][0]["role"] == "user"
+
+
+@pytest.mark.parametrize("model", [MODEL, "claude-opus-4-8"])
+def test_claude_code_reads_a_file_through_a_tool_call(tmp_path: Path, sim: Sim, model: str) -> None:
+    note = tmp_path / "note.txt"
+    note.write_text("the secret word is avocado\n")
+    args = json.dumps({"file_path": str(note)}, separators=(",", ":"))
+    # The directive stays in the prompt for every turn; the sim spends the tool call once the
+    # tool's result has come back, so the second request is answered with text.
+    prompt = f"Read note.txt and answer. #sim tool=Read args={args} tokens=2 text=done"
+    run = run_claude(sim.url, SIM_KEY, prompt, tmp_path, sim_url=sim.url, model=model)
+    assert run.returncode == 0, run.describe()
+    assert run.output["result"] == "done done" and run.output["num_turns"] == 2
+
+    first, second = run.messages_requests
+    assert first["status"] == second["status"] == 200
+    assert first["headers"]["x-claude-code-session-id"] == (
+        second["headers"]["x-claude-code-session-id"]
+    )
+    # The second request replays the call and carries Read's result for it.
+    turns = second["body"]["messages"]
+    roles = [m["role"] for m in turns]
+    if model == "claude-opus-4-8":
+        # For Opus 4.8 it sends mid-conversation system messages, one after each user turn.
+        assert roles == ["user", "system", "assistant", "user", "system"]
+    else:
+        assert roles == ["user", "assistant", "user"]
+    *_, call_turn, result_turn = [m for m in turns if m["role"] != "system"]
+    assert call_turn["role"] == "assistant"
+    (tool_use,) = [b for b in call_turn["content"] if b["type"] == "tool_use"]
+    assert tool_use["name"] == "Read" and tool_use["input"] == {"file_path": str(note)}
+    assert tool_use["id"].startswith("toolu_")
+    assert result_turn["role"] == "user"
+    result = result_turn["content"][0]
+    assert result["type"] == "tool_result" and result["tool_use_id"] == tool_use["id"]
+    text = result["content"] if isinstance(result["content"], str) else json.dumps(result)
+    assert "the secret word is avocado" in text
+    assert not result.get("is_error")
