@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from .claude_code import CLAUDE, MODEL, run_claude
-from .conftest import SIM_KEY, Sim
+from .conftest import SIM_KEY, Relay, Sim, running_relay
 
 
 def test_claude_code_version_is_the_pinned_one() -> None:
@@ -93,3 +95,113 @@ def test_claude_code_reads_a_file_through_a_tool_call(tmp_path: Path, sim: Sim, 
     text = result["content"] if isinstance(result["content"], str) else json.dumps(result)
     assert "the secret word is avocado" in text
     assert not result.get("is_error")
+
+
+# --------------------------------------------------------------------------------------------
+# Through the relay: an Anthropic account (relayed), a Responses and a Chat account (translated,
+# the Claude ids mapped by pattern aliases, as an operator serving Claude Code from GPT or
+# DeepSeek accounts writes them).
+
+RELAY_CONFIG = """
+[pools.p]
+
+[packages.team]
+pool = "p"
+
+[[accounts]]
+name = "anthropic"
+pool = "p"
+provider = "anthropic"
+base_url = "SIM_URL/v1"
+api_key_env = "SIM_UPSTREAM_KEY"
+models = ["claude-sonnet-4-6"]
+
+[[accounts]]
+name = "responses"
+pool = "p"
+provider = "openai-responses"
+base_url = "SIM_URL/v1"
+api_key_env = "SIM_UPSTREAM_KEY"
+models = ["gpt-5.5"]
+
+[[accounts]]
+name = "chat"
+pool = "p"
+provider = "openai-chat"
+base_url = "SIM_URL/v1"
+api_key_env = "SIM_UPSTREAM_KEY"
+models = ["deepseek-chat"]
+
+[models."claude-opus-*"]
+target = "gpt-5.5"
+
+[models."claude-haiku-*"]
+target = "deepseek-chat"
+"""
+
+#: Claude Code's model → the account that serves it through the relay.
+THROUGH = {
+    "claude-sonnet-4-6": "anthropic",
+    "claude-opus-4-8": "responses",  # Opus 4.8 also gets mid-conversation system messages
+    "claude-haiku-4-5": "chat",
+}
+
+
+@pytest.fixture(scope="module")
+def claude_relay(sim: Sim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
+    tmp = tmp_path_factory.mktemp("claude-relay")
+    with running_relay(tmp, sim.url, body=RELAY_CONFIG) as server:
+        yield server
+
+
+@pytest.mark.parametrize("model", list(THROUGH))
+def test_claude_code_through_the_relay_answers(
+    tmp_path: Path, sim: Sim, claude_relay: Relay, model: str
+) -> None:
+    key = claude_relay.key()
+    marker = f"cc-plain-{model}"
+    run = run_claude(
+        claude_relay.url, key, f"Say pong. {marker} #sim tokens=3 text=pong", tmp_path,
+        sim_url=sim.url, model=model,
+    )
+    assert run.returncode == 0, run.describe()
+    assert run.output["result"] == "pong pong pong" and run.output["is_error"] is False
+    (upstream,) = [r for r in run.requests if marker in json.dumps(r["body"])]
+    account = THROUGH[model]
+    expected_path = {"anthropic": "/v1/messages", "responses": "/v1/responses",
+                     "chat": "/v1/chat/completions"}[account]
+    assert upstream["path"].partition("?")[0] == expected_path
+    # The upstream got the relay's credential, never the client's key.
+    assert key not in json.dumps(upstream["headers"])
+    if account == "anthropic":
+        assert "claude-code-20250219" in upstream["headers"]["anthropic-beta"].split(",")
+        assert upstream["body"]["context_management"]  # relayed natively, kept
+    deadline = time.monotonic() + 5
+    while not (rows := [r for r in claude_relay.usage_rows()  # newest first
+                        if r["account"] == account and r["model"] == model]):
+        assert time.monotonic() < deadline, "no usage row for the run"
+        time.sleep(0.05)
+    row = rows[0]
+    assert (row["status"], row["endpoint"], row["stream"]) == (200, "messages", 1)
+    assert row["output_tokens"] == 3
+
+
+@pytest.mark.parametrize("model", list(THROUGH))
+def test_claude_code_through_the_relay_reads_a_file(
+    tmp_path: Path, sim: Sim, claude_relay: Relay, model: str
+) -> None:
+    note = tmp_path / "note.txt"
+    note.write_text("the secret word is avocado\n")
+    args = json.dumps({"file_path": str(note)}, separators=(",", ":"))
+    marker = f"cc-tool-{model}"
+    prompt = f"Read note.txt and answer. {marker} #sim tool=Read args={args} tokens=2 text=done"
+    run = run_claude(claude_relay.url, claude_relay.key(), prompt, tmp_path,
+                     sim_url=sim.url, model=model)
+    assert run.returncode == 0, run.describe()
+    assert run.output["result"] == "done done" and run.output["num_turns"] == 2
+    first, second = [r for r in run.requests if marker in json.dumps(r["body"])]
+    # The second upstream request carries Read's result, in the upstream's own protocol.
+    assert "the secret word is avocado" in json.dumps(second["body"])
+    assert "the secret word is avocado" not in json.dumps(first["body"])
+    state = claude_relay.wait_idle()
+    assert state["admission"]["total"] == 0

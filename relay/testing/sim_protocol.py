@@ -248,8 +248,8 @@ def ends_with_tool_output(kind: str, body: dict) -> bool:
 
     A ``tool=`` directive in the user prompt stays in every later request of the conversation;
     honouring it after the tool output came back would make an agent (Codex) loop forever, so the
-    tool call is produced only for the turn that asks for it. (anthropic: mid-conversation
-    ``system`` messages after the results do not count; Claude Code sends them for Opus 4.8.)
+    tool call is produced only for the turn that asks for it. (Mid-conversation ``system`` and
+    ``developer`` messages after the results do not count; Claude Code sends them for Opus 4.8.)
     """
     if kind == "anthropic":
         messages = body.get("messages")
@@ -272,11 +272,19 @@ def ends_with_tool_output(kind: str, body: dict) -> bool:
         )
     if kind == "chat":
         messages = body.get("messages")
-        last = messages[-1] if isinstance(messages, list) and messages else None
+        turns = [m for m in messages if not _instruction(m)] if isinstance(messages, list) else []
+        last = turns[-1] if turns else None
         return isinstance(last, dict) and last.get("role") in ("tool", "function")
     items = body.get("input")
-    last = items[-1] if isinstance(items, list) and items else None
+    turns = [item for item in items if not _instruction(item)] if isinstance(items, list) else []
+    last = turns[-1] if turns else None
     return isinstance(last, dict) and str(last.get("type", "")).endswith("_output")
+
+
+def _instruction(item: Any) -> bool:
+    """A system or developer message (what a Messages client's mid-conversation ``system``
+    message becomes upstream): it does not end a turn."""
+    return isinstance(item, dict) and item.get("role") in ("system", "developer")
 
 
 def estimate_input_tokens(kind: str, body: dict) -> int:
