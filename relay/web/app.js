@@ -454,7 +454,7 @@ Endpoint:  chat/completions
         text: `export ANTHROPIC_BASE_URL="${origin}"
 export ANTHROPIC_AUTH_TOKEN="${shownKey}"
 export ANTHROPIC_MODEL="${model}"
-export ANTHROPIC_SMALL_FAST_MODEL="${model}"
+export ANTHROPIC_DEFAULT_HAIKU_MODEL="${model}"
 export CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1
 claude
 `,
