@@ -4,10 +4,10 @@
 turns every failure into OpenAI's error JSON, and writes each request's access-log line when it
 ends (:func:`log_request_end`, ``relay/logs.py``). The shared state is :mod:`relay.runtime`'s.
 
-Routes: the relay routes (``relay/api/relay.py``), health, index and models
-(``relay/api/discovery.py``), the self-service routes of a key (``relay/api/selfservice.py``)
-under every base path, the admin API (``relay/api/admin.py``), ``/metrics``
-(``relay/api/metrics.py``) and the key workbench page (``relay/api/web.py``).
+Routes: the relay routes (``relay/api/relay.py``, with ``calls.py`` and ``streaming.py``),
+health, index and models (``relay/api/discovery.py``), the self-service routes of a key
+(``relay/api/selfservice.py``) under every base path, the admin API (``relay/api/admin.py``),
+``/metrics`` (``relay/api/metrics.py``) and the key workbench page (``relay/api/web.py``).
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ raw HTTP, over every upstream kind: relayed to an Anthropic account, translated 
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 
 import anthropic
@@ -477,3 +479,103 @@ def test_a_claude_code_shaped_body_reaches_a_responses_upstream_whole(
     roles = [(item.get("role"), item["type"]) for item in sent["input"]]
     assert roles == [("user", "message"), ("assistant", "message"), ("developer", "message"),
                      ("user", "message")]
+
+
+# --------------------------------------------------------------------------------------------
+# A Messages stream that waits in the queue hears pings (the relay opens it itself).
+
+WAITING_CONFIG = """
+[pools.p]
+
+[packages.single]
+pool = "p"
+max_concurrency = 1
+queue_timeout_s = 5
+
+[packages.brief]
+pool = "p"
+max_concurrency = 1
+queue_timeout_s = 1
+""" + CONFIG[CONFIG.index("[[accounts]]"):]
+
+
+@pytest.fixture(scope="module")
+def waiting_relay(sim: Sim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
+    tmp = tmp_path_factory.mktemp("waiting")
+    with running_relay(tmp, sim.url, body=WAITING_CONFIG, keepalive_event_s=0.3) as server:
+        yield server
+
+
+def hold_the_slot(relay: Relay, key: str, seconds: float) -> threading.Thread:
+    """A request of ``key`` that holds its one slot for about ``seconds``."""
+    tokens = int(seconds / 0.05)
+    body = {"model": "m-chat", "max_tokens": 1000,
+            "messages": [{"role": "user", "content": f"#sim tokens={tokens} delay=0.05"}]}
+    thread = threading.Thread(target=httpx2.post, args=(relay.url + "/v1/messages",),
+                              kwargs={"json": body, "timeout": 30, "headers": {"x-api-key": key}})
+    thread.start()
+    deadline = time.monotonic() + 5
+    while relay.state()["active_requests"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return thread
+
+
+def stream_events(relay: Relay, key: str, body: dict) -> tuple[str, list[tuple[str, dict]]]:
+    with httpx2.stream("POST", relay.url + "/v1/messages", json=body, timeout=30,
+                       headers={"x-api-key": key}) as response:
+        assert response.status_code == 200
+        events, name = [], None
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                name = line.removeprefix("event:").strip()
+            elif line.startswith("data:"):
+                events.append((name, json.loads(line.removeprefix("data:"))))
+        return response.headers["x-request-id"], events
+
+
+@pytest.mark.parametrize("model", ["m-anthropic", "m-responses"])
+def test_a_queued_stream_hears_pings_then_gets_its_answer(
+    waiting_relay: Relay, model: str
+) -> None:
+    key = waiting_relay.create_key("single")
+    holder = hold_the_slot(waiting_relay, key, 1.5)
+    body = {"model": model, "max_tokens": 100, "stream": True,
+            "messages": [{"role": "user", "content": "queued #sim tokens=4"}]}
+    request_id, events = stream_events(waiting_relay, key, body)
+    holder.join()
+    names = [name for name, _ in events]
+    assert names[0] == "message_start" and names.count("message_start") == 1
+    first_content = names.index("content_block_start")
+    assert names[1:first_content].count("ping") >= 2  # heard while it waited (~1.5 s, 0.3 s)
+    assert names[-2:] == ["message_delta", "message_stop"]
+    start, delta = events[0][1], events[-2][1]
+    assert start["message"]["model"] == model
+    text = "".join(d["delta"].get("text", "") for n, d in events if n == "content_block_delta")
+    assert text == "tok tok tok tok"
+    row = waiting_relay.usage_row(request_id)
+    assert row["status"] == 200 and row["queue_ms"] > 900
+    assert row["output_tokens"] == delta["usage"]["output_tokens"] == 4
+    # The real input count reaches the client in message_delta, relayed or translated.
+    assert delta["usage"]["input_tokens"] + delta["usage"]["cache_read_input_tokens"] == (
+        row["input_tokens"]
+    )
+
+
+def test_a_queued_stream_that_times_out_ends_with_a_rate_limit_error_event(
+    waiting_relay: Relay,
+) -> None:
+    key = waiting_relay.create_key("brief")
+    holder = hold_the_slot(waiting_relay, key, 2.5)
+    body = {"model": "m-chat", "max_tokens": 100, "stream": True,
+            "messages": [{"role": "user", "content": "never served #sim tokens=4"}]}
+    request_id, events = stream_events(waiting_relay, key, body)
+    holder.join()
+    names = [name for name, _ in events]
+    assert names[0] == "message_start" and "ping" in names
+    assert names[-1] == "error" and "content_block_start" not in names
+    error = events[-1][1]["error"]
+    assert error["type"] == "rate_limit_error" and "queue" in error["message"]
+    row = waiting_relay.usage_row(request_id)
+    assert (row["status"], row["error_code"], row["output_tokens"]) == (200, "queue_timeout", 0)
+    assert waiting_relay.wait_idle()["admission"]["total"] == 0

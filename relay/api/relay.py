@@ -7,22 +7,15 @@ call → relay the answer] → one usage record.
 
 The bracketed part runs in the request's nursery. A sibling task watches the client: if it
 disconnects, the nursery is cancelled, which closes the upstream response and releases every slot
-on the way out. Streams are split in two tasks: the *pump* owns the slots and the upstream
-response and feeds events into a small channel; the request task writes them to the client. If the
-client stops reading (its socket full, hypercorn's shielded write blocked), a watchdog cancels the
-pump after ``stall_timeout_s``: the upstream and the slots are released even though the write to
-the dead reader cannot be interrupted.
+on the way out. The upstream call is :func:`.calls.upstream_call`; a stream's relay is
+:mod:`.streaming`, a plain answer's is here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
@@ -31,163 +24,36 @@ from ..errors import (
     AuthenticationFailed,
     InsufficientQuota,
     InvalidRequest,
-    NoHealthyAccount,
     PermissionDenied,
     RateLimited,
     RelayError,
-    SharedStateUnavailable,
     ShuttingDown,
     UpstreamError,
-    UpstreamResponseTooLarge,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from ..guards.admission import AdmissionRefused, KeyLimits, Lease, Ticket
+from ..guards.admission import KeyLimits, Ticket
 from ..ledger.usage import UsageRecord
 from ..protocol.requests import (
     TOO_DEEP,
-    ClientRequest,
     Endpoint,
     decode_json_body,
     parse_request,
-    unsendable_body,
 )
-from ..protocol.sse import EventTooLarge, StreamMeter, Usage, error_event
+from ..protocol.sse import StreamMeter, error_event
 from ..protocol.translate import (
-    StreamTranslator,
-    UpstreamRequest,
-    build_upstream_request,
     response_usage,
     translate_response,
 )
-from ..protocol.trust import Confidential, bound_usage
 from ..upstream import http11
-from ..upstream.health import is_account_failure
-from ..upstream.routing import Account, ModelRoute
+from .calls import SHUTDOWN_CUT, SHUTDOWN_REFUSAL, Call, too_large, upstream_call
 from .http import SSE_HEADERS, ClientDisconnected, Request, Responder
+from .streaming import relay_stream
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
 
 log = logging.getLogger("relay.api")
-
-#: Relayed chunks buffered between the pump and the client writer. Small: the buffer only
-#: smooths scheduling; a slow client should push back on the upstream, not fill memory.
-STREAM_BUFFER = 16
-
-SHUTDOWN_REFUSAL = "The relay is shutting down and takes no new requests; retry it."
-SHUTDOWN_CUT = (
-    "The relay is shutting down and ended this request before its answer was complete; "
-    "retry it."
-)
-
-
-@dataclass
-class Call:
-    """Everything about one relayed request that its parts share."""
-
-    runtime: Runtime
-    request: Request
-    responder: Responder
-    client: ClientRequest
-    route: ModelRoute
-    ticket: Ticket
-    candidates: list[Account]
-    record: UsageRecord
-    started: float
-    recorded: bool = False
-    #: The upstream request built for each account tried (its protocol decides the body).
-    prepared: dict[str, tuple[UpstreamRequest, bytes]] = dataclasses.field(default_factory=dict)
-    #: The running stream's translator, once an account answered (keep-alives come from it).
-    translator: StreamTranslator | None = None
-    #: Cancelled by the runtime when the relay's drain runs out (Runtime.cut): wraps the
-    #: request's wait for admission, its upstream call and the relay of its answer.
-    drain: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope)
-    #: Answers the request asks for (Chat's ``n``): each may use the whole output allowance.
-    choices: int = 1
-
-    def upstream_request(self, account: Account) -> tuple[UpstreamRequest, bytes]:
-        """What to send ``account``, in its protocol, and the body's bytes (built once).
-
-        Raises :class:`~relay.errors.InvalidRequest` for input that account cannot be given
-        (files other than images and PDFs; when translating, fields with no counterpart).
-        """
-        prepared = self.prepared.get(account.name)
-        if prepared is None:
-            try:
-                request = build_upstream_request(
-                    self.client.body,
-                    self.client.endpoint,
-                    account.config.provider,
-                    model=self.route.target,
-                    api_key=account.config.api_key(),
-                    reasoning_effort=self.route.reasoning_effort,
-                )
-                # allow_nan=False: 1e999 parses as inf, which is not JSON. A lone surrogate
-                # fails the encode: the upstream never gets invalid UTF-8.
-                body = json.dumps(
-                    request.body, ensure_ascii=False, allow_nan=False, separators=(",", ":")
-                ).encode()
-            except (UnicodeEncodeError, ValueError, RecursionError) as error:
-                raise unsendable_body(self.client.body, error) from None
-            prepared = self.prepared[account.name] = (request, body)
-        return prepared
-
-    def drop_bodies(self, account: Account) -> None:
-        """``account`` answered, so no other account will be tried: let go of the request's
-        bodies (the client's parsed JSON, and each encoded upstream body). A stream would hold
-        them, about three times the request's size (agents resend whole conversations), for as
-        long as it runs. What :meth:`upstream_request` returns for ``account`` from now on keeps
-        its path, headers and context, which is all the answer's side reads."""
-        upstream, _ = self.upstream_request(account)
-        upstream.body = {}
-        self.prepared = {account.name: (upstream, b"")}
-        self.client.body = {}
-
-    def commit(self) -> None:
-        """Write the usage record: exactly once, never blocking (safe while cancelled)."""
-        if self.recorded:
-            return
-        self.recorded = True
-        self.record.latency_ms = (trio.current_time() - self.started) * 1000
-        self.runtime.usage.record(self.record)
-
-    def take_usage(self, usage: Usage | None, produced: int = 0, carried: int = 0) -> int:
-        """Record what the request cost; returns its total tokens (for the guards).
-
-        The upstream's ``usage`` is recorded within :func:`~relay.protocol.trust.bound_usage`'s
-        bounds (``carried``: the bytes of its answer); a report outside them is logged, one
-        line, and recorded as bounded.
-        """
-        record = self.record
-        if usage is not None:
-            usage, problem = bound_usage(
-                usage,
-                carried_bytes=carried,
-                max_output_tokens=self.client.max_output_tokens,
-                choices=self.choices,
-            )
-            if problem:
-                log.warning(
-                    "%s: upstream account %s reported implausible usage (%s); billed as "
-                    "%d input, %d output tokens",
-                    self.request.request_id, record.account, problem,
-                    usage.input_tokens, usage.output_tokens,
-                )
-            record.input_tokens = usage.input_tokens
-            record.cached_tokens = usage.cached_tokens
-            record.cache_write_tokens = usage.cache_write_tokens
-            record.output_tokens = usage.output_tokens
-            record.reasoning_tokens = usage.reasoning_tokens
-            record.usage_source = "upstream"
-        else:
-            # Cut short before the upstream reported usage: bill the estimate of the input and
-            # what was produced (one token per streamed delta, the upstreams' usual granularity).
-            record.input_tokens = self.client.estimated_input_tokens
-            record.output_tokens = produced
-            record.usage_source = "estimate"
-        return record.input_tokens + record.output_tokens
-
 
 async def handle(runtime: Runtime, request: Request, responder: Responder, endpoint: Endpoint):
     """Serve one relay request end to end; errors before the answer starts become JSON errors.
@@ -333,7 +199,7 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
                     output_tokens=client.estimated_tokens - client.estimated_input_tokens,
                 ):
                     if client.stream:
-                        await _relay_stream(call)
+                        await relay_stream(call)
                     else:
                         await _relay_once(call)
             except RelayError as error:
@@ -450,114 +316,6 @@ async def _cancel_on_disconnect(call: Call, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-@asynccontextmanager
-async def _upstream_call(
-    call: Call, *, stream: bool
-) -> AsyncIterator[tuple[Lease, Account, http11.Response]]:
-    """Admission, an account, and its upstream response, held for the caller's block.
-
-    While nothing has reached the client, an attempt that fails in a way another account might
-    not (connect error, 429, 5xx, 401/403) marks the account's health and is retried on another
-    account of the request's candidates, up to ``failover_attempts``. A sticky session prefers
-    its bound account and is (re)bound to the account that served it.
-
-    The caller sets ``lease.used_tokens`` before leaving the block, so the guards reconcile
-    their reservation to what the request really cost.
-    """
-    runtime, record = call.runtime, call.record
-    scheduler = runtime.scheduler
-    tried: set[str] = set()
-    failure: RelayError | None = None
-    shared = runtime.admission.shared
-    session = call.client.session_key
-    if shared is not None and session:
-        # Bound by another process? Then this one follows that binding.
-        bound = await shared.session_account(call.route.pool, session)
-        if bound is not None:
-            scheduler.sessions.adopt(call.route.pool, session, bound, trio.current_time())
-    for _ in range(runtime.config.server.failover_attempts):
-        accounts = [a for a in call.candidates if a.name not in tried and not a.guard.disabled]
-        if not accounts:
-            break
-        ticket = dataclasses.replace(
-            call.ticket,
-            accounts=[account.guard for account in accounts],
-            preferred=_bound_guard(call, accounts),
-        )
-        stack = AsyncExitStack()
-        try:
-            lease = await stack.enter_async_context(runtime.admission.enter(ticket))
-        except AdmissionRefused as refused:
-            if refused.reason == "shutting_down":
-                raise ShuttingDown(refused.message) from None
-            if refused.reason == "shared_unavailable":
-                raise SharedStateUnavailable(refused.message) from None
-            raise RateLimited(refused) from None
-        account = scheduler.by_name[lease.account.name]
-        record.queue_ms += lease.queued_s * 1000
-        record.account = account.name
-        lease.used_tokens = 0  # until the upstream answers, nothing was used
-        try:
-            upstream, payload = call.upstream_request(account)
-            response = await stack.enter_async_context(
-                runtime.upstream.post(
-                    f"{account.config.base_url}/{upstream.path}",
-                    payload,
-                    kind=account.config.provider,
-                    headers=upstream.headers,
-                    client_headers=call.request.headers,
-                    stream=stream,
-                    account=account.name,
-                )
-            )
-        except RelayError as error:
-            await stack.aclose()
-            if not is_account_failure(error):
-                raise
-            runtime.health.failed(account, error)
-            tried.add(account.name)
-            failure = error
-            continue
-        except BaseException:
-            await stack.aclose()
-            raise
-        runtime.health.succeeded(account)
-        del payload  # see drop_bodies
-        call.drop_bodies(account)
-        if session:
-            scheduler.sessions.bind(call.route.pool, session, account.name, trio.current_time())
-            if shared is not None:
-                shared.bind_session(
-                    call.route.pool, session, account.name, runtime.config.server.session_ttl_s
-                )
-        async with stack:
-            yield lease, account, response
-        return
-    if failure is None:
-        raise NoHealthyAccount(
-            f"No upstream account can serve '{call.route.requested}' right now: every account "
-            "for it is out of service. Tell the relay's operator."
-        )
-    try:
-        raise failure
-    finally:
-        failure = None  # its traceback holds this frame: no reference cycle (see _relay_stream)
-
-
-def _bound_guard(call: Call, accounts: list[Account]):
-    """The guard of the account the request's session is bound to, if it is a candidate."""
-    session = call.client.session_key
-    if not session:
-        return None
-    name = call.runtime.scheduler.sessions.account_for(
-        call.route.pool, session, trio.current_time()
-    )
-    for account in accounts:
-        if account.name == name:
-            return account.guard
-    return None
-
-
 async def _relay_once(call: Call) -> None:
     with call.drain:
         body, content_type = await _answer_once(call)
@@ -573,7 +331,7 @@ async def _relay_once(call: Call) -> None:
 
 async def _answer_once(call: Call) -> tuple[bytes, bytes]:
     """The non-streamed answer for the client, and its content type."""
-    async with _upstream_call(call, stream=False) as (lease, account, response):
+    async with upstream_call(call, stream=False) as (lease, account, response):
         try:
             body = await response.aread()
         except http11.ReadTimeout:
@@ -581,7 +339,7 @@ async def _answer_once(call: Call) -> tuple[bytes, bytes]:
                 f"The upstream account '{account.name}' did not finish its answer in time."
             ) from None
         except http11.ResponseTooLarge as exc:
-            raise _too_large(account.name, exc) from None
+            raise too_large(account.name, exc) from None
         except http11.TransportError as exc:
             log.warning("%s: upstream account %s: %s", call.request.request_id, account.name, exc)
             raise UpstreamUnavailable(
@@ -612,272 +370,3 @@ async def _answer_once(call: Call) -> tuple[bytes, bytes]:
     return body, b"application/json"
 
 
-class _ClientWriter:
-    """Writes relayed bytes to the client and notes the times the stream's watcher needs: since
-    when the current write has been going on (``writing_since``) and when the last one ended
-    (``quiet_since``; None until the first write)."""
-
-    __slots__ = ("call", "quiet_since", "writing_since")
-
-    def __init__(self, call: Call) -> None:
-        self.call = call
-        self.writing_since: float | None = None
-        self.quiet_since: float | None = None
-
-    async def write(self, data: bytes) -> None:
-        self.writing_since = trio.current_time()
-        if self.call.record.ttft_ms is None:
-            self.call.record.ttft_ms = (self.writing_since - self.call.started) * 1000
-        await self.call.responder.body(data)
-        self.writing_since = None
-        self.quiet_since = trio.current_time()
-
-
-class _UpstreamWatch:
-    """How the stream's watcher sees an upstream fall silent mid-answer, with no timeout per
-    read: the pump notes when it last heard from the upstream (``heard_at``; None while it is
-    not waiting on it: before the answer, or held up by a slow client), and the watcher cancels
-    ``reading``, the pump's reading of the answer, once that is longer ago than ``timeout_s``
-    (the pool's read timeout, which the pump's reads then do without)."""
-
-    __slots__ = ("heard_at", "reading", "timeout_s")
-
-    def __init__(self, timeout_s: float) -> None:
-        self.timeout_s = timeout_s
-        self.heard_at: float | None = None
-        self.reading = trio.CancelScope()
-
-
-async def _relay_stream(call: Call) -> None:
-    send_channel, receive_channel = trio.open_memory_channel[bytes | RelayError](STREAM_BUFFER)
-    writer = _ClientWriter(call)
-    upstream = _UpstreamWatch(call.runtime.config.server.upstream_read_timeout_s)
-    pump_scope = trio.CancelScope()
-    failure: RelayError | None = None
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_pump, call, send_channel, pump_scope, upstream)
-        nursery.start_soon(_watch_stream, call, writer, upstream, send_channel, pump_scope)
-        try:
-            async with receive_channel:
-                first = await _first_message(receive_channel)
-                if isinstance(first, RelayError):
-                    failure = first  # raised below: inside the nursery it would be grouped
-                else:
-                    await call.responder.start(200, SSE_HEADERS)
-                    await writer.write(first)
-                    async for data in receive_channel:  # keep-alives included
-                        await writer.write(_with_backlog(data, receive_channel))
-                    await call.responder.end()
-        finally:
-            nursery.cancel_scope.cancel()
-    if failure is not None:
-        try:
-            raise failure
-        finally:
-            # The error's traceback holds this frame; a local still naming the error would
-            # make a cycle that keeps the whole request for the garbage collector.
-            failure = first = None
-
-
-def _with_backlog(data: bytes, channel: trio.MemoryReceiveChannel) -> bytes:
-    """``data`` and whatever else is already waiting, as one write: when the client side falls
-    behind, fewer and larger writes let it catch up instead of paying per event."""
-    parts = [data]
-    while True:
-        try:
-            parts.append(channel.receive_nowait())
-        except (trio.WouldBlock, trio.EndOfChannel):
-            break
-    return data if len(parts) == 1 else b"".join(parts)
-
-
-async def _first_message(channel: trio.MemoryReceiveChannel) -> bytes | RelayError:
-    try:
-        return await channel.receive()
-    except trio.EndOfChannel:
-        # The pump ended without a word: only possible if it was cancelled by the watchdog,
-        # which cannot happen before the first write. Treat as an internal failure.
-        return UpstreamUnavailable("The upstream ended the request without an answer.")
-
-
-async def _watch_stream(
-    call: Call,
-    writer: _ClientWriter,
-    upstream: _UpstreamWatch,
-    out: trio.MemorySendChannel[bytes | RelayError],
-    pump_scope: trio.CancelScope,
-) -> None:
-    """The stream's three timers, in one task that wakes only when one of them is due:
-
-    - keep-alive: after each ``keepalive_event_s`` without a write, once the answer has begun
-      (an agent's reasoning upstream may think for minutes; clients and proxies give up on a
-      connection that says nothing). It is queued in the pump's channel, and only when that is
-      empty and no write is in progress: the pump is then waiting on the upstream, so no event
-      it encodes can be ahead of the keep-alive (a translated Responses stream numbers them).
-    - stall: a client that accepted no data for ``stall_timeout_s`` gets the pump cancelled,
-      which releases the upstream and the slots although the write to it cannot be interrupted.
-    - silence: an upstream that sent nothing for ``upstream_read_timeout_s`` in the middle of
-      its answer gets the pump's reading cancelled, which ends the stream with an error.
-
-    Why not a timeout around each event's ``receive`` or write: a cancel scope per event was a
-    visible share of the per-event CPU with a thousand streams; here the writer and the pump
-    only note the time.
-    """
-    server = call.runtime.config.server
-    stall, interval = server.stall_timeout_s, server.keepalive_event_s
-    read_timeout = upstream.timeout_s
-    poll = max(stall / 4, 0.05)
-    while True:
-        now = trio.current_time()
-        heard = upstream.heard_at
-        if heard is not None and now - heard > read_timeout:
-            upstream.heard_at = heard = None
-            upstream.reading.cancel()
-        since = writer.writing_since
-        if since is not None and now - since > stall:
-            log.info("%s: client accepted no data for %.0fs", call.request.request_id, stall)
-            call.record.error_code = "client_stalled"
-            pump_scope.cancel()
-            return
-        wake = now + poll
-        quiet = writer.quiet_since
-        if quiet is None:  # the answer has not begun: look again in an interval
-            wake = min(wake, now + interval)
-        elif since is None:
-            if now - quiet >= interval:
-                _queue_keepalive(call, out)
-                writer.quiet_since = quiet = now
-            wake = min(wake, quiet + interval)
-        # Not waiting on the upstream now, the pump may be soon: look again within a timeout.
-        wake = min(wake, (now if heard is None else heard) + read_timeout)
-        await trio.sleep_until(wake)
-
-
-def _queue_keepalive(call: Call, out: trio.MemorySendChannel[bytes | RelayError]) -> None:
-    """Queue the translator's keep-alive if nothing is waiting to be written (no checkpoint
-    between the check and the queueing, so the pump cannot slip an event in between)."""
-    if call.translator is None or out.statistics().current_buffer_used:
-        return
-    keepalive = call.translator.keepalive()
-    if keepalive:
-        try:
-            out.send_nowait(keepalive)
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-            pass  # the pump has finished: the stream is ending anyway
-
-
-async def _pump(
-    call: Call,
-    out: trio.MemorySendChannel[bytes | RelayError],
-    scope: trio.CancelScope,
-    watch: _UpstreamWatch,
-) -> None:
-    """Own the slots and the upstream stream; feed the client's bytes into ``out``."""
-    record = call.record
-    translator: StreamTranslator | None = None
-    async with out:
-        with scope:
-            try:
-                with call.drain:
-                    async with _upstream_call(call, stream=True) as (lease, account, response):
-                        record.status = 200
-                        upstream, _ = call.upstream_request(account)
-                        translator = call.translator = StreamTranslator(
-                            account.config.provider,
-                            upstream.context,
-                            Confidential.of_call(
-                                f"{account.config.base_url}/{upstream.path}", upstream.headers
-                            ),
-                            max_event_bytes=call.runtime.config.server.upstream_max_event_bytes,
-                        )
-                        try:
-                            await _relay_events(
-                                response, translator, out, lease, account.name, watch
-                            )
-                        finally:
-                            usage = translator.usage
-                            lease.used_tokens = call.take_usage(
-                                usage, translator.deltas, translator.received
-                            )
-                            lease.output_tokens = record.output_tokens if usage else None
-                if call.drain.cancelled_caught:
-                    raise ShuttingDown(SHUTDOWN_CUT)
-            except RelayError as error:
-                record.status = record.status or error.status
-                record.error_code = error.code or error.type
-                if translator is not None:
-                    data = translator.fail(error.message, error.code or "server_error")
-                    if isinstance(error, ShuttingDown) and call.client.endpoint is Endpoint.CHAT:
-                        data += b"data: [DONE]\n\n"  # the stream is over: say so, as OpenAI does
-                    await out.send(data)
-                else:
-                    await out.send(error)
-            finally:
-                call.commit()
-
-
-async def _relay_events(
-    response: http11.Response,
-    translator: StreamTranslator,
-    out: trio.MemorySendChannel[bytes | RelayError],
-    lease: Lease,
-    account: str,
-    watch: _UpstreamWatch,
-) -> None:
-    response.timed_reads = False  # the stream's watcher times the upstream's silence
-    late = b""
-    try:
-        with watch.reading:
-            watch.heard_at = trio.current_time()
-            async for chunk in response:
-                watch.heard_at = trio.current_time()
-                data = translator.feed(chunk)
-                lease.produced(translator.deltas)  # the guards charge the output as it is served
-                if data:
-                    try:
-                        # No checkpoint when there is room: the upstream read just made one,
-                        # and send() would reschedule the pump once more for every event.
-                        out.send_nowait(data)
-                    except trio.WouldBlock:
-                        if watch.reading.cancel_called:
-                            # The watcher gave up on the upstream as this arrived: the bytes
-                            # are the client's still (and billed), so send them outside.
-                            late = data
-                            break
-                        watch.heard_at = None  # not waiting on the upstream meanwhile
-                        await out.send(data)  # the client is behind: wait for it
-                        watch.heard_at = trio.current_time()
-            watch.heard_at = None
-    except EventTooLarge as exc:
-        raise _too_large(account, exc) from None
-    except http11.TransportError as exc:
-        log.warning("upstream account %s broke off its answer: %s", account, exc)
-        raise UpstreamUnavailable(
-            f"The connection to upstream account '{account}' broke in the middle of the "
-            "answer. Try again; if it persists, tell the relay's operator."
-        ) from None
-    if late:
-        await out.send(late)
-    if late or watch.reading.cancelled_caught:
-        raise UpstreamTimeout(
-            f"The upstream account '{account}' went silent in the middle of the answer "
-            f"(nothing for {watch.timeout_s:g}s)."
-        )
-    data = translator.flush()
-    if not translator.finished:
-        if data:
-            await out.send(data)
-        raise UpstreamUnavailable(
-            f"The upstream account '{account}' ended the stream before the answer was complete."
-        )
-    data += translator.finish()
-    if data:
-        await out.send(data)
-
-
-def _too_large(account: str, exc: Exception) -> UpstreamResponseTooLarge:
-    return UpstreamResponseTooLarge(
-        f"The upstream account '{account}' sent more than the relay accepts ({exc}), so its "
-        "answer was not relayed. Ask for a shorter answer; if it persists, tell the relay's "
-        "operator."
-    )

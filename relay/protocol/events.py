@@ -247,6 +247,9 @@ class TranslationContext:
     custom_tools: frozenset[str] = frozenset()
     namespaced: dict[str, tuple[str, str]] = field(default_factory=dict)
     echo: dict = field(default_factory=dict)
+    #: The client's stream was opened before the upstream answered (a Messages stream that
+    #: waited in the queue got ``message_start`` and pings): the encoder does not open it again.
+    opened: bool = False
     #: Tool names shortened for the upstream (see :func:`.translate.shorten_tool_names`):
     #: the upstream's name → the client's.
     tool_names: dict[str, str] = field(default_factory=dict)

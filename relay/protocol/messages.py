@@ -137,6 +137,37 @@ def anthropic_error(error: RelayError, request_id: str | None = None) -> tuple[i
     return status, body
 
 
+def opening(message_id: str, model: str, input_tokens: int) -> bytes:
+    """``message_start`` and a ``ping``: how the relay opens a Messages stream itself while the
+    request still waits for admission (see :mod:`relay.api.streaming`), so that the client and the
+    proxies between hear something. ``input_tokens`` is the relay's estimate; the real usage
+    follows in ``message_delta``."""
+    message = {
+        "id": message_id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {
+            "input_tokens": input_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+            "output_tokens": 0,
+        },
+    }
+    return _event("message_start", {"type": "message_start", "message": message}) + PING
+
+
+def error_event(error: RelayError) -> bytes:
+    """A relay error (a refusal, an upstream's error status) as the ``event: error`` that ends
+    a stream the relay opened before it could answer: Anthropic's type for the error's status,
+    and its message."""
+    _, body = anthropic_error(error)
+    return _event("error", {"type": "error", "error": body["error"]})
+
+
 def failure_event(message: str, code: str) -> bytes:
     """An ``event: error`` ending a Messages stream; ``code`` is the relay's (OpenAI's) code."""
     kind = _FAILURE_TYPES.get(code, code if code in ERROR_TYPES.values() else "api_error")
@@ -424,7 +455,7 @@ class MessagesEncoder:
     def __init__(self, context: TranslationContext, upstream_kind: str) -> None:
         self._context = context
         self._kind = upstream_kind
-        self._id = "msg_" + context.response_id.removeprefix("resp_")
+        self._id = message_id(context.response_id)
         self._index = -1
         self._open: str | None = None  # "text" | "thinking" | "tool_use"
         self._open_call: int | None = None  # the call whose tool_use block is open
@@ -435,7 +466,7 @@ class MessagesEncoder:
         self._arguments: dict[int, list[str]] = {}
         self._usage: Usage | None = None
         self._reason = "stop"
-        self._started = False
+        self._started = context.opened  # message_start already sent by the relay (opening)
         self.closed = False
 
     # -- stream ------------------------------------------------------------------------------
@@ -609,3 +640,8 @@ def _parsed_input(arguments: str) -> Any:
         return {"input": arguments}
     return value if isinstance(value, dict) else {"input": value}
 
+
+
+def message_id(response_id: str) -> str:
+    """The Message id for a request's ``response_id`` (``resp_…`` → ``msg_…``)."""
+    return "msg_" + response_id.removeprefix("resp_")

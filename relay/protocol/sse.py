@@ -204,6 +204,7 @@ class StreamMeter:
         "_drop_usage_chunk",
         "_endpoint",
         "_messages_usage",
+        "_opened",
         "deltas",
         "events",
         "finished",
@@ -212,9 +213,12 @@ class StreamMeter:
         "usage",
     )
 
-    def __init__(self, endpoint: Endpoint, *, drop_usage_chunk: bool = False) -> None:
+    def __init__(
+        self, endpoint: Endpoint, *, drop_usage_chunk: bool = False, opened: bool = False
+    ) -> None:
         self._endpoint = endpoint
         self._drop_usage_chunk = drop_usage_chunk
+        self._opened = opened
         self.usage: Usage | None = None
         self.events = 0
         self.deltas = 0
@@ -226,7 +230,14 @@ class StreamMeter:
         self._messages_usage: dict[str, int] = {}
 
     def forwardable(self, events: list[bytes]) -> bytes:
-        """Account for ``events`` and return the bytes to send on to the client."""
+        """Account for ``events`` and return the bytes to send on to the client.
+
+        ``opened`` (a Messages stream the relay opened with its own ``message_start`` while
+        the request waited): the upstream's ``message_start`` is not forwarded (a client takes
+        one only), and its input counters are added to ``message_delta``'s usage where that
+        lacks them, so the client still learns them."""
+        if self._opened:
+            events = [kept for event in events if (kept := self._reopened(event))]
         keep = []
         for event in events:
             if self._observe(event):
@@ -255,6 +266,34 @@ class StreamMeter:
         ):
             self.finished = True
         return True
+
+    def _reopened(self, event: bytes) -> bytes | None:
+        if b"message_start" not in event and b"message_delta" not in event:
+            return event
+        try:
+            payload = json.loads(event_data(event))
+        except ValueError:
+            return event
+        if not isinstance(payload, dict):
+            return event
+        if payload.get("type") == "message_start":
+            message = payload.get("message")
+            usage = message.get("usage") if isinstance(message, dict) else None
+            if isinstance(usage, dict):
+                for name, value in usage.items():
+                    if isinstance(value, int) and not isinstance(value, bool):
+                        counters = self._messages_usage
+                        counters[name] = max(value, counters.get(name, 0))
+            return None
+        if payload.get("type") == "message_delta":
+            usage = payload.setdefault("usage", {})
+            if isinstance(usage, dict):
+                for name, value in self._messages_usage.items():
+                    if name != "output_tokens" and usage.get(name) is None:
+                        usage[name] = value
+                data = json.dumps(payload, separators=(",", ":")).encode()
+                return b"event: message_delta\ndata: " + data + b"\n\n"
+        return event
 
     def _capture_usage(self, event: bytes) -> bool:
         try:

@@ -387,6 +387,7 @@ class StreamTranslator:
             self._meter = StreamMeter(
                 context.client,
                 drop_usage_chunk=context.client is Endpoint.CHAT and not context.include_usage,
+                opened=context.opened,
             )
         else:
             self._decoder = _DECODERS[upstream_kind]()
