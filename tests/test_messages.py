@@ -579,3 +579,21 @@ def test_a_queued_stream_that_times_out_ends_with_a_rate_limit_error_event(
     row = waiting_relay.usage_row(request_id)
     assert (row["status"], row["error_code"], row["output_tokens"]) == (200, "queue_timeout", 0)
     assert waiting_relay.wait_idle()["admission"]["total"] == 0
+
+
+def test_the_keys_own_call_list_shows_messages_calls(messages_relay: Relay) -> None:
+    """What the workbench's per-call view reads (``GET /v1/calls``) has the Messages calls,
+    with what they cost."""
+    key = messages_relay.create_key("team", "calls")
+    client = anthropic.Anthropic(base_url=messages_relay.url, api_key=key, max_retries=0)
+    raw = client.messages.with_raw_response.create(
+        model="m-anthropic", max_tokens=50, messages=[{"role": "user", "content": "#sim tokens=3"}]
+    )
+    messages_relay.usage_row(raw.headers["x-request-id"])
+    calls = httpx2.get(messages_relay.url + "/v1/calls",
+                       headers={"authorization": f"Bearer {key}"}).json()
+    (call,) = calls["data"]
+    assert (call["request_id"], call["endpoint"], call["model"]) == (
+        raw.headers["x-request-id"], "messages", "m-anthropic"
+    )
+    assert call["status"] == 200 and call["output_tokens"] == 3

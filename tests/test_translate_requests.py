@@ -898,3 +898,32 @@ def test_images_a_tool_returned_follow_the_tool_messages_on_chat_upstreams() -> 
     assert messages[5] == {"role": "user", "content": "and?"}
     anthropic = build(body, Endpoint.RESPONSES, "anthropic").body["messages"]
     assert anthropic[2]["content"][0]["content"][1]["type"] == "image"
+
+
+def test_long_tool_call_ids_are_shortened_for_openai_upstreams_alike_in_calls_and_results() -> None:
+    """A Messages history whose call id is longer than OpenAI accepts (40 characters for Chat,
+    64 for Responses): the call and its result get the same short id; an Anthropic upstream
+    gets the body as it was."""
+    long_id = "toolu_" + "x" * 70
+    body = {
+        "model": "m", "max_tokens": 100,
+        "tools": [{"name": "Read", "input_schema": {"type": "object"}}],
+        "messages": [
+            {"role": "user", "content": "read it"},
+            {"role": "assistant", "content": [
+                {"type": "tool_use", "id": long_id, "name": "Read", "input": {"f": "a"}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": long_id, "content": "ok"}]},
+        ],
+    }
+    chat = build_upstream_request(body, Endpoint.MESSAGES, "openai-chat", model="m", api_key="k")
+    call_id = chat.body["messages"][1]["tool_calls"][0]["id"]
+    assert len(call_id) <= 40 and call_id.startswith("toolu_xxx")
+    assert chat.body["messages"][2] == {"role": "tool", "tool_call_id": call_id, "content": "ok"}
+    responses = build_upstream_request(
+        body, Endpoint.MESSAGES, "openai-responses", model="m", api_key="k"
+    )
+    call, output = responses.body["input"][1:3]
+    assert len(call["call_id"]) <= 64 and call["call_id"] == output["call_id"]
+    native = build_upstream_request(body, Endpoint.MESSAGES, "anthropic", model="m", api_key="k")
+    assert native.body["messages"][1]["content"][0]["id"] == long_id

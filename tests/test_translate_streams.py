@@ -354,7 +354,16 @@ TOOLS_RESPONSES = [
 
 
 def context_for(client: Endpoint, kind: str, **body_fields) -> TranslationContext:
-    if client is Endpoint.CHAT:
+    if client is Endpoint.MESSAGES:
+        body = {
+            "model": "alias-model",
+            "max_tokens": 1000,
+            "messages": [{"role": "user", "content": "weather?"}],
+            "tools": [{"name": n, "input_schema": {"type": "object"}}
+                      for n in ("get_weather", "get_time")],
+            "stream": True,
+        }
+    elif client is Endpoint.CHAT:
         body = {
             "model": "alias-model",
             "messages": [{"role": "user", "content": "weather?"}],
@@ -1142,3 +1151,49 @@ def test_an_upstream_error_event_reaches_the_client_redacted(kind, client) -> No
     assert b"[redacted]" in out
     if kind == "openai-chat" and client is Endpoint.CHAT:
         assert b"sk-proj-NotASecret0123456789" in out  # the model's own words are not touched
+
+
+# --------------------------------------------------------------------------------------------
+# Every other upstream kind → Messages client (Claude Code), through the anthropic SDK's own
+# stream accumulator
+
+
+def parse_messages(raw: bytes):
+    """The final Message the anthropic SDK builds from ``raw`` (its ``accumulate_event``), and
+    the event names in order."""
+    from anthropic.lib.streaming._messages import accumulate_event
+
+    snapshot, names, buffers = None, [], {}
+    for name, data in sse_events(raw):
+        names.append(name)
+        payload = json.loads(data)
+        assert payload["type"] == name  # Anthropic's framing: the event name is the type
+        if name in ("ping", "error"):
+            continue
+        snapshot = accumulate_event(event=payload, current_snapshot=snapshot, json_bufs=buffers)
+    return snapshot, names
+
+
+@pytest.mark.parametrize("kind", ["openai-chat", "openai-responses", "gemini"])
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_any_upstream_stream_becomes_a_valid_messages_stream(kind: str, data) -> None:
+    raw = UPSTREAMS[kind]()
+    cuts = data.draw(cut_points(raw))
+    context = context_for(Endpoint.MESSAGES, kind)
+    out, translator = run(kind, context, raw, cuts)
+    message, names = parse_messages(out)
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
+    assert message.model == "alias-model"
+    thinking = [b for b in message.content if b.type == "thinking"]
+    assert [b.thinking for b in thinking] == ["Let me think."]
+    assert decode_reasoning(thinking[0].signature).text == "Let me think."
+    assert "".join(b.text for b in message.content if b.type == "text") == "Hello ✓"
+    # Parallel calls are several tool_use blocks, each with its whole input.
+    calls = [(b.name, b.input) for b in message.content if b.type == "tool_use"]
+    assert calls == EXPECTED_ARGS
+    assert message.stop_reason == "tool_use"
+    assert message.usage.output_tokens == 20
+    assert message.usage.cache_read_input_tokens == 32
+    assert message.usage.input_tokens == 50 - 32  # Anthropic's input excludes cache reads
+    assert translator.finished and translator.usage.input_tokens == 50

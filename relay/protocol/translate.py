@@ -33,7 +33,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 from . import anthropic, chat, gemini, messages, responses
-from .conversation import Conversation
+from .conversation import Conversation, ToolCall, ToolResult
 from .events import (
     Event,
     Failure,
@@ -168,6 +168,7 @@ def build_upstream_request(
             conv, namespaced = responses.read_responses_request(client_body)
         conv.stream = stream
         context.tool_names = shorten_tool_names(conv)
+        shorten_call_ids(conv, upstream_kind)
         writer = _WRITERS[upstream_kind]
         body = writer(conv, model=model, reasoning_effort=reasoning_effort)
         context.custom_tools = frozenset(tool.name for tool in conv.tools if tool.custom)
@@ -184,6 +185,10 @@ def build_upstream_request(
 #: The longest tool name OpenAI, Anthropic and Gemini accept (``^[a-zA-Z0-9_-]{1,64}$``).
 MAX_TOOL_NAME = 64
 
+#: The longest tool-call id an upstream kind accepts: OpenAI's Chat Completions refuses a
+#: ``tool_call_id`` over 40 characters, its Responses API a ``call_id`` over 64.
+MAX_CALL_ID = {"openai-chat": 40, "openai-responses": 64}
+
 
 def shorten_tool_names(conv: Conversation) -> dict[str, str]:
     """Shorten the conversation's tool names that are longer than :data:`MAX_TOOL_NAME` (an MCP
@@ -199,7 +204,7 @@ def shorten_tool_names(conv: Conversation) -> dict[str, str]:
         )
     if not long_names:
         return {}
-    short = {name: _short_name(name) for name in long_names}
+    short = {name: _shortened(name, MAX_TOOL_NAME) for name in long_names}
     for tool in conv.tools:
         tool.name = short.get(tool.name, tool.name)
     for message in conv.messages:
@@ -210,9 +215,24 @@ def shorten_tool_names(conv: Conversation) -> dict[str, str]:
     return {value: name for name, value in short.items()}
 
 
-def _short_name(name: str) -> str:
+def shorten_call_ids(conv: Conversation, upstream_kind: str) -> None:
+    """Shorten the history's tool-call ids that are longer than ``upstream_kind`` accepts
+    (:data:`MAX_CALL_ID`; ids another provider made, such as a Gemini call's carried
+    signature, can be), in the calls and their results alike. Nothing is restored on the way
+    back: the upstream names the calls it makes itself, and the same long id always gets the
+    same short one, so a call and its result keep matching."""
+    limit = MAX_CALL_ID.get(upstream_kind)
+    if limit is None:
+        return
+    for message in conv.messages:
+        for part in message.parts:
+            if isinstance(part, ToolCall | ToolResult) and len(part.call_id) > limit:
+                part.call_id = _shortened(part.call_id, limit)
+
+
+def _shortened(name: str, limit: int) -> str:
     digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    return f"{name[: MAX_TOOL_NAME - 9]}_{digest}"
+    return f"{name[: limit - 9]}_{digest}"
 
 
 _WRITERS = {
