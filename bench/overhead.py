@@ -44,6 +44,8 @@ MODEL = "gpt-5.5"
 #: one), so that every request is relayed in its own protocol: with one model on both accounts
 #: the least-loaded account is taken, and under load half the requests would be translated.
 RESPONSES_MODEL = "gpt-5.5-responses"
+#: Served only by the relay's ``anthropic`` account: Claude Code's path, relayed natively.
+MESSAGES_MODEL = "claude-bench"
 CONCURRENCIES = (1, 64)
 DEFAULT_OUT = ROOT / "bench" / "results" / "overhead.json"
 IDLE_SECONDS = 2.0  # the relay's own background CPU is measured this long before the load
@@ -123,6 +125,20 @@ MODES = (
         _json({"model": RESPONSES_MODEL, "input": STREAM_DIRECTIVE, "stream": True}),
         stream=True,
         done_marker=b"response.completed",
+    ),
+    Mode(
+        "messages-stream",
+        "/messages",
+        _json(
+            {
+                "model": MESSAGES_MODEL,
+                "max_tokens": 1000,
+                "messages": [{"role": "user", "content": STREAM_DIRECTIVE}],
+                "stream": True,
+            }
+        ),
+        stream=True,
+        done_marker=b"message_stop",
     ),
 )
 
@@ -389,6 +405,7 @@ def relay_config(sim_url: str, database: Path) -> str:
     for name, provider, model in (
         ("sim-chat", "openai-chat", MODEL),
         ("sim-responses", "openai-responses", RESPONSES_MODEL),
+        ("sim-anthropic", "anthropic", MESSAGES_MODEL),
     ):
         accounts += textwrap.dedent(f"""
             [[accounts]]

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx2
 import pytest
 
 from .claude_code import CLAUDE, MODEL, run_claude
@@ -205,3 +206,30 @@ def test_claude_code_through_the_relay_reads_a_file(
     assert "the secret word is avocado" not in json.dumps(first["body"])
     state = claude_relay.wait_idle()
     assert state["admission"]["total"] == 0
+
+
+def test_claude_code_stops_at_once_on_a_bad_relay_key(
+    tmp_path: Path, claude_relay: Relay
+) -> None:
+    """Claude Code retries a 401 for minutes; to it the relay answers a refused key with a 403
+    permission_error, which it treats as final: one request, the relay's message, exit 1."""
+    def refused() -> int:
+        log = claude_relay.process.log.read_text()
+        return sum("path=/v1/messages" in line and "status=403" in line
+                   for line in log.splitlines())
+
+    before = refused()
+    started = time.monotonic()
+    run = run_claude(claude_relay.url, "cr_not_a_key_of_this_relay", "hello", tmp_path)
+    assert run.returncode == 1, run.describe()
+    assert run.output["is_error"] is True and run.output["api_error_status"] == 403
+    assert "Incorrect API key provided" in run.output["result"]
+    assert time.monotonic() - started < 30  # no retries with backoff
+    time.sleep(0.2)  # the access line is written when the request ends
+    assert refused() - before == 1
+    # Other clients keep Anthropic's 401 (the SDKs raise AuthenticationError on it).
+    plain = httpx2.post(claude_relay.url + "/v1/messages", headers={"x-api-key": "cr_no"},
+                        json={"model": "claude-sonnet-4-6", "max_tokens": 5,
+                              "messages": [{"role": "user", "content": "hi"}]})
+    assert plain.status_code == 401
+    assert plain.json()["error"]["type"] == "authentication_error"

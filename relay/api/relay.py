@@ -125,6 +125,8 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
     except AuthenticationFailed as error:
         if endpoint is Endpoint.RESPONSES and _from_codex(request):
             raise _final_for_codex(error) from None
+        if endpoint is Endpoint.MESSAGES and _from_claude_code(request):
+            raise _final_for_claude_code(error) from None
         raise
     # Every request past authentication leaves one record, whatever it is refused for.
     record = UsageRecord(
@@ -278,6 +280,20 @@ def _final_for_codex(error: AuthenticationFailed) -> InvalidRequest:
     (nothing to refresh), but treats a 400 as final and prints its body (protocols.md §2.6):
     a wrong key is then one request and one clear error instead of six."""
     return InvalidRequest(error.message, code=error.code, param=error.param)
+
+
+def _from_claude_code(request: Request) -> bool:
+    """Claude Code sends ``x-app: cli`` and a ``claude-cli/…`` User-Agent (docs/claude-code.md)."""
+    agent = request.headers.get("user-agent", "").lower()
+    return request.headers.get("x-app", "").lower() == "cli" or agent.startswith("claude-cli/")
+
+
+def _final_for_claude_code(error: AuthenticationFailed) -> PermissionDenied:
+    """A key the relay refuses, answered to Claude Code as a 403 ``permission_error`` with the
+    same message and code. Claude Code retries a 401 with backoff for minutes (still retrying
+    after 90 s in print mode) but stops at once on a 403 and prints "Failed to authenticate"
+    with the message (docs/claude-code.md): one request and one clear error instead."""
+    return PermissionDenied(error.message, code=error.code, param=error.param)
 
 
 def _wants_stream_failure(call: Call) -> bool:
