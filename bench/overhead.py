@@ -90,6 +90,7 @@ class Mode:
     body: bytes
     stream: bool
     done_marker: bytes  # the last event of a complete stream contains this
+    headers: tuple[tuple[str, str], ...] = ()  # besides the client's own
 
 
 def _json(obj: object) -> bytes:
@@ -139,6 +140,7 @@ MODES = (
         ),
         stream=True,
         done_marker=b"message_stop",
+        headers=(("anthropic-version", "2023-06-01"),),
     ),
 )
 
@@ -181,7 +183,7 @@ class Phase:
 async def one_request(client: httpx2.AsyncClient, mode: Mode, phase: Phase) -> None:
     started = time.perf_counter()
     if not mode.stream:
-        response = await client.post(mode.path, content=mode.body)
+        response = await client.post(mode.path, content=mode.body, headers=dict(mode.headers))
         if response.status_code != 200:
             raise BenchError(f"HTTP {response.status_code}: {response.text[:200]}")
         phase.latency.append(time.perf_counter() - started)
@@ -191,7 +193,9 @@ async def one_request(client: httpx2.AsyncClient, mode: Mode, phase: Phase) -> N
     gaps: list[float] = []
     events = 0
     buffer = final = b""
-    async with client.stream("POST", mode.path, content=mode.body) as response:
+    async with client.stream(
+        "POST", mode.path, content=mode.body, headers=dict(mode.headers)
+    ) as response:
         if response.status_code != 200:
             await response.aread()
             raise BenchError(f"HTTP {response.status_code}: {response.text[:200]}")
