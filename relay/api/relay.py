@@ -51,6 +51,8 @@ from .http import SSE_HEADERS, ClientDisconnected, Request, Responder
 from .streaming import relay_stream
 
 if TYPE_CHECKING:
+    from ..config import PackageConfig
+    from ..ledger.keys import KeyRecord
     from ..runtime import Runtime
 
 log = logging.getLogger("relay.api")
@@ -98,13 +100,7 @@ async def count_tokens(runtime: Runtime, request: Request, responder: Responder)
     valid and the model one its package may use (404 otherwise, as for a real request)."""
     key = await runtime.keys.authenticate(request.headers)
     request.key_id = key.id
-    package = runtime.config.packages.get(key.package)
-    if package is None:
-        raise PermissionDenied(
-            f"Your key belongs to package '{key.package}', which this relay no longer "
-            "offers. Ask the operator for a new key.",
-            code="package_not_found",
-        )
+    package = _package_of(runtime, key)
     request.require_json()
     raw = await request.read_body(runtime.config.server.max_body_bytes)
     try:
@@ -139,13 +135,7 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
     request.key_id, request.usage = key.id, record
     call: Call | None = None
     try:
-        package = runtime.config.packages.get(key.package)
-        if package is None:
-            raise PermissionDenied(
-                f"Your key belongs to package '{key.package}', which this relay no longer "
-                "offers. Ask the operator for a new key.",
-                code="package_not_found",
-            )
+        package = _package_of(runtime, key)
         request.require_json()
         try:
             raw = await request.read_body(runtime.config.server.max_body_bytes)
@@ -242,6 +232,18 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
             # The hook holds the call, which holds the responder: without this the whole
             # request (~40 objects) would wait as a reference cycle for the garbage collector.
             responder.header_hook = None
+
+
+def _package_of(runtime: Runtime, key: KeyRecord) -> PackageConfig:
+    """The key's package, or 403 ``package_not_found`` if the relay no longer offers it."""
+    package = runtime.config.packages.get(key.package)
+    if package is None:
+        raise PermissionDenied(
+            f"Your key belongs to package '{key.package}', which this relay no longer "
+            "offers. Ask the operator for a new key.",
+            code="package_not_found",
+        )
+    return package
 
 
 def _choices(body: dict) -> int:

@@ -267,6 +267,16 @@ class StreamMeter:
             self.finished = True
         return True
 
+    def _merge_messages_usage(self, usage: object) -> None:
+        """Keep the largest value seen of each Anthropic usage counter (some gateways report the
+        input in ``message_delta`` only)."""
+        if not isinstance(usage, dict):
+            return
+        counters = self._messages_usage
+        for name, value in usage.items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                counters[name] = max(value, counters.get(name, 0))
+
     def _reopened(self, event: bytes) -> bytes | None:
         if b"message_start" not in event and b"message_delta" not in event:
             return event
@@ -279,11 +289,7 @@ class StreamMeter:
         if payload.get("type") == "message_start":
             message = payload.get("message")
             usage = message.get("usage") if isinstance(message, dict) else None
-            if isinstance(usage, dict):
-                for name, value in usage.items():
-                    if isinstance(value, int) and not isinstance(value, bool):
-                        counters = self._messages_usage
-                        counters[name] = max(value, counters.get(name, 0))
+            self._merge_messages_usage(usage)
             return None
         if payload.get("type") == "message_delta":
             usage = payload.setdefault("usage", {})
@@ -312,14 +318,11 @@ class StreamMeter:
             message = payload.get("message")
             usage = message.get("usage") if isinstance(message, dict) else payload.get("usage")
             if isinstance(usage, dict):
-                counters = self._messages_usage
-                for name, value in usage.items():
-                    if isinstance(value, int) and not isinstance(value, bool):
-                        counters[name] = max(value, counters.get(name, 0))
+                self._merge_messages_usage(usage)
                 if payload.get("type") == "message_delta":
                     # The answer's usage is whole only here: a stream cut before it is billed
                     # as the other protocols' are (the estimate, and what was produced).
-                    self.usage = Usage.from_messages(counters)
+                    self.usage = Usage.from_messages(self._messages_usage)
             if payload.get("type") == "message_stop":
                 self.finished = True
         else:
