@@ -52,7 +52,7 @@ from .streaming import relay_stream
 
 if TYPE_CHECKING:
     from ..config import PackageConfig
-    from ..ledger.keys import KeyRecord
+    from ..ledger.store import KeyRecord
     from ..runtime import Runtime
 
 log = logging.getLogger("relay.api")
