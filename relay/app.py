@@ -25,6 +25,7 @@ from .api.discovery import ANTHROPIC_BASE, BASE_PATHS
 from .api.http import ClientDisconnected, Receive, Request, Responder, Scope, Send
 from .api.metrics import serve_metrics
 from .api.web import Web
+from .api.websocket import serve_socket
 from .errors import InternalError, MethodNotAllowed, NotFound, RelayError
 from .ledger.prices import format_credits
 from .logs import log_access
@@ -59,6 +60,9 @@ class RelayApp:
             self._add(path, "GET", handler)
         # The Codex CLI appends "/responses" to a base URL given without "/v1".
         self._add("/openai/responses", "POST", relay_routes.responses)
+        self._socket_paths = frozenset(
+            [*(base + "/responses" for base in BASE_PATHS), "/openai/responses"]
+        )
         self._add("/openai", "GET", discovery.health)
         self._add("/healthz", "GET", discovery.health)
         self._add("/", "GET", self._index)
@@ -124,16 +128,27 @@ class RelayApp:
         if kind == "http":
             await self._http(scope, receive, send)
         elif kind == "websocket":
-            started = trio.current_time()
-            request_id = await _refuse_websocket(receive, send)
-            now = trio.current_time()
-            log_access({
-                "request_id": request_id, "key_id": "", "method": "GET",
-                "path": scope.get("path", ""), "status": 426, "error": "websocket_not_supported",
-                "ttfb_ms": (now - started) * 1000, "duration_ms": (now - started) * 1000,
-            })
+            await self._websocket(scope, receive, send)
         elif kind == "lifespan":
             await _lifespan(receive, send)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket: the Responses API on ``{base}/responses`` (relay/api/websocket.py),
+        each turn served as a ``POST`` of that path; any other path is refused with 404."""
+        path = scope.get("path", "")
+        if len(path) > 1:
+            path = path.rstrip("/")
+        if path in self._socket_paths:
+            await serve_socket(self.runtime, scope, receive, send, self._http)
+            return
+        started = trio.current_time()
+        request_id = await _refuse_websocket(receive, send, path)
+        now = trio.current_time()
+        log_access({
+            "request_id": request_id, "key_id": "", "method": "GET",
+            "path": scope.get("path", ""), "status": 404, "error": "unknown_url",
+            "ttfb_ms": (now - started) * 1000, "duration_ms": (now - started) * 1000,
+        })
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = trio.current_time()
@@ -242,21 +257,19 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             return
 
 
-async def _refuse_websocket(receive: Receive, send: Send) -> str:
-    """426 for a WebSocket upgrade: the Codex CLI then falls back to HTTP for the session.
-    Returns the answer's request id."""
+async def _refuse_websocket(receive: Receive, send: Send, path: str) -> str:
+    """404 for a WebSocket upgrade on a path that serves none. Returns the answer's id."""
     request_id = "req_" + uuid.uuid4().hex
     await receive()  # websocket.connect
-    body = RelayError(
-        "This relay serves the Responses API over HTTP (server-sent events), not WebSocket.",
-        status=426,
-        type="invalid_request_error",
-        code="websocket_not_supported",
+    body = NotFound(
+        f"No WebSocket is served at {path[:200]}: the Responses API's is at "
+        "{base}/responses (for example /v1/responses).",
+        code="unknown_url",
     ).to_json()
     await send(
         {
             "type": "websocket.http.response.start",
-            "status": 426,
+            "status": 404,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"x-request-id", request_id.encode()),

@@ -114,6 +114,8 @@ class ServerConfig:
     error_cooldown_s: float = 10.0  # rest for an account after repeated 5xx/connect failures
     rate_limit_cooldown_s: float = 30.0  # rest after an upstream 429 with no retry hint
     max_retry_after_s: float = 300.0  # the longest rest an upstream's retry hint can impose
+    websocket_max_per_key: int = 16  # Responses WebSockets one key may hold open (per process)
+    websocket_max_age_s: float = 3600.0  # a socket's turns end after this; the client reconnects
     # Every account's proxy unless it names its own (see README); out of repr: a password.
     proxy: str | None = field(default=None, repr=False)
     ca_file: str | None = None  # a private CA's certificates, trusted besides the system's
@@ -546,6 +548,12 @@ def _read_server(table: _Table, base_dir: Path | None) -> ServerConfig:
         ),
         max_retry_after_s=table.number(
             "max_retry_after_s", defaults.max_retry_after_s, positive=True
+        ),
+        websocket_max_per_key=table.integer(
+            "websocket_max_per_key", defaults.websocket_max_per_key, positive=True
+        ),
+        websocket_max_age_s=table.number(
+            "websocket_max_age_s", defaults.websocket_max_age_s, positive=True
         ),
         proxy=_read_proxy(table, allow_direct=False),
         ca_file=_read_ca_file(table, base_dir),

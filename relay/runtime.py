@@ -53,12 +53,17 @@ class Runtime:
     shutting_down: bool = False
     #: The drain scope of each relay request that may reach an upstream (see :meth:`cut`).
     drains: set[trio.CancelScope] = field(default_factory=set)
+    #: Set with :attr:`shutting_down`: idle Responses WebSockets close (relay/api/websocket.py).
+    stopping: trio.Event = field(default_factory=trio.Event)
+    #: Open Responses WebSockets per key id (``server.websocket_max_per_key`` caps them).
+    sockets: dict[str, int] = field(default_factory=dict)
 
     def shut_down(self) -> None:
         """Stop serving new relay requests: those still queued in admission are woken with a
         refusal (a 503 for their client), those that arrive from now on are refused at once;
         requests already admitted run on until :meth:`cut`."""
         self.shutting_down = True
+        self.stopping.set()
         self.admission.refuse_waiting(SHUTDOWN_MESSAGE)
 
     def cut(self) -> int:

@@ -421,6 +421,7 @@ def test_check_config_refuses_bad_log_settings(
 
 
 def test_websocket_refusal_is_logged(text_relay: Relay) -> None:
+    """A Responses WebSocket handshake without a key is refused with a 401, and logged."""
     relay = text_relay
     host, port = relay.url.removeprefix("http://").rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=5) as sock:
@@ -430,12 +431,12 @@ def test_websocket_refusal_is_logged(text_relay: Relay) -> None:
             b"Sec-WebSocket-Version: 13\r\n\r\n"
         )
         data = b""
-        while b"websocket_not_supported" not in data:
+        while b"invalid_api_key" not in data and b"missing" not in data.lower():
             chunk = sock.recv(65536)
             if not chunk:
                 break
             data += chunk
     request_id = re.search(rb"x-request-id: (req_\w+)", data, re.IGNORECASE)[1].decode()
     line = text_access_lines(wait_for(relay.process, request_id))[request_id]
-    assert (line["method"], line["path"], line["status"]) == ("GET", "/v1/responses", "426")
-    assert line["error"] == "websocket_not_supported"
+    assert (line["method"], line["path"], line["status"]) == ("GET", "/v1/responses", "401")
+    assert line["error"] == json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]["code"]

@@ -14,6 +14,7 @@ import httpx2
 import pytest
 
 from .conftest import Relay, Sim, running_relay
+from .test_access_log import text_access_lines
 
 CODEX = Path(__file__).parent / "node" / "node_modules" / ".bin" / "codex"
 SESSION_HEADERS = ("session-id", "session_id", "conversation_id", "thread-id")
@@ -197,3 +198,71 @@ def test_codex_stops_at_once_on_a_bad_key(tmp_path: Path, relay: Relay, case: st
     assert "Reconnecting" not in done.stderr, done.stderr
     time.sleep(0.2)  # the access line is written when the request ends
     assert refused() - before == 1
+
+
+def _key_with_id(relay: Relay) -> tuple[str, str]:
+    done = relay.cli(
+        "keys", "create", "--config", str(relay.config_path), "--package", "team",
+        "--name", "codex-ws", "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    created = json.loads(done.stdout)
+    return created["key"], created["id"]
+
+
+def _key_access_lines(relay: Relay, key_id: str, turns: int) -> list[dict]:
+    """The key's access lines (from the relay's log), once its ``turns`` POSTs are there."""
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [
+            line for line in text_access_lines(relay.process.log.read_text()).values()
+            if line["key_id"] == key_id
+        ]
+        posts = [line for line in lines if line["method"] == "POST"]
+        if len(posts) >= turns or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("websockets", [True, False])
+def test_codex_over_websocket_runs_a_tool_turn_on_one_socket(
+    tmp_path: Path, chat_only: Relay, sim: Sim, websockets: bool
+) -> None:
+    """``supports_websockets = true``: Codex prewarms a socket, then sends the turn and its
+    tool round trip over it, each continuing the last by ``previous_response_id``; the relay
+    serves every turn through its guards (one access line and usage row each) and the Chat
+    upstream gets the whole conversation. With the option off, the same run is plain HTTP."""
+    key, key_id = _key_with_id(chat_only)
+    marker = f"ws-turn-{uuid.uuid4().hex[:8]}"
+    command = "echo\\u0020relay-ws-ok\\u0020>\\u0020proof.txt"
+    prompt = (
+        f"{marker} Write the proof file. "
+        f'#sim tool=exec_command args={{"cmd":"{command}"}} tokens=2 text=written'
+    )
+    env = codex_home(tmp_path, chat_only, "/v1")
+    config = Path(env["CODEX_HOME"]) / "config.toml"
+    text = config.read_text().replace('model = "gpt-5.5"', 'model = "deepseek-chat"')
+    text = text.replace(chat_only.key(), key)
+    config.write_text(text + f"supports_websockets = {str(websockets).lower()}\n")
+    done, work = codex_exec(tmp_path, env, "--dangerously-bypass-approvals-and-sandbox", prompt)
+    assert (work / "proof.txt").read_text().strip() == "relay-ws-ok"
+    assert "written written" in done.stdout, done.stdout + done.stderr
+
+    lines = _key_access_lines(chat_only, key_id, 2)
+    sockets = [line for line in lines if line["method"] == "GET"]
+    posts = [line for line in lines if line["method"] == "POST"]
+    assert [p["status"] for p in posts] == ["200", "200"], lines
+    assert all(p["path"] == "/v1/responses" and p["account"] == "deepseek" for p in posts)
+    if websockets:
+        assert [(s["path"], s["status"]) for s in sockets] == [("/v1/responses", "101")], lines
+        # The socket's line is written when it closes: after both turns it carried.
+        assert all(p["time"] <= sockets[0]["time"] for p in posts)
+    else:
+        assert sockets == []
+    turn = [r for r in sim.requests() if marker in json.dumps(r["body"])]
+    assert [r["path"] for r in turn] == ["/v1/chat/completions"] * 2, turn
+    follow_up = turn[1]["body"]["messages"]
+    assert [m["role"] for m in follow_up][-2:] == ["assistant", "tool"]
+    assert marker in json.dumps(follow_up[1:])  # the user's turn, sent again in full
+    rows = [r for r in chat_only.usage_rows() if r["key_id"] == key_id]
+    assert len(rows) == 2 and all(r["status"] == 200 for r in rows)

@@ -419,12 +419,14 @@ def test_idle_keepalive_connection_is_closed_but_long_streams_are_not(tmp_path, 
         quick.process.stop()
 
 
-def test_websocket_upgrade_gets_426(relay: Relay) -> None:
+def test_websocket_upgrade_elsewhere_gets_404(relay: Relay) -> None:
+    """Only ``{base}/responses`` serves a WebSocket; an upgrade anywhere else is a JSON 404."""
     data, _ = _raw_exchange(
         relay,
-        b"GET /v1/responses HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n",
     )
-    assert data.startswith(b"HTTP/1.1 426")
+    assert data.startswith(b"HTTP/1.1 404")
     assert b"x-request-id: req_" in data.lower()
-    assert b"websocket_not_supported" in data
+    assert b"unknown_url" in data and b"/v1/responses" in data
