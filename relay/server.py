@@ -270,6 +270,8 @@ def hypercorn_config(config: Config) -> HypercornConfig:
     hc.keep_alive_timeout = config.server.keep_alive_timeout_s
     hc.graceful_timeout = config.server.drain_timeout_s + CUT_GRACE_S
     hc.relay_max_body_bytes = config.server.max_body_bytes  # read by RelayH11Protocol
+    # A WebSocket's response.create may be as large as a request body (a whole conversation).
+    hc.websocket_max_message_size = config.server.max_body_bytes
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
     # Request bodies are capped by the relay itself (413 in OpenAI's shape), not by hypercorn.
