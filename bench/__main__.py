@@ -10,6 +10,7 @@ python -m bench ledger               what credit holds, pricing and metrics cost
 python -m bench chaos [--requests N] hang-ups, upstream faults, SIGTERM and kill -9 under load
 python -m bench fuzz [--examples N]  the fuzz suite with N cases (--seed S to explore)
 python -m bench workers              how relay serve --workers 2 spreads load over its workers
+python -m bench websocket [--quick]  Responses turns over a WebSocket vs HTTP vs direct
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ COMMANDS = {
     "fuzz": "bench.fuzz",
     "workers": "bench.workers",
     "scaleout": "bench.scaleout",
+    "websocket": "bench.websocket",
 }
 
 
