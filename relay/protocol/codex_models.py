@@ -6,12 +6,13 @@ OpenAI's list. What Codex does with each entry, observed with the installed CLI 
 docs/codex.md):
 
 - it decodes the whole list or none of it: one entry missing a required key or holding an enum
-  value it does not know (an unknown effort, say) and Codex silently keeps its bundled catalog.
+  value it does not know (a ``shell_type``, say) and Codex silently keeps its bundled catalog.
   Required in 0.169.0: ``slug``, ``display_name``, ``supported_reasoning_levels``,
   ``shell_type``, ``visibility``, ``supported_in_api``, ``priority``, ``base_instructions``,
   ``support_verbosity``, ``truncation_policy``, ``experimental_supported_tools``; older releases
-  also require ``supports_reasoning_summaries`` and ``supports_parallel_tool_calls``. Every one of
-  them is always written here, and only effort names every release knows;
+  also require ``supports_reasoning_summaries`` and ``supports_parallel_tool_calls``, and know
+  only six efforts (``none`` … ``xhigh``; 0.169.0 takes any). Every one of those keys is always
+  written here, and only those six efforts;
 - an entry replaces what Codex knows of that slug (bundled metadata included): its
   ``base_instructions`` become the first developer message of every turn, verbatim, so it must
   be a real prompt (an empty one leaves the model with no system prompt at all);
