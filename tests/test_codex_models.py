@@ -71,7 +71,7 @@ CODEX_HEADERS = {
     "user-agent": "codex_cli_rs/0.169.0 (Debian 12.0.0; x86_64) xterm",
 }
 #: The keys Codex 0.169.0 refuses the whole list without (found by removing each in turn with
-#: the installed CLI, docs/codex.md), and the two older releases require as well.
+#: the installed CLI, docs/codex-models.md), and the two older releases require as well.
 REQUIRED = {
     "slug": str, "display_name": str, "supported_reasoning_levels": list, "shell_type": str,
     "visibility": str, "supported_in_api": bool, "priority": int, "base_instructions": str,

@@ -3,7 +3,7 @@
 The Codex CLI asks ``GET {base}/models?client_version=X.Y.Z`` (only with ChatGPT auth or a
 provider's ``auth = { command = … }``, protocols.md §2.8) and expects its ``ModelsResponse``, not
 OpenAI's list. What Codex does with each entry, observed with the installed CLI (0.169.0,
-docs/codex.md):
+docs/codex-models.md):
 
 - it decodes the whole list or none of it: one entry missing a required key or holding an enum
   value it does not know (a ``shell_type``, say) and Codex silently keeps its bundled catalog.
