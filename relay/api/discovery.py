@@ -93,16 +93,21 @@ def _efforts_by_target(runtime: Runtime) -> dict[str, set[str]]:
     return efforts
 
 
-async def _codex_models(
-    runtime: Runtime, request: Request, responder: Responder, package: PackageConfig,
-    models: list[str],
-) -> None:
-    """Codex's list, tagged; ``If-None-Match`` naming the current tag is a 304 with no body."""
+def codex_models(runtime: Runtime, package: PackageConfig) -> tuple[bytes, str]:
+    """Codex's list of the package's models and its ETag (the one an ``x-models-etag``
+    header on a ``/responses`` answer would carry to make Codex refresh its list)."""
     listed = []
-    for model in models:
+    for model in runtime.catalog.models_for(package):
         route = runtime.catalog.resolve(package, model)
         listed.append(ListedModel(model, route.target, route.reasoning_effort))
-    body, etag = models_body(listed, _efforts_by_target(runtime))
+    return models_body(listed, _efforts_by_target(runtime))
+
+
+async def _codex_models(
+    runtime: Runtime, request: Request, responder: Responder, package: PackageConfig
+) -> None:
+    """Codex's list, tagged; ``If-None-Match`` naming the current tag is a 304 with no body."""
+    body, etag = codex_models(runtime, package)
     headers = {"etag": etag, "cache-control": "no-cache"}
     if etag_matches(request.headers.get("if-none-match", ""), etag):
         await responder.start(304, [(name.encode(), value.encode()) for name, value in
@@ -117,10 +122,10 @@ async def list_models(runtime: Runtime, request: Request, responder: Responder) 
     models on one page) when the request carries ``anthropic-version``; Codex's when it is
     Codex's (``client_version`` in the query, or Codex's ``originator``)."""
     package = await _package_of(runtime, request)
-    models = runtime.catalog.models_for(package)
     if is_codex_client(request.query_params(), request.headers):
-        await _codex_models(runtime, request, responder, package, models)
+        await _codex_models(runtime, request, responder, package)
         return
+    models = runtime.catalog.models_for(package)
     if _wants_anthropic(request):
         await responder.json(
             200,
