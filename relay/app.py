@@ -58,8 +58,9 @@ class RelayApp:
                 self._add(base + path, "GET", handler)
         for path, handler in selfservice.ROOT_ROUTES:
             self._add(path, "GET", handler)
-        # The Codex CLI appends "/responses" to a base URL given without "/v1".
+        # The Codex CLI appends "/responses" (and "/models") to a base URL given without "/v1".
         self._add("/openai/responses", "POST", relay_routes.responses)
+        self._add("/openai/models", "GET", discovery.list_models)
         self._socket_paths = frozenset(
             [*(base + "/responses" for base in BASE_PATHS), "/openai/responses"]
         )

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -172,8 +173,12 @@ def test_the_workbench_page_in_chromium(logged: Relay, tmp_path: Path) -> None:
     codex = tomllib.loads(snippets["codex"])
     provider = codex["model_providers"]["relay"]
     assert provider["wire_api"] == "responses"
+    assert provider["name"] == "OpenAI"  # Codex compacts remotely only at "OpenAI" (§2.10)
+    assert provider["supports_websockets"] is True
     assert provider["base_url"] == relay.url + "/openai"
     assert provider["experimental_bearer_token"] == key
+    builtin = tomllib.loads(snippets["codex-openai"])
+    assert builtin == {"openai_base_url": relay.url + "/v1", "model": codex["model"]}
     assert f"Base URL:  {relay.url}/openai/v1" in snippets["ide"]
     assert f"API key:   {key}" in snippets["ide"]
     assert f'apiKey: "{key}"' in snippets["node"] and f'{relay.url}/v1' in snippets["node"]
@@ -201,19 +206,66 @@ def test_the_workbench_page_in_chromium(logged: Relay, tmp_path: Path) -> None:
         pytest.fail(f"the Codex CLI is not installed at {CODEX}: run scripts/test")
     # Codex's first request carries ~38 KB of instructions and tools: at these test prices it
     # is estimated above what is left (Codex would say "Quota exceeded"), so top up first.
-    assert relay.admin("POST", f"/admin/keys/{key_id}/topup", {"credits": 100}).status_code == 200
-    home = tmp_path / "home" / ".codex"
+    assert relay.admin("POST", f"/admin/keys/{key_id}/topup", {"credits": 300}).status_code == 200
+    # The Codex snippet as shown: its turns over a WebSocket (supports_websockets).
+    log_start = len(relay.process.log.read_text())
+    assert "pong" in codex_turn(tmp_path / "as-shown", snippets["codex"])
+    assert socket_lines(relay, log_start, key_id, "/openai/responses") == ["status=101"]
+    # Its commented alternative: the key from a command, and Codex reads the relay's models.
+    token_line = f'experimental_bearer_token = "{key}"\n'
+    auth_line = next(line for line in snippets["codex"].splitlines() if "auth = {" in line)
+    with_command = snippets["codex"].replace(token_line, auth_line.removeprefix("# ") + "\n")
+    log_start = len(relay.process.log.read_text())
+    assert "pong" in codex_turn(tmp_path / "command", with_command, RELAY_API_KEY=key)
+    models_asked = [line for line in relay.process.log.read_text()[log_start:].splitlines()
+                    if "path=/openai/models" in line and f"key_id={key_id}" in line]
+    assert models_asked and "status=200" in models_asked[0], models_asked
+    # The built-in provider pointed at the relay, after the login line of the snippet.
+    login = next(line.strip("# ") for line in snippets["codex-openai"].splitlines()
+                 if "codex login" in line)
+    log_start = len(relay.process.log.read_text())
+    assert "pong" in codex_turn(tmp_path / "builtin", snippets["codex-openai"], login=login)
+    # The built-in provider speaks WebSocket by default: to the relay too.
+    assert socket_lines(relay, log_start, key_id, "/v1/responses") == ["status=101"]
+
+
+def socket_lines(relay: Relay, start: int, key_id: str, path: str) -> list[str]:
+    """The statuses of the key's WebSocket access lines on ``path`` logged after ``start``
+    (a socket's line is written when it closes, a moment after Codex exits)."""
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [
+            line for line in relay.process.log.read_text()[start:].splitlines()
+            if f"key_id={key_id}" in line and " method=GET " in line and f"path={path} " in line
+        ]
+        if lines or time.monotonic() > deadline:
+            return [f for line in lines for f in line.split() if f.startswith("status=")]
+        time.sleep(0.05)
+
+
+def codex_turn(folder: Path, config: str, login: str | None = None, **env: str) -> str:
+    """``codex exec`` with ``config`` as ``~/.codex/config.toml`` (after the ``login`` shell
+    command, if any, with ``codex`` on the PATH); its output."""
+    home = folder / "home" / ".codex"
     home.mkdir(parents=True)
-    (home / "config.toml").write_text(snippets["codex"])
-    work = tmp_path / "work"
+    (home / "config.toml").write_text(config)
+    work = folder / "work"
     work.mkdir()
+    environment = {
+        **os.environ, "HOME": str(home.parent), "CODEX_HOME": str(home), "NO_COLOR": "1",
+        "PATH": f"{CODEX.parent}{os.pathsep}{os.environ['PATH']}", **env,
+    }
+    if login is not None:
+        logged_in = subprocess.run(login, shell=True, capture_output=True, text=True,
+                                   timeout=60, env=environment, cwd=work)
+        assert logged_in.returncode == 0, logged_in.stdout + logged_in.stderr
     codex_run = subprocess.run(
         [str(CODEX), "exec", "--skip-git-repo-check", "Say pong. #sim tokens=2 text=pong"],
         capture_output=True, text=True, timeout=180, cwd=work, stdin=subprocess.DEVNULL,
-        env={**os.environ, "HOME": str(home.parent), "CODEX_HOME": str(home), "NO_COLOR": "1"},
+        env=environment,
     )
     assert codex_run.returncode == 0, codex_run.stderr
-    assert "pong" in codex_run.stdout
+    return codex_run.stdout
 
 
 def test_the_page_is_served_with_a_strict_policy_and_no_outside_resources(billed: Relay) -> None:

@@ -3,9 +3,11 @@
 ``GET {base}`` / ``/healthz`` (health), ``GET /`` for anything but a browser (the relay's
 self-description: its base paths and the workbench), ``GET {base}/models`` and
 ``GET {base}/models/{model}`` in OpenAI's list and object shapes (Anthropic's for a request with
-``anthropic-version``), with the models of the key's package only (a model the key cannot use is
-404 ``model_not_found``, as OpenAI answers it). The list holds model ids, never a pattern alias;
-retrieving an id a pattern maps answers 200, as calling it would.
+``anthropic-version``; Codex's ``{"models": [...]}`` with an ETag for the Codex CLI, which sends
+``client_version``: :mod:`relay.protocol.codex_models`), with the models of the key's package
+only (a model the key cannot use is 404 ``model_not_found``, as OpenAI answers it). The list
+holds model ids, never a pattern alias; retrieving an id a pattern maps answers 200, as calling
+it would.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from datetime import UTC, datetime
 
 from ..config import PackageConfig
 from ..errors import ModelNotFound, PermissionDenied
+from ..protocol.codex_models import ListedModel, etag_matches, is_codex_client, models_body
 from ..runtime import Runtime
 from .http import Request, Responder
 
@@ -81,10 +84,47 @@ def _wants_anthropic(request: Request) -> bool:
     return "anthropic-version" in request.headers
 
 
+def _efforts_by_target(runtime: Runtime) -> dict[str, set[str]]:
+    """The reasoning efforts the configured aliases fix, per model they map to."""
+    efforts: dict[str, set[str]] = {}
+    for alias in runtime.config.models.values():
+        if alias.reasoning_effort is not None:
+            efforts.setdefault(alias.target, set()).add(alias.reasoning_effort)
+    return efforts
+
+
+def codex_models(runtime: Runtime, package: PackageConfig) -> tuple[bytes, str]:
+    """Codex's list of the package's models and its ETag (the one an ``x-models-etag``
+    header on a ``/responses`` answer would carry to make Codex refresh its list)."""
+    listed = []
+    for model in runtime.catalog.models_for(package):
+        route = runtime.catalog.resolve(package, model)
+        listed.append(ListedModel(model, route.target, route.reasoning_effort))
+    return models_body(listed, _efforts_by_target(runtime))
+
+
+async def _codex_models(
+    runtime: Runtime, request: Request, responder: Responder, package: PackageConfig
+) -> None:
+    """Codex's list, tagged; ``If-None-Match`` naming the current tag is a 304 with no body."""
+    body, etag = codex_models(runtime, package)
+    headers = {"etag": etag, "cache-control": "no-cache"}
+    if etag_matches(request.headers.get("if-none-match", ""), etag):
+        await responder.start(304, [(name.encode(), value.encode()) for name, value in
+                                    headers.items()])
+        await responder.end()
+        return
+    await responder.raw(200, body, headers=headers)
+
+
 async def list_models(runtime: Runtime, request: Request, responder: Responder) -> None:
-    """OpenAI's list, or Anthropic's (``data``, ``has_more``, ``first_id``, ``last_id``; all
-    models on one page) when the request carries ``anthropic-version``."""
+    """OpenAI's list; Anthropic's (``data``, ``has_more``, ``first_id``, ``last_id``; all
+    models on one page) when the request carries ``anthropic-version``; Codex's when it is
+    Codex's (``client_version`` in the query, or Codex's ``originator``)."""
     package = await _package_of(runtime, request)
+    if is_codex_client(request.query_params(), request.headers):
+        await _codex_models(runtime, request, responder, package)
+        return
     models = runtime.catalog.models_for(package)
     if _wants_anthropic(request):
         await responder.json(

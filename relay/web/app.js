@@ -432,10 +432,27 @@
 model_provider = "relay"
 
 [model_providers.relay]
-name = "relay"
+# Codex sends remote compaction (/responses/compact) only to a provider named OpenAI.
+name = "OpenAI"
 base_url = "${origin}/openai"
 wire_api = "responses"
+# One WebSocket per session for the turns (Codex falls back to HTTP if it is refused).
+supports_websockets = true
 experimental_bearer_token = "${shownKey}"
+# Or, instead of experimental_bearer_token, a command that prints the key: Codex then also
+# reads the relay's model list (reasoning levels, context window) from ${origin}/openai/models.
+# auth = { command = "printenv", args = ["RELAY_API_KEY"] }
+`,
+      },
+      {
+        id: "codex-openai",
+        title: "Codex CLI, alternative — Codex's built-in OpenAI provider pointed at the relay",
+        text: `# ~/.codex/config.toml
+openai_base_url = "${origin}/v1"
+model = "${model}"
+
+# Then log Codex in with the key, once:
+#   printf '%s' '${shownKey}' | codex login --with-api-key
 `,
       },
       {
