@@ -52,6 +52,7 @@ class RelayApp:
         for base in BASE_PATHS:
             self._add(base + "/chat/completions", "POST", relay_routes.chat)
             self._add(base + "/responses", "POST", relay_routes.responses)
+            self._add(base + "/responses/compact", "POST", relay_routes.responses_compact)
             self._add(base, "GET", discovery.health)
             for path, handler in selfservice.ROUTES:
                 self._add(base + path, "GET", handler)
@@ -59,6 +60,7 @@ class RelayApp:
             self._add(path, "GET", handler)
         # The Codex CLI appends "/responses" to a base URL given without "/v1".
         self._add("/openai/responses", "POST", relay_routes.responses)
+        self._add("/openai/responses/compact", "POST", relay_routes.responses_compact)
         self._add("/openai", "GET", discovery.health)
         self._add("/healthz", "GET", discovery.health)
         self._add("/", "GET", self._index)
