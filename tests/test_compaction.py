@@ -21,7 +21,12 @@ from relay.protocol.compaction import (
     PREFIX,
     SUMMARY_HEADING,
     SUMMARY_INSTRUCTION,
+    V1,
+    V2,
+    expand_relay_items,
+    form_of,
     seal,
+    summary_turn_body,
     unseal,
 )
 
@@ -149,12 +154,61 @@ def billed_as_upstream(relay: Relay, request_id: str, upstream: dict) -> dict:
     return row
 
 
+# --- The relay's token and the summary turn, without I/O ----------------------------------
+
+
+def test_a_relay_token_carries_its_summary_and_nothing_else_is_one() -> None:
+    summary = "Fix test_x — the off-by-one in range(n) ✓\nnext: run pytest"
+    token = seal(summary)
+    assert token.startswith(PREFIX) and unseal(token) == summary
+    for other in (None, 42, "gAAAAB" + token, PREFIX, PREFIX + "e30", PREFIX + "!!", token[:-3]):
+        assert unseal(other) is None, other  # e30 is "{}": no summary in it
+
+
+def test_the_form_of_a_compaction_request() -> None:
+    trigger = {"type": "compaction_trigger"}
+    user = {"type": "message", "role": "user", "content": "hi"}
+    assert form_of({"input": [user, trigger]}, compact_route=False) == V2
+    assert form_of({"input": [trigger, user]}, compact_route=False) is None
+    assert form_of({"input": "hi"}, compact_route=False) is None
+    assert form_of({"input": [user]}, compact_route=True) == V1
+
+
+def test_the_summary_turn_keeps_the_history_and_asks_for_a_summary() -> None:
+    body = turn("m", "deepseek-chat", trigger=True)
+    body["text"] = {"format": {"type": "json_schema", "name": "x", "schema": {}}}
+    summary_turn = summary_turn_body(body, V2)
+    assert summary_turn["input"][:-1] == history("m")  # the trigger is gone
+    assert summary_turn["input"][-1] == {
+        "type": "message", "role": "user", "content": SUMMARY_INSTRUCTION}
+    assert summary_turn["tools"] == TOOLS and summary_turn["tool_choice"] == "none"
+    assert "text" not in summary_turn and summary_turn["stream"] is True
+    assert summary_turn_body({**body, "stream": False}, V2)["stream"] is False
+    assert summary_turn_body(body, V1)["stream"] is False
+    assert body["input"][-1] == {"type": "compaction_trigger"}  # the client's body is intact
+
+
+def test_relay_items_are_expanded_and_openai_items_kept() -> None:
+    ours = {"type": "compaction", "encrypted_content": seal("the summary")}
+    theirs = {"type": "compaction_summary", "encrypted_content": "gAAAAB-openai"}
+    user = {"type": "message", "role": "user", "content": "go on"}
+    assert expand_relay_items([ours, theirs, user]) == [
+        {"type": "message", "role": "user",
+         "content": [{"type": "input_text", "text": SUMMARY_HEADING + "the summary"}]},
+        theirs,
+        user,
+    ]
+
+
 # --- A Responses upstream compacts by itself -----------------------------------------------
 
 
-def test_compact_endpoint_is_relayed_to_a_responses_upstream(server: Relay, sim: Sim) -> None:
+@pytest.mark.parametrize("base", ["/v1", "/openai", "/codex/v1"])
+def test_compact_endpoint_is_relayed_to_a_responses_upstream(
+    server: Relay, sim: Sim, base: str
+) -> None:
     marker = f"v1-resp-{uuid.uuid4().hex[:8]}"
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key=server.key(), max_retries=0)
+    client = openai.OpenAI(base_url=server.url + base, api_key=server.key(), max_retries=0)
     raw = client.responses.with_raw_response.compact(
         model="gpt-5.5", input=history(marker), instructions="You are a coding agent."
     )

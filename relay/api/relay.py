@@ -62,6 +62,7 @@ log = logging.getLogger("relay.api")
 #: The usage records' endpoint of a v1 compaction request.
 COMPACT_PATH = "responses/compact"
 
+
 async def handle(
     runtime: Runtime,
     request: Request,
