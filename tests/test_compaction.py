@@ -63,6 +63,18 @@ base_url = "SIM_URL/v1"
 api_key_env = "SIM_UPSTREAM_KEY"
 models = ["claude-sim"]
 
+[[accounts]]
+name = "gemini"
+pool = "p"
+provider = "gemini"
+base_url = "SIM_URL/v1beta"
+api_key_env = "SIM_UPSTREAM_KEY"
+models = ["gemini-sim"]
+
+[prices.gemini-sim]
+input = 1000
+output = 2000
+
 [prices."gpt-5.5"]
 input = 1000
 output = 2000
@@ -252,7 +264,12 @@ def test_trigger_is_relayed_to_a_responses_upstream_and_its_item_comes_back(
 
 
 @pytest.mark.parametrize(
-    ("model", "path"), [("deepseek-chat", "/v1/chat/completions"), ("claude-sim", "/v1/messages")]
+    ("model", "path"),
+    [
+        ("deepseek-chat", "/v1/chat/completions"),
+        ("claude-sim", "/v1/messages"),
+        ("gemini-sim", "/v1beta/models/gemini-sim:streamGenerateContent?alt=sse"),
+    ],
 )
 def test_trigger_on_a_translated_upstream_is_a_summary_turn_sealed_in_one_item(
     server: Relay, sim: Sim, model: str, path: str
@@ -280,8 +297,10 @@ def test_trigger_on_a_translated_upstream_is_a_summary_turn_sealed_in_one_item(
     if path.endswith("chat/completions"):
         assert upstream["body"]["tool_choice"] == "none"
         assert upstream["body"]["messages"][-1]["content"] == SUMMARY_INSTRUCTION
-    else:
+    elif path.endswith("messages"):
         assert upstream["body"]["tool_choice"] == {"type": "none"}
+    else:
+        assert upstream["body"]["toolConfig"] == {"functionCallingConfig": {"mode": "NONE"}}
     usage = events[-1]["response"]["usage"]
     assert usage["output_tokens"] == upstream["usage"]["output_tokens"]
     row = billed_as_upstream(server, request_id, upstream)

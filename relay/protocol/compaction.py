@@ -116,9 +116,10 @@ def summary_text_of(item: dict, where: str) -> str:
     summary = unseal(item.get("encrypted_content"))
     if summary is None:
         raise InvalidRequest(
-            f"'{where}' is a compaction item this relay did not make (its encrypted_content "
-            "is another provider's), and the upstream serving this model cannot read it. "
-            "Start a new conversation, or compact it again through this relay.",
+            f"'{where}' is a compaction item this relay did not make: its encrypted_content "
+            "is OpenAI's (or not valid), which only an OpenAI upstream can read, and this "
+            "model is served by another kind of upstream. Continue the conversation with a "
+            "model an OpenAI account serves, or start a new one.",
             param=f"{where}.encrypted_content",
             code="invalid_encrypted_content",
         )
