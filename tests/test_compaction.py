@@ -528,6 +528,7 @@ def test_codex_compacts_over_a_responses_upstream(
     assert {r["path"] for r in turns} == {"/v1/responses"}
     triggers = [r for r in turns if r["body"]["input"][-1] == {"type": "compaction_trigger"}]
     assert len(triggers) == 1
+    assert triggers[0]["headers"]["x-codex-beta-features"] == "remote_compaction_v2"
     after = turns[turns.index(triggers[0]) + 1:]
     assert after, "no turn followed the compaction"
     items = [i for i in after[-1]["body"]["input"] if i.get("type") == "compaction"]
