@@ -53,6 +53,7 @@ class RelayApp:
         for base in BASE_PATHS:
             self._add(base + "/chat/completions", "POST", relay_routes.chat)
             self._add(base + "/responses", "POST", relay_routes.responses)
+            self._add(base + "/responses/compact", "POST", relay_routes.responses_compact)
             self._add(base, "GET", discovery.health)
             for path, handler in selfservice.ROUTES:
                 self._add(base + path, "GET", handler)
@@ -60,6 +61,7 @@ class RelayApp:
             self._add(path, "GET", handler)
         # The Codex CLI appends "/responses" (and "/models") to a base URL given without "/v1".
         self._add("/openai/responses", "POST", relay_routes.responses)
+        self._add("/openai/responses/compact", "POST", relay_routes.responses_compact)
         self._add("/openai/models", "GET", discovery.list_models)
         self._socket_paths = frozenset(
             [*(base + "/responses" for base in BASE_PATHS), "/openai/responses"]

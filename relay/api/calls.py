@@ -102,6 +102,7 @@ class Call:
                     model=self.route.target,
                     api_key=account.config.api_key(),
                     reasoning_effort=self.route.reasoning_effort,
+                    compaction_form=self.client.compaction,
                 )
                 # allow_nan=False: 1e999 parses as inf, which is not JSON. A lone surrogate
                 # fails the encode: the upstream never gets invalid UTF-8.

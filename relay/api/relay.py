@@ -1,4 +1,5 @@
-"""The relay routes: ``POST …/chat/completions``, ``POST …/responses`` and ``POST …/messages``.
+"""The relay routes: ``POST …/chat/completions``, ``POST …/responses`` (and
+``…/responses/compact``) and ``POST …/messages``.
 
 One way through for every request (README, "Architecture"):
 
@@ -34,6 +35,7 @@ from ..errors import (
 )
 from ..guards.admission import KeyLimits, Ticket
 from ..ledger.usage import UsageRecord
+from ..protocol import compaction
 from ..protocol.requests import (
     TOO_DEEP,
     Endpoint,
@@ -57,7 +59,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relay.api")
 
-async def handle(runtime: Runtime, request: Request, responder: Responder, endpoint: Endpoint):
+#: The usage records' endpoint of a v1 compaction request.
+COMPACT_PATH = "responses/compact"
+
+
+async def handle(
+    runtime: Runtime,
+    request: Request,
+    responder: Responder,
+    endpoint: Endpoint,
+    *,
+    compact: bool = False,
+):
     """Serve one relay request end to end; errors before the answer starts become JSON errors.
 
     While the relay shuts down, new requests are refused with 503; one already running when
@@ -70,7 +83,7 @@ async def handle(runtime: Runtime, request: Request, responder: Responder, endpo
         raise ShuttingDown(SHUTDOWN_REFUSAL)
     runtime.active_requests += 1
     try:
-        await _handle(runtime, request, responder, endpoint)
+        await _handle(runtime, request, responder, endpoint, compact)
     finally:
         runtime.active_requests -= 1
 
@@ -83,6 +96,12 @@ async def chat(runtime: Runtime, request: Request, responder: Responder) -> None
 async def responses(runtime: Runtime, request: Request, responder: Responder) -> None:
     """``POST {base}/responses``."""
     await handle(runtime, request, responder, Endpoint.RESPONSES)
+
+
+async def responses_compact(runtime: Runtime, request: Request, responder: Responder) -> None:
+    """``POST {base}/responses/compact``: remote compaction of a conversation, not streamed
+    (protocols.md §2.10; relay/protocol/compaction.py says how each upstream kind serves it)."""
+    await handle(runtime, request, responder, Endpoint.RESPONSES, compact=True)
 
 
 async def messages(runtime: Runtime, request: Request, responder: Responder) -> None:
@@ -114,7 +133,9 @@ async def count_tokens(runtime: Runtime, request: Request, responder: Responder)
     await responder.json(200, {"input_tokens": client.estimated_input_tokens})
 
 
-async def _handle(runtime: Runtime, request: Request, responder: Responder, endpoint: Endpoint):
+async def _handle(
+    runtime: Runtime, request: Request, responder: Responder, endpoint: Endpoint, compact: bool
+):
     started = trio.current_time()
     try:
         key = await runtime.keys.authenticate(request.headers)
@@ -129,7 +150,7 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
         request_id=request.request_id,
         key_id=key.id,
         package=key.package,
-        endpoint=endpoint.value,
+        endpoint=COMPACT_PATH if compact else endpoint.value,
         model="",
     )
     request.key_id, request.usage = key.id, record
@@ -147,6 +168,10 @@ async def _handle(runtime: Runtime, request: Request, responder: Responder, endp
         except RecursionError:  # parsed, but too deep to measure
             raise InvalidRequest(TOO_DEEP) from None
         del raw  # parsed: not held for the rest of the request
+        if endpoint is Endpoint.RESPONSES:
+            client.compaction = compaction.form_of(client.body, compact_route=compact)
+            if compact:
+                client.stream = False  # answered in one piece, as OpenAI answers it
         if client.session_key:
             # Sessions are the key's own: no key can steer another key's session's account.
             client.session_key = f"{key.id}:{client.session_key}"

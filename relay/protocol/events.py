@@ -253,6 +253,10 @@ class TranslationContext:
     #: Tool names shortened for the upstream (see :func:`.translate.shorten_tool_names`):
     #: the upstream's name → the client's.
     tool_names: dict[str, str] = field(default_factory=dict)
+    #: A compaction request's form (``"v1"`` or ``"v2"``, see :mod:`.compaction`), if it is one;
+    #: a v1 answer repeats the request's user messages (``retained``) before its item.
+    compaction: str | None = None
+    retained: list[dict] = field(default_factory=list)
 
     @property
     def passthrough(self) -> bool:

@@ -74,6 +74,9 @@ class ClientRequest:
     max_output_tokens: int | None = None
     input_chars: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: A Responses request that compacts its conversation: ``"v1"`` (``responses/compact``)
+    #: or ``"v2"`` (input ending with a ``compaction_trigger``); see :mod:`.compaction`.
+    compaction: str | None = None
 
     @property
     def estimated_input_tokens(self) -> int:

@@ -21,6 +21,7 @@ import json
 from typing import Any
 
 from ..errors import InvalidRequest
+from .compaction import SUMMARY_HEADING, summary_text_of
 from .conversation import (
     Conversation,
     File,
@@ -83,8 +84,6 @@ _DROPPED_ITEMS = frozenset(
         "mcp_approval_request",
         "mcp_approval_response",
         "item_reference",
-        "compaction",
-        "compaction_summary",
     }
 )
 
@@ -261,6 +260,9 @@ def _read_item(item: dict, where: str, conv: Conversation) -> None:
         reasoning = _read_reasoning(item)
         if reasoning is not None:
             _assistant(conv).parts.append(reasoning)
+    elif kind in ("compaction", "compaction_summary"):
+        summary = summary_text_of(item, where)
+        conv.messages.append(Message("user", [Text(SUMMARY_HEADING + summary)]))
     elif kind in _DROPPED_ITEMS:
         return
     else:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-from . import anthropic, chat, gemini, messages, responses
+from . import anthropic, chat, compaction, compaction_answer, gemini, messages, responses
 from .conversation import Conversation, ToolCall, ToolResult
 from .events import (
     Event,
@@ -116,17 +116,26 @@ def build_upstream_request(
     model: str,
     api_key: str | None,
     reasoning_effort: str | None = None,
+    compaction_form: str | None = None,
 ) -> UpstreamRequest:
     """The upstream request for a validated client body.
 
     ``model`` is the upstream model id (alias resolved); ``reasoning_effort`` (from an alias)
-    wins over the client's. Raises :class:`~relay.errors.InvalidRequest` for input the upstream
-    cannot be given: files other than images and PDFs (for every upstream), and, when
-    translating, ``n`` > 1, audio, ``previous_response_id``, OpenAI ``file_id`` references for
-    non-OpenAI upstreams, and item or part types with no counterpart.
+    wins over the client's. ``compaction_form`` (:mod:`.compaction`'s ``V1`` or ``V2``) marks a
+    Responses request that compacts its conversation: relayed to an ``openai-responses``
+    upstream (v1 to its ``responses/compact``), a summary turn for any other. Raises
+    :class:`~relay.errors.InvalidRequest` for input the upstream cannot be given: files other
+    than images and PDFs (for every upstream), and, when translating, ``n`` > 1, audio,
+    ``previous_response_id``, OpenAI ``file_id`` references for non-OpenAI upstreams, item or
+    part types with no counterpart, and compaction items the relay did not make.
     """
     _check_kind(upstream_kind)
-    stream = client_body.get("stream") is True
+    retained: list[dict] = []
+    if compaction_form and upstream_kind != "openai-responses":
+        if compaction_form == compaction.V1:
+            retained = compaction.retained_user_messages(client_body)
+        client_body = compaction.summary_turn_body(client_body, compaction_form)
+    stream = client_body.get("stream") is True and compaction_form != compaction.V1
     options = client_body.get("stream_options")
     include_usage = (
         client is Endpoint.CHAT
@@ -143,6 +152,8 @@ def build_upstream_request(
         include_usage=include_usage,
         response_id=f"resp_{uuid.uuid4().hex}",
         created=int(time.time()),
+        compaction=compaction_form,
+        retained=retained,
     )
     if client is Endpoint.RESPONSES:
         context.echo = {name: client_body[name] for name in _ECHOED if name in client_body}
@@ -173,8 +184,13 @@ def build_upstream_request(
         body = writer(conv, model=model, reasoning_effort=reasoning_effort)
         context.custom_tools = frozenset(tool.name for tool in conv.tools if tool.custom)
         context.namespaced = namespaced
+    path = _path(upstream_kind, model, stream)
+    if compaction_form == compaction.V1 and upstream_kind == "openai-responses":
+        path = "responses/compact"
+        body.pop("stream", None)
+        body.pop("stream_options", None)
     return UpstreamRequest(
-        path=_path(upstream_kind, model, stream),
+        path=path,
         body=body,
         headers=upstream_headers(upstream_kind, api_key),
         stream=stream,
@@ -251,8 +267,10 @@ def _same_protocol_body(
     stream: bool,
 ) -> dict:
     """The client's body with the relay's rewrites only (see :func:`requests.upstream_payload`),
-    plus one: reasoning items the relay made for another upstream (``rly1.`` encrypted content)
-    are removed, because OpenAI accepts only its own encrypted reasoning."""
+    plus two: reasoning items the relay made for another upstream (``rly1.`` encrypted content)
+    are removed, and compaction items it made are expanded into their summary
+    (:func:`.compaction.expand_relay_items`), because OpenAI accepts only its own encrypted
+    content."""
     if client is Endpoint.CHAT:
         chat.check_chat_files(client_body)
     elif client is Endpoint.MESSAGES:
@@ -281,7 +299,8 @@ def _same_protocol_body(
             "include_usage": True,
         }
     if client is Endpoint.RESPONSES and isinstance(body.get("input"), list):
-        body["input"] = [item for item in body["input"] if not _relay_reasoning(item)]
+        items = [item for item in body["input"] if not _relay_reasoning(item)]
+        body["input"] = compaction.expand_relay_items(items)
     return body
 
 
@@ -341,6 +360,8 @@ _DECODERS = {
 
 
 def _encoder(context: TranslationContext, upstream_kind: str):
+    if context.compaction:
+        return compaction_answer.CompactionEncoder(context, upstream_kind, context.retained)
     if context.client is Endpoint.CHAT:
         return chat.ChatEncoder(context, upstream_kind)
     if context.client is Endpoint.MESSAGES:

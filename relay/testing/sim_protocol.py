@@ -395,6 +395,7 @@ class Plan:
     created: int = field(default_factory=lambda: int(time.time()))
     sse: bool = True  # gemini only: False streams a JSON array (no ``alt=sse``)
     claimed: int | None = None  # huge_usage: the input and output tokens the usage claims
+    compaction: str | None = None  # responses only: "v1" or "v2" (see sim_compaction)
 
     # One random part per response keeps ids unique without drawing five random numbers.
     @property
@@ -938,6 +939,10 @@ def responses_stream(plan: Plan) -> Iterator[tuple[bytes, bool]]:
 
 def stream_events(plan: Plan) -> Iterator[tuple[bytes, bool]]:
     """The SSE events of *plan*'s stream, whichever protocol it speaks."""
+    if plan.compaction:
+        from relay.testing import sim_compaction
+
+        return sim_compaction.stream(plan)
     if plan.kind == "anthropic":
         from relay.testing import sim_anthropic
 
@@ -951,6 +956,10 @@ def stream_events(plan: Plan) -> Iterator[tuple[bytes, bool]]:
 
 def nonstream_body(plan: Plan) -> dict:
     """The non-stream body of *plan*, whichever protocol it speaks."""
+    if plan.compaction:
+        from relay.testing import sim_compaction
+
+        return sim_compaction.nonstream_body(plan)
     if plan.kind == "anthropic":
         from relay.testing import sim_anthropic
 

@@ -9,7 +9,8 @@ faults; see :mod:`relay.testing.sim_protocol`).
 Routes (every one also without the ``/v1`` prefix):
 
 - ``POST /v1/chat/completions``, ``POST /v1/responses``, ``GET /v1/models[/{id}]``: OpenAI, auth
-  ``Authorization: Bearer``;
+  ``Authorization: Bearer``; ``POST /v1/responses/compact`` and a ``compaction_trigger`` at the
+  end of a Responses input compact (:mod:`relay.testing.sim_compaction`);
 - ``POST /v1/messages[?beta=true]``: Anthropic, auth ``x-api-key`` or ``Authorization: Bearer``,
   header ``anthropic-version`` required, streams when the body has ``"stream": true``;
   ``POST /v1/messages/count_tokens``
@@ -54,6 +55,7 @@ import h11
 import trio
 
 from relay.testing import sim_anthropic as sa
+from relay.testing import sim_compaction as sc
 from relay.testing import sim_gemini as sg
 from relay.testing import sim_protocol as sp
 from relay.testing import sim_wire
@@ -504,7 +506,7 @@ class SimUpstream:
         gemini = _gemini_route(route)
         if route == "/chat/completions":
             kind = "chat"
-        elif route == "/responses":
+        elif route in ("/responses", "/responses/compact"):
             kind = "responses"
         elif route in ("/messages", "/messages/count_tokens"):
             kind = "anthropic"
@@ -572,6 +574,10 @@ class SimUpstream:
                 error = sp.error_body(message, "invalid_request_error", None, param)
                 await ex.send_full(400, error, req_headers)
                 return True
+            foreign = sc.foreign_item(body) if kind == "responses" else None
+            if foreign is not None:
+                await ex.send_full(400, sc.foreign_error(foreign), req_headers)
+                return True
         if gemini is not None:
             model, action = gemini
             alt = urllib.parse.parse_qs(query).get("alt", [""])[-1]
@@ -579,7 +585,8 @@ class SimUpstream:
             return await self._generate(
                 ex, kind, body, req_headers, model=model, stream=stream, sse=alt == "sse"
             )
-        return await self._generate(ex, kind, body, req_headers)
+        compaction = sc.form(route == "/responses/compact", body) if kind == "responses" else None
+        return await self._generate(ex, kind, body, req_headers, compaction=compaction)
 
     def _key_ok(self, key: str | None) -> bool:
         """The key rule of every protocol: the profile's key if set, else any non-empty key."""
@@ -715,6 +722,7 @@ class SimUpstream:
         model: str | None = None,
         stream: bool | None = None,
         sse: bool = True,
+        compaction: str | None = None,
     ) -> bool:
         profile = self.profile
         directives = sp.parse_directives(sp.directive_text(kind, body))
@@ -727,9 +735,12 @@ class SimUpstream:
             output_tokens=profile.output_tokens,
             reasoning_tokens=profile.reasoning_tokens,
             model=model,
-            stream=stream,
+            stream=False if compaction == "v1" else stream,
             sse=sse,
         )
+        if compaction:
+            plan.compaction = compaction
+            plan.reasoning, plan.tool_name, plan.tool_args = [], None, []
         if plan.model:
             self._models_seen.setdefault(plan.model, None)
         fault = directives.fault or profile.fault

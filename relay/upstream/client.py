@@ -74,6 +74,8 @@ FORWARDED_HEADERS = (
     "openai-beta",
     "x-codex-turn-state",
     "x-openai-subagent",
+    # The Codex CLI's beta features (``remote_compaction_v2``: a compaction_trigger turn).
+    "x-codex-beta-features",
 )
 
 #: Client headers an Anthropic upstream gets unchanged: the betas the client asked for (Claude
