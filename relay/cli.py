@@ -448,9 +448,10 @@ Codex CLI (~/.codex/config.toml):
   model_provider = "relay"
 
   [model_providers.relay]
-  name = "relay"
+  name = "OpenAI"              # Codex sends remote compaction only to this name
   base_url = "{base}/openai"
   wire_api = "responses"
+  supports_websockets = true   # its turns over one WebSocket per session
   experimental_bearer_token = "{key}"
 
 then: codex exec --skip-git-repo-check "Say hello"

@@ -436,7 +436,7 @@ model_provider = "relay"
 name = "OpenAI"
 base_url = "${origin}/openai"
 wire_api = "responses"
-# One WebSocket per session for the turns (Codex falls back to HTTP if it is refused).
+# The turns over one WebSocket per session (Codex falls back to HTTP if it is refused).
 supports_websockets = true
 experimental_bearer_token = "${shownKey}"
 # Or, instead of experimental_bearer_token, a command that prints the key: Codex then also
