@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -466,7 +467,7 @@ def stream_events_with_timeout(relay: Relay, body: dict) -> None:
 CODEX = Path(__file__).parent / "node" / "node_modules" / ".bin" / "codex"
 
 
-def codex_config(relay: Relay, model: str) -> str:
+def codex_config(relay: Relay, model: str, websockets: bool = False) -> str:
     """A Codex config that compacts after the first turn: the provider is named ``OpenAI``
     (Codex compacts remotely only for a provider of that name, protocols.md §2.10) and the
     auto-compaction limit is far below what one turn uses."""
@@ -482,17 +483,20 @@ wire_api = "responses"
 experimental_bearer_token = "{relay.key()}"
 request_max_retries = 0
 stream_max_retries = 0
+supports_websockets = {str(websockets).lower()}
 """
 
 
-def codex_session(tmp_path: Path, relay: Relay, model: str, prompts: list[str]) -> list[str]:
+def codex_session(
+    tmp_path: Path, relay: Relay, model: str, prompts: list[str], websockets: bool = False
+) -> list[str]:
     """Run ``codex exec`` with the first prompt, then ``codex exec resume --last`` with each
     next one, in one Codex home and folder; returns each run's output."""
     if not CODEX.exists():
         pytest.fail(f"the Codex CLI is not installed at {CODEX}: run scripts/test")
     home = tmp_path / "home"
     (home / ".codex").mkdir(parents=True)
-    (home / ".codex" / "config.toml").write_text(codex_config(relay, model))
+    (home / ".codex" / "config.toml").write_text(codex_config(relay, model, websockets))
     work = tmp_path / "work"
     work.mkdir()
     env = {
@@ -500,6 +504,7 @@ def codex_session(tmp_path: Path, relay: Relay, model: str, prompts: list[str]) 
         "NO_COLOR": "1", "RUST_LOG": "error",
     }
     outputs = []
+    log_start = len(relay.process.log.read_text())
     for index, prompt in enumerate(prompts):
         resume = ["resume", "--last"] if index else []
         done = subprocess.run(
@@ -509,19 +514,29 @@ def codex_session(tmp_path: Path, relay: Relay, model: str, prompts: list[str]) 
         assert done.returncode == 0, done.stdout + done.stderr
         assert "ERROR" not in done.stderr, done.stderr  # Codex logs a failed compaction so
         outputs.append(done.stdout)
+    deadline = time.monotonic() + 5  # a socket's access line is written when it closes
+    while True:
+        sockets = relay.process.log.read_text()[log_start:].count(
+            "path=/openai/responses model=- served_model=- account=- status=101"
+        )
+        if sockets >= len(prompts) or not websockets or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert sockets == (len(prompts) if websockets else 0)  # one socket per codex exec
     return outputs
 
 
+@pytest.mark.parametrize("websockets", [False, True], ids=["http", "websocket"])
 def test_codex_compacts_over_a_responses_upstream(
-    tmp_path: Path, server: Relay, sim: Sim
+    tmp_path: Path, server: Relay, sim: Sim, websockets: bool
 ) -> None:
     """Codex 0.169.0 compacts with a compaction_trigger (v2); the Responses upstream compacts
-    and the next turn carries its item back."""
+    and the next turn carries its item back. Over HTTP and over the WebSocket alike."""
     marker = f"codex-resp-{uuid.uuid4().hex[:8]}"
     first, second = codex_session(tmp_path, server, "gpt-5.5", [
         f"{marker} say pong. #sim tokens=3 text=pong",
         f"{marker} again. #sim tokens=2 text=again",
-    ])
+    ], websockets)
     assert "pong pong pong" in first and "again again" in second
 
     turns = sim_requests(sim, marker)
@@ -538,8 +553,9 @@ def test_codex_compacts_over_a_responses_upstream(
     assert all(r["status"] == 200 and r["output_tokens"] > 0 for r in rows)
 
 
+@pytest.mark.parametrize("websockets", [False, True], ids=["http", "websocket"])
 def test_codex_compacts_over_a_chat_only_upstream(
-    tmp_path: Path, server: Relay, sim: Sim
+    tmp_path: Path, server: Relay, sim: Sim, websockets: bool
 ) -> None:
     """The same session on a Chat-only upstream: the relay runs the summary turn, Codex gets
     one compaction item, and the next turn reaches the Chat upstream with the summary."""
@@ -548,7 +564,7 @@ def test_codex_compacts_over_a_chat_only_upstream(
         f"{marker} say pong. #sim tokens=3 text=pong",
         f"{marker} again. #sim tokens=2 text=again",
         f"{marker} third. #sim tokens=2 text=third",
-    ])
+    ], websockets)
     assert ["pong pong pong" in outputs[0], "again again" in outputs[1]] == [True, True]
     assert "third third" in outputs[2]
 
