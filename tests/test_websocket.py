@@ -201,14 +201,23 @@ async def test_handshake_refusals_are_http_errors(relay: Relay) -> None:
     "path", ["/openai/v1/responses", "/openai/responses", "/codex/v1/responses"]
 )
 async def test_every_base_path_serves_the_socket_and_echoes_turn_state(
-    relay: Relay, path: str
+    relay: Relay, sim: Sim, path: str
 ) -> None:
+    """The turns carry the handshake's session headers upstream, not its WebSocket ones."""
     key, _ = new_key(relay)
-    headers = auth(key, ("x-codex-turn-state", "ts-42"))
+    marker = f"ws-headers-{time.monotonic_ns()}"
+    headers = auth(
+        key, ("x-codex-turn-state", "ts-42"), ("session-id", marker),
+        ("openai-beta", "responses_websockets=2026-02-06"),
+    )
     async with open_websocket_url(ws_url(relay, path), extra_headers=headers) as ws:
         assert dict(ws.handshake_headers)[b"x-codex-turn-state"] == b"ts-42"
-        done = await turn(ws, create("deepseek-chat", "hi #sim tokens=1 text=ok"))
+        done = await turn(ws, create("deepseek-chat", f"{marker} #sim tokens=1 text=ok"))
         assert done[-1]["type"] == "response.completed"
+    (upstream,) = [r for r in sim.requests() if marker in json.dumps(r["body"])]
+    assert upstream["headers"]["session-id"] == marker
+    assert "openai-beta" not in upstream["headers"] and "upgrade" not in upstream["headers"]
+    assert not any(name.startswith("sec-websocket") for name in upstream["headers"])
 
 
 LIMITED = dict(websocket_max_per_key=1, websocket_max_age_s=1.5)

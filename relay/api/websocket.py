@@ -58,6 +58,10 @@ ServeHttp = Callable[[Scope, Receive, Send], Awaitable[None]]
 ACCEPTED_FRAMES = frozenset({"response.processed", "response.append"})
 #: Response headers an error frame carries (``retry-after`` and the rate-limit state).
 _ERROR_FRAME_SKIPS = frozenset({b"content-type", b"content-length"})
+#: Handshake headers a turn's HTTP request does not carry.
+_SOCKET_HEADERS = frozenset({
+    b"connection", b"upgrade", b"content-length", b"content-type", b"transfer-encoding",
+})
 #: Close codes (RFC 6455 §7.4.1).
 NORMAL_CLOSE, GOING_AWAY = 1000, 1001
 
@@ -95,7 +99,7 @@ async def serve_socket(runtime: Runtime, scope: Scope, receive: Receive, send: S
     runtime.sockets[key.id] = open_now + 1
     accepted: float | None = None
     try:
-        socket = ResponsesSocket(runtime, scope, send, serve_http, handshake.headers)
+        socket = ResponsesSocket(runtime, scope, send, serve_http)
         accept: list[tuple[bytes, bytes]] = [(b"x-request-id", handshake_id.encode())]
         turn_state = handshake.headers.get("x-codex-turn-state")
         if turn_state:
@@ -115,8 +119,7 @@ async def serve_socket(runtime: Runtime, scope: Scope, receive: Receive, send: S
 class ResponsesSocket:
     """One accepted socket: its turns, its last completed response and its sends."""
 
-    def __init__(self, runtime: Runtime, scope: Scope, send: Send, serve_http: ServeHttp,
-                 headers: dict[str, str]) -> None:
+    def __init__(self, runtime: Runtime, scope: Scope, send: Send, serve_http: ServeHttp) -> None:
         self.runtime = runtime
         self.serve_http = serve_http
         self._send = send
@@ -127,10 +130,13 @@ class ResponsesSocket:
         #: The running turn's last frame (its end, or its error) has been sent.
         self.answered = False
         self.opened_at = trio.current_time()
-        # The turns' HTTP scope: the handshake's path and headers, as a JSON POST.
+        # The turns' HTTP scope: the handshake's path and headers, as a JSON POST, without
+        # what is about the socket itself (the upgrade, and Codex's WebSocket beta flag, which
+        # must not reach an upstream over HTTP).
         turn_headers = [
             (name, value) for name, value in scope["headers"]
-            if name not in (b"content-length", b"content-type", b"transfer-encoding")
+            if name not in _SOCKET_HEADERS and not name.startswith(b"sec-websocket-")
+            and not (name == b"openai-beta" and value.startswith(b"responses_websockets"))
         ]
         turn_headers.append((b"content-type", b"application/json"))
         self.turn_scope: Scope = {
