@@ -12,13 +12,15 @@ client that continues the conversation at once (an agent's tool loop) finds it, 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import TYPE_CHECKING
 
 from ..errors import NotFound
 from ..protocol.state import (
-    Found,
     StoredResponse,
     conversation,
+    input_items,
     keeps,
     listed_item,
     references,
@@ -35,14 +37,30 @@ _KEPT_STATUSES = ("completed", "incomplete")
 
 async def prepare(call: Call) -> None:
     """Look up what the request's body refers to, and note whether its answer is kept (with
-    the whole conversation it answers, which the body alone may not hold)."""
-    body = call.client.body
+    the whole conversation it answers, which the body alone may not hold).
+
+    A body that refers to earlier turns is estimated (for the guards and the credit hold) by
+    the whole conversation the relay holds: that is what the upstream reads, whichever kind it
+    is, though the body itself may be a few words."""
+    client = call.client
+    body = client.body
     previous_id, item_ids = references(body)
+    whole = None
     if previous_id is not None or item_ids:
         call.found = await call.runtime.responses.find(call.request.key_id, previous_id, item_ids)
+        whole = conversation(body, call.found)
+        if whole is not None:
+            chars = len(json.dumps(whole, ensure_ascii=False, separators=(",", ":")))
+            added = max(0, chars - len(json.dumps(body.get("input"), ensure_ascii=False)))
+            client.input_chars += added
+            call.ticket = dataclasses.replace(
+                call.ticket,
+                estimated_tokens=client.estimated_tokens,
+                input_tokens=client.estimated_input_tokens,
+            )
     if keeps(body):
         call.keep_answer = True
-        call.conversation = conversation(body, call.found or Found())
+        call.conversation = whole if call.found is not None else input_items(body)
 
 
 async def keep(call: Call, response: dict | None, *, translated: bool) -> None:
