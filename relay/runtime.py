@@ -85,6 +85,7 @@ class Runtime:
             },
             "usage_records": {"written": self.usage.written, "queued": self.usage.queued},
             "credits": self.credits.status(),
+            "responses_kept": len(self.responses),  # in this process's memory
         }
 
 

@@ -179,4 +179,9 @@ async def test_redis_holds_the_bounds_too(redis_url: str) -> None:
         assert (await there.get("key-a", "resp_3")).id == "resp_3"
         await trio.sleep(0.4)
         assert await there.get("key-a", "resp_3") is None  # past its age
+        # An upstream's answer may carry a lone surrogate (a JSON escape): kept, Redis still up.
+        await here.put("key-a", answer("resp_s", "odd \ud800 text"))
+        kept = await there.get("key-a", "resp_s")
+        assert kept.output[0]["content"][0]["text"] == "odd \ud800 text"
+        assert not shared.degraded
         nursery.cancel_scope.cancel()

@@ -118,7 +118,7 @@ class ResponsesStore:
             str(max(1, int(self.ttl_s * 1000))), str(self.max_per_key),
         ]
         for item_id, item in record.items().items():
-            args += [item_id, json.dumps([record.translated, item], ensure_ascii=False)]
+            args += [item_id, json.dumps([record.translated, item], separators=(",", ":"))]
         await self._script("put", LUA_PUT, args)
 
     def _put_local(self, key_id: str, record: StoredResponse) -> None:

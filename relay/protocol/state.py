@@ -23,6 +23,7 @@ records of one chain (the lists hold the same objects), so a turn costs its own 
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -66,8 +67,8 @@ class StoredResponse:
             return []
         return [item for item in output if isinstance(item, dict)]
 
-    def items(self) -> dict[str, dict]:
-        """Every item of the record that has an id (input and output), by id."""
+    @functools.cached_property
+    def _items(self) -> dict[str, dict]:
         found: dict[str, dict] = {}
         for item in (*(self.input or ()), *self.output):
             item_id = item.get("id")
@@ -75,10 +76,16 @@ class StoredResponse:
                 found[item_id] = item
         return found
 
+    def items(self) -> dict[str, dict]:
+        """Every item of the record that has an id (input and output), by id (worked out once:
+        a record is not changed once made)."""
+        return self._items
+
     def to_json(self) -> str:
+        """The record as JSON in ASCII: a lone surrogate an upstream's answer carried (a
+        ``\\ud800`` escape) stays an escape instead of failing the encoding for Redis."""
         return json.dumps(
             {"response": self.response, "input": self.input, "translated": self.translated},
-            ensure_ascii=False,
             separators=(",", ":"),
         )
 
