@@ -168,6 +168,31 @@ def test_an_unknown_previous_response_id_is_a_400_naming_it(state_relay: Relay, 
     assert upstream_count(sim, tag) == 0  # refused before any upstream call
 
 
+def test_a_continued_conversation_is_estimated_whole(state_relay: Relay) -> None:
+    """The guards and the credit hold reserve by what the upstream will read: the whole
+    conversation, not the few words of the body. Seen in the usage row of a stream the client
+    leaves before the upstream reported usage (billed by the estimate)."""
+    key = state_relay.key()
+    long_input = "word " * 1000 + "#sim tokens=1"  # about 1,250 tokens
+    first = client_for(state_relay, key).responses.create(model="chat-only", input=long_input)
+    body = {
+        "model": "chat-only", "previous_response_id": first.id, "stream": True,
+        "input": "go on #sim tokens=200 delay=0.05",
+    }
+    with httpx2.stream(
+        "POST", state_relay.url + "/v1/responses", json=body, timeout=10,
+        headers={"authorization": f"Bearer {key}"},
+    ) as response:
+        assert response.status_code == 200
+        for chunk in response.iter_bytes():
+            if b"output_text.delta" in chunk:
+                break
+        request_id = response.headers["x-request-id"]
+    row = state_relay.usage_row(request_id)
+    assert row["usage_source"] == "estimate"
+    assert row["input_tokens"] >= 1200
+
+
 # -- item_reference ----------------------------------------------------------------------------
 
 

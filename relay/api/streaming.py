@@ -342,10 +342,10 @@ async def _relay_events(
             f"The upstream account '{account}' ended the stream before the answer was complete."
         )
     data += translator.finish()
-    # Kept before the client has the end of the answer: its next turn may come at once.
-    await responses_state.keep(
-        call, translator.final_response(), translated=not translator.passthrough
-    )
+    if call.keep_answer:  # kept before the client has the end: its next turn may come at once
+        await responses_state.keep(
+            call, translator.final_response(), translated=not translator.passthrough
+        )
     if data:
         await out.send(data)
 
