@@ -364,6 +364,16 @@ def test_a_responses_upstream_gets_its_own_references_untouched(
     ]
 
 
+def test_a_relayed_stream_is_kept_as_its_last_event_said(state_relay: Relay) -> None:
+    client = client_for(state_relay)
+    with client.responses.stream(
+        model="responses-only", input="relayed #sim text=Kept tokens=2"
+    ) as stream:
+        final = stream.get_final_response()
+    kept = client.responses.retrieve(final.id)
+    assert (kept.id, kept.output_text) == (final.id, "Kept Kept")
+
+
 def test_an_answer_the_relay_translated_is_written_out_for_a_responses_upstream(
     state_relay: Relay, sim: Sim
 ) -> None:
