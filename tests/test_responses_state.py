@@ -246,9 +246,15 @@ def test_an_unknown_item_reference_is_a_400_naming_it(state_relay: Relay, sim: S
 
 
 def test_store_false_keeps_nothing(state_relay: Relay) -> None:
-    client = client_for(state_relay)
+    client = client_for(state_relay, state_relay.create_key())
+    kept = state_relay.state()["responses_kept"]
     first = client.responses.create(model="chat-only", input="hi #sim tokens=1", store=False)
     assert first.store is False
+    with client.responses.stream(model="chat-only", input="hi #sim tokens=1", store=False) as s:
+        assert s.get_final_response().store is False
+    assert state_relay.state()["responses_kept"] == kept
+    client.responses.create(model="chat-only", input="hi #sim tokens=1")
+    assert state_relay.state()["responses_kept"] == kept + 1
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(first.id)
     with pytest.raises(openai.BadRequestError, match=first.id):
