@@ -62,7 +62,9 @@ def test_a_stateful_upstream_gets_what_it_made_untouched() -> None:
                   {"type": "item_reference", "id": "msg_unknown"}],
     }
     found = Found(previous=theirs, items={"msg_up": StoredItem(theirs.output[0], False)})
-    assert expand(body, found, "openai-responses") == body
+    assert expand(body, found, "openai-responses") is body
+    short = {"model": "m", "previous_response_id": "resp_up", "input": "go on"}
+    assert expand(short, found, "openai-responses") is short
     assert expand({"model": "m", "input": "hi"}, Found(), "openai-chat") == {
         "model": "m", "input": "hi"
     }

@@ -167,6 +167,7 @@ def expand(body: dict, found: Found, upstream_kind: str) -> dict:
     items = found.items or {}
     prefix: list[dict] = []
     out = dict(body)
+    written = False
     if previous_id is not None:
         record = found.previous
         if record is not None and (record.translated or not stateful):
@@ -181,6 +182,7 @@ def expand(body: dict, found: Found, upstream_kind: str) -> dict:
                 )
             prefix = [_written_out(item) for item in (*record.input, *record.output)]
             del out["previous_response_id"]
+            written = True
         elif not stateful:
             raise InvalidRequest(
                 f"Previous response with id '{previous_id}' not found. The relay keeps a "
@@ -197,6 +199,7 @@ def expand(body: dict, found: Found, upstream_kind: str) -> dict:
             kept = items.get(item_id) if isinstance(item_id, str) else None
             if kept is not None and (kept.translated or not stateful):
                 current.append(_written_out(kept.item))
+                written = True
                 continue
             if not stateful:
                 raise InvalidRequest(
@@ -208,6 +211,8 @@ def expand(body: dict, found: Found, upstream_kind: str) -> dict:
                     param=f"input[{index}].id",
                 )
         current.append(item)
+    if not written:
+        return body  # a stateful upstream's own references, untouched
     if isinstance(value, str):
         current = input_items(body)
     out["input"] = prefix + current
