@@ -1197,3 +1197,36 @@ def test_any_upstream_stream_becomes_a_valid_messages_stream(kind: str, data) ->
     assert message.usage.cache_read_input_tokens == 32
     assert message.usage.input_tokens == 50 - 32  # Anthropic's input excludes cache reads
     assert translator.finished and translator.usage.input_tokens == 50
+
+
+# --------------------------------------------------------------------------------------------
+# An upstream's lone surrogate (found by the Messages fuzz, issue 14)
+
+
+@pytest.mark.parametrize(
+    ("client", "kind"),
+    [(client, kind) for client in (Endpoint.CHAT, Endpoint.RESPONSES, Endpoint.MESSAGES)
+     for kind in UPSTREAMS if kind != client.upstream_kind],
+)
+def test_a_lone_surrogate_from_the_upstream_reaches_the_client_as_its_escape(
+    client: Endpoint, kind: str
+) -> None:
+    """An upstream's ``"\\ud800"`` escape (Python decodes it to a lone surrogate, which has no
+    UTF-8 form) failed every translated stream with a UnicodeEncodeError: it is written back as
+    the same escape, and the client's SDK reads the text the upstream sent."""
+    raw = UPSTREAMS[kind]()
+    assert raw.count(b"\\u2713") == 1
+    raw = raw.replace(b"\\u2713", b"\\ud800")
+    out, translator = run(kind, context_for(client, kind), raw)
+    out.decode("utf-8")  # strictly: no surrogate bytes went out
+    if client is Endpoint.CHAT:
+        assert parse_chat(out).content == "Hello \ud800"
+    elif client is Endpoint.RESPONSES:
+        assert output_summary(parse_responses(out, TOOLS_RESPONSES).final)["text"] == (
+            "Hello \ud800"
+        )
+    else:
+        message, names = parse_messages(out)
+        assert names[-1] == "message_stop"
+        assert "".join(b.text for b in message.content if b.type == "text") == "Hello \ud800"
+    assert translator.finished

@@ -13,6 +13,7 @@ import json
 import re
 from dataclasses import dataclass
 
+from .anthropic_errors import failure_event
 from .requests import Endpoint
 
 # An event ends at a blank line; upstreams use "\n\n", a few "\r\n\r\n" (WHATWG allows "\r" too,
@@ -109,6 +110,19 @@ class EventSplitter:
             return []
         self._max_event_bytes += 2  # the blank line given here: the rest was bounded already
         return self.feed(b"\n\n")
+
+
+_compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def json_data(payload: object) -> bytes:
+    """``payload`` as compact UTF-8 JSON, for an event the relay writes itself.
+
+    A lone surrogate (an upstream may send ``"\\ud800"`` in its JSON, which Python decodes as
+    one) has no UTF-8 form: it is written back as the same ``\\udXXX`` escape, which is what
+    ``backslashreplace`` gives (a surrogate is always inside a JSON string), where plain
+    encoding would fail the whole stream."""
+    return _compact(payload).encode("utf-8", "backslashreplace")
 
 
 def event_data(event: bytes) -> bytes:
@@ -368,7 +382,8 @@ def error_event(
     """The event that tells a streaming client its answer failed midway, in its own protocol.
 
     Chat clients get a chunk with a top-level ``error`` (both SDKs raise on it); Messages clients
-    an ``event: error``, as Anthropic ends a stream it cannot finish. Responses
+    an ``event: error``, as Anthropic ends a stream it cannot finish (the one a translated stream
+    ends with: :func:`.anthropic_errors.failure_event`). Responses
     clients get ``response.failed``, which the Codex CLI reads as a failed turn and retries
     (protocols.md §2.6); it is the last event, as Codex expects.
     """
@@ -376,13 +391,7 @@ def error_event(
         payload = {"error": {"message": message, "type": type, "param": None, "code": code}}
         return b"data: " + json.dumps(payload).encode() + b"\n\n"
     if endpoint is Endpoint.MESSAGES:
-        kind = {
-            "rate_limit_exceeded": "rate_limit_error",
-            "server_is_overloaded": "overloaded_error",
-            "upstream_timeout": "timeout_error",
-        }.get(code, "api_error")
-        payload = {"type": "error", "error": {"type": kind, "message": message}}
-        return b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
+        return failure_event(message, code)
     payload = {
         "type": "response.failed",
         "sequence_number": meter.next_sequence_number(),
