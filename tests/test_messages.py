@@ -13,13 +13,7 @@ import httpx2
 import pytest
 
 from .conftest import SIM_KEY, Relay, Sim, running_relay
-
-KINDS = {
-    "anthropic": ("m-anthropic", "/v1"),
-    "openai-responses": ("m-responses", "/v1"),
-    "openai-chat": ("m-chat", "/v1"),
-    "gemini": ("m-gemini", "/v1beta"),
-}
+from .upstream_kinds import KINDS, kind_accounts
 
 CONFIG = """
 [pools.p]
@@ -44,18 +38,7 @@ target = "m-responses"
 [prices.m-priced]
 input = 1000
 output = 1000
-""" + "".join(
-    f"""
-[[accounts]]
-name = "{kind}"
-pool = "p"
-provider = "{kind}"
-base_url = "SIM_URL{prefix}"
-api_key_env = "SIM_UPSTREAM_KEY"
-models = ["{model}"]
-"""
-    for kind, (model, prefix) in KINDS.items()
-)
+""" + kind_accounts()
 
 READ_TOOL = {
     "name": "Read",
@@ -496,7 +479,7 @@ queue_timeout_s = 5
 pool = "p"
 max_concurrency = 1
 queue_timeout_s = 1
-""" + CONFIG[CONFIG.index("[[accounts]]"):]
+""" + kind_accounts()
 
 
 @pytest.fixture(scope="module")
