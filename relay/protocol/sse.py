@@ -155,8 +155,8 @@ class Usage:
 
     @classmethod
     def from_chat(cls, usage: dict) -> Usage:
-        prompt_details = usage.get("prompt_tokens_details") or {}
-        completion_details = usage.get("completion_tokens_details") or {}
+        prompt_details = _details(usage, "prompt_tokens_details")
+        completion_details = _details(usage, "completion_tokens_details")
         cached = prompt_details.get("cached_tokens")
         if cached is None:  # DeepSeek reports cache hits under its own name
             cached = usage.get("prompt_cache_hit_tokens", 0)
@@ -169,8 +169,8 @@ class Usage:
 
     @classmethod
     def from_responses(cls, usage: dict) -> Usage:
-        input_details = usage.get("input_tokens_details") or {}
-        output_details = usage.get("output_tokens_details") or {}
+        input_details = _details(usage, "input_tokens_details")
+        output_details = _details(usage, "output_tokens_details")
         return cls(
             input_tokens=token_count(usage.get("input_tokens")),
             cached_tokens=token_count(input_details.get("cached_tokens")),
@@ -200,6 +200,12 @@ class Usage:
             output_tokens=token_count(usage.get("output_tokens")),
             cache_write_tokens=written,
         )
+
+
+def _details(usage: dict, name: str) -> dict:
+    """A usage object's ``…_details`` object, or an empty one for anything else."""
+    details = usage.get(name)
+    return details if isinstance(details, dict) else {}
 
 
 def token_count(value: object) -> int:

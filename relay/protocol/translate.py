@@ -21,6 +21,7 @@ encoder per client protocol). Everything here is pure: no I/O, no clock except f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -32,15 +33,18 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+from ..errors import UpstreamError
 from . import anthropic, chat, gemini, messages, responses
 from .conversation import Conversation, ToolCall, ToolResult
 from .events import (
+    MALFORMED_CODE,
     Event,
     Failure,
     ToolCallStart,
     TranslationContext,
     UsageEvent,
     counts_as_delta,
+    decoded,
 )
 from .requests import Endpoint, unsendable_body
 from .sse import MAX_EVENT_BYTES, EventSplitter, StreamMeter, Usage, error_event, event_data
@@ -369,7 +373,7 @@ def _parse_event(event: bytes) -> tuple[str | None, Any]:
         return name, "[DONE]"
     try:
         return name, json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return name, None
 
 
@@ -400,6 +404,7 @@ class StreamTranslator:
         self._context = context
         self._confidential = confidential
         self._splitter = EventSplitter(max_event_bytes)
+        self._kind = upstream_kind
         self._passthrough = upstream_kind == context.client.upstream_kind
         self._meter: StreamMeter | None = None
         self._closed = False
@@ -452,7 +457,10 @@ class StreamTranslator:
             name, data = _parse_event(raw)
             if data is None:
                 continue
-            out.append(self._emit(self._decoder.feed(name, data)))
+            decode = functools.partial(self._decoder.feed, name, data)
+            out.append(self._emit(decoded(decode, self._kind)))
+            if self._closed:  # a Failure: nothing follows it
+                break
         return b"".join(out)
 
     def _emit(self, events: list[Event]) -> bytes:
@@ -490,7 +498,7 @@ class StreamTranslator:
         self._closed = True
         if self._meter is not None:
             return out
-        return out + self._emit(self._decoder.end()) + self._encoder.finish()
+        return out + self._emit(decoded(self._decoder.end, self._kind)) + self._encoder.finish()
 
     def keepalive(self) -> bytes:
         """Bytes that tell the client the answer is still coming, during a long upstream silence.
@@ -564,7 +572,10 @@ def translate_response(upstream_kind: str, context: TranslationContext, body: di
         return body
     decoder = _DECODERS[upstream_kind]()
     encoder = _encoder(context, upstream_kind)
-    for event in decoder.decode_body(body):
+    events = decoded(lambda: decoder.decode_body(body), upstream_kind)
+    if isinstance(events[-1], Failure) and events[-1].code == MALFORMED_CODE:
+        raise UpstreamError(events[-1].message, type="server_error", code=MALFORMED_CODE)
+    for event in events:
         encoder.encode(_client_names(event, context))
     if isinstance(encoder, chat.ChatEncoder):
         return encoder.body()
