@@ -419,6 +419,9 @@ class StreamTranslator:
             self._encoder = _encoder(context, upstream_kind)
         self._usage: Usage | None = None
         self._deltas = 0
+        #: The Failure that ended a translated stream: the upstream's error event, or the
+        #: relay's for an answer it could not read (:func:`.events.decoded`).
+        self.failure: Failure | None = None
         #: Bytes of the upstream's answer fed so far: what the usage it reports must fit in.
         self.received = 0
 
@@ -432,7 +435,10 @@ class StreamTranslator:
 
     @property
     def finished(self) -> bool:
-        return self._meter.finished if self._meter is not None else self._decoder.finished
+        """The upstream's answer is whole: it ended, or failed with an error event."""
+        if self._meter is not None:
+            return self._meter.finished
+        return self._decoder.finished or self.failure is not None
 
     def feed(self, data: bytes) -> bytes:
         self.received += len(data)
@@ -480,6 +486,7 @@ class StreamTranslator:
             out.append(self._encoder.encode(event))
             if isinstance(event, Failure):
                 self._closed = True
+                self.failure = event
         return b"".join(out)
 
     def flush(self) -> bytes:
