@@ -1,7 +1,7 @@
 """``python -m bench fuzz [--examples N] [--seed S]``: the fuzz suite, longer.
 
 Runs ``tests/test_fuzz.py`` and ``tests/test_fuzz_messages.py`` (a real relay each, a simulated
-upstream) with N generated requests in all instead of the test run's 5,500, spread over their
+upstream) with N generated requests in all instead of the test run's 5,100, spread over their
 tests in the same proportions (``SHARES`` in ``tests/test_fuzz.py``). Without
 ``--seed`` the cases are the derandomized ones of the test run, only more of them; with it,
 hypothesis explores from that seed (print it, and a failure can be replayed with the same seed).
