@@ -1,7 +1,8 @@
 """``python -m bench fuzz [--examples N] [--seed S]``: the fuzz suite, longer.
 
-Runs ``tests/test_fuzz.py`` (one real relay, a simulated upstream) with N generated requests in
-all instead of the test run's 5,100, spread over its tests in the same proportions. Without
+Runs ``tests/test_fuzz.py`` and ``tests/test_fuzz_messages.py`` (a real relay each, a simulated
+upstream) with N generated requests in all instead of the test run's 5,100, spread over their
+tests in the same proportions (``SHARES`` in ``tests/test_fuzz.py``). Without
 ``--seed`` the cases are the derandomized ones of the test run, only more of them; with it,
 hypothesis explores from that seed (print it, and a failure can be replayed with the same seed).
 Exit status: pytest's (0 when every case passed and the ledger check held).
@@ -31,7 +32,7 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
-         "tests/test_fuzz.py"],
+         "tests/test_fuzz.py", "tests/test_fuzz_messages.py"],
         cwd=ROOT, env=env,
     )
     print(f"fuzz: {time.monotonic() - started:.0f} s, exit status {done.returncode}")

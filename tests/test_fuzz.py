@@ -1,20 +1,24 @@
 """The fuzz suite: nothing a client sends gets a 5xx, a traceback or a broken ledger.
 
 One real relay (with a simulated upstream that has a Chat-only and a Responses-only model, so
-translation is exercised both ways) takes 5,000+ generated requests through one persistent
+translation is exercised both ways) takes 4,100 generated requests through one persistent
 httpx2 client: every route and method of ``relay/app.py`` with and without credentials,
 malformed bodies for every field of Chat and Responses (wrong types, missing, huge, nested,
 lone surrogate escapes, huge integers, deep nesting, ``NaN``), headers and query strings.
-Raw HTTP framing (``Content-Length`` mismatches, chunking) is not fuzzed here.
+Messages bodies, over every upstream kind, are :mod:`tests.test_fuzz_messages`'s (its own relay,
+the helpers of this file). Raw HTTP framing (``Content-Length`` mismatches, chunking) is not
+fuzzed here.
 
-Each answer must be below 500, and every error the endpoint's JSON error shape with a message.
-At the end: the relay's log holds no traceback, every request that reached a relay route past
-authentication has exactly one usage row carrying the status the client got, and every key's
-balance in the database equals the one in the relay's memory.
+Each answer must be below 500, and every error the endpoint's JSON error shape with a message:
+OpenAI's, or Anthropic's on a Messages route, under ``/claude/`` or with ``anthropic-version``.
+At the end: the relay's log holds no traceback, no slot, account call or credit hold is left,
+every request that reached a relay route past authentication has exactly one usage row carrying
+the status the client got, and every key's balance in the database equals the one in the
+relay's memory.
 
 Hypothesis is derandomized (the same cases on every run). ``python -m bench fuzz --examples N``
-runs this file with N cases in all (and, with ``--seed``, cases of that seed): the examples are
-spread over the tests in the proportions of :data:`SHARES`.
+runs this file and the Messages one with N cases in all (and, with ``--seed``, cases of that
+seed): the examples are spread over the tests in the proportions of :data:`SHARES`.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import sqlite3
 import textwrap
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -39,8 +44,10 @@ from relay.ledger.prices import to_credits
 
 from .conftest import ADMIN_TOKEN, SIM_KEY, Process, start_process, start_relay
 
-#: Cases of each test, of 5,100 in all (scaled by RELAY_FUZZ_EXAMPLES).
-SHARES = {"chat": 1700, "responses": 1700, "routes": 800, "headers": 450, "queries": 450}
+#: Cases of each test, of 5,100 in all (scaled by RELAY_FUZZ_EXAMPLES); ``messages`` are
+#: :mod:`tests.test_fuzz_messages`'s.
+SHARES = {"chat": 1200, "responses": 1200, "messages": 1000, "routes": 800, "headers": 450,
+          "queries": 450}
 _TOTAL = int(os.environ.get("RELAY_FUZZ_EXAMPLES", sum(SHARES.values())))
 _SEED = os.environ.get("RELAY_FUZZ_SEED")
 
@@ -137,11 +144,40 @@ REFUSED_KEY_CODES = {"missing_api_key", "invalid_api_key", "key_revoked", "key_e
 
 
 def _refused_key(response: httpx2.Response) -> bool:
+    """A refused key's error: OpenAI's carries the code, Anthropic's ends its message with it
+    (``… [invalid_api_key]``), and Claude Code gets it as a 403."""
     try:
         error = response.json().get("error")
     except ValueError:
         return False
-    return isinstance(error, dict) and error.get("code") in REFUSED_KEY_CODES
+    if not isinstance(error, dict):
+        return False
+    if error.get("code") in REFUSED_KEY_CODES:
+        return True
+    message = error.get("message")
+    return "code" not in error and isinstance(message, str) and any(
+        message.endswith(f"[{code}]") for code in REFUSED_KEY_CODES
+    )
+
+
+#: Anthropic's error types (platform.claude.com, "Errors").
+ANTHROPIC_ERROR_TYPES = {
+    "invalid_request_error", "authentication_error", "billing_error", "permission_error",
+    "not_found_error", "request_too_large", "rate_limit_error", "api_error", "overloaded_error",
+    "timeout_error",
+}
+
+
+def speaks_anthropic(path: str, headers: dict) -> bool:
+    """Whether the relay must answer errors in Anthropic's shape (README, "Anthropic
+    clients"): a Messages route, anything under ``/claude/``, or a request naming an
+    ``anthropic-version``."""
+    path = path.partition("?")[0]
+    return (
+        "anthropic-version" in {name.lower() for name in headers}
+        or path.startswith("/claude/")
+        or path.rstrip("/").endswith(("/messages", "/messages/count_tokens"))
+    )
 
 
 @dataclass
@@ -176,15 +212,16 @@ class Target:
             self.reconnects += 1
             response = self.http.request(method, path, headers=headers, content=content)
         self.sent += 1
-        check_answer(response, method)
+        check_answer(response, method, anthropic=speaks_anthropic(path, headers))
         if relayed and response.status_code != 401 and not _refused_key(response):
             self.relayed[response.headers["x-request-id"]] = response.status_code
         return response
 
 
-@pytest.fixture(scope="module")
-def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    tmp = tmp_path_factory.mktemp("fuzz")
+@contextmanager
+def running_target(tmp: Path, body: str) -> Iterator[Target]:
+    """A relay with config ``body`` over a fast simulated upstream, two keys of package
+    ``fuzz``, and a client."""
     sim: Process = start_process(
         [
             "-m", "relay.testing.upstream", "--port", "0", "--api-key", SIM_KEY,
@@ -193,7 +230,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
         r"listening on (\S+)",
         tmp / "sim.log",
     )
-    relay = start_relay(tmp, sim.url, body=BODY)
+    relay = start_relay(tmp, sim.url, body=body)
     try:
         key, key_id = relay.create_paid_key("fuzz")
         _, other_id = relay.create_paid_key("fuzz")
@@ -204,17 +241,36 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
         sim.stop()
 
 
-def check_answer(response: httpx2.Response, method: str) -> None:
-    """Below 500; an error is OpenAI's error JSON with a message."""
+@pytest.fixture(scope="module")
+def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    with running_target(tmp_path_factory.mktemp("fuzz"), BODY) as started:
+        yield started
+
+
+def check_answer(response: httpx2.Response, method: str, *, anthropic: bool = False) -> None:
+    """Below 500; an error is the endpoint's error JSON with a message: OpenAI's, or
+    Anthropic's (``{"type": "error", "error": {"type", "message"}, "request_id"}``)."""
     status = response.status_code
     where = f"{method} {response.request.url} -> {status}: {response.text[:300]!r}"
     assert status < 500, where
     if status >= 400 and method != "HEAD":
         assert response.headers["content-type"].startswith("application/json"), where
+        if anthropic:
+            check_anthropic_error(response.json(), where)
+            return
         error = response.json()["error"]
         assert set(error) == {"message", "type", "param", "code"}, where
         assert isinstance(error["message"], str) and error["message"].strip(), where
         assert isinstance(error["type"], str) and error["type"], where
+
+
+def check_anthropic_error(body: dict, where: str) -> None:
+    """Anthropic's error object, with a message and one of Anthropic's types."""
+    assert body["type"] == "error" and set(body) <= {"type", "error", "request_id"}, where
+    error = body["error"]
+    assert set(error) == {"type", "message"}, where
+    assert error["type"] in ANTHROPIC_ERROR_TYPES, where
+    assert isinstance(error["message"], str) and error["message"].strip(), where
 
 
 # -- values -------------------------------------------------------------------------------------
@@ -498,7 +554,9 @@ def test_fuzz_responses_bodies(target: Target, body: dict) -> None:
 BASES = ["/v1", "/openai/v1", "/codex/v1", "/api/v1"]
 SELF_SERVICE = ["/balance", "/dashboard/billing/subscription", "/dashboard/billing/usage",
                 "/usage", "/limits", "/calls"]
-RELAY_ROUTES = ["/chat/completions", "/responses"]
+RELAY_ROUTES = ["/chat/completions", "/responses", "/messages"]
+#: Anthropic clients' base (``ANTHROPIC_BASE_URL=…/claude``): Messages and models only.
+CLAUDE_BASE = "/claude/v1"
 
 
 def _paths(target: Target) -> list[str]:
@@ -507,6 +565,9 @@ def _paths(target: Target) -> list[str]:
         *(base + route for base in BASES for route in RELAY_ROUTES),
         *(base + route for base in BASES for route in SELF_SERVICE),
         *(base + "/models" for base in BASES),
+        *(base + "/messages/count_tokens" for base in (*BASES, CLAUDE_BASE)),
+        CLAUDE_BASE + "/messages", CLAUDE_BASE + "/models", CLAUDE_BASE + "/models/chat-only",
+        CLAUDE_BASE + "/chat/completions", "/claude", "/claude/nothing",
         "/v1/models/chat-only", "/v1/models/org/name", "/v1/models/%00", "/v1",
         "/openai/responses", "/openai", "/healthz", "/", "/workbench", "/web/app.js",
         "/web/%2e%2e%2fsecret", "/web/nothing.css", "/metrics",
@@ -533,6 +594,9 @@ def _auth(target: Target):
         {"authorization": f"Bearer {ADMIN_TOKEN}"},
         {"authorization": f"Bearer {ADMIN_TOKEN}x"},
         {"x-api-key": "\xe9\xff"},
+        {"x-api-key": key, "anthropic-version": "2023-06-01"},
+        {"x-api-key": "sk-wrong", "anthropic-version": "2023-06-01"},
+        {"x-api-key": "sk-wrong", "user-agent": "claude-cli/2.0.0 (external, cli)"},
     ])
 
 
@@ -549,6 +613,11 @@ BODIES = st.one_of(
         lambda model, rest: encode({"model": model, "input": "hi",
                                     "messages": [{"role": "user", "content": "hi"}], **rest}),
         st.sampled_from(MODELS), st.dictionaries(st.sampled_from(CHAT_FIELDS), JSON, max_size=2),
+    ),
+    st.builds(
+        lambda model, stream: encode({"model": model, "max_tokens": 16, "stream": stream,
+                                      "messages": [{"role": "user", "content": "hi"}]}),
+        st.sampled_from(MODELS), st.booleans(),
     ),
     st.sampled_from([b"{", b"[]", b"null", b'"x"', b"\xff\xfe", b"{}" * 1000, b" " * 100]),
 )
@@ -572,6 +641,7 @@ def _query(pairs) -> str:
 #: The paths the relay routes serve (a trailing slash is the same route).
 RELAY_PATHS = {
     *(base + route + slash for base in BASES for route in RELAY_ROUTES for slash in ("", "/")),
+    CLAUDE_BASE + "/messages", CLAUDE_BASE + "/messages/",
     "/openai/responses",
 }
 
@@ -597,19 +667,22 @@ def test_fuzz_routes_methods_and_credentials(target: Target, data) -> None:
 HEADER_NAMES = ["session-id", "session_id", "conversation_id", "thread-id", "thread_id",
                 "originator", "user-agent", "openai-beta", "accept", "content-encoding",
                 "x-request-id", "openai-organization", "chatgpt-account-id", "version",
-                "accept-encoding"]
+                "accept-encoding", "anthropic-version", "anthropic-beta", "x-app",
+                "x-claude-code-session-id"]
 HEADER_VALUES = st.one_of(
     # h11 (the client's) refuses values with leading or trailing blanks: framing is not ours.
     st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=20).map(str.strip),
     st.sampled_from(["codex_cli_rs", "codex/1.0", "gzip", "identity", "br", "\xe9\xe8",
-                     "a" * 4000, "text/event-stream", "*/*", "responses=experimental"]),
+                     "a" * 4000, "text/event-stream", "*/*", "responses=experimental",
+                     "2023-06-01", "cli", "claude-cli/2.0.0 (external, cli)",
+                     "interleaved-thinking-2025-05-14,context-1m-2025-08-07"]),
 )
 
 
 @_settings("headers")
 @given(data=st.data())
 def test_fuzz_relay_route_headers(target: Target, data) -> None:
-    path = data.draw(st.sampled_from(["/v1/chat/completions", "/v1/responses"]))
+    path = data.draw(st.sampled_from(["/v1/chat/completions", "/v1/responses", "/v1/messages"]))
     headers = dict(data.draw(_auth(target)))
     headers.update(data.draw(st.dictionaries(st.sampled_from(HEADER_NAMES), HEADER_VALUES,
                                              max_size=3)))
@@ -621,6 +694,8 @@ def test_fuzz_relay_route_headers(target: Target, data) -> None:
         body["input"] = "hi"
     else:
         body["messages"] = [{"role": "user", "content": "hi"}]
+    if path.endswith("messages"):
+        body["max_tokens"] = 16
     target.send("POST", path, headers=headers, content=encode(body), relayed=True)
 
 
@@ -697,11 +772,28 @@ def test_issue_12_self_service_queries_are_400(target: Target, query: str, param
 
 def test_zz_log_and_ledger_are_intact(target: Target) -> None:
     """Runs last (pytest keeps the file's order): checks what all the cases above left."""
+    check_log_and_ledger(target)
+
+
+def check_log_and_ledger(target: Target) -> None:
+    """No traceback in the log, no slot or credit hold left, and for every relayed request
+    one usage row with the status the client got; every key's balance the same in the
+    database and in the relay's memory."""
     assert target.relayed, "no request reached a relay route"
     admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
     deadline = time.monotonic() + 10
-    while target.http.get("/admin/state", headers=admin).json()["usage_records"]["queued"]:
-        assert time.monotonic() < deadline, "usage records not written"
+    while True:
+        state = target.http.get("/admin/state", headers=admin).json()
+        busy = {
+            "usage records queued": state["usage_records"]["queued"],
+            "requests active": state["active_requests"],
+            "slots held": state["admission"]["total"],
+            "accounts in flight": sum(a["in_flight"] for a in state["accounts"].values()),
+            "credit holds": state["credits"]["holds"],
+        }
+        if not any(busy.values()):
+            break
+        assert time.monotonic() < deadline, f"left behind: {busy}"
         time.sleep(0.05)
     log = target.log.read_text()
     assert "Traceback" not in log and "unhandled error" not in log, log[-5000:]

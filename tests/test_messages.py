@@ -13,13 +13,7 @@ import httpx2
 import pytest
 
 from .conftest import SIM_KEY, Relay, Sim, running_relay
-
-KINDS = {
-    "anthropic": ("m-anthropic", "/v1"),
-    "openai-responses": ("m-responses", "/v1"),
-    "openai-chat": ("m-chat", "/v1"),
-    "gemini": ("m-gemini", "/v1beta"),
-}
+from .upstream_kinds import KINDS, kind_accounts
 
 CONFIG = """
 [pools.p]
@@ -44,18 +38,7 @@ target = "m-responses"
 [prices.m-priced]
 input = 1000
 output = 1000
-""" + "".join(
-    f"""
-[[accounts]]
-name = "{kind}"
-pool = "p"
-provider = "{kind}"
-base_url = "SIM_URL{prefix}"
-api_key_env = "SIM_UPSTREAM_KEY"
-models = ["{model}"]
-"""
-    for kind, (model, prefix) in KINDS.items()
-)
+""" + kind_accounts()
 
 READ_TOOL = {
     "name": "Read",
@@ -402,6 +385,33 @@ def test_an_upstream_that_breaks_off_ends_the_stream_with_an_error_event(
     assert "message_stop" not in " ".join(events)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["once", "stream"])
+@pytest.mark.parametrize("kind", ["openai-responses", "openai-chat", "gemini"])
+def test_an_upstream_answer_of_the_wrong_shape_is_an_anthropic_error_not_a_crash(
+    messages_relay: Relay, kind: str, stream: bool
+) -> None:
+    """A translated upstream's 200 with a field of the wrong type (the sim's ``malformed``
+    fault) used to raise in the relay's decoder: a 500 and a traceback, or a stream cut short.
+    The client gets Anthropic's error (a 502 ``api_error``, or the stream's error event); the
+    usage row says so; no slot is left held (and the module's relay logs no traceback)."""
+    body = {"model": KINDS[kind][0], "max_tokens": 50, "stream": stream,
+            "messages": [{"role": "user", "content": "#sim fault=malformed"}]}
+    response = httpx2.post(messages_relay.url + "/v1/messages", json=body, timeout=10,
+                           headers={"x-api-key": messages_relay.key()})
+    row = messages_relay.usage_row(response.headers["x-request-id"])
+    assert row["error_code"] == "upstream_invalid_response"
+    if stream:
+        assert response.status_code == 200 and row["status"] == 200
+        name, data = response.text.strip().split("\n\n")[-1].split("\n")
+        assert name == "event: error"
+        error = json.loads(data.removeprefix("data: "))["error"]
+    else:
+        assert response.status_code == row["status"] == 502
+        error = response.json()["error"]
+    assert error["type"] == "api_error" and f"not of the {kind} protocol" in error["message"]
+    assert messages_relay.wait_idle()["admission"]["total"] == 0
+
+
 @pytest.mark.parametrize("kind", ["anthropic", "openai-responses", "openai-chat"])
 def test_usage_in_anthropic_terms_excludes_cached_tokens(
     client: anthropic.Anthropic, messages_relay: Relay, kind: str
@@ -496,7 +506,7 @@ queue_timeout_s = 5
 pool = "p"
 max_concurrency = 1
 queue_timeout_s = 1
-""" + CONFIG[CONFIG.index("[[accounts]]"):]
+""" + kind_accounts()
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relay.errors import InvalidRequest
+from relay.protocol.events import TranslationContext
+from relay.protocol.messages import MessagesEncoder
 from relay.protocol.requests import (
     DEFAULT_EXPECTED_OUTPUT,
     Endpoint,
@@ -162,6 +164,30 @@ def test_error_event_in_each_protocol() -> None:
     chat = error_event(Endpoint.CHAT, StreamMeter(Endpoint.CHAT), message="lost", code="x")
     assert json.loads(event_data(chat)) == {
         "error": {"message": "lost", "type": "server_error", "param": None, "code": "x"}
+    }
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [("rate_limit_exceeded", "rate_limit_error"), ("server_is_overloaded", "overloaded_error"),
+     ("upstream_timeout", "timeout_error"), ("upstream_unreachable", "api_error"),
+     ("relay_shutdown", "api_error"), ("overloaded_error", "overloaded_error")],
+)
+def test_a_messages_stream_ends_with_one_error_event_relayed_or_translated(
+    code: str, kind: str
+) -> None:
+    """The relayed Anthropic stream's error event is the translated stream's, byte for byte,
+    and encodes whatever the message quotes (a lone surrogate of an upstream's text)."""
+    message = "lost \ud800 é"
+    relayed = error_event(
+        Endpoint.MESSAGES, StreamMeter(Endpoint.MESSAGES), message=message, code=code
+    )
+    context = TranslationContext(Endpoint.MESSAGES, "openai-chat", "m")
+    translated = MessagesEncoder(context, "openai-chat").fail(message, code)
+    assert translated.endswith(relayed)
+    assert relayed.startswith(b"event: error\ndata: ")
+    assert json.loads(event_data(relayed)) == {
+        "type": "error", "error": {"type": kind, "message": message}
     }
 
 

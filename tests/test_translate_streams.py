@@ -20,6 +20,7 @@ from openai._types import omit
 from openai.lib.streaming.responses._responses import ResponseStreamState
 from openai.types.responses import ResponseStreamEvent
 
+from relay.errors import UpstreamError
 from relay.protocol.events import decode_reasoning, split_call_id
 from relay.protocol.requests import Endpoint
 from relay.protocol.translate import (
@@ -1197,3 +1198,144 @@ def test_any_upstream_stream_becomes_a_valid_messages_stream(kind: str, data) ->
     assert message.usage.cache_read_input_tokens == 32
     assert message.usage.input_tokens == 50 - 32  # Anthropic's input excludes cache reads
     assert translator.finished and translator.usage.input_tokens == 50
+
+
+# --------------------------------------------------------------------------------------------
+# An upstream's lone surrogate (found by the Messages fuzz, issue 14)
+
+
+@pytest.mark.parametrize(
+    ("client", "kind"),
+    [(client, kind) for client in (Endpoint.CHAT, Endpoint.RESPONSES, Endpoint.MESSAGES)
+     for kind in UPSTREAMS if kind != client.upstream_kind],
+)
+def test_a_lone_surrogate_from_the_upstream_reaches_the_client_as_its_escape(
+    client: Endpoint, kind: str
+) -> None:
+    """An upstream's ``"\\ud800"`` escape (Python decodes it to a lone surrogate, which has no
+    UTF-8 form) failed every translated stream with a UnicodeEncodeError: it is written back as
+    the same escape, and the client's SDK reads the text the upstream sent."""
+    raw = UPSTREAMS[kind]()
+    assert raw.count(b"\\u2713") == 1
+    raw = raw.replace(b"\\u2713", b"\\ud800")
+    out, translator = run(kind, context_for(client, kind), raw)
+    out.decode("utf-8")  # strictly: no surrogate bytes went out
+    if client is Endpoint.CHAT:
+        assert parse_chat(out).content == "Hello \ud800"
+    elif client is Endpoint.RESPONSES:
+        assert output_summary(parse_responses(out, TOOLS_RESPONSES).final)["text"] == (
+            "Hello \ud800"
+        )
+    else:
+        message, names = parse_messages(out)
+        assert names[-1] == "message_stop"
+        assert "".join(b.text for b in message.content if b.type == "text") == "Hello \ud800"
+    assert translator.finished
+
+
+# --------------------------------------------------------------------------------------------
+# An upstream answer of the wrong shape (found by the upstream-answer fuzz of
+# tests/test_translate_fuzz.py, issue 14)
+
+
+#: Upstream events each decoder raised on (or passed a list on as text), before the fix.
+WRONG_SHAPES = {
+    "gemini-candidates-object": ("gemini", sse({"candidates": {"0": {}}}, end=b"\r\n\r\n")),
+    "gemini-signature-object": ("gemini", sse(
+        {"candidates": [{"content": {"parts": [
+            {"functionCall": {"name": "f", "args": {}}, "thoughtSignature": {"a": 1}}
+        ]}}]},
+        end=b"\r\n\r\n",
+    )),
+    "chat-finish-list": ("openai-chat", sse(
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": ["stop"]}]}
+    )),
+    "chat-choices-object": ("openai-chat", sse({"choices": {"0": 1}})),
+    "anthropic-stop-reason-list": ("anthropic", sse(
+        {"type": "message_delta", "delta": {"stop_reason": ["end_turn"]},
+         "usage": {"output_tokens": 1}},
+        event="message_delta",
+    )),
+    "anthropic-text-list": ("anthropic", sse(
+        {"type": "content_block_start", "index": 0,
+         "content_block": {"type": "text", "text": ""}},
+        event="content_block_start",
+    ) + sse(
+        {"type": "content_block_delta", "index": 0,
+         "delta": {"type": "text_delta", "text": ["x"]}},
+        event="content_block_delta",
+    )),
+    "responses-index-list": ("openai-responses", sse(
+        {"type": "response.function_call_arguments.delta", "output_index": [], "delta": "x"},
+        event="response.function_call_arguments.delta",
+    )),
+    "responses-summary-index-null": ("openai-responses", sse(
+        {"type": "response.reasoning_summary_part.added", "output_index": 0,
+         "summary_index": None},
+        event="response.reasoning_summary_part.added",
+    )),
+}
+
+
+@pytest.mark.parametrize(
+    ("client", "kind", "event"),
+    [pytest.param(client, kind, event, id=f"{client.value}-{name}")
+     for name, (kind, event) in WRONG_SHAPES.items()
+     for client in (Endpoint.CHAT, Endpoint.RESPONSES, Endpoint.MESSAGES)
+     if kind != client.upstream_kind],  # a relayed stream's bytes are the upstream's own
+)
+def test_an_upstream_event_of_the_wrong_shape_fails_the_stream_in_the_clients_form(
+    client: Endpoint, kind: str, event: bytes
+) -> None:
+    """A decoder used to raise (KeyError, TypeError…) or hand an encoder a list for text: a
+    traceback at the relay and the client's stream cut. The stream now ends with the client's
+    own error event, code ``upstream_invalid_response``, and nothing after it."""
+    out, translator = run(kind, context_for(client, kind), event + event)
+    events = [(name, json.loads(data)) for name, data in sse_events(out) if data != "[DONE]"]
+    last_name, last = events[-1]
+    if client is Endpoint.CHAT:
+        assert last["error"]["code"] == "upstream_invalid_response"
+    elif client is Endpoint.RESPONSES:
+        assert last_name == "response.failed"
+        assert last["response"]["error"]["code"] == "upstream_invalid_response"
+    else:
+        assert last_name == "error" and last["error"]["type"] == "api_error"
+        assert "not of the" in last["error"]["message"]
+    assert translator.finish() == b""  # closed: nothing follows the error
+
+
+@pytest.mark.parametrize("kind", ["openai-chat", "openai-responses", "anthropic", "gemini"])
+def test_a_non_stream_answer_of_the_wrong_shape_is_a_502_upstream_error(kind: str) -> None:
+    body = {"openai-chat": {"choices": [{"message": {"tool_calls": [None]}}]},
+            "openai-responses": {"output": [{"type": "message", "content": -1}]},
+            "anthropic": {"content": [{"type": "text", "text": {"a": 1}}]},
+            "gemini": {"candidates": [{"content": ["x"]}]}}[kind]
+    client = Endpoint.MESSAGES if kind != "anthropic" else Endpoint.CHAT
+    with pytest.raises(UpstreamError) as caught:
+        translate_response(kind, context_for(client, kind, stream=False), body)
+    assert (caught.value.status, caught.value.code) == (502, "upstream_invalid_response")
+
+
+@pytest.mark.parametrize("details", [[1], 7, "x"])
+def test_usage_details_of_the_wrong_type_count_as_none(details) -> None:
+    """A relayed Chat stream's usage chunk (and a Responses answer's usage) with ``…_details``
+    that is not an object: the stream meter raised AttributeError."""
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "prompt_tokens_details": details,
+             "completion_tokens_details": details}
+    raw = chat_chunk({"content": "x"}) + sse({"choices": [], "usage": usage}) + b"data: [DONE]\n\n"
+    _, translator = run("openai-chat", context_for(Endpoint.CHAT, "openai-chat"), raw)
+    assert translator.usage.input_tokens == 5 and translator.usage.output_tokens == 2
+    answer = {"output": [], "usage": {"input_tokens": 5, "output_tokens": 2,
+                                      "input_tokens_details": details,
+                                      "output_tokens_details": details}}
+    assert response_usage("openai-responses", answer).cached_tokens == 0
+
+
+def test_an_upstream_event_too_deep_to_decode_is_skipped_like_any_non_json_event() -> None:
+    """``json.loads`` raised RecursionError out of the stream (only ValueError was caught)."""
+    deep = sse("[" * 5000 + "]" * 5000, end=b"\r\n\r\n")
+    raw = UPSTREAMS["gemini"]()
+    out, translator = run("gemini", context_for(Endpoint.MESSAGES, "gemini"), deep + raw)
+    message, names = parse_messages(out)
+    assert names[-1] == "message_stop" and translator.finished
+    assert "".join(b.text for b in message.content if b.type == "text") == "Hello ✓"

@@ -20,26 +20,9 @@ import openai
 import pytest
 
 from .conftest import Relay, Sim, running_relay
+from .upstream_kinds import KINDS, kind_accounts
 
-KINDS = {
-    "openai-chat": ("m-chat", "/v1"),
-    "openai-responses": ("m-responses", "/v1"),
-    "anthropic": ("m-anthropic", "/v1"),
-    "gemini": ("m-gemini", "/v1beta"),
-}
-
-MATRIX_CONFIG = "[pools.p]\n\n[packages.team]\npool = \"p\"\n" + "".join(
-    f"""
-[[accounts]]
-name = "{kind}"
-pool = "p"
-provider = "{kind}"
-base_url = "SIM_URL{prefix}"
-api_key_env = "SIM_UPSTREAM_KEY"
-models = ["{model}"]
-"""
-    for kind, (model, prefix) in KINDS.items()
-)
+MATRIX_CONFIG = "[pools.p]\n\n[packages.team]\npool = \"p\"\n" + kind_accounts()
 
 # A 1×1 PNG: what a user pastes is irrelevant to the relay, its form is what is translated.
 PNG = base64.b64encode(

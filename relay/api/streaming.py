@@ -261,6 +261,8 @@ async def _pump(
                             await _relay_events(
                                 call, response, translator, out, lease, account.name, watch
                             )
+                            if translator.failure is not None:  # told in the stream
+                                record.error_code = translator.failure.code
                         finally:
                             usage = translator.usage
                             lease.used_tokens = call.take_usage(

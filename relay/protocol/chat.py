@@ -47,13 +47,13 @@ from .events import (
     call_id_with_signature,
     split_call_id,
 )
-from .sse import Usage
+from .sse import Usage, json_data
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def sse_data(payload: Any) -> bytes:
-    return b"data: " + _dumps(payload).encode() + b"\n\n"
+    return b"data: " + json_data(payload) + b"\n\n"
 
 
 DONE = b"data: [DONE]\n\n"

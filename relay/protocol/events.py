@@ -18,6 +18,11 @@ The events say what the model produced, in the order it produced it, and nothing
 Tool-call ``index`` values are the decoder's own count, 0, 1, 2… in the order calls started,
 whatever the upstream numbered them.
 
+Every field of an event has its declared type (:func:`well_typed`): the translator reads an
+upstream's answer through :func:`decoded`, which turns an answer of a shape its protocol does
+not have (a decoder raising on it, or copying a list where text belongs) into one
+:class:`Failure`, code ``upstream_invalid_response``. Encoders see well-formed events only.
+
 This module also holds the two small encodings that carry provider state through clients that
 know nothing of it (see :func:`call_id_with_signature` and :func:`encode_reasoning`).
 """
@@ -27,6 +32,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .requests import Endpoint
@@ -116,6 +122,60 @@ Event = (
     | Finish
     | Failure
 )
+
+
+_TEXT, _MAYBE_TEXT = (str,), (str, type(None))
+
+#: Each event's fields and the types their values may have.
+_FIELD_TYPES: dict[type, dict[str, tuple[type, ...]]] = {
+    Start: {"id": _MAYBE_TEXT, "model": _MAYBE_TEXT},
+    TextDelta: {"text": _TEXT},
+    ReasoningDelta: {"text": _TEXT, "signature": _MAYBE_TEXT},
+    ToolCallStart: {"index": (int,), "call_id": _TEXT, "name": _TEXT, "custom": (bool,),
+                    "signature": _MAYBE_TEXT},
+    ToolCallDelta: {"index": (int,), "arguments": _TEXT},
+    ToolCallEnd: {"index": (int,), "arguments": _TEXT},
+    UsageEvent: {"usage": (Usage,)},
+    Finish: {"reason": _TEXT},
+    Failure: {"message": _TEXT, "code": _TEXT},
+}
+
+
+def well_typed(event: Event) -> bool:
+    """Whether every field of ``event`` holds a value of its declared type. Decoders copy the
+    upstream's values into events; one of the wrong type (a list where text belongs) means
+    the upstream's answer is not of its protocol's shape, and must not reach an encoder."""
+    fields = _FIELD_TYPES.get(type(event))
+    return fields is not None and all(
+        isinstance(getattr(event, name), kinds) for name, kinds in fields.items()
+    )
+
+
+#: What a decoder raises on an upstream answer of a shape its protocol does not have (an object
+#: where a list belongs, a key missing, nesting too deep): that answer fails as the upstream's.
+_MALFORMED = (AttributeError, KeyError, IndexError, TypeError, ValueError, ArithmeticError,
+              RecursionError)
+
+#: The :class:`Failure` code of an upstream answer no decoder can read.
+MALFORMED_CODE = "upstream_invalid_response"
+
+
+def decoded(decode: Callable[[], list[Event]], upstream_kind: str) -> list[Event]:
+    """The events ``decode`` (a decoder's ``feed``, ``end`` or ``decode_body``) reads from an
+    upstream's answer; one :class:`Failure` with :data:`MALFORMED_CODE` instead when the answer
+    is malformed (the decoder raises, or gives a field a value of the wrong type), so that no
+    encoder sees what the upstream got wrong and the client gets an error in its protocol."""
+    try:
+        events = decode()
+    except _MALFORMED:
+        events = None
+    if events is None or not all(well_typed(event) for event in events):
+        message = (
+            f"The upstream's answer is not of the {upstream_kind} protocol's shape, so the "
+            "relay cannot translate it. Try again; if it persists, tell the relay's operator."
+        )
+        return [Failure(message, MALFORMED_CODE)]
+    return events
 
 
 def counts_as_delta(event: Event) -> bool:

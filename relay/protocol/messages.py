@@ -32,6 +32,8 @@ import json
 from typing import Any
 
 from ..errors import InvalidRequest, RelayError, UpstreamError
+from .anthropic_errors import ERROR_TYPES, failure_event
+from .anthropic_errors import error_event as _error_event
 from .conversation import (
     FILE_TYPES_MESSAGE,
     Conversation,
@@ -62,7 +64,7 @@ from .events import (
     encode_reasoning,
     split_call_id,
 )
-from .sse import Usage
+from .sse import Usage, json_data
 
 #: ``thinking.budget_tokens`` → reasoning effort: the first bound the budget is under.
 BUDGET_EFFORTS = ((2048, "low"), (12288, "medium"), (28672, "high"))
@@ -76,33 +78,6 @@ STOP_REASONS = {
     "length": "max_tokens",
     "tool_calls": "tool_use",
     "content_filter": "refusal",
-}
-
-#: Relay status → Anthropic error type (platform.claude.com, "Errors").
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    402: "billing_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    500: "api_error",
-    502: "api_error",
-    503: "overloaded_error",
-    504: "timeout_error",
-    529: "overloaded_error",
-}
-
-#: Event codes (OpenAI's, as the decoders report them) → Anthropic error type.
-_FAILURE_TYPES = {
-    "rate_limit_exceeded": "rate_limit_error",
-    "server_is_overloaded": "overloaded_error",
-    "invalid_request_error": "invalid_request_error",
-    "context_length_exceeded": "invalid_request_error",
-    "invalid_prompt": "invalid_request_error",
-    "upstream_timeout": "timeout_error",
-    "insufficient_quota": "billing_error",
 }
 
 PING = b'event: ping\ndata: {"type":"ping"}\n\n'
@@ -165,19 +140,11 @@ def error_event(error: RelayError) -> bytes:
     a stream the relay opened before it could answer: Anthropic's type for the error's status,
     and its message."""
     _, body = anthropic_error(error)
-    return _event("error", {"type": "error", "error": body["error"]})
-
-
-def failure_event(message: str, code: str) -> bytes:
-    """An ``event: error`` ending a Messages stream; ``code`` is the relay's (OpenAI's) code."""
-    kind = _FAILURE_TYPES.get(code, code if code in ERROR_TYPES.values() else "api_error")
-    payload = {"type": "error", "error": {"type": kind, "message": message}}
-    return _event("error", payload)
+    return _error_event(body["error"]["type"], body["error"]["message"])
 
 
 def _event(name: str, payload: dict) -> bytes:
-    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    return f"event: {name}\ndata: {data}\n\n".encode()
+    return f"event: {name}\ndata: ".encode() + json_data(payload) + b"\n\n"
 
 
 # --------------------------------------------------------------------------------------------

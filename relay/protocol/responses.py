@@ -54,7 +54,7 @@ from .events import (
     encode_reasoning,
     split_call_id,
 )
-from .sse import Usage
+from .sse import Usage, json_data
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -795,7 +795,7 @@ class ResponsesEncoder:
     def _event(self, kind: str, fields: dict) -> bytes:
         payload = {"type": kind, "sequence_number": self._sequence, **fields}
         self._sequence += 1
-        return f"event: {kind}\ndata: ".encode() + _dumps(payload).encode() + b"\n\n"
+        return f"event: {kind}\ndata: ".encode() + json_data(payload) + b"\n\n"
 
     def _response(self, status: str, **fields: Any) -> dict:
         context, echo = self._context, self._context.echo

@@ -13,6 +13,7 @@ import json
 import re
 from dataclasses import dataclass
 
+from .anthropic_errors import failure_event
 from .requests import Endpoint
 
 # An event ends at a blank line; upstreams use "\n\n", a few "\r\n\r\n" (WHATWG allows "\r" too,
@@ -111,6 +112,19 @@ class EventSplitter:
         return self.feed(b"\n\n")
 
 
+_compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def json_data(payload: object) -> bytes:
+    """``payload`` as compact UTF-8 JSON, for an event the relay writes itself.
+
+    A lone surrogate (an upstream may send ``"\\ud800"`` in its JSON, which Python decodes as
+    one) has no UTF-8 form: it is written back as the same ``\\udXXX`` escape, which is what
+    ``backslashreplace`` gives (a surrogate is always inside a JSON string), where plain
+    encoding would fail the whole stream."""
+    return _compact(payload).encode("utf-8", "backslashreplace")
+
+
 def event_data(event: bytes) -> bytes:
     """The event's ``data:`` payload (several data lines joined by newlines, per the spec)."""
     lines = []
@@ -141,8 +155,8 @@ class Usage:
 
     @classmethod
     def from_chat(cls, usage: dict) -> Usage:
-        prompt_details = usage.get("prompt_tokens_details") or {}
-        completion_details = usage.get("completion_tokens_details") or {}
+        prompt_details = _details(usage, "prompt_tokens_details")
+        completion_details = _details(usage, "completion_tokens_details")
         cached = prompt_details.get("cached_tokens")
         if cached is None:  # DeepSeek reports cache hits under its own name
             cached = usage.get("prompt_cache_hit_tokens", 0)
@@ -155,8 +169,8 @@ class Usage:
 
     @classmethod
     def from_responses(cls, usage: dict) -> Usage:
-        input_details = usage.get("input_tokens_details") or {}
-        output_details = usage.get("output_tokens_details") or {}
+        input_details = _details(usage, "input_tokens_details")
+        output_details = _details(usage, "output_tokens_details")
         return cls(
             input_tokens=token_count(usage.get("input_tokens")),
             cached_tokens=token_count(input_details.get("cached_tokens")),
@@ -186,6 +200,12 @@ class Usage:
             output_tokens=token_count(usage.get("output_tokens")),
             cache_write_tokens=written,
         )
+
+
+def _details(usage: dict, name: str) -> dict:
+    """A usage object's ``…_details`` object, or an empty one for anything else."""
+    details = usage.get(name)
+    return details if isinstance(details, dict) else {}
 
 
 def token_count(value: object) -> int:
@@ -368,7 +388,8 @@ def error_event(
     """The event that tells a streaming client its answer failed midway, in its own protocol.
 
     Chat clients get a chunk with a top-level ``error`` (both SDKs raise on it); Messages clients
-    an ``event: error``, as Anthropic ends a stream it cannot finish. Responses
+    an ``event: error``, as Anthropic ends a stream it cannot finish (the one a translated stream
+    ends with: :func:`.anthropic_errors.failure_event`). Responses
     clients get ``response.failed``, which the Codex CLI reads as a failed turn and retries
     (protocols.md §2.6); it is the last event, as Codex expects.
     """
@@ -376,13 +397,7 @@ def error_event(
         payload = {"error": {"message": message, "type": type, "param": None, "code": code}}
         return b"data: " + json.dumps(payload).encode() + b"\n\n"
     if endpoint is Endpoint.MESSAGES:
-        kind = {
-            "rate_limit_exceeded": "rate_limit_error",
-            "server_is_overloaded": "overloaded_error",
-            "upstream_timeout": "timeout_error",
-        }.get(code, "api_error")
-        payload = {"type": "error", "error": {"type": kind, "message": message}}
-        return b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
+        return failure_event(message, code)
     payload = {
         "type": "response.failed",
         "sequence_number": meter.next_sequence_number(),

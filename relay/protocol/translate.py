@@ -21,6 +21,7 @@ encoder per client protocol). Everything here is pure: no I/O, no clock except f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -32,15 +33,18 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+from ..errors import UpstreamError
 from . import anthropic, chat, compaction, compaction_answer, gemini, messages, responses
 from .conversation import Conversation, ToolCall, ToolResult
 from .events import (
+    MALFORMED_CODE,
     Event,
     Failure,
     ToolCallStart,
     TranslationContext,
     UsageEvent,
     counts_as_delta,
+    decoded,
 )
 from .requests import Endpoint, unsendable_body
 from .sse import MAX_EVENT_BYTES, EventSplitter, StreamMeter, Usage, error_event, event_data
@@ -390,7 +394,7 @@ def _parse_event(event: bytes) -> tuple[str | None, Any]:
         return name, "[DONE]"
     try:
         return name, json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return name, None
 
 
@@ -421,6 +425,7 @@ class StreamTranslator:
         self._context = context
         self._confidential = confidential
         self._splitter = EventSplitter(max_event_bytes)
+        self._kind = upstream_kind
         self._passthrough = upstream_kind == context.client.upstream_kind
         self._meter: StreamMeter | None = None
         self._closed = False
@@ -435,6 +440,9 @@ class StreamTranslator:
             self._encoder = _encoder(context, upstream_kind)
         self._usage: Usage | None = None
         self._deltas = 0
+        #: The Failure that ended a translated stream: the upstream's error event, or the
+        #: relay's for an answer it could not read (:func:`.events.decoded`).
+        self.failure: Failure | None = None
         #: Bytes of the upstream's answer fed so far: what the usage it reports must fit in.
         self.received = 0
 
@@ -448,7 +456,10 @@ class StreamTranslator:
 
     @property
     def finished(self) -> bool:
-        return self._meter.finished if self._meter is not None else self._decoder.finished
+        """The upstream's answer is whole: it ended, or failed with an error event."""
+        if self._meter is not None:
+            return self._meter.finished
+        return self._decoder.finished or self.failure is not None
 
     @property
     def passthrough(self) -> bool:
@@ -498,7 +509,10 @@ class StreamTranslator:
             name, data = _parse_event(raw)
             if data is None:
                 continue
-            out.append(self._emit(self._decoder.feed(name, data)))
+            decode = functools.partial(self._decoder.feed, name, data)
+            out.append(self._emit(decoded(decode, self._kind)))
+            if self._closed:  # a Failure: nothing follows it
+                break
         return b"".join(out)
 
     def _emit(self, events: list[Event]) -> bytes:
@@ -518,6 +532,7 @@ class StreamTranslator:
             out.append(self._encoder.encode(event))
             if isinstance(event, Failure):
                 self._closed = True
+                self.failure = event
         return b"".join(out)
 
     def flush(self) -> bytes:
@@ -536,7 +551,7 @@ class StreamTranslator:
         self._closed = True
         if self._meter is not None:
             return out
-        return out + self._emit(self._decoder.end()) + self._encoder.finish()
+        return out + self._emit(decoded(self._decoder.end, self._kind)) + self._encoder.finish()
 
     def keepalive(self) -> bytes:
         """Bytes that tell the client the answer is still coming, during a long upstream silence.
@@ -610,7 +625,10 @@ def translate_response(upstream_kind: str, context: TranslationContext, body: di
         return body
     decoder = _DECODERS[upstream_kind]()
     encoder = _encoder(context, upstream_kind)
-    for event in decoder.decode_body(body):
+    events = decoded(lambda: decoder.decode_body(body), upstream_kind)
+    if isinstance(events[-1], Failure) and events[-1].code == MALFORMED_CODE:
+        raise UpstreamError(events[-1].message, type="server_error", code=MALFORMED_CODE)
+    for event in events:
         encoder.encode(_client_names(event, context))
     if isinstance(encoder, chat.ChatEncoder):
         return encoder.body()

@@ -34,7 +34,7 @@ BASE_MODELS = ("gpt-5.5", "deepseek-chat")
 """Models ``/v1/models`` always lists (request models are added as they are seen)."""
 FAULTS = frozenset(
     {"429", "500", "503", "529", "401", "400", "drop", "reset", "stall", "slow_headers"}
-    | {"huge_usage", "leak_secret", "retry_forever", "html"}
+    | {"huge_usage", "leak_secret", "retry_forever", "html", "malformed"}
 )
 """``fault=`` values. ``503`` and ``529`` both mean "overloaded", answered in each protocol's own
 way: OpenAI 503, Anthropic 529 ``overloaded_error``, Gemini 503 ``UNAVAILABLE``.
@@ -43,8 +43,9 @@ The hostile ones, a broken or malicious upstream a relay must not believe: ``hug
 normal answer whose usage claims :data:`HUGE_USAGE` input and output tokens), ``leak_secret`` (a
 500 whose message quotes the request's credential, the host it was sent to and another key,
 :data:`LEAKED_KEY`), ``retry_forever`` (a 429 with ``retry-after: 99999999``, about 3.2 years)
-and ``html`` (a 502 HTML page with ``content-type: text/html``, as a proxy in front of an API
-answers)."""
+``html`` (a 502 HTML page with ``content-type: text/html``, as a proxy in front of an API
+answers) and ``malformed`` (a 200 JSON answer or stream of the protocol's shape but for one
+field of the wrong type: :func:`malformed_answer`)."""
 HTTP_FAULTS = frozenset({"429", "500", "503", "529", "401", "400", "leak_secret", "retry_forever"})
 """Faults answered with an HTTP error in the protocol's own shape instead of a response (``html``
 is answered with the same page in every protocol)."""
@@ -551,6 +552,39 @@ def leak_message(credential: str, host: str) -> str:
     return (
         f"Upstream request to http://{host}/v1 failed: backend {host} rejected "
         f"'Authorization: {credential}' (key {token}, fallback key {LEAKED_KEY})."
+    )
+
+
+def malformed_answer(kind: str, stream: bool) -> bytes:
+    """The ``malformed`` fault's answer: a body or stream of ``kind``'s shape whose one field
+    has a type the protocol never gives it (a broken upstream or a proxy rewriting answers)."""
+    sse_end = b"\r\n\r\n" if kind == "gemini" else b"\n\n"
+    if kind == "chat":
+        body = {"id": "chatcmpl-bad", "object": "chat.completion", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "tok", "tool_calls": [None]},
+             "finish_reason": "stop"}]}
+        events = [(None, {"id": "chatcmpl-bad", "object": "chat.completion.chunk", "choices": [
+            {"index": 0, "delta": {"content": "tok"}, "finish_reason": ["stop"]}]})]
+    elif kind == "responses":
+        body = {"id": "resp_bad", "object": "response", "status": "completed",
+                "output": [{"type": "message", "role": "assistant", "content": -1}]}
+        events = [("response.reasoning_summary_part.added",
+                   {"type": "response.reasoning_summary_part.added", "output_index": 0,
+                    "summary_index": None})]
+    elif kind == "anthropic":
+        body = {"id": "msg_bad", "type": "message", "role": "assistant",
+                "content": [{"type": "text", "text": {"tok": 1}}], "stop_reason": "end_turn"}
+        events = [("message_delta", {"type": "message_delta",
+                                     "delta": {"stop_reason": ["end_turn"]},
+                                     "usage": {"output_tokens": 1}})]
+    else:
+        body = {"candidates": [{"content": ["tok"]}]}
+        events = [(None, {"candidates": {"0": {"content": {"parts": [{"text": "tok"}]}}}})]
+    if not stream:
+        return dumps(body)
+    return b"".join(
+        (f"event: {name}\n".encode() if name else b"") + b"data: " + dumps(data) + sse_end
+        for name, data in events
     )
 
 

@@ -767,6 +767,15 @@ class SimUpstream:
             html = [("content-type", "text/html; charset=utf-8")]
             await ex.send_full(502, sp.html_page(host), [*headers, *html])
             return True
+        if fault == "malformed":
+            answer = sp.malformed_answer(kind, plan.stream)
+            if not plan.stream:
+                await ex.send_full(200, answer, [*headers, ("content-type", "application/json")])
+                return True
+            await ex.start_stream(headers)
+            await ex.send_events([ex.frame(answer), ex.terminator()], 1)
+            ex.rec.finished = True
+            return True
         if fault == "huge_usage":
             plan.claimed = sp.HUGE_USAGE
         if fault in ("drop", "reset") and not plan.stream:
