@@ -275,6 +275,20 @@ def test_account_health_is_shared(pair: tuple[Relay, Relay]) -> None:
     assert served_by(one, await_post(one, plain, key)) in ("sim-a", "sim-b")
 
 
+def test_an_enable_elsewhere_right_after_a_disable_is_followed(
+    pair: tuple[Relay, Relay],
+) -> None:
+    """Disabled on one process and enabled on the other before the first one's next look at
+    Redis: the first one still puts it back (it once kept it out for good)."""
+    one, other = pair
+    for _ in range(3):
+        assert one.admin("POST", "/admin/accounts/sim-b/disable").status_code == 200
+        time.sleep(0.2)  # the disable reaches Redis (flushed every 50 ms), not yet a follow
+        assert other.admin("POST", "/admin/accounts/sim-b/enable").status_code == 200
+        wait_for(lambda: not one.state()["accounts"]["sim-b"].get("disabled"))
+        wait_for(lambda: not other.state()["accounts"]["sim-b"].get("disabled"))
+
+
 def wait_for(condition, timeout: float = 3.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

@@ -424,8 +424,13 @@ class SharedGuards:
 
     async def account_health(self) -> dict[str, dict] | None:
         """Every account's shared health: {name: {"until": wall-clock s, "disabled": bool}}
-        (None when Redis is unreachable)."""
+        (None when Redis is unreachable). Read after this process's own shared health."""
         if self.degraded or self._client is None:
+            return None
+        # What this process shared reaches Redis before it reads back, so that an entry found
+        # missing was removed (an operator's enable elsewhere), not yet to be written.
+        await self._send([])
+        if any("health" in item for item in self._unsent):
             return None
         client = self._client
         found = await self._call(lambda: client.hgetall(self.prefix + "health"))

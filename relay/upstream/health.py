@@ -112,6 +112,9 @@ class Health:
             self.shared.share_health(
                 account.name, until=time.time() + max(rest, 0.0), disabled=account.guard.disabled
             )
+            if account.guard.disabled:
+                # Shared: an entry later found gone means another process enabled it.
+                self._seen_out.add(account.name)
 
     async def follow(self, accounts: Iterable[Account]) -> None:
         """Adopt, every :data:`FOLLOW_S`, the cool-downs and outages other processes shared
