@@ -147,13 +147,16 @@ class UpstreamError(RelayError):
     """The upstream answered with an error status before any byte reached the client.
 
     ``upstream_status`` is what the upstream answered (``status`` is what the client is told:
-    Anthropic's 529 becomes 503, for example); ``retry_after_s`` is the rest it asked for.
+    Anthropic's 529 becomes 503, for example); ``retry_after_s`` is the rest it asked for,
+    bounded by ``server.max_retry_after_s``, ``upstream_rest_s`` the same unbounded (a ChatGPT
+    plan's usage window resets in hours: relay/upstream/health.py).
     """
 
     status = 502
     type = "upstream_error"
     upstream_status: int = 502
     retry_after_s: float | None = None
+    upstream_rest_s: float | None = None
 
 
 class UpstreamUnavailable(RelayError):

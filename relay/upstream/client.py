@@ -246,6 +246,7 @@ async def _error_from_response(
         (error["message"], error["type"], error["code"], error["param"]), confidential
     )
     retry_after = retry_after_hint(kind, upstream_status, response.headers, body)
+    upstream_rest = retry_after  # as the upstream said (a usage window's reset: hours)
     if retry_after is not None and retry_after > max_rest_s:
         log.warning(
             "upstream account %s asked to rest %.0fs; it rests %gs (server.max_retry_after_s)",
@@ -272,4 +273,5 @@ async def _error_from_response(
     )
     failure.upstream_status = upstream_status
     failure.retry_after_s = retry_after
+    failure.upstream_rest_s = upstream_rest
     return failure

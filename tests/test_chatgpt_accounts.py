@@ -1,0 +1,480 @@
+"""ChatGPT-plan accounts (``provider = "codex-chatgpt"``) end to end: the real relay, its CLI and
+real clients (the openai SDK, httpx) against the simulated upstream's ChatGPT-backend mode
+(relay/testing/sim_chatgpt.py: the backend's route, OpenAI's token endpoint with rotating
+refresh tokens and reuse detection, usage windows, usage_limit_reached)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+from cryptography.fernet import Fernet
+
+from .conftest import ADMIN_TOKEN, ROOT, SIM_KEY, Relay, Sim, server_section, start_process
+
+SECRET = Fernet.generate_key().decode()
+MODEL = "gpt-5.5"
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory: pytest.TempPathFactory):
+    """A simulated upstream of this module's own (its ChatGPT logins are this module's)."""
+    log = tmp_path_factory.mktemp("sim-chatgpt") / "sim.log"
+    process = start_process(
+        ["-m", "relay.testing.upstream", "--port", "0", "--api-key", SIM_KEY,
+         "--ttft", "0.01", "--token-delay", "0.002", "--tokens", "8"],
+        r"listening on (\S+)",
+        log,
+    )
+    yield Sim(process)
+    process.stop()
+
+
+def _env(**extra: str) -> dict:
+    return {**os.environ, "RELAY_SECRET_KEY": SECRET, "RELAY_TEST_ADMIN_TOKEN": ADMIN_TOKEN,
+            **extra}
+
+
+def _config(tmp: Path, sim_url: str, names: tuple[str, ...], **server: object) -> Path:
+    accounts = "".join(
+        textwrap.dedent(
+            f"""
+            [[accounts]]
+            name = "{name}"
+            pool = "main"
+            provider = "codex-chatgpt"
+            base_url = "{sim_url}/backend-api/codex"
+            token_url = "{sim_url}/oauth/token"
+            models = ["{MODEL}"]
+            """
+        )
+        for name in names
+    )
+    body = textwrap.dedent(
+        """
+        [pools.main]
+        max_concurrency = 50
+
+        [packages.team]
+        pool = "main"
+
+        [[accounts]]
+        name = "api"
+        pool = "main"
+        provider = "openai-responses"
+        base_url = "SIM_URL/v1"
+        api_key_env = "SIM_UPSTREAM_KEY"
+        models = ["other-model"]
+        """
+    ).replace("SIM_URL", sim_url)
+    path = tmp / "relay.toml"
+    path.write_text(server_section(tmp / "relay.db", **server) + body + accounts)
+    return path
+
+
+def _start(config: Path, tmp: Path, log_name: str = "relay.log") -> Relay:
+    process = start_process(
+        ["-m", "relay", "serve", "--config", str(config)],
+        r"relay listening on (\S+)",
+        tmp / log_name,
+        env={"RELAY_SECRET_KEY": SECRET, "RELAY_TEST_ADMIN_TOKEN": ADMIN_TOKEN,
+             "SIM_UPSTREAM_KEY": SIM_KEY, "RELAY_LOG_LEVEL": "INFO"},
+    )
+    return Relay(process, config, tmp / "relay.db", process.url)
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args], capture_output=True, text=True, cwd=ROOT,
+        timeout=60, env=env if env is not None else _env(),
+    )
+
+
+def _login(sim: Sim, account_id: str, lifetime_s: float = 3600) -> dict:
+    response = sim.http.post(
+        "/_sim/chatgpt/login", json={"account_id": account_id, "lifetime_s": lifetime_s}
+    )
+    response.raise_for_status()
+    return response.json()
+
+
+def _import(tmp: Path, config: Path, name: str, auth: dict) -> subprocess.CompletedProcess:
+    path = tmp / f"{name}-auth.json"
+    path.write_text(json.dumps(auth))
+    return _cli("accounts", "import-codex-auth", "--config", str(config), name, str(path))
+
+
+def _chatgpt(sim: Sim, **changes: object) -> dict:
+    response = sim.http.post("/_sim/chatgpt", json=changes)
+    response.raise_for_status()
+    return response.json()
+
+
+def _backend_requests(sim: Sim) -> list[dict]:
+    return [r for r in sim.requests() if r["path"].startswith("/backend-api/codex/")]
+
+
+def _ask(relay: Relay, text: str, session: str | None = None, **extra):
+    client = openai.OpenAI(
+        base_url=relay.url + "/v1", api_key=relay.key(), max_retries=0, timeout=30,
+        default_headers={"session_id": session} if session else None,
+    )
+    return client.responses.create(model=MODEL, input=text, **extra)
+
+
+def _accounts(relay: Relay) -> dict[str, dict]:
+    response = relay.admin("GET", "/admin/accounts")
+    assert response.status_code == 200, response.text
+    return {account["name"]: account for account in response.json()["data"]}
+
+
+def _expiry(auth: dict) -> float:
+    """The ``exp`` of an auth.json's access token (read as the relay reads it)."""
+    payload = auth["tokens"]["access_token"].split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"]
+
+
+def _secrets_of(*auths: dict) -> set[str]:
+    return {
+        auth["tokens"][name] for auth in auths for name in ("access_token", "refresh_token")
+    }
+
+
+def _sim_secrets(sim: Sim) -> set[str]:
+    """Every access and refresh token the relay sent the simulated upstream."""
+    found = set()
+    for record in sim.requests():
+        authorization = record["headers"].get("authorization", "")
+        if authorization.startswith("Bearer ") and "." in authorization:
+            found.add(authorization[7:])
+        body = record.get("body") or {}
+        if isinstance(body, dict) and isinstance(body.get("refresh_token"), str):
+            found.add(body["refresh_token"])
+    return found
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def test_import_refuses_what_cannot_work(sim: Sim, tmp_path: Path) -> None:
+    config = _config(tmp_path, sim.url, ("plus-a",))
+
+    def refused(name: str, auth: object, *, env: dict | None = None) -> str:
+        path = tmp_path / "auth.json"
+        path.write_text(auth if isinstance(auth, str) else json.dumps(auth))
+        done = _cli("accounts", "import-codex-auth", "--config", str(config), name, str(path),
+                    env=env)
+        assert done.returncode == 1, done.stdout
+        return done.stderr
+
+    good = _login(sim, "acct-import")
+    assert "no \"tokens\"" in refused("plus-a", {"OPENAI_API_KEY": None, "tokens": None})
+    assert "API key login" in refused("plus-a", {"OPENAI_API_KEY": "sk-x", "tokens": None})
+    assert "lack refresh_token" in refused(
+        "plus-a", {"tokens": {"access_token": good["tokens"]["access_token"]}}
+    )
+    assert "is not JSON" in refused("plus-a", "{not json")
+    assert "openai-responses account" in refused("api", good)
+    assert "no account named 'nobody'" in refused("nobody", good)
+    no_key = {k: v for k, v in _env().items() if k != "RELAY_SECRET_KEY"}
+    assert "set RELAY_SECRET_KEY" in refused("plus-a", good, env=no_key)
+    missing = _cli("accounts", "import-codex-auth", "--config", str(config), "plus-a",
+                   str(tmp_path / "nowhere.json"))
+    assert missing.returncode == 1 and "file not found" in missing.stderr
+
+    # A login whose access token expired is renewed at import; a dead refresh token is refused.
+    expired = _login(sim, "acct-expired", lifetime_s=-10)
+    _chatgpt(sim, token_endpoint="expire")
+    try:
+        message = refused("plus-a", expired)
+    finally:
+        _chatgpt(sim, token_endpoint=None)
+    assert "expired beyond refresh (refresh_token_expired)" in message
+
+    done = _import(tmp_path, config, "plus-a", good)
+    assert done.returncode == 0, done.stderr
+    assert "acct-imp" in done.stdout and "stored, encrypted" in done.stdout
+    stored = (tmp_path / "relay.db").read_bytes() + b"".join(
+        p.read_bytes() for p in tmp_path.glob("relay.db-*")
+    )
+    for secret in _secrets_of(good):
+        assert secret not in done.stdout + done.stderr
+        assert secret.encode() not in stored  # encrypted at rest, WAL included
+    with sqlite3.connect(tmp_path / "relay.db") as db:
+        (sealed,) = db.execute("SELECT sealed FROM account_tokens").fetchone()
+    assert json.loads(Fernet(SECRET.encode()).decrypt(sealed.encode()))["account_id"] == (
+        "acct-import"
+    )
+
+
+def test_backend_requests_are_normalized_and_answers_collected(sim: Sim, tmp_path: Path) -> None:
+    config = _config(tmp_path, sim.url, ("plus-a",))
+    assert _import(tmp_path, config, "plus-a", _login(sim, "acct-norm")).returncode == 0
+    relay = _start(config, tmp_path)
+    try:
+        _chatgpt(sim, empty_completed_output=True)
+        sim.reset()
+        # Non-streamed, with fields the backend refuses: dropped, streamed, collected.
+        answer = _ask(relay, "hello", temperature=0.5, max_output_tokens=200, store=True)
+        assert answer.status == "completed" and answer.output_text
+        chat = openai.OpenAI(base_url=relay.url + "/v1", api_key=relay.key(), max_retries=0)
+        completion = chat.chat.completions.create(
+            model=MODEL, messages=[{"role": "system", "content": "be brief"},
+                                   {"role": "user", "content": "hi"}],
+        )
+        assert completion.choices[0].message.content
+        streamed = list(
+            chat.responses.create(model=MODEL, input="stream it", stream=True)
+        )
+        assert streamed[-1].type == "response.completed"
+        backend = _backend_requests(sim)
+        assert len(backend) == 3
+        for record in backend:
+            body, headers = record["body"], record["headers"]
+            assert body["stream"] is True and body["store"] is False
+            assert isinstance(body["instructions"], str)
+            assert "reasoning.encrypted_content" in body["include"]
+            assert not {"temperature", "max_output_tokens"} & set(body)
+            assert headers["chatgpt-account-id"] == "acct-norm"
+            assert headers["originator"] == "codex_cli_rs"
+            assert headers["accept"] == "text/event-stream"
+    finally:
+        _chatgpt(sim, empty_completed_output=False)
+        log = relay.process.stop()
+    assert "Traceback" not in log
+
+
+def test_expiry_mid_session_makes_one_refresh_for_concurrent_requests(
+    sim: Sim, tmp_path: Path
+) -> None:
+    config = _config(tmp_path, sim.url, ("plus-a",), oauth_refresh_margin_s=1.0)
+    auth = _login(sim, "acct-expiry", lifetime_s=8)
+    _chatgpt(sim, lifetime_s={"acct-expiry": 3600})
+    assert _import(tmp_path, config, "plus-a", auth).returncode == 0
+    relay = _start(config, tmp_path)
+    try:
+        before = _chatgpt(sim)["refresh_calls"]
+        assert _ask(relay, "turn one", session="s-expiry").output_text
+        assert _chatgpt(sim)["refresh_calls"] == before  # still valid: no refresh
+        # Until the access token is within the margin (1 s) of its expiry.
+        time.sleep(max(0.0, _expiry(auth) - 1 - time.time()) + 0.3)
+        _chatgpt(sim, token_delay_s=1.0)  # a slow token endpoint: the requests meet there
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(
+                lambda n: _ask(relay, f"turn {n}", session="s-expiry"), range(2, 6)
+            ))
+        assert all(answer.output_text for answer in answers)
+        stats = _chatgpt(sim)
+        assert stats["refresh_calls"] == before + 1 and stats["refresh_reused"] == 0
+        account = _accounts(relay)["plus-a"]
+        assert account["oauth"]["refreshes"] == 1
+        assert account["oauth"]["access_expires_at"] > time.time() + 3000
+        assert account["oauth"]["last_refresh"] > time.time() - 30
+        assert not account["disabled"]
+    finally:
+        _chatgpt(sim, token_delay_s=0.0)
+        log = relay.process.stop()
+    assert "Traceback" not in log
+    assert "account plus-a: access token refreshed" in log
+
+
+def test_rotated_refresh_token_survives_a_restart(sim: Sim, tmp_path: Path) -> None:
+    config = _config(tmp_path, sim.url, ("plus-a",), oauth_refresh_margin_s=1.0)
+    auth = _login(sim, "acct-restart", lifetime_s=-1)  # expired: renewed at import
+    _chatgpt(sim, lifetime_s={"acct-restart": 2})
+    assert _import(tmp_path, config, "plus-a", auth).returncode == 0
+    calls = _chatgpt(sim)["refresh_calls"]
+    relay = _start(config, tmp_path)
+    try:
+        time.sleep(1.5)
+        assert _ask(relay, "before the restart").output_text  # refresh #2, rotated
+    finally:
+        relay.process.stop()
+    assert _chatgpt(sim)["refresh_calls"] == calls + 1
+    time.sleep(1.5)
+    _chatgpt(sim, lifetime_s={"acct-restart": 3600})
+    relay = _start(config, tmp_path, "relay-2.log")
+    try:
+        assert _ask(relay, "after the restart").output_text  # refresh #3 with the rotated one
+        stats = _chatgpt(sim)
+        assert stats["refresh_calls"] == calls + 2 and stats["refresh_reused"] == 0
+        assert not _accounts(relay)["plus-a"]["disabled"]
+    finally:
+        log = relay.process.stop()
+    assert "Traceback" not in log
+
+
+def test_refresh_token_reused_takes_the_account_out_with_the_reason(
+    sim: Sim, tmp_path: Path
+) -> None:
+    config = _config(tmp_path, sim.url, ("plus-a", "plus-b"), oauth_refresh_margin_s=1.0)
+    stolen = _login(sim, "acct-reused", lifetime_s=2)
+    assert _import(tmp_path, config, "plus-a", stolen).returncode == 0
+    assert _import(tmp_path, config, "plus-b", _login(sim, "acct-spare")).returncode == 0
+    # Someone else (the same login left in a Codex CLI) spends the refresh token first.
+    spent = sim.http.post("/oauth/token", json={
+        "client_id": "app_EMoamEEZ73f0CkXaXp7hrann", "grant_type": "refresh_token",
+        "refresh_token": stolen["tokens"]["refresh_token"],
+    })
+    assert spent.status_code == 200
+    relay = _start(config, tmp_path)
+    try:
+        time.sleep(1.5)
+        for turn in range(3):  # every turn is served (by plus-b), none refreshes again
+            assert _ask(relay, f"turn {turn}", session="s-reused").output_text
+        stats = _chatgpt(sim)
+        assert stats["refresh_reused"] == 1
+        account = _accounts(relay)["plus-a"]
+        assert account["disabled"] is True
+        assert "refresh_token_reused" in account["oauth"]["out_of_service_reason"]
+        assert "refresh_token_reused" in account["last_error"]
+        listing = _cli("accounts", "list", "--config", str(config), "--url", relay.url)
+        assert listing.returncode == 0, listing.stderr
+        assert "out of service: refresh failed: refresh_token_reused" in listing.stdout
+        assert {r["headers"]["chatgpt-account-id"] for r in _backend_requests(sim)
+                if "turn" in json.dumps(r["body"])} >= {"acct-spare"}
+    finally:
+        log = relay.process.stop()
+    assert "Traceback" not in log
+    assert "account plus-a out of service" in log and "refresh_token_reused" in log
+
+
+def test_usage_limit_moves_the_session_to_the_other_account(sim: Sim, tmp_path: Path) -> None:
+    config = _config(tmp_path, sim.url, ("plus-a", "plus-b"))
+    logins = {"plus-a": _login(sim, "acct-ua"), "plus-b": _login(sim, "acct-ub")}
+    for name, auth in logins.items():
+        assert _import(tmp_path, config, name, auth).returncode == 0
+    _chatgpt(sim, usage={"acct-ua": {"primary": 40, "secondary": 12},
+                         "acct-ub": {"primary": 5, "secondary": 1}})
+    relay = _start(config, tmp_path)
+    try:
+        sim.reset()
+        assert _ask(relay, "turn one", session="s-limit").output_text
+        first = _backend_requests(sim)[-1]["headers"]["chatgpt-account-id"]
+        name = {"acct-ua": "plus-a", "acct-ub": "plus-b"}[first]
+        other = {"plus-a": "plus-b", "plus-b": "plus-a"}[name]
+        windows = _accounts(relay)[name]["oauth"]["usage_windows"]
+        assert windows["primary"]["window_minutes"] == 300
+        assert windows["secondary"]["window_minutes"] == 10080
+        assert windows["primary"]["resets_at"] > time.time()
+        _chatgpt(sim, limit={first: 7200})  # the session's account hits its 5-hour limit
+        sim.reset()
+        assert _ask(relay, "turn two", session="s-limit").output_text
+        served = [r["headers"]["chatgpt-account-id"] for r in _backend_requests(sim)]
+        assert served[0] == first and len(served) == 2 and served[1] != first  # failed over
+        accounts = _accounts(relay)
+        cooling = accounts[name]["cooling_until"]
+        assert cooling is not None and 7100 < cooling - time.time() <= 7200
+        assert accounts[name]["oauth"]["usage_windows"]["primary"]["used_percent"] >= 0
+        assert accounts[other]["sessions"] == 1  # the session is bound to the other now
+        sim.reset()
+        assert _ask(relay, "turn three", session="s-limit").output_text
+        assert [r["headers"]["chatgpt-account-id"] for r in _backend_requests(sim)] == [
+            served[1]
+        ]
+        metrics = relay.admin("GET", "/metrics").text
+        assert f'relay_account_usage_used_percent{{account="{other}",window="primary"}}' in metrics
+        listing = _cli("accounts", "list", "--config", str(config), "--url", relay.url)
+        assert "cooling until" in listing.stdout and "usage primary" in listing.stdout
+    finally:
+        _chatgpt(sim, limit={"acct-ua": None, "acct-ub": None})
+        log = relay.process.stop()
+    assert "Traceback" not in log
+    assert f"account {name} cooling down" in log
+
+
+def test_tokens_never_reach_logs_admin_answers_or_metrics(sim: Sim, tmp_path: Path) -> None:
+    config = _config(tmp_path, sim.url, ("plus-a",), oauth_refresh_margin_s=1.0)
+    auth = _login(sim, "acct-secret", lifetime_s=2)
+    assert _import(tmp_path, config, "plus-a", auth).returncode == 0
+    relay = _start(config, tmp_path)
+    try:
+        sim.reset()
+        time.sleep(1.2)
+        assert _ask(relay, "one").output_text  # a refresh
+        forced = _cli("accounts", "refresh", "--config", str(config), "--url", relay.url,
+                      "plus-a")
+        assert forced.returncode == 0, forced.stderr
+        assert _ask(relay, "two").output_text
+        # A 401 from the backend on a stale token: refreshed again, then out on a fresh one.
+        seen = _sim_secrets(sim) | _secrets_of(auth)
+        assert len(seen) >= 4
+        answers = [
+            relay.admin("GET", "/admin/accounts").text,
+            relay.admin("GET", "/admin/state").text,
+            relay.admin("POST", "/admin/accounts/plus-a/refresh").text,
+            relay.admin("GET", "/metrics").text,
+            _cli("accounts", "list", "--config", str(config), "--url", relay.url).stdout,
+            forced.stdout + forced.stderr,
+        ]
+        seen |= _sim_secrets(sim)
+    finally:
+        log = relay.process.stop()
+    assert "Traceback" not in log
+    for secret in seen:
+        assert secret not in log
+        for answer in answers:
+            assert secret not in answer
+    assert _accounts_refreshes(answers[0]) >= 2
+
+
+def _accounts_refreshes(listing: str) -> int:
+    data = json.loads(listing)["data"]
+    return next(a for a in data if a["name"] == "plus-a")["oauth"]["refreshes"]
+
+
+def test_token_endpoint_down_keeps_the_account_serving_until_expiry(
+    sim: Sim, tmp_path: Path
+) -> None:
+    config = _config(tmp_path, sim.url, ("plus-a",), oauth_refresh_margin_s=30.0)
+    auth = _login(sim, "acct-down", lifetime_s=20)  # inside the margin: wants a refresh
+    assert _import(tmp_path, config, "plus-a", auth).returncode == 0
+    relay = _start(config, tmp_path)
+    _chatgpt(sim, token_endpoint="down")
+    try:
+        before = _chatgpt(sim)["refresh_calls"]
+        for turn in range(5):  # every turn served by the old token; one attempt, then backoff
+            assert _ask(relay, f"turn {turn}").output_text
+        assert _chatgpt(sim)["refresh_calls"] == before + 1
+        account = _accounts(relay)["plus-a"]
+        assert account["oauth"]["last_refresh_error"] == "http_503"
+        assert not account["disabled"]
+        time.sleep(5.5)  # the backoff (5 s) is over: one more attempt, now answered
+        _chatgpt(sim, token_endpoint=None)
+        assert _ask(relay, "after").output_text
+        assert _chatgpt(sim)["refresh_calls"] == before + 2
+        assert _accounts(relay)["plus-a"]["oauth"]["last_refresh_error"] is None
+    finally:
+        _chatgpt(sim, token_endpoint=None)
+        log = relay.process.stop()
+    assert "Traceback" not in log
+    assert "token refresh failed (http_503)" in log
+
+
+def test_admin_refresh_of_an_api_key_account_is_refused(sim: Sim, tmp_path: Path) -> None:
+    config = _config(tmp_path, sim.url, ("plus-a",))
+    relay = _start(config, tmp_path)
+    try:
+        refused = relay.admin("POST", "/admin/accounts/api/refresh")
+        assert refused.status_code == 400
+        assert refused.json()["error"]["code"] == "not_an_oauth_account"
+        # plus-a has no tokens yet: shown so, and requests for it fail over with a clear error.
+        account = _accounts(relay)["plus-a"]
+        assert account["missing_credentials"] and account["oauth"]["has_tokens"] is False
+        with pytest.raises(openai.APIStatusError) as caught:
+            _ask(relay, "no tokens")
+        assert caught.value.status_code == 502
+        assert "has no credentials yet" in caught.value.message
+    finally:
+        log = relay.process.stop()
+    assert "Traceback" not in log
