@@ -21,6 +21,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from .conftest import ADMIN_TOKEN, ROOT, SIM_KEY, Relay, Sim, server_section, start_process
+from .test_codex_cli import SESSION_HEADERS, codex_exec, codex_home
 
 SECRET = Fernet.generate_key().decode()
 MODEL = "gpt-5.5"
@@ -45,7 +46,10 @@ def _env(**extra: str) -> dict:
             **extra}
 
 
-def _config(tmp: Path, sim_url: str, names: tuple[str, ...], **server: object) -> Path:
+def _config(
+    tmp: Path, sim_url: str, names: tuple[str, ...], priorities: dict | None = None,
+    **server: object,
+) -> Path:
     accounts = "".join(
         textwrap.dedent(
             f"""
@@ -56,6 +60,7 @@ def _config(tmp: Path, sim_url: str, names: tuple[str, ...], **server: object) -
             base_url = "{sim_url}/backend-api/codex"
             token_url = "{sim_url}/oauth/token"
             models = ["{MODEL}"]
+            priority = {(priorities or {}).get(name, 0)}
             """
         )
         for name in names
@@ -478,3 +483,178 @@ def test_admin_refresh_of_an_api_key_account_is_refused(sim: Sim, tmp_path: Path
     finally:
         log = relay.process.stop()
     assert "Traceback" not in log
+
+
+def test_two_relays_on_one_redis_make_exactly_one_refresh(
+    sim: Sim, tmp_path: Path, redis_url: str
+) -> None:
+    """Two relay processes share one ledger and one Redis; their account's token expires while
+    both serve it: the Redis lock lets one of them refresh, the other takes its tokens from the
+    ledger, and the token endpoint sees a single refresh (a second one would spend a refresh
+    token already spent: refresh_token_reused, the account dead for good)."""
+    config = _config(tmp_path, sim.url, ("plus-a",), oauth_refresh_margin_s=1.0,
+                     redis_url=redis_url)
+    auth = _login(sim, "acct-shared", lifetime_s=8)
+    _chatgpt(sim, lifetime_s={"acct-shared": 3600})
+    assert _import(tmp_path, config, "plus-a", auth).returncode == 0
+    relays = [_start(config, tmp_path, "relay-1.log"), _start(config, tmp_path, "relay-2.log")]
+    try:
+        before = _chatgpt(sim)["refresh_calls"]
+        for relay in relays:
+            assert _ask(relay, "warm up").output_text
+        time.sleep(max(0.0, _expiry(auth) - 1 - time.time()) + 0.3)
+        _chatgpt(sim, token_delay_s=1.0)
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(
+                lambda n: _ask(relays[n % 2], f"turn {n}"), range(6)
+            ))
+        assert all(answer.output_text for answer in answers)
+        stats = _chatgpt(sim)
+        assert stats["refresh_calls"] == before + 1 and stats["refresh_reused"] == 0
+        refreshed = [_accounts(relay)["plus-a"]["oauth"]["refreshes"] for relay in relays]
+        assert sorted(refreshed) == [0, 1]
+        for relay in relays:
+            assert not _accounts(relay)["plus-a"]["disabled"]
+            assert _accounts(relay)["plus-a"]["oauth"]["access_expires_at"] > time.time() + 3000
+    finally:
+        _chatgpt(sim, token_delay_s=0.0)
+        logs = [relay.process.stop() for relay in relays]
+    for log in logs:
+        assert "Traceback" not in log
+
+
+def _codex_tool_prompt(marker: str) -> str:
+    """A prompt the simulated upstream answers with an exec_command call, then with text."""
+    command = "echo\\u0020relay-tool-ok\\u0020>\\u0020proof.txt"
+    return (
+        f"{marker} Write the proof file. "
+        f'#sim tool=exec_command args={{"cmd":"{command}"}} tokens=2 text=written'
+    )
+
+
+def _run_codex_turn(tmp_path: Path, relay: Relay, sim: Sim, marker: str) -> list[dict]:
+    """``codex exec`` through the relay, one turn with a shell tool call; the backend requests
+    of the turn."""
+    env = codex_home(tmp_path, relay, "/openai")
+    done, work = codex_exec(
+        tmp_path, env, "--dangerously-bypass-approvals-and-sandbox", _codex_tool_prompt(marker)
+    )
+    assert (work / "proof.txt").read_text().strip() == "relay-tool-ok"
+    assert "written written" in done.stdout, done.stdout + done.stderr
+    return [r for r in _backend_requests(sim) if marker in json.dumps(r["body"])]
+
+
+def _session_of(record: dict) -> str:
+    return next(record["headers"][name] for name in SESSION_HEADERS if name in record["headers"])
+
+
+def test_codex_cli_session_goes_on_when_its_access_token_expires(
+    sim: Sim, tmp_path: Path
+) -> None:
+    """The real Codex CLI, one turn with a tool call, through a codex-chatgpt account whose
+    access token the backend declares expired after the first answer: the relay refreshes once
+    and the turn goes on."""
+    config = _config(tmp_path, sim.url, ("plus-a",))
+    auth = _login(sim, "acct-codex")
+    auth["last_refresh"] = "2026-01-01T00:00:00Z"  # an older login (a fresh one refused is dead)
+    assert _import(tmp_path, config, "plus-a", auth).returncode == 0
+    relay = _start(config, tmp_path)
+    try:
+        before = _chatgpt(sim)["refresh_calls"]
+        _chatgpt(sim, expire_after={"acct-codex": 1})
+        turn = _run_codex_turn(tmp_path, relay, sim, "codex-expiry")
+        assert [r["status"] for r in turn] == [200, 401, 200]
+        assert _chatgpt(sim)["refresh_calls"] == before + 1
+        first, refused, retried = turn
+        assert refused["headers"]["authorization"] == first["headers"]["authorization"]
+        assert retried["headers"]["authorization"] != first["headers"]["authorization"]
+        assert len({_session_of(r) for r in turn}) == 1
+        account = _accounts(relay)["plus-a"]
+        assert account["oauth"]["refreshes"] == 1 and not account["disabled"]
+    finally:
+        log = relay.process.stop()
+    assert "Traceback" not in log
+
+
+def test_codex_cli_session_moves_to_the_second_account_at_the_usage_limit(
+    sim: Sim, tmp_path: Path
+) -> None:
+    """The real Codex CLI through two codex-chatgpt accounts; the one serving its session
+    reaches its usage limit after the first answer: the tool result goes to the second account
+    (failover before the first byte), and the session stays there."""
+    config = _config(tmp_path, sim.url, ("plus-a", "plus-b"), priorities={"plus-a": 1})
+    for name, account_id in (("plus-a", "acct-ca"), ("plus-b", "acct-cb")):
+        assert _import(tmp_path, config, name, _login(sim, account_id)).returncode == 0
+    relay = _start(config, tmp_path)
+    try:
+        _chatgpt(sim, limit_after={"acct-ca": 1})
+        turn = _run_codex_turn(tmp_path, relay, sim, "codex-limit")
+        served = [(r["headers"]["chatgpt-account-id"], r["status"]) for r in turn]
+        assert served == [("acct-ca", 200), ("acct-ca", 429), ("acct-cb", 200)]
+        accounts = _accounts(relay)
+        assert accounts["plus-b"]["sessions"] == 1 and accounts["plus-a"]["sessions"] == 0
+        assert 3500 < accounts["plus-a"]["cooling_until"] - time.time() <= 3600
+        # The session's next request stays on the second account.
+        sim.reset()
+        assert _ask(relay, "next turn", session=_session_of(turn[0])).output_text
+        assert [r["headers"]["chatgpt-account-id"] for r in _backend_requests(sim)] == ["acct-cb"]
+    finally:
+        _chatgpt(sim, limit={"acct-ca": None})
+        log = relay.process.stop()
+    assert "Traceback" not in log
+
+
+# -- the pure parts ------------------------------------------------------------------------
+
+
+def test_config_of_a_codex_chatgpt_account() -> None:
+    from relay.config import CHATGPT_BASE_URL, CHATGPT_TOKEN_URL, ConfigError, parse_config
+
+    table = {"pools": {"p": {}}, "accounts": [
+        {"name": "c", "pool": "p", "provider": "codex-chatgpt", "models": ["gpt-5.5"]},
+    ]}
+    account = parse_config(table).accounts[0]
+    assert (account.base_url, account.token_url) == (CHATGPT_BASE_URL, CHATGPT_TOKEN_URL)
+    assert account.client_id == "app_EMoamEEZ73f0CkXaXp7hrann" and account.wire == (
+        "openai-responses"
+    )
+    table["accounts"][0]["api_key_env"] = "SOME_KEY"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(table)
+    assert "a codex-chatgpt account has no API key" in str(caught.value)
+
+
+def test_backend_body_and_collected_stream() -> None:
+    from relay.protocol.chatgpt import backend_body, collect_stream, usage_windows
+
+    body = backend_body({
+        "model": "gpt-5.5", "input": [{"role": "system", "content": "x"}], "temperature": 1,
+        "service_tier": "flex", "include": ["file_search_call.results"], "stream": False,
+    })
+    assert body["input"][0]["role"] == "developer" and "service_tier" not in body
+    assert body["include"] == ["file_search_call.results", "reasoning.encrypted_content"]
+    assert (body["stream"], body["store"], body["instructions"]) == (True, False, "")
+    assert backend_body({"input": "hi"})["input"][0]["content"][0]["text"] == "hi"
+
+    item = {"type": "message", "role": "assistant",
+            "content": [{"type": "output_text", "text": "ok"}]}
+    stream = (
+        b'event: response.output_item.done\ndata: {"type":"response.output_item.done",'
+        b'"output_index":0,"item":' + json.dumps(item).encode() + b'}\n\n'
+        b'event: response.completed\ndata: {"type":"response.completed","response":'
+        b'{"id":"resp_1","status":"completed","output":[]}}\n\n'
+    )
+    response, error = collect_stream(stream)
+    assert error is None and response["output"] == [item]
+    failed = b'data: {"type":"response.failed","response":{"error":{"code":"server_error"}}}\n\n'
+    assert collect_stream(failed) == (None, {"code": "server_error"})
+    assert collect_stream(b"data: {}\n\n") == (None, None)
+
+    windows = usage_windows({
+        "X-Codex-Primary-Used-Percent": "42.5", "x-codex-primary-window-minutes": "300",
+        "x-codex-primary-reset-after-seconds": "60", "x-codex-secondary-used-percent": "nan",
+    }, now=1000.0)
+    assert list(windows) == ["primary"]
+    assert windows["primary"].public() == {
+        "used_percent": 42.5, "window_minutes": 300, "resets_at": 1060.0
+    }

@@ -18,8 +18,11 @@ What it models, and from where (docs/chatgpt-accounts.md has the full list):
 * **The backend** refuses an expired or unknown access token with 401, a
   ``chatgpt-account-id`` that is not the token's with 403; a body that is not ``stream: true``,
   ``store: false`` with a string ``instructions``, or that carries a field the backend does not
-  take (CLIProxyAPI's list), with 400 ``{"detail": "…"}``. It streams like the Responses API
-  (the simulated upstream's usual plans and directives) with the usage-window headers
+  take (CLIProxyAPI's list), with 400 ``{"detail": "…"}``. ``expire_after`` / ``limit_after``
+  (``{ACCOUNT: N}``) end the account's access tokens, or reach its usage limit, after N more
+  answers: a session's token expiring, or its plan running out, between two of its requests.
+  It streams like the Responses API (the simulated upstream's usual plans and directives)
+  with the usage-window headers
   ``x-codex-{primary,secondary}-{used-percent,window-minutes,reset-at}`` (codex-api
   ``rate_limits.rs``); each answer adds ``usage_step`` percent to the primary window. At 100%
   (or ``/_sim/chatgpt {"limit": {ACCOUNT: SECONDS}}``) it answers 429 ``usage_limit_reached``
@@ -73,6 +76,9 @@ class _Account:
     primary: float = 0.0
     secondary: float = 0.0
     limited_until: float = 0.0
+    #: After this many more answers: every access token expires / the usage limit is reached.
+    expire_after: int | None = None
+    limit_after: int | None = None
 
 
 @dataclass
@@ -148,6 +154,10 @@ class ChatGPTBackend:
                     account.limited_until = time.time() + seconds if seconds else 0.0
                     if not seconds and account.primary >= 100:
                         account.primary = 0.0
+            elif key in ("expire_after", "limit_after"):  # {account: answers, or null}
+                for account_id, count in value.items():
+                    setattr(self.accounts.setdefault(account_id, _Account(account_id)), key,
+                            count)
             elif key == "expire_access":  # every access token of these accounts ends now
                 for token, (account_id, _exp) in list(self.access.items()):
                     if account_id in value:
@@ -256,6 +266,16 @@ class ChatGPTBackend:
         account_id, _ = self.access[token.strip()]
         account = self.accounts[account_id]
         account.primary = min(100.0, account.primary + self.usage_step)
+        if account.expire_after is not None:
+            account.expire_after -= 1
+            if account.expire_after <= 0:
+                account.expire_after = None
+                self.configure({"expire_access": [account_id]})
+        if account.limit_after is not None:
+            account.limit_after -= 1
+            if account.limit_after <= 0:
+                account.limit_after = None
+                account.limited_until = time.time() + 3600
         return self.usage_headers(account_id)
 
     def usage_headers(self, account_id: str, primary: float | None = None) -> list:
