@@ -68,7 +68,7 @@ def _renew(token_url: str, client_id: str, tokens: OAuthTokens, file: Path) -> O
         response = httpx2.post(
             token_url,
             json={"client_id": client_id, "grant_type": "refresh_token",
-                  "refresh_token": tokens.refresh_token, "scope": "openid profile email"},
+                  "refresh_token": tokens.refresh_token},
             timeout=30,
         )
     except httpx2.HTTPError as error:

@@ -11,8 +11,8 @@ What it models, and from where (docs/chatgpt-accounts.md has the full list):
 * **The token endpoint** takes OAuth's refresh grant as codex-rs sends it (JSON ``client_id``,
   ``grant_type: "refresh_token"``, ``refresh_token``) and answers new ``access_token``,
   ``refresh_token``, ``id_token``. Refresh tokens **rotate**: a spent one answers 401
-  ``refresh_token_reused`` (OpenAI's answer, which codex-rs maps to "your refresh token was
-  already used"), and its whole family is revoked then (reuse detection); an unknown one
+  ``refresh_token_reused`` (a permanent failure for codex-rs, protocols.md §2.10), and its whole
+  family is revoked then (reuse detection); an unknown one
   ``refresh_token_invalidated``; ``/_sim/chatgpt {"token_endpoint": "down"}`` makes it answer
   503, ``"expire"`` makes every refresh token ``refresh_token_expired``.
 * **The backend** refuses an expired or unknown access token with 401, a

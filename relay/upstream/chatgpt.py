@@ -369,7 +369,6 @@ class ChatGPTAccounts:
                 "client_id": config.client_id,
                 "grant_type": "refresh_token",
                 "refresh_token": current.refresh_token,
-                "scope": "openid profile email",
             }
         ).encode()
         outcome: OAuthTokens | RefreshError = RefreshError("the token endpoint did not answer")
