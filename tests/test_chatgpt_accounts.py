@@ -87,13 +87,16 @@ def _config(
     return path
 
 
-def _start(config: Path, tmp: Path, log_name: str = "relay.log") -> Relay:
+def _start(
+    config: Path, tmp: Path, log_name: str = "relay.log", *, level: str = "INFO",
+    secret: str = SECRET,
+) -> Relay:
     process = start_process(
         ["-m", "relay", "serve", "--config", str(config)],
         r"relay listening on (\S+)",
         tmp / log_name,
-        env={"RELAY_SECRET_KEY": SECRET, "RELAY_TEST_ADMIN_TOKEN": ADMIN_TOKEN,
-             "SIM_UPSTREAM_KEY": SIM_KEY, "RELAY_LOG_LEVEL": "INFO"},
+        env={"RELAY_SECRET_KEY": secret, "RELAY_TEST_ADMIN_TOKEN": ADMIN_TOKEN,
+             "SIM_UPSTREAM_KEY": SIM_KEY, "RELAY_LOG_LEVEL": level},
     )
     return Relay(process, config, tmp / "relay.db", process.url)
 
@@ -242,6 +245,10 @@ def test_backend_requests_are_normalized_and_answers_collected(sim: Sim, tmp_pat
             chat.responses.create(model=MODEL, input="stream it", stream=True)
         )
         assert streamed[-1].type == "response.completed"
+        with pytest.raises(openai.BadRequestError) as refused:
+            _ask(relay, "go on", previous_response_id="resp_earlier")
+        assert refused.value.body["param"] == "previous_response_id"
+        assert "keeps no server-side state" in refused.value.message
         backend = _backend_requests(sim)
         assert len(backend) == 3
         for record in backend:
@@ -407,7 +414,7 @@ def test_tokens_never_reach_logs_admin_answers_or_metrics(sim: Sim, tmp_path: Pa
     config = _config(tmp_path, sim.url, ("plus-a",), oauth_refresh_margin_s=1.0)
     auth = _login(sim, "acct-secret", lifetime_s=2)
     assert _import(tmp_path, config, "plus-a", auth).returncode == 0
-    relay = _start(config, tmp_path)
+    relay = _start(config, tmp_path, level="DEBUG")
     try:
         sim.reset()
         time.sleep(1.2)
@@ -416,7 +423,6 @@ def test_tokens_never_reach_logs_admin_answers_or_metrics(sim: Sim, tmp_path: Pa
                       "plus-a")
         assert forced.returncode == 0, forced.stderr
         assert _ask(relay, "two").output_text
-        # A 401 from the backend on a stale token: refreshed again, then out on a fresh one.
         seen = _sim_secrets(sim) | _secrets_of(auth)
         assert len(seen) >= 4
         answers = [
@@ -663,3 +669,20 @@ def test_backend_body_and_collected_stream() -> None:
     assert windows["primary"].public() == {
         "used_percent": 42.5, "window_minutes": 300, "resets_at": 1060.0
     }
+
+
+def test_a_wrong_secret_key_opens_no_tokens_and_says_so(sim: Sim, tmp_path: Path) -> None:
+    config = _config(tmp_path, sim.url, ("plus-a",))
+    assert _import(tmp_path, config, "plus-a", _login(sim, "acct-key")).returncode == 0
+    relay = _start(config, tmp_path, secret=Fernet.generate_key().decode())
+    try:
+        oauth = _accounts(relay)["plus-a"]["oauth"]
+        assert oauth["has_tokens"] is False
+        assert "do not open with the key in RELAY_SECRET_KEY" in oauth["credentials_problem"]
+        with pytest.raises(openai.APIStatusError) as caught:
+            _ask(relay, "no usable tokens")
+        assert caught.value.status_code == 502
+    finally:
+        log = relay.process.stop()
+    assert "Traceback" not in log
+    assert "the stored tokens of account plus-a do not open" in log

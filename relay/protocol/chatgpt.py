@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..errors import InvalidRequest
 from .sse import EventSplitter, event_data
 
 __all__ = [
@@ -49,7 +50,8 @@ __all__ = [
 ]
 
 #: Request fields of the public Responses API the ChatGPT backend refuses (CLIProxyAPI removes
-#: each one; ``previous_response_id`` cannot work with ``store: false``).
+#: each one; a ``previous_response_id`` naming a response is refused before, by
+#: :func:`backend_body`: with ``store: false`` there is nothing to continue).
 DROPPED_FIELDS = (
     "max_output_tokens",
     "max_completion_tokens",
@@ -227,7 +229,18 @@ def refresh_failure(status: int, body: bytes) -> tuple[bool, str]:
 
 
 def backend_body(body: dict) -> dict:
-    """A Responses request body as the ChatGPT backend takes it (see the module's notes)."""
+    """A Responses request body as the ChatGPT backend takes it (see the module's notes).
+
+    Raises :class:`~relay.errors.InvalidRequest` for a ``previous_response_id``: the backend
+    keeps nothing (``store: false``), so the conversation it names cannot be continued there
+    (a Responses WebSocket's own continuation is expanded before this)."""
+    if body.get("previous_response_id"):
+        raise InvalidRequest(
+            "'previous_response_id' is not supported for this model: its upstream (a ChatGPT "
+            "plan) keeps no server-side state. Send the full conversation in 'input' (with "
+            "store=false).",
+            param="previous_response_id",
+        )
     out = {key: value for key, value in body.items() if key not in DROPPED_FIELDS}
     out["stream"] = True
     out["store"] = False

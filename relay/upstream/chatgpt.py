@@ -99,6 +99,8 @@ class OAuthState:
     last_refresh_error: str | None = None
     #: Why the account is out of service for good (a dead refresh token), if it is.
     out_reason: str | None = None
+    #: Why the stored tokens cannot be read (no secret key, the wrong one), if so.
+    problem: str | None = None
     retry_at: float = 0.0  # trio clock: no refresh attempt before (backoff)
     backoff_s: float = 0.0
     reloaded_at: float = -RELOAD_S
@@ -115,6 +117,7 @@ class OAuthState:
         tokens = self.tokens
         return {
             "has_tokens": tokens is not None,
+            "credentials_problem": self.problem,
             "chatgpt_account": _hint(tokens.account_id) if tokens else None,
             "plan_type": tokens.plan_type if tokens else None,
             "access_expires_at": tokens.expires_at if tokens else None,
@@ -187,7 +190,7 @@ class ChatGPTAccounts:
         stored = await self._stored(account)
         if stored is not None:
             state.tokens = stored
-        elif state.tokens is None:
+        elif state.tokens is None and state.problem is None:
             log.warning(
                 "account %s has no tokens in the ledger: import them with `relay accounts "
                 "import-codex-auth`", account.name,
@@ -195,13 +198,20 @@ class ChatGPTAccounts:
         return state.tokens
 
     async def _stored(self, account: Account) -> OAuthTokens | None:
+        state = account.oauth
+        assert state is not None
         if self._vault is None:
+            state.problem = self._vault_problem
             return None
         try:
-            return await trio.to_thread.run_sync(self._vault.load, account.name)
+            tokens = await trio.to_thread.run_sync(self._vault.load, account.name)
         except VaultError as error:
-            log.error("account %s: %s", account.name, error)
+            if state.problem != str(error):
+                log.error("account %s: %s", account.name, error)
+            state.problem = str(error)
             return None
+        state.problem = None
+        return tokens
 
     # -- the upstream call -------------------------------------------------------------------
 
