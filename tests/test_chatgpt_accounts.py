@@ -496,15 +496,17 @@ def test_admin_refresh_of_an_api_key_account_is_refused(sim: Sim, tmp_path: Path
     assert "Traceback" not in log
 
 
-def test_two_relays_on_one_redis_make_exactly_one_refresh(
-    sim: Sim, tmp_path: Path, redis_url: str
+@pytest.mark.parametrize("lock", ["redis", "ledger"])
+def test_two_relays_make_exactly_one_refresh(
+    sim: Sim, tmp_path: Path, request: pytest.FixtureRequest, lock: str
 ) -> None:
-    """Two relay processes share one ledger and one Redis; their account's token expires while
-    both serve it: the Redis lock lets one of them refresh, the other takes its tokens from the
-    ledger, and the token endpoint sees a single refresh (a second one would spend a refresh
-    token already spent: refresh_token_reused, the account dead for good)."""
-    config = _config(tmp_path, sim.url, ("plus-a",), oauth_refresh_margin_s=1.0,
-                     redis_url=redis_url)
+    """Two relay processes share one ledger (and one Redis, or none); their account's token
+    expires while both serve it: the lock (Redis's, else the ledger's) lets one of them
+    refresh, the other takes its tokens from the ledger, and the token endpoint sees a single
+    refresh (a second one would spend a refresh token already spent: refresh_token_reused,
+    the account dead for good)."""
+    server = {"redis_url": request.getfixturevalue("redis_url")} if lock == "redis" else {}
+    config = _config(tmp_path, sim.url, ("plus-a",), oauth_refresh_margin_s=1.0, **server)
     auth = _login(sim, "acct-shared", lifetime_s=8)
     _chatgpt(sim, lifetime_s={"acct-shared": 3600})
     assert _import(tmp_path, config, "plus-a", auth).returncode == 0

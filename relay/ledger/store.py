@@ -1,5 +1,6 @@
-"""The SQLite store: API keys (as hashes), their credits, usage records, and the sealed OAuth
-tokens of ``codex-chatgpt`` accounts (encrypted before they get here: relay/ledger/vault.py).
+"""The SQLite store: API keys (as hashes), their credits, usage records, the sealed OAuth
+tokens of ``codex-chatgpt`` accounts (encrypted before they get here: relay/ledger/vault.py),
+and leased locks (one process of those sharing the file refreshes an account's tokens).
 
 sqlite-utils is synchronous, so every method here is a plain function meant to be called through
 ``trio.to_thread.run_sync`` (or from the CLI directly). One connection is shared behind a lock;
@@ -321,6 +322,9 @@ class Store:
             tokens = self.db["account_tokens"]
             if not tokens.exists():
                 tokens.create({"account": str, "sealed": str, "updated_at": float}, pk="account")
+            locks = self.db["locks"]
+            if not locks.exists():
+                locks.create({"name": str, "owner": str, "until": float}, pk="name")
 
     def close(self) -> None:
         with self._lock:
@@ -523,6 +527,23 @@ class Store:
                 "updated_at = excluded.updated_at",
                 [account, sealed, time.time()],
             )
+
+    def take_lock(self, name: str, owner: str, ttl_s: float) -> bool:
+        """Take the lock ``name`` for ``owner`` unless another owner holds it unexpired: one
+        atomic statement, so of the processes sharing this file exactly one gets it."""
+        now = time.time()
+        with self._lock, self.db.conn:
+            cursor = self.db.execute(
+                "INSERT INTO locks (name, owner, until) VALUES (?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET owner = excluded.owner, until = excluded.until "
+                "WHERE locks.until < ? OR locks.owner = excluded.owner",
+                [name, owner, now + ttl_s, now],
+            )
+            return cursor.rowcount > 0
+
+    def release_lock(self, name: str, owner: str) -> None:
+        with self._lock, self.db.conn:
+            self.db.execute("DELETE FROM locks WHERE name = ? AND owner = ?", [name, owner])
 
     # -- usage ----------------------------------------------------------------------------
 

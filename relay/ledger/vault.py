@@ -95,6 +95,13 @@ class Vault:
                 "or import the account's auth.json again"
             ) from None
 
+    def take_lock(self, name: str, owner: str, ttl_s: float) -> bool:
+        """The ledger's lock (:meth:`~relay.ledger.store.Store.take_lock`)."""
+        return self._store.take_lock(name, owner, ttl_s)
+
+    def release_lock(self, name: str, owner: str) -> None:
+        self._store.release_lock(name, owner)
+
     def save(self, account: str, tokens: OAuthTokens) -> None:
         """Seal and store the tokens (committed when this returns)."""
         self._store.put_sealed_tokens(

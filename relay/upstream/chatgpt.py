@@ -11,9 +11,10 @@ which follow the Codex CLI's own (codex-rs ``login/src/auth/manager.rs``):
   fresh token refused is a dead account, not a reason to refresh again), or the operator asks
   (``relay accounts refresh``).
 * **One at a time**: per account a trio lock; whoever waited for it re-reads the stored tokens
-  first and uses the ones the refresh it waited for produced. With ``server.redis_url`` also a
-  Redis lock per account (:data:`LOCK_TTL_S`), so one process of all refreshes; the others wait
-  for its tokens to appear in the ledger (the ledger is the one all processes share).
+  first and uses the ones the refresh it waited for produced. Across processes a lock per
+  account (:data:`LOCK_TTL_S`): Redis's with ``server.redis_url``, the ledger's (one SQLite
+  statement) without it or while Redis cannot answer, so one process of all refreshes; the
+  others wait for its tokens to appear in the ledger (the one all processes share).
 * **Persist first**: the rotated refresh token is committed to the ledger before the new access
   token is used, and the exchange and the write are shielded from cancellation (a client going
   away mid-refresh must not spend the refresh token and lose its successor): a relay killed
@@ -36,7 +37,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -156,6 +159,7 @@ class ChatGPTAccounts:
         self._shared = shared
         #: Token-endpoint calls made (each one spends a refresh token): the tests' count.
         self.exchanges = 0
+        self._owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"  # this process, in ledger locks
 
     @classmethod
     def open(
@@ -338,35 +342,55 @@ class ChatGPTAccounts:
     async def _refresh_shared(
         self, account: Account, current: OAuthTokens, forced: bool
     ) -> OAuthTokens:
-        """The refresh under the cross-process lock, when Redis is shared."""
-        shared = self._shared
-        lock = None
-        if shared is not None:
-            name = f"oauth:{account.name}"
-            deadline = trio.current_time() + LOCK_TTL_S
-            while True:
-                lock = await shared.try_lock(name, LOCK_TTL_S)
-                if lock is not False:
-                    break  # held (a token), or Redis cannot say (None): refresh alone
-                # Another process refreshes: its tokens appear in the ledger.
-                await trio.sleep(LOCK_POLL_S)
-                latest = await self._latest(account)
-                if latest.refresh_token != current.refresh_token:
-                    return latest
-                if trio.current_time() > deadline:
-                    raise RefreshError("another relay process holds the refresh lock")
-            if lock is not None:
-                # It may have finished just before the lock was ours.
-                latest = await self._latest(account)
-                if latest.refresh_token != current.refresh_token and not forced:
-                    await shared.unlock(name, lock)
-                    return latest
+        """The refresh under the cross-process lock: Redis's when it is shared and answers,
+        else the ledger's (every process serving the account shares its ledger: the tokens
+        live there). While another process holds it, wait for its tokens in the ledger."""
+        name = f"oauth:{account.name}"
+        deadline = trio.current_time() + LOCK_TTL_S
+        while True:
+            release = await self._take_lock(name)
+            if release is not None:
+                break
+            await trio.sleep(LOCK_POLL_S)
+            latest = await self._latest(account)
+            if latest.refresh_token != current.refresh_token:
+                return latest
+            if trio.current_time() > deadline:
+                raise RefreshError("another relay process holds the refresh lock")
         try:
+            # Another process may have finished just before the lock was ours.
+            latest = await self._latest(account)
+            if latest.refresh_token != current.refresh_token and not forced:
+                return latest
             return await self._exchange(account, current)
         finally:
-            if shared is not None and lock:
-                with trio.CancelScope(shield=True):
-                    await shared.unlock(f"oauth:{account.name}", lock)
+            with trio.CancelScope(shield=True):
+                await release()
+
+    async def _take_lock(self, name: str):
+        """A coroutine function giving the lock back, once it is this process's; None while
+        another process holds it."""
+        shared = self._shared
+        if shared is not None:
+            token = await shared.try_lock(name, LOCK_TTL_S)
+            if token is False:
+                return None
+            if token is not None:
+                async def unlock_redis() -> None:
+                    await shared.unlock(name, token)
+
+                return unlock_redis
+        # No Redis, or it cannot say: the ledger's lock (one SQLite statement).
+        vault = self._vault
+        assert vault is not None
+        taken = await trio.to_thread.run_sync(vault.take_lock, name, self._owner, LOCK_TTL_S)
+        if not taken:
+            return None
+
+        async def unlock_ledger() -> None:
+            await trio.to_thread.run_sync(vault.release_lock, name, self._owner)
+
+        return unlock_ledger
 
     async def _exchange(self, account: Account, current: OAuthTokens) -> OAuthTokens:
         """Spend the refresh token at the token endpoint and persist what comes back, shielded
