@@ -233,7 +233,8 @@ def test_backend_requests_are_normalized_and_answers_collected(sim: Sim, tmp_pat
         _chatgpt(sim, empty_completed_output=True)
         sim.reset()
         # Non-streamed, with fields the backend refuses: dropped, streamed, collected.
-        answer = _ask(relay, "hello", temperature=0.5, max_output_tokens=200, store=True)
+        answer = _ask(relay, "hello", temperature=0.5, max_output_tokens=200, store=True,
+                      prompt_cache_key="conv-7")
         assert answer.status == "completed" and answer.output_text
         chat = openai.OpenAI(base_url=relay.url + "/v1", api_key=relay.key(), max_retries=0)
         completion = chat.chat.completions.create(
@@ -251,6 +252,7 @@ def test_backend_requests_are_normalized_and_answers_collected(sim: Sim, tmp_pat
         assert "keeps no server-side state" in refused.value.message
         backend = _backend_requests(sim)
         assert len(backend) == 3
+        assert backend[0]["headers"]["session_id"] == "conv-7"
         for record in backend:
             body, headers = record["body"], record["headers"]
             assert body["stream"] is True and body["store"] is False
@@ -260,6 +262,10 @@ def test_backend_requests_are_normalized_and_answers_collected(sim: Sim, tmp_pat
             assert headers["chatgpt-account-id"] == "acct-norm"
             assert headers["originator"] == "codex_cli_rs"
             assert headers["accept"] == "text/event-stream"
+            # The client's session id as it sent it (never the relay's per-key form).
+            assert headers.get("session_id", body.get("prompt_cache_key")) == body.get(
+                "prompt_cache_key"
+            )
     finally:
         _chatgpt(sim, empty_completed_output=False)
         log = relay.process.stop()

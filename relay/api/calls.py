@@ -224,9 +224,11 @@ async def upstream_call(
             upstream, payload = call.upstream_request(account)
             url = f"{account.config.base_url}/{upstream.path}"
             if account.oauth is not None and runtime.chatgpt is not None:
+                cache_key = upstream.body.get("prompt_cache_key")
                 posted = runtime.chatgpt.post(
                     account, url, payload, headers=upstream.headers,
-                    client_headers=call.request.headers, session=session,
+                    client_headers=call.request.headers,
+                    session=cache_key if isinstance(cache_key, str) else None,
                 )
             else:
                 posted = runtime.upstream.post(
@@ -293,7 +295,6 @@ def too_large(account: str, exc: Exception) -> UpstreamResponseTooLarge:
         "answer was not relayed. Ask for a shorter answer; if it persists, tell the relay's "
         "operator."
     )
-
 
 
 #: In-stream error codes of the ChatGPT backend and the status a non-streamed client gets.

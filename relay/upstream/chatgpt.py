@@ -232,8 +232,10 @@ class ChatGPTAccounts:
     ) -> AsyncIterator[Response]:
         """:meth:`.client.UpstreamClient.post` to the ChatGPT backend with the account's valid
         access token (always streamed: the backend serves SSE only). ``headers`` gets the
-        account's headers (so the caller's redaction knows the token). A 401 to a token that
-        is not fresh is answered by one refresh and one more attempt."""
+        account's headers (so the caller's redaction knows the token); ``session`` (the
+        request's ``prompt_cache_key``) is sent as ``session_id`` when the client sent no
+        session header. A 401 to a token that is not fresh is answered by one refresh and one
+        more attempt."""
         tokens = await self.credentials(account)
         for attempt in range(2):
             headers.update(_account_headers(tokens, client_headers, session))

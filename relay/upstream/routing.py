@@ -118,8 +118,9 @@ class Account:
 
     @property
     def missing_credentials(self) -> bool:
-        """The account names a key variable (``api_key_env``) that is unset or empty now: it
-        can only earn a 401 upstream, so it is shown unhealthy and tried after the others."""
+        """The account names a key variable (``api_key_env``) that is unset or empty now, or
+        is a ChatGPT-plan account with no tokens: it can only earn a 401 upstream, so it is
+        shown unhealthy and tried after the others."""
         if self.oauth is not None:
             return self.oauth.tokens is None
         return self.config.api_key_env is not None and self.config.api_key() is None
