@@ -694,3 +694,40 @@ def test_a_wrong_secret_key_opens_no_tokens_and_says_so(sim: Sim, tmp_path: Path
         log = relay.process.stop()
     assert "Traceback" not in log
     assert "the stored tokens of account plus-a do not open" in log
+
+
+async def test_a_responses_websocket_continues_on_a_chatgpt_account(
+    sim: Sim, tmp_path: Path
+) -> None:
+    """Codex's WebSocket mode through a codex-chatgpt account: the second turn names the first
+    response (``previous_response_id``); the relay expands it from the socket's state, so the
+    backend (which keeps nothing) gets the whole conversation, normalized."""
+    import trio
+    from trio_websocket import open_websocket_url
+
+    from .test_websocket import auth, create, turn, ws_url
+
+    config = _config(tmp_path, sim.url, ("plus-a",))
+    assert _import(tmp_path, config, "plus-a", _login(sim, "acct-ws")).returncode == 0
+    relay = await trio.to_thread.run_sync(_start, config, tmp_path)
+    try:
+        key = await trio.to_thread.run_sync(relay.key)
+        sim.reset()
+        async with open_websocket_url(ws_url(relay), extra_headers=auth(key)) as ws:
+            first = await turn(ws, create(MODEL, "ws turn one", store=False))
+            assert first[-1]["type"] == "response.completed"
+            previous = first[-1]["response"]["id"]
+            second = await turn(ws, create(
+                MODEL, [{"role": "user", "content": "ws turn two"}],
+                previous_response_id=previous, store=False,
+            ))
+            assert second[-1]["type"] == "response.completed"
+        backend = _backend_requests(sim)
+        assert len(backend) == 2
+        text = json.dumps(backend[1]["body"]["input"])
+        assert "ws turn one" in text and "ws turn two" in text
+        assert "previous_response_id" not in backend[1]["body"]
+        assert backend[1]["body"]["stream"] is True and backend[1]["body"]["store"] is False
+    finally:
+        log = relay.process.stop()
+    assert "Traceback" not in log
