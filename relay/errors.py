@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from types import MappingProxyType
 
 
 class RelayError(Exception):
@@ -157,6 +158,8 @@ class UpstreamError(RelayError):
     upstream_status: int = 502
     retry_after_s: float | None = None
     upstream_rest_s: float | None = None
+    #: The answer's ``x-codex-*`` headers (a ChatGPT plan's usage windows), if any.
+    usage_headers: Mapping[str, str] = MappingProxyType({})
 
 
 class UpstreamUnavailable(RelayError):

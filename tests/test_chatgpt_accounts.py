@@ -398,7 +398,7 @@ def test_usage_limit_moves_the_session_to_the_other_account(sim: Sim, tmp_path: 
         accounts = _accounts(relay)
         cooling = accounts[name]["cooling_until"]
         assert cooling is not None and 7100 < cooling - time.time() <= 7200
-        assert accounts[name]["oauth"]["usage_windows"]["primary"]["used_percent"] >= 0
+        assert accounts[name]["oauth"]["usage_windows"]["primary"]["used_percent"] == 100
         assert accounts[other]["sessions"] == 1  # the session is bound to the other now
         sim.reset()
         assert _ask(relay, "turn three", session="s-limit").output_text

@@ -249,6 +249,7 @@ class ChatGPTAccounts:
                 )
             except UpstreamError as error:
                 await stack.aclose()
+                self.observe(account, error.usage_headers)  # a 429 reports its windows too
                 if (
                     attempt == 0
                     and getattr(error, "upstream_status", None) == 401

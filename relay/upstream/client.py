@@ -274,4 +274,8 @@ async def _error_from_response(
     failure.upstream_status = upstream_status
     failure.retry_after_s = retry_after
     failure.upstream_rest_s = upstream_rest
+    # A ChatGPT plan's usage windows ride on its 429 too (relay/upstream/chatgpt.py).
+    failure.usage_headers = {
+        name: value for name, value in response.headers.items() if name.startswith("x-codex-")
+    }
     return failure
