@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx2
 import trio
 
+from . import cli_accounts
 from .config import Config, ConfigError, load_config, parse_config, parse_workers
 from .config_checks import check_warnings, load_servable_config
 from .ledger.expiry import expiry, format_moment, parse_duration
@@ -176,6 +177,21 @@ def _parser() -> argparse.ArgumentParser:
         _admin_options(command)
         command.add_argument("name", metavar="ACCOUNT")
         command.set_defaults(run=_accounts_change, action=action)
+    command = account_commands.add_parser(
+        "refresh", help="refresh a codex-chatgpt account's OAuth tokens now"
+    )
+    _admin_options(command)
+    command.add_argument("name", metavar="ACCOUNT")
+    command.set_defaults(run=_accounts_refresh)
+    command = account_commands.add_parser(
+        "import-codex-auth",
+        help="store a Codex auth.json's tokens (ChatGPT login) as a codex-chatgpt account's, "
+        "encrypted in the database",
+    )
+    _config_option(command)
+    command.add_argument("name", metavar="ACCOUNT")
+    command.add_argument("path", metavar="AUTH_JSON", help="e.g. ~/.codex/auth.json")
+    command.set_defaults(run=_accounts_import)
 
     queues = commands.add_parser("queues", help="live queues per pool of the running relay")
     _admin_options(queues)
@@ -796,6 +812,28 @@ def _accounts_list(args: argparse.Namespace) -> int:
             f"{account['name']:<20} {account['pool']:<16} {state:<22} "
             f"{account.get('in_flight', 0):>9} {failures:<16} {account.get('last_error') or ''}"
         )
+        for line in cli_accounts.oauth_lines(account):
+            print(f"{'':<20} {line}")
+    return 0
+
+
+def _accounts_refresh(args: argparse.Namespace) -> int:
+    account = _admin_call(args, "POST", f"/admin/accounts/{args.name}/refresh")
+    for line in cli_accounts.oauth_lines(account)[:1]:
+        print(f"{args.name}: refreshed; {line}")
+    return 0
+
+
+def _accounts_import(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    store = _open_store(config.server.database)
+    try:
+        tokens = cli_accounts.import_codex_auth(config, args.name, args.path, store)
+    except cli_accounts.ImportRefused as error:
+        raise CommandError(str(error)) from None
+    finally:
+        store.close()
+    print(cli_accounts.describe_import(args.name, tokens))
     return 0
 
 

@@ -68,8 +68,18 @@ __all__ = [
     "parse_config",
 ]
 
-PROVIDERS = ("openai-chat", "openai-responses", "anthropic", "gemini")
-"""Upstream kinds an account can be; each has its own adapter in ``relay/upstream/``."""
+PROVIDERS = ("openai-chat", "openai-responses", "anthropic", "gemini", "codex-chatgpt")
+"""Upstream kinds an account can be; each has its own adapter in ``relay/upstream/``.
+
+``codex-chatgpt`` is a ChatGPT-plan account reached through the Codex backend: it speaks the
+Responses protocol (its :attr:`AccountConfig.wire`), authenticates with OAuth tokens kept in the
+ledger (imported from a Codex ``auth.json``, refreshed by the relay: relay/upstream/chatgpt.py)
+and has no ``api_key_env``."""
+
+CHATGPT_BASE_URL = "https://chatgpt.com/backend-api/codex"
+CHATGPT_TOKEN_URL = "https://auth.openai.com/oauth/token"
+#: The Codex CLI's OAuth client id: the one its refresh tokens were issued to.
+CODEX_CLIENT_ID = "app_EMoamEEZ73f0CkXaXp7hrann"
 
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 """Reasoning efforts an alias may set; the union of what the supported upstreams accept."""
@@ -94,6 +104,10 @@ class ServerConfig:
     listen: str = "127.0.0.1:8080"
     database: str = "relay.db"
     admin_token_env: str = "RELAY_ADMIN_TOKEN"
+    #: The variable holding the key that encrypts OAuth tokens in the ledger (codex-chatgpt).
+    secret_key_env: str = "RELAY_SECRET_KEY"
+    #: An OAuth access token is refreshed this long before its expiry (its JWT's ``exp``).
+    oauth_refresh_margin_s: float = 300.0
     redis_url: str | None = None
     #: Redis unreachable: "local" (each process enforces the limits alone) or "closed" (503).
     redis_failure: str = "local"
@@ -198,6 +212,13 @@ class AccountConfig:
     # Overrides server.proxy; "direct" for none at all. Out of repr: it may hold a password.
     proxy: str | None = field(default=None, repr=False)
     ca_file: str | None = None  # overrides server.ca_file
+    token_url: str | None = None  # codex-chatgpt: the OAuth token endpoint
+    client_id: str | None = None  # codex-chatgpt: the OAuth client the tokens belong to
+
+    @property
+    def wire(self) -> str:
+        """The protocol the account's upstream speaks (the translators' upstream kind)."""
+        return "openai-responses" if self.provider == "codex-chatgpt" else self.provider
 
     def api_key(self) -> str | None:
         """The key from the environment, read now so a rotated key is picked up.
@@ -505,6 +526,10 @@ def _read_server(table: _Table, base_dir: Path | None) -> ServerConfig:
         listen=listen,
         database=database,
         admin_token_env=table.env_name("admin_token_env", defaults.admin_token_env),
+        secret_key_env=table.env_name("secret_key_env", defaults.secret_key_env),
+        oauth_refresh_margin_s=table.number(
+            "oauth_refresh_margin_s", defaults.oauth_refresh_margin_s, non_negative=True
+        ),
         redis_url=redis_url,
         redis_failure=table.choice("redis_failure", ("local", "closed"))
         or defaults.redis_failure,
@@ -754,7 +779,8 @@ def _read_account(
     _check_pool_ref(table, pool, pools)
     provider = table.choice("provider", PROVIDERS, required=True)
 
-    base_url = table.string("base_url", required=True)
+    chatgpt = provider == "codex-chatgpt"
+    base_url = table.string("base_url", CHATGPT_BASE_URL if chatgpt else None, required=not chatgpt)
     if base_url is not None:
         problem = base_url_problem(base_url)
         if problem is not None:
@@ -774,9 +800,27 @@ def _read_account(
         priority=table.integer("priority", 0),
         proxy=_read_proxy(table, allow_direct=True),
         ca_file=_read_ca_file(table, base_dir),
+        **_read_oauth(table, chatgpt),
     )
+    if chatgpt and account.api_key_env is not None:
+        table.error(
+            "api_key_env",
+            "a codex-chatgpt account has no API key: its OAuth tokens are imported with "
+            "`relay accounts import-codex-auth`",
+        )
     table.finish({"api_key": _SECRET_HINT})
     return account
+
+
+def _read_oauth(table: _Table, chatgpt: bool) -> dict[str, Any]:
+    """``token_url`` and ``client_id`` of a codex-chatgpt account (defaults: OpenAI's)."""
+    if not chatgpt:
+        return {}
+    token_url = table.string("token_url", CHATGPT_TOKEN_URL)
+    problem = base_url_problem(token_url)
+    if problem is not None:
+        table.error("token_url", f"{problem}, got {_show(token_url)}")
+    return {"token_url": token_url, "client_id": table.string("client_id", CODEX_CLIENT_ID)}
 
 
 def _read_alias(name: str, table: _Table) -> ModelAlias:

@@ -25,15 +25,24 @@ __all__ = [
 
 
 def check_environment(config: Config) -> list[ConfigIssue]:
-    """Accounts whose ``api_key_env`` names a variable that is unset (or empty) right now.
+    """Accounts whose ``api_key_env`` names a variable that is unset (or empty) right now, and
+    the secret key of codex-chatgpt accounts' tokens (``server.secret_key_env``) unset.
 
     Kept apart from :func:`parse_config` because the file can be valid where it does not run;
     ``relay serve`` reports these at start-up, and such accounts cannot authenticate upstream.
     """
-    return [
+    issues = [
         ConfigIssue(f"accounts[{index}].api_key_env", f"environment variable {env} {problem}")
         for index, env, problem in unset_key_variables(config)
     ]
+    env = config.server.secret_key_env
+    if any(a.provider == "codex-chatgpt" for a in config.accounts) and not os.environ.get(env):
+        issues.append(ConfigIssue(
+            "server.secret_key_env",
+            f"environment variable {env} is not set: the codex-chatgpt accounts' tokens cannot "
+            "be opened",
+        ))
+    return issues
 
 
 def unset_key_variables(config: Config) -> list[tuple[int, str, str]]:

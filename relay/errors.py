@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from types import MappingProxyType
 
 
 class RelayError(Exception):
@@ -147,13 +148,18 @@ class UpstreamError(RelayError):
     """The upstream answered with an error status before any byte reached the client.
 
     ``upstream_status`` is what the upstream answered (``status`` is what the client is told:
-    Anthropic's 529 becomes 503, for example); ``retry_after_s`` is the rest it asked for.
+    Anthropic's 529 becomes 503, for example); ``retry_after_s`` is the rest it asked for,
+    bounded by ``server.max_retry_after_s``, ``upstream_rest_s`` the same unbounded (a ChatGPT
+    plan's usage window resets in hours: relay/upstream/health.py).
     """
 
     status = 502
     type = "upstream_error"
     upstream_status: int = 502
     retry_after_s: float | None = None
+    upstream_rest_s: float | None = None
+    #: The answer's ``x-codex-*`` headers (a ChatGPT plan's usage windows), if any.
+    usage_headers: Mapping[str, str] = MappingProxyType({})
 
 
 class UpstreamUnavailable(RelayError):

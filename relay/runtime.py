@@ -29,6 +29,7 @@ from .ledger.store import Store
 from .ledger.usage import UsageWriter
 from .logs import log_missing_credentials
 from .metrics import Metrics
+from .upstream.chatgpt import ChatGPTAccounts
 from .upstream.client import UpstreamClient
 from .upstream.health import Health
 from .upstream.routing import Catalog, Scheduler
@@ -60,6 +61,8 @@ class Runtime:
     stopping: trio.Event = field(default_factory=trio.Event)
     #: Open Responses WebSockets per key id (``server.websocket_max_per_key`` caps them).
     sockets: dict[str, int] = field(default_factory=dict)
+    #: The ChatGPT-plan accounts' tokens and usage windows (relay/upstream/chatgpt.py).
+    chatgpt: ChatGPTAccounts | None = None
 
     def shut_down(self) -> None:
         """Stop serving new relay requests: those still queued in admission are woken with a
@@ -132,6 +135,8 @@ async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
             shared=shared,
         ),
     )
+    runtime.chatgpt = ChatGPTAccounts.open(config, store, upstream, runtime.health, shared)
+    await runtime.chatgpt.load(runtime.scheduler.accounts)
     if shared is not None:
         accounts = [(account.guard, account.config) for account in runtime.scheduler.accounts]
 

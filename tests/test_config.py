@@ -250,7 +250,7 @@ BROKEN = [
     pytest.param(
         BASE.replace('provider = "openai-chat"', 'provider = "foo"'),
         "accounts[1].provider",
-        "must be one of openai-chat, openai-responses, anthropic, gemini, got 'foo'",
+        "must be one of openai-chat, openai-responses, anthropic, gemini, codex-chatgpt, got 'foo'",
         id="unknown-provider",
     ),
     pytest.param(
@@ -468,7 +468,7 @@ def test_every_error_is_reported_at_once():
     assert len(lines) == 4
     assert (
         "accounts[1].provider: must be one of openai-chat, openai-responses, anthropic, "
-        "gemini, got 'foo'" in lines
+        "gemini, codex-chatgpt, got 'foo'" in lines
     )
     assert "packages.startup.max_concurrency: must be a positive integer, got -3" in lines
     assert "packages.startup.pool: unknown pool 'nope' (defined pools: startup-pool)" in lines

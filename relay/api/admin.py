@@ -20,6 +20,7 @@ key itself: a URL ends up in logs and histories.
 | ``POST /admin/keys/{id}/revoke``, ``DELETE /admin/keys/{id}`` | revoke |
 | ``GET /admin/accounts`` | health, cool-downs, in-flight and failures per account |
 | ``POST /admin/accounts/{name}/enable`` / ``…/disable`` | put in / take out of service |
+| ``POST /admin/accounts/{name}/refresh`` | refresh a codex-chatgpt account's tokens now |
 | ``GET /admin/queues`` | per pool: depth, oldest wait, in-flight, and the keys waiting |
 
 Changes made here take effect at once in this process: the key ring is given the changed
@@ -36,12 +37,13 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ..errors import AuthenticationFailed, InvalidRequest, NotFound
+from ..errors import AuthenticationFailed, InvalidRequest, NotFound, UpstreamError
 from ..guards.admission import KeyLimits
 from ..ledger.expiry import expiry, parse_duration
 from ..ledger.prices import parse_credits, to_credits
 from ..ledger.store import KeyRecord
 from ..protocol.requests import decode_json_body
+from ..upstream.chatgpt import RefreshError
 from .http import Request, Responder
 
 if TYPE_CHECKING:
@@ -351,6 +353,7 @@ def _account_view(runtime: Runtime, name: str, status: dict) -> dict:
         for (account_name, code), count in sorted(runtime.health.failures.items())
         if account_name == name
     }
+    rest = account.guard.unavailable_until - trio.current_time()
     return {
         "name": name,
         "pool": config.pool,
@@ -359,6 +362,7 @@ def _account_view(runtime: Runtime, name: str, status: dict) -> dict:
         "priority": config.priority,
         "disabled": bool(status.get("disabled")),
         "last_error_at": account.last_error_at,
+        "cooling_until": time.time() + rest if rest > 0 else None,
         "failures": failures,
         **status,
     }
@@ -381,8 +385,40 @@ def _account(runtime: Runtime, request: Request) -> Account:
 
 
 async def enable_account(runtime: Runtime, request: Request, responder: Responder) -> None:
-    """Put an account back in service (after an upstream 401/403, or a disable)."""
-    await _set_service(runtime, request, responder, runtime.health.enable)
+    """Put an account back in service (after an upstream 401/403, or a disable); a ChatGPT-plan
+    account re-reads its tokens from the ledger (a new auth.json may have been imported)."""
+
+    def enable(account: Account) -> None:
+        runtime.health.enable(account)
+        if runtime.chatgpt is not None:
+            runtime.chatgpt.enabled(account)
+
+    await _set_service(runtime, request, responder, enable)
+
+
+async def refresh_account(runtime: Runtime, request: Request, responder: Responder) -> None:
+    """Refresh a ChatGPT-plan account's OAuth tokens now (``relay accounts refresh``)."""
+    check_admin(runtime, request)
+    account = _account(runtime, request)
+    if account.oauth is None or runtime.chatgpt is None:
+        raise InvalidRequest(
+            f"The account '{account.name}' is a {account.config.provider} account; only "
+            "codex-chatgpt accounts have tokens to refresh.",
+            code="not_an_oauth_account",
+        )
+    try:
+        await runtime.chatgpt.refresh(account, forced=True)
+    except RefreshError as error:
+        raise UpstreamError(
+            f"The refresh of account '{account.name}' failed: {error.reason}"
+            + (" (the login is dead: import a new auth.json)" if error.permanent else
+               " (the token endpoint may be down; the relay retries with backoff)"),
+            status=502,
+            type="server_error",
+            code="refresh_failed",
+        ) from None
+    view = _account_view(runtime, account.name, runtime.scheduler.status()[account.name])
+    await responder.json(200, {"account": account.name, **view})
 
 
 async def disable_account(runtime: Runtime, request: Request, responder: Responder) -> None:
@@ -445,5 +481,6 @@ ROUTES = [
     ("GET", "/admin/accounts", list_accounts),
     ("POST", "/admin/accounts/{name}/enable", enable_account),
     ("POST", "/admin/accounts/{name}/disable", disable_account),
+    ("POST", "/admin/accounts/{name}/refresh", refresh_account),
     ("GET", "/admin/queues", queues),
 ]

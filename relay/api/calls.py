@@ -23,10 +23,12 @@ from ..errors import (
     RelayError,
     SharedStateUnavailable,
     ShuttingDown,
+    UpstreamError,
     UpstreamResponseTooLarge,
 )
 from ..guards.admission import AdmissionRefused, Lease, Ticket
 from ..ledger.usage import UsageRecord
+from ..protocol.chatgpt import backend_body, collect_stream
 from ..protocol.requests import (
     ClientRequest,
     unsendable_body,
@@ -38,7 +40,7 @@ from ..protocol.translate import (
     UpstreamRequest,
     build_upstream_request,
 )
-from ..protocol.trust import bound_usage
+from ..protocol.trust import bound_usage, redact
 from ..upstream import http11
 from ..upstream.health import is_account_failure
 from ..upstream.routing import Account, ModelRoute
@@ -111,7 +113,7 @@ class Call:
                 request = build_upstream_request(
                     body,
                     self.client.endpoint,
-                    account.config.provider,
+                    account.config.wire,
                     model=self.route.target,
                     api_key=account.config.api_key(),
                     reasoning_effort=self.route.reasoning_effort,
@@ -121,6 +123,8 @@ class Call:
                 if previous and "previous_response_id" not in body:
                     # Written out for the upstream; the answer still names it, as OpenAI's does.
                     request.context.echo["previous_response_id"] = previous
+                if account.oauth is not None:  # the ChatGPT backend's requirements
+                    request.body = backend_body(request.body)
                 # allow_nan=False: 1e999 parses as inf, which is not JSON. A lone surrogate
                 # fails the encode: the upstream never gets invalid UTF-8.
                 body = json.dumps(
@@ -236,9 +240,17 @@ async def upstream_call(
         lease.used_tokens = 0  # until the upstream answers, nothing was used
         try:
             upstream, payload = call.upstream_request(account)
-            response = await stack.enter_async_context(
-                runtime.upstream.post(
-                    f"{account.config.base_url}/{upstream.path}",
+            url = f"{account.config.base_url}/{upstream.path}"
+            if account.oauth is not None and runtime.chatgpt is not None:
+                cache_key = upstream.body.get("prompt_cache_key")
+                posted = runtime.chatgpt.post(
+                    account, url, payload, headers=upstream.headers,
+                    client_headers=call.request.headers,
+                    session=cache_key if isinstance(cache_key, str) else None,
+                )
+            else:
+                posted = runtime.upstream.post(
+                    url,
                     payload,
                     kind=account.config.provider,
                     headers=upstream.headers,
@@ -246,7 +258,7 @@ async def upstream_call(
                     stream=stream,
                     account=account.name,
                 )
-            )
+            response = await stack.enter_async_context(posted)
         except RelayError as error:
             await stack.aclose()
             if not is_account_failure(error):
@@ -302,3 +314,39 @@ def too_large(account: str, exc: Exception) -> UpstreamResponseTooLarge:
         "operator."
     )
 
+
+#: In-stream error codes of the ChatGPT backend and the status a non-streamed client gets.
+_COLLECTED_STATUS = {
+    "rate_limit_exceeded": 429,
+    "usage_limit_reached": 429,
+    "insufficient_quota": 429,
+    "context_length_exceeded": 400,
+    "invalid_prompt": 400,
+    "invalid_request_error": 400,
+    "server_is_overloaded": 503,
+}
+
+
+def collected_answer(account: str, body: bytes) -> bytes:
+    """A ChatGPT-plan account's streamed answer as the Response object a non-streamed client
+    gets (:func:`relay.protocol.chatgpt.collect_stream`), or its in-stream error raised."""
+    response, error = collect_stream(body)
+    if response is not None:
+        return json.dumps(response, ensure_ascii=False).encode()
+    if error is not None:
+        code = error.get("code") or error.get("type")
+        code = code if isinstance(code, str) else None
+        message = error.get("message")
+        raise UpstreamError(
+            redact(message if isinstance(message, str) else "the upstream's answer failed"),
+            status=_COLLECTED_STATUS.get(code or "", 502),
+            type="invalid_request_error" if code in ("context_length_exceeded",) else
+            "server_error",
+            code=code,
+        )
+    raise UpstreamError(
+        f"The upstream account '{account}' ended its answer before it was complete. Try "
+        "again; if it persists, tell the relay's operator.",
+        type="server_error",
+        code="upstream_invalid_response",
+    )

@@ -139,6 +139,7 @@ class LiveState(Collector):
             depth, oldest, in_flight, queued_keys, reserved, healthy, disabled, cooldown,
             missing_credentials,
         )
+        yield from _oauth_metrics(accounts)
 
         errors = CounterMetricFamily(
             "relay_upstream_errors_total",
@@ -177,6 +178,44 @@ class LiveState(Collector):
         )
 
 
+def _oauth_metrics(accounts: dict[str, dict]) -> Iterator[Metric]:
+    """ChatGPT-plan accounts: their usage windows and their tokens' life (no token)."""
+    used = GaugeMetricFamily(
+        "relay_account_usage_used_percent",
+        "Used share of a ChatGPT-plan account's usage window (primary: 5 h, secondary: "
+        "weekly), as the backend last reported it.",
+        labels=("account", "window"),
+    )
+    resets = GaugeMetricFamily(
+        "relay_account_usage_resets_at",
+        "When a ChatGPT-plan account's usage window resets (unix seconds).",
+        labels=("account", "window"),
+    )
+    expires = GaugeMetricFamily(
+        "relay_account_token_expires_at",
+        "When a ChatGPT-plan account's access token expires (unix seconds).",
+        labels=("account",),
+    )
+    refreshes = CounterMetricFamily(
+        "relay_account_token_refreshes",
+        "Token refreshes of a ChatGPT-plan account, by result.",
+        labels=("account", "result"),
+    )
+    for name, account in accounts.items():
+        oauth = account.get("oauth")
+        if not oauth:
+            continue
+        for window, values in oauth["usage_windows"].items():
+            used.add_metric((name, window), values["used_percent"])
+            if values.get("resets_at") is not None:
+                resets.add_metric((name, window), values["resets_at"])
+        if oauth["access_expires_at"] is not None:
+            expires.add_metric((name,), oauth["access_expires_at"])
+        refreshes.add_metric((name, "ok"), oauth["refreshes"])
+        refreshes.add_metric((name, "failed"), oauth["refresh_failures"])
+    yield from (used, resets, expires, refreshes)
+
+
 #: How each live-state gauge of several workers is combined (``prometheus_client``'s
 #: ``multiprocess_mode``; ``live…``: dead workers' values are dropped). Sums for what adds up
 #: across processes (requests, queued requests, tokens and credits held, records waiting); the
@@ -196,6 +235,9 @@ MULTIPROCESS_MODES = {
     "relay_account_disabled": "livemax",
     "relay_account_cooldown_seconds": "livemax",
     "relay_account_missing_credentials": "livemax",
+    "relay_account_usage_used_percent": "livemax",
+    "relay_account_usage_resets_at": "livemax",
+    "relay_account_token_expires_at": "livemax",
     "relay_credits_held": "livesum",
     "relay_credit_holds": "livesum",
     "relay_usage_records_queued": "livesum",

@@ -49,7 +49,14 @@ from ..protocol.translate import (
 )
 from ..upstream import http11
 from . import responses_state
-from .calls import SHUTDOWN_CUT, SHUTDOWN_REFUSAL, Call, too_large, upstream_call
+from .calls import (
+    SHUTDOWN_CUT,
+    SHUTDOWN_REFUSAL,
+    Call,
+    collected_answer,
+    too_large,
+    upstream_call,
+)
 from .http import SSE_HEADERS, ClientDisconnected, Request, Responder
 from .streaming import relay_stream
 
@@ -394,7 +401,9 @@ async def _answer_once(call: Call) -> tuple[bytes, bytes]:
                 "its answer was complete."
             ) from None
         upstream, _ = call.upstream_request(account)
-        kind = account.config.provider
+        kind = account.config.wire
+        if account.oauth is not None:  # the ChatGPT backend streams every answer
+            body = collected_answer(account.name, body)
         try:
             answer = json.loads(body)
         except (ValueError, RecursionError):

@@ -250,7 +250,7 @@ async def _pump(
                             upstream.context.response_id = call.response_id
                             record.ttft_ms = None  # the opening was no token
                         translator = call.translator = StreamTranslator(
-                            account.config.provider,
+                            account.config.wire,
                             upstream.context,
                             Confidential.of_call(
                                 f"{account.config.base_url}/{upstream.path}", upstream.headers

@@ -450,6 +450,37 @@ class SharedGuards:
         client = self._client
         return await self._call(lambda: make(client))
 
+    # -- locks (one process at a time does a thing: an account's token refresh) ----------
+
+    async def try_lock(self, name: str, ttl_s: float) -> str | bool | None:
+        """Take the lock ``name`` for at most ``ttl_s``: its token if this process holds it
+        now, False if another process does, None if Redis cannot say (unreachable)."""
+        if self.degraded or self._client is None:
+            return None
+        client, token = self._client, uuid.uuid4().hex
+        taken = await self._call(
+            lambda: client.set(
+                f"{self.prefix}lock:{name}", token,
+                condition=coredis.PureToken.NX, px=max(1, int(ttl_s * 1000)),
+            )
+        )
+        if taken is None and self.degraded:
+            return None
+        return token if taken else False
+
+    async def unlock(self, name: str, token: str) -> None:
+        """Give the lock back, if this process still holds it (its TTL may have run out)."""
+        if self._client is None:
+            return
+        client = self._client
+        await self._call(
+            lambda: client.eval(
+                "if redis.call('get', KEYS[1]) == ARGV[1] then "
+                "return redis.call('del', KEYS[1]) end return 0",
+                keys=[f"{self.prefix}lock:{name}"], args=[token],
+            )
+        )
+
     # -- status ---------------------------------------------------------------------------
 
     async def status(self, subjects: Sequence[str]) -> dict:

@@ -1,4 +1,6 @@
-"""The SQLite store: API keys (as hashes), their credits, and usage records.
+"""The SQLite store: API keys (as hashes), their credits, usage records, the sealed OAuth
+tokens of ``codex-chatgpt`` accounts (encrypted before they get here: relay/ledger/vault.py),
+and leased locks (one process of those sharing the file refreshes an account's tokens).
 
 sqlite-utils is synchronous, so every method here is a plain function meant to be called through
 ``trio.to_thread.run_sync`` (or from the CLI directly). One connection is shared behind a lock;
@@ -317,6 +319,12 @@ class Store:
                     pk="id",
                 )
                 grants.create_index(["key_id", "ts"])
+            tokens = self.db["account_tokens"]
+            if not tokens.exists():
+                tokens.create({"account": str, "sealed": str, "updated_at": float}, pk="account")
+            locks = self.db["locks"]
+            if not locks.exists():
+                locks.create({"name": str, "owner": str, "until": float}, pk="name")
 
     def close(self) -> None:
         with self._lock:
@@ -498,6 +506,44 @@ class Store:
         """Changes whenever another connection commits: a cheap "did anything change?"."""
         with self._lock:
             return self.db.execute("PRAGMA data_version").fetchone()[0]
+
+    # -- OAuth tokens of upstream accounts (sealed: relay/ledger/vault.py) -----------------
+
+    def sealed_tokens(self, account: str) -> str | None:
+        """The account's sealed tokens as last written (by any process), or None."""
+        with self._lock:
+            row = self.db.execute(
+                "SELECT sealed FROM account_tokens WHERE account = ?", [account]
+            ).fetchone()
+        return row[0] if row else None
+
+    def put_sealed_tokens(self, account: str, sealed: str) -> None:
+        """Replace the account's sealed tokens; committed when this returns (WAL: a process
+        killed right after keeps them)."""
+        with self._lock, self.db.conn:
+            self.db.execute(
+                "INSERT INTO account_tokens (account, sealed, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT(account) DO UPDATE SET sealed = excluded.sealed, "
+                "updated_at = excluded.updated_at",
+                [account, sealed, time.time()],
+            )
+
+    def take_lock(self, name: str, owner: str, ttl_s: float) -> bool:
+        """Take the lock ``name`` for ``owner`` unless another owner holds it unexpired: one
+        atomic statement, so of the processes sharing this file exactly one gets it."""
+        now = time.time()
+        with self._lock, self.db.conn:
+            cursor = self.db.execute(
+                "INSERT INTO locks (name, owner, until) VALUES (?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET owner = excluded.owner, until = excluded.until "
+                "WHERE locks.until < ? OR locks.owner = excluded.owner",
+                [name, owner, now + ttl_s, now],
+            )
+            return cursor.rowcount > 0
+
+    def release_lock(self, name: str, owner: str) -> None:
+        with self._lock, self.db.conn:
+            self.db.execute("DELETE FROM locks WHERE name = ? AND owner = ?", [name, owner])
 
     # -- usage ----------------------------------------------------------------------------
 

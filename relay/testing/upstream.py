@@ -17,7 +17,10 @@ Routes (every one also without the ``/v1`` prefix):
   answers ``{"input_tokens": N}``, and ``GET /v1/models[/{id}]`` with ``anthropic-version`` answers
   in Anthropic's shape (the same auth);
 - ``POST /v1beta/models/{model}:generateContent`` and ``…:streamGenerateContent[?alt=sse]`` (also
-  under ``/v1/``): Gemini, auth ``x-goog-api-key`` or ``?key=``.
+  under ``/v1/``): Gemini, auth ``x-goog-api-key`` or ``?key=``;
+- ``POST /backend-api/codex/responses`` and ``POST /oauth/token``: the ChatGPT backend and
+  OpenAI's token endpoint, with their own OAuth tokens (:mod:`relay.testing.sim_chatgpt`;
+  steered by ``/_sim/chatgpt/login`` and ``/_sim/chatgpt``).
 
 The key rule is the same everywhere: ``profile.api_key`` if set, else any non-empty key. Errors
 come in each protocol's own shape.
@@ -55,10 +58,10 @@ import h11
 import trio
 
 from relay.testing import sim_anthropic as sa
+from relay.testing import sim_chatgpt, sim_wire
 from relay.testing import sim_compaction as sc
 from relay.testing import sim_gemini as sg
 from relay.testing import sim_protocol as sp
-from relay.testing import sim_wire
 
 __all__ = ["RequestRecord", "SimProfile", "SimUpstream", "main"]
 
@@ -68,6 +71,9 @@ _STALL_EVENTS = 3
 _BATCH_BYTES = 65536
 _REASONS = {status.value: status.phrase for status in http.HTTPStatus}
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
+#: The ChatGPT backend's route (under its /backend-api/codex base) and OpenAI's token endpoint.
+CHATGPT_RESPONSES = "/backend-api/codex/responses"
+CHATGPT_TOKEN = "/oauth/token"
 
 
 @dataclass
@@ -214,7 +220,9 @@ def _parse_simple(buf: bytearray) -> tuple[_Request, bytes, int] | object | None
 class _Exchange:
     """One request/response on a connection: owns the sends and the disconnect bookkeeping."""
 
-    __slots__ = ("chunked", "closed", "keep_alive", "pending", "rec", "reused", "stream")
+    __slots__ = (
+        "chatgpt", "chunked", "closed", "keep_alive", "pending", "rec", "reused", "stream",
+    )
 
     def __init__(
         self, stream: trio.SocketStream, *, keep_alive: bool, chunked: bool, reused: bool = False
@@ -226,6 +234,7 @@ class _Exchange:
         self.chunked = chunked  # HTTP/1.1 streams are chunked; HTTP/1.0 ones end at close
         self.pending = bytearray()  # bytes of a pipelined next request read by the watcher
         self.closed = False
+        self.chatgpt = False  # answered as the ChatGPT backend (relay.testing.sim_chatgpt)
 
     def mark_closed(self) -> None:
         """Record that the client went away; only counts as a client close if we were not done."""
@@ -345,9 +354,11 @@ class SimUpstream:
         self._next_id = 1
         self._pacer = _Pacer()
         self._models_seen: dict[str, None] = {}
+        self.chatgpt = sim_chatgpt.ChatGPTBackend()
 
     def reset(self) -> None:
-        """Forget recorded requests (the profile and the models seen are kept)."""
+        """Forget recorded requests (the profile and the models seen are kept; the ChatGPT
+        backend's logins are kept too)."""
         self.requests.clear()
         self.total_requests = 0
         self.peak_active_streams = self.active_streams
@@ -483,6 +494,7 @@ class SimUpstream:
         if route.startswith("/_sim/"):
             await self._control(ex, method, route, raw_body)
             return True
+        chatgpt_route = route in (CHATGPT_RESPONSES, CHATGPT_TOKEN)
 
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers}
         rec = RequestRecord(
@@ -503,6 +515,8 @@ class SimUpstream:
         ex.rec = rec
         req_headers = [("x-request-id", f"req_sim{rec.id}")]
 
+        if chatgpt_route:
+            return await self._chatgpt(ex, method, route, headers, raw_body, req_headers)
         gemini = _gemini_route(route)
         if route == "/chat/completions":
             kind = "chat"
@@ -587,6 +601,37 @@ class SimUpstream:
             )
         compaction = sc.form(route == "/responses/compact", body) if kind == "responses" else None
         return await self._generate(ex, kind, body, req_headers, compaction=compaction)
+
+    async def _chatgpt(
+        self, ex: _Exchange, method: str, route: str, headers: dict[str, str], raw_body: bytes,
+        req_headers: list[tuple[str, str]],
+    ) -> bool:
+        """The ChatGPT backend's responses route and OpenAI's token endpoint
+        (:mod:`relay.testing.sim_chatgpt`)."""
+        if method != "POST":
+            await ex.send_full(405, _error("responses", 405, "Use POST."), req_headers)
+            return True
+        try:
+            body = json.loads(raw_body) if raw_body else None
+        except ValueError:
+            body = None
+        ex.rec.body = body if isinstance(body, dict) else None
+        backend = self.chatgpt
+        if route == CHATGPT_TOKEN:
+            if backend.token_delay_s:
+                await trio.sleep(backend.token_delay_s)
+            status, answer = backend.token(body)
+            await ex.send_full(status, answer, req_headers)
+            return True
+        refused = backend.check(headers, body)
+        if refused is not None:
+            status, answer, extra = refused
+            await ex.send_full(status, answer, [*req_headers, *extra])
+            return True
+        ex.chatgpt = True
+        return await self._generate(
+            ex, "responses", body, [*req_headers, *backend.answered(headers)]
+        )
 
     def _key_ok(self, key: str | None) -> bool:
         """The key rule of every protocol: the profile's key if set, else any non-empty key."""
@@ -674,6 +719,18 @@ class SimUpstream:
                 "peak_active_streams": self.peak_active_streams,
                 "total_requests": self.total_requests,
             }
+        elif route == "/_sim/chatgpt/login" and method == "POST":
+            spec = json.loads(raw_body or b"{}")
+            payload = self.chatgpt.login(
+                spec["account_id"], spec.get("plan", "plus"), float(spec.get("lifetime_s", 3600))
+            )
+        elif route == "/_sim/chatgpt" and method in ("GET", "POST"):
+            if method == "POST":
+                error = self.chatgpt.configure(json.loads(raw_body or b"{}"))
+                if error is not None:
+                    await ex.send_full(400, sp.error_body(error, "invalid_request_error"))
+                    return
+            payload = self.chatgpt.stats()
         elif route == "/_sim/profile" and method in ("GET", "POST"):
             if method == "POST":
                 error = self._update_profile(raw_body)
@@ -869,6 +926,8 @@ class SimUpstream:
             await trio.sleep(slow)
         await ex.start_stream(headers, sp.stream_content_type(plan))
         events: Any = sp.stream_events(plan)
+        if ex.chatgpt and self.chatgpt.empty_completed_output:
+            events = sim_chatgpt.empty_completed(events)
         limit: int | None = None
         if fault in ("drop", "reset"):
             events = list(events)

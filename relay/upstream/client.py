@@ -248,6 +248,7 @@ async def _error_from_response(
         (error["message"], error["type"], error["code"], error["param"]), confidential
     )
     retry_after = retry_after_hint(kind, upstream_status, response.headers, body)
+    upstream_rest = retry_after  # as the upstream said (a usage window's reset: hours)
     if retry_after is not None and retry_after > max_rest_s:
         log.warning(
             "upstream account %s asked to rest %.0fs; it rests %gs (server.max_retry_after_s)",
@@ -274,4 +275,9 @@ async def _error_from_response(
     )
     failure.upstream_status = upstream_status
     failure.retry_after_s = retry_after
+    failure.upstream_rest_s = upstream_rest
+    # A ChatGPT plan's usage windows ride on its 429 too (relay/upstream/chatgpt.py).
+    failure.usage_headers = {
+        name: value for name, value in response.headers.items() if name.startswith("x-codex-")
+    }
     return failure

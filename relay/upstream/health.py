@@ -10,7 +10,12 @@ cool-down to end. The rules (DESIGN.md, "Account scheduling"):
   ``max_retry_after_s`` (an upstream's ``retry-after: 99999999`` is 3 years);
 * upstream 401/403 → out of service until an operator re-enables it (the relay's credential for
   it is wrong; retrying cannot help);
-* three failures in a row (5xx, connect errors, timeouts) → rest ``error_cooldown_s``.
+* three failures in a row (5xx, connect errors, timeouts) → rest ``error_cooldown_s``;
+* a ChatGPT-plan account's 429 ``usage_limit_reached`` → rest until the window resets (its
+  ``resets_at`` / ``resets_in_seconds``, up to :data:`USAGE_LIMIT_MAX_REST_S`: hours, not
+  ``max_retry_after_s``), and its sessions move to another account on their next request;
+* a ChatGPT-plan account whose refresh token died (:meth:`Health.take_out`) → out of service
+  with that reason, until an operator re-enables it.
 
 Each change is an operator event (``relay/logs.py``), logged once when it happens: an account
 taken out of service (with the upstream's answer, or "by the operator"), put back, and a
@@ -43,6 +48,13 @@ if TYPE_CHECKING:
 FAILURES_BEFORE_COOLDOWN = 3
 #: How often a process reads the account health the other processes shared.
 FOLLOW_S = 1.0
+#: The longest rest a usage_limit_reached imposes (the weekly window, and a day to spare).
+USAGE_LIMIT_MAX_REST_S = 8 * 24 * 3600.0
+
+
+def is_usage_limit(error: RelayError) -> bool:
+    """The ChatGPT backend's "this plan's usage window is used up" (429)."""
+    return error.status == 429 and "usage_limit_reached" in (error.type, error.code)
 
 
 def is_account_failure(error: RelayError) -> bool:
@@ -77,6 +89,9 @@ class Health:
             hint = getattr(error, "retry_after_s", None)
             wait = hint if hint is not None else self._server.rate_limit_cooldown_s
             wait = min(wait, self._server.max_retry_after_s)
+            rest = getattr(error, "upstream_rest_s", None)
+            if is_usage_limit(error) and rest is not None:
+                wait = min(max(rest, wait), USAGE_LIMIT_MAX_REST_S)
             if guard.unavailable_until <= now:
                 _cooling(account, wait, f"the upstream answered {_reason(account, error)}")
             guard.unavailable_until = max(guard.unavailable_until, now + wait)
@@ -157,6 +172,20 @@ class Health:
                         account.name, account=account.name, reason="out of service elsewhere",
                     )
                     guard.disabled = True
+
+    def take_out(self, account: Account, reason: str) -> None:
+        """Take an account out of service for a reason found by the relay itself (a ChatGPT
+        login that can no longer be refreshed), shown to the operator as its last error."""
+        account.last_error = reason[:300]
+        account.last_error_at = time.time()
+        if not account.guard.disabled:
+            event(
+                "account_out_of_service",
+                "account %s out of service until an operator enables it: %s",
+                account.name, reason, account=account.name, reason=reason,
+            )
+        account.guard.disabled = True
+        self._share(account)
 
     def disable(self, account: Account) -> None:
         """Take an account out of service until it is enabled again (an operator's choice;

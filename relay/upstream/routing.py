@@ -10,6 +10,7 @@ sessions (:mod:`.sessions`) and health (:mod:`.health`) plug in here.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import trio
@@ -18,6 +19,7 @@ from ..config import AccountConfig, Config, PackageConfig
 from ..errors import ModelNotFound
 from ..guards.admission import Guard
 from ..model_names import AliasTable, allowed, is_pattern
+from .chatgpt import OAuthState
 from .sessions import SessionBindings
 
 
@@ -107,6 +109,8 @@ class Account:
         self.rate_limited = 0
         self.last_error = ""
         self.last_error_at: float | None = None
+        #: A ChatGPT-plan account's tokens and usage windows (relay/upstream/chatgpt.py).
+        self.oauth = OAuthState() if config.provider == "codex-chatgpt" else None
 
     @property
     def name(self) -> str:
@@ -114,9 +118,16 @@ class Account:
 
     @property
     def missing_credentials(self) -> bool:
-        """The account names a key variable (``api_key_env``) that is unset or empty now: it
-        can only earn a 401 upstream, so it is shown unhealthy and tried after the others."""
+        """The account names a key variable (``api_key_env``) that is unset or empty now, or
+        is a ChatGPT-plan account with no tokens: it can only earn a 401 upstream, so it is
+        shown unhealthy and tried after the others."""
+        if self.oauth is not None:
+            return self.oauth.tokens is None
         return self.config.api_key_env is not None and self.config.api_key() is None
+
+    def no_room(self, now: float) -> bool:
+        """A ChatGPT-plan account whose usage window is used up (it is tried last)."""
+        return self.oauth is not None and self.oauth.no_room(now)
 
 
 class Scheduler:
@@ -131,8 +142,10 @@ class Scheduler:
         """Accounts of the route's pool that serve its model, whatever protocol they speak
         (the answer is translated), highest priority first; 404 if there are none.
 
-        Within a priority, accounts that speak the client's protocol (``native_kind``) come
-        first: admission takes the least-loaded account and keeps the first on a tie, so an
+        Accounts whose usage window is known to be used up (ChatGPT-plan accounts) come after
+        those with room, as do accounts without credentials. Within a priority, accounts that
+        speak the client's protocol (``native_kind``) come first: admission takes the
+        least-loaded account and keeps the first on a tie, so an
         idle relayed path (bytes passed through) is preferred to an idle translated one.
         """
         found = [
@@ -146,12 +159,14 @@ class Scheduler:
                 "relay. GET /v1/models lists the models your key can use.",
                 param="model",
             )
+        now = time.time()
         return sorted(
             found,
             key=lambda account: (
                 account.missing_credentials,
+                account.no_room(now),
                 -account.config.priority,
-                account.config.provider != native_kind,
+                account.config.wire != native_kind,
             ),
         )
 
@@ -169,6 +184,7 @@ class Scheduler:
                 "rate_limited": account.rate_limited,
                 "last_error": account.last_error or None,
                 "sessions": bound.get(account.name, 0),
+                **({"oauth": account.oauth.public()} if account.oauth is not None else {}),
             }
             for account in self.accounts
         }
