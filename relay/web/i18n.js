@@ -22,6 +22,170 @@ window.RelayI18n = (() => {
     "common.cancel": ["Cancel", "取消"],
     "common.save": ["Save", "保存"],
 
+    // -- the key workbench ----------------------------------------------------------------------
+    "wb.title": ["API key workbench · relay", "API 密钥工作台 · relay"],
+    "wb.heading": ["API key workbench", "API 密钥工作台"],
+    "wb.lead": [
+      "Paste an API key to see its calls, quota and consumption per model, and how to set up " +
+        "your tools for this relay.",
+      "粘贴 API 密钥，查看它的调用记录、额度和各模型的消耗，以及如何为本中转站配置你的工具。"],
+    "wb.key": ["API key", "API 密钥"],
+    "wb.show": ["Show", "显示"],
+    "wb.hide": ["Hide", "隐藏"],
+    "wb.lookUp": ["Look up", "查询"],
+    "wb.forget": ["Forget key", "清除密钥"],
+    "wb.privacyStrong": ["The key stays in this page's memory only.", "密钥只保存在本页面的内存中。"],
+    "wb.privacyRest": [
+      "It is never saved in localStorage, sessionStorage or cookies and never put in a URL: it " +
+        "is sent only in the Authorization header of this page's requests to this relay, which " +
+        "does not write keys to its logs. Reloading or closing the page forgets it.",
+      "它不会写入 localStorage、sessionStorage 或 Cookie，也不会出现在网址中：只在本页面发往本中转站的请求的 " +
+        "Authorization 请求头中发送，中转站也不会把密钥写进日志。刷新或关闭页面即会清除。"],
+    "wb.quota": ["Quota", "额度"],
+    "wb.creditsLeft": ["Credits left", "剩余额度"],
+    "wb.granted": ["Granted", "已发放"],
+    "wb.used": ["Used", "已使用"],
+    "wb.held": ["Held by requests in progress", "进行中请求预占"],
+    "wb.limitsTitle": ["Limits and current use", "限额与当前占用"],
+    "wb.callsTotal": ["Calls (all time)", "调用统计（全部）"],
+    "wb.calls": ["Calls", "调用次数"],
+    "wb.errors": ["Errors", "错误数"],
+    "wb.inputTokens": ["Input tokens", "输入 Token"],
+    "wb.ofCached": ["of which cached", "其中缓存命中"],
+    "wb.ofCacheWrites": ["of which cache writes", "其中缓存写入"],
+    "wb.outputTokens": ["Output tokens", "输出 Token"],
+    "wb.ofReasoning": ["of which reasoning", "其中推理"],
+    "wb.credits": ["Credits", "额度"],
+    "wb.tokens": ["Tokens", "Token 数"],
+    "wb.chartTitle": ["Usage over time", "用量趋势"],
+    "wb.chartOptions": ["Chart options", "图表选项"],
+    "wb.window": ["Window", "时间范围"],
+    "wb.measure": ["Measure", "指标"],
+    "wb.days14": ["Last 14 days", "最近 14 天"],
+    "wb.hours24": ["Last 24 hours", "最近 24 小时"],
+    "wb.utc": ["Times in UTC.", "时间均为 UTC。"],
+    "wb.modelsTitle": ["Consumption per model (all time)", "各模型消耗（全部）"],
+    "wb.col.model": ["Model", "模型"],
+    "wb.col.input": ["Input", "输入"],
+    "wb.col.cached": ["Cached", "缓存命中"],
+    "wb.col.cacheWrites": ["Cache writes", "缓存写入"],
+    "wb.col.output": ["Output", "输出"],
+    "wb.col.reasoning": ["Reasoning", "推理"],
+    "wb.col.share": ["Share", "占比"],
+    "wb.col.time": ["Time (UTC)", "时间（UTC）"],
+    "wb.col.status": ["Status", "状态"],
+    "wb.col.latency": ["Latency", "耗时"],
+    "wb.col.queueWait": ["Queue wait", "排队等待"],
+    "wb.recentTitle": ["Recent calls", "最近调用"],
+    "wb.setupTitle": ["Set up your tools", "配置你的工具"],
+    "wb.forRelay": ["For this relay, at", "适用于本中转站，地址："],
+    "wb.keyFilled": ["Your key is filled in (on this page only: it is not stored anywhere).",
+      "已填入你的密钥（仅在本页面中，不会保存到任何地方）。"],
+    "wb.keyNotFilled": ["Look up your key above and it is filled in below (on this page only).",
+      "在上方查询你的密钥后，下面会自动填入（仅在本页面中）。"],
+    "wb.footer": ["relay · the key workbench works offline and loads nothing from other sites.",
+      "relay · 密钥工作台可离线使用，不加载任何外部资源。"],
+    "wb.neverExpires": ["Never expires", "永不过期"],
+    "wb.expires": ["Expires {when} UTC (in {left})", "{when} UTC 到期（还有 {left}）"],
+    "wb.years": ["{n} years", "{n} 年"],
+    "wb.daysN": ["{n} days", "{n} 天"],
+    "wb.hoursN": ["{n} hours", "{n} 小时"],
+    "wb.minutesN": ["{n} minutes", "{n} 分钟"],
+    "wb.refills": ["refills fully in {time}", "{time} 后完全恢复"],
+    "wb.unreachable": ["The relay could not be reached ({error}).", "无法连接中转站（{error}）。"],
+    "wb.answered": ["The relay answered {status}.", "中转站返回了 {status}。"],
+    "wb.pasteFirst": ["Paste an API key first.", "请先粘贴 API 密钥。"],
+    "wb.lookingUp": ["Looking up the key…", "正在查询密钥…"],
+    "wb.notAccepted": [
+      "This key was not accepted: {error} Check that you pasted the whole key; a revoked or " +
+        "expired key no longer works.",
+      "密钥未被接受：{error} 请检查是否粘贴了完整的密钥；已吊销或已过期的密钥不能再使用。"],
+    "wb.couldNotLoad": ["Could not load the key's data: {error}", "无法加载密钥的数据：{error}"],
+    "wb.forgotten": ["The key was forgotten.", "密钥已从页面中清除。"],
+    "wb.package": ["package {name}", "套餐 {name}"],
+    "wb.pool": ["pool {name}", "账号池 {name}"],
+    "wb.ownLimits": ["own limits: {names}", "单独设置的限额：{names}"],
+    "wb.limit.tpm": ["Tokens per minute", "每分钟 Token 数"],
+    "wb.limit.rpm": ["Requests per minute", "每分钟请求数"],
+    "wb.limit.concurrency": ["Requests in flight", "并发请求"],
+    "wb.limit.queue": ["Requests queued", "排队请求"],
+    "wb.timeout": ["timeout {s} s", "超时 {s} 秒"],
+    "wb.noLimit": ["no limit", "不限"],
+    "wb.usedOf": ["{used} of {limit}", "{used} / {limit}"],
+    "wb.noCalls": ["No calls yet.", "还没有调用。"],
+    "wb.clientLeft": ["(client left)", "（客户端已断开）"],
+    "wb.snip.codex": ["Codex CLI / IDE extension — ~/.codex/config.toml (Responses API)",
+      "Codex CLI / IDE 插件 — ~/.codex/config.toml（Responses API）"],
+    "wb.snip.codexName": [
+      "Codex sends remote compaction (/responses/compact) only to a provider named OpenAI.",
+      "Codex 只对名为 OpenAI 的提供方使用远程压缩（/responses/compact）。"],
+    "wb.snip.codexSocket": [
+      "The turns over one WebSocket per session (Codex falls back to HTTP if it is refused).",
+      "每个会话的多轮对话走同一个 WebSocket（被拒绝时 Codex 会改用 HTTP）。"],
+    "wb.snip.codexAuth1": [
+      "Or, instead of experimental_bearer_token, a command that prints the key: Codex then also",
+      "或者不用 experimental_bearer_token，改用一条输出密钥的命令：这样 Codex 还会"],
+    "wb.snip.codexAuth2": [
+      "reads the relay's model list (reasoning levels, context window) from {url}.",
+      "从 {url} 读取中转站的模型列表（推理等级、上下文窗口）。"],
+    "wb.snip.codexOpenai": [
+      "Codex CLI, alternative — Codex's built-in OpenAI provider pointed at the relay",
+      "Codex CLI 另一种方式 — 让 Codex 内置的 OpenAI 提供方指向本中转站"],
+    "wb.snip.codexLogin": ["Then log Codex in with the key, once:", "然后用密钥登录 Codex（只需一次）："],
+    "wb.snip.ide": ["IDE plugins (Cursor, Continue, Cline, Roo…) — OpenAI compatible",
+      "IDE 插件（Cursor、Continue、Cline、Roo 等）— OpenAI 兼容"],
+    "wb.snip.claude": ["Claude Code — environment (Anthropic Messages API)",
+      "Claude Code — 环境变量（Anthropic Messages API）"],
+    "wb.snip.balance": ["curl — the key's balance", "curl — 查询密钥余额"],
+    "wb.tut.title": ["Set up Codex, step by step", "Codex 配置教程"],
+    "wb.tut.node": ["Install Node.js 20 or later (from nodejs.org, or your system's package manager), then check it:",
+      "安装 Node.js 20 或更高版本（从 nodejs.org 下载，或用系统的包管理器），然后检查："],
+    "wb.tut.install": ["Install the Codex CLI with npm:", "用 npm 安装 Codex CLI："],
+    "wb.tut.config": [
+      "Write ~/.codex/config.toml (on Windows %USERPROFILE%\\.codex\\config.toml) with this relay's address; once you look up your key above it is filled in:",
+      "创建 ~/.codex/config.toml（Windows 上为 %USERPROFILE%\\.codex\\config.toml），写入本中转站的地址；在上方查询密钥后会自动填入密钥："],
+    "wb.tut.run": ["Run Codex in your project's folder (interactive), or give it one task:",
+      "在项目目录中运行 Codex（交互模式），或直接交给它一个任务："],
+    "wb.tut.ide": [
+      "IDE plugins: the Codex extension for VS Code, Cursor and Windsurf reads the same config.toml; other OpenAI-compatible plugins take this base URL and your key:",
+      "IDE 插件：VS Code、Cursor、Windsurf 的 Codex 插件读取同一个 config.toml；其他 OpenAI 兼容插件填写下面的地址和你的密钥："],
+    "wb.tut.sdk": ["SDK: the OpenAI SDKs take the relay's /v1 address and your key (more examples below):",
+      "SDK：OpenAI 的各语言 SDK 填写中转站的 /v1 地址和你的密钥（下方有更多示例）："],
+    "wb.queue.title": ["Limits and queue order", "限额与排队顺序"],
+    "wb.queue.lead": [
+      "Every request passes these checks in this order; the first that is full makes it wait in the queue or refuses it.",
+      "每个请求按下面的顺序依次检查；哪一层满了，请求就在队列中等待，或被拒绝。"],
+    "wb.q.global": [
+      "The relay's global capacity: how many requests of all keys run at once (set by the operator).",
+      "中转站的全局容量：所有密钥同时进行的请求总数上限（由运维人员设置）。"],
+    "wb.q.pool": [
+      "The pool {pool}: the capacity its accounts share. When it is full, requests wait in the pool's fair queue, where keys take turns in proportion to their weight (this key's: {weight}), so one busy key cannot hold up the others.",
+      "账号池 {pool}：池内账号共享的容量。满了以后请求进入该池的公平队列，各密钥按权重轮流（本密钥的权重：{weight}），一个繁忙的密钥不会拖住其他密钥。"],
+    "wb.q.key": [
+      "Your key (package {package}): {limits}. Past these the answer is 429, with the time to retry.",
+      "你的密钥（套餐 {package}）：{limits}。超出时返回 429，并告知多久后重试。"],
+    "wb.q.part.tpm": ["{n} tokens per minute", "每分钟 {n} 个 Token"],
+    "wb.q.part.rpm": ["{n} requests per minute", "每分钟 {n} 个请求"],
+    "wb.q.part.concurrency": ["{n} requests at once", "同时最多 {n} 个请求"],
+    "wb.q.part.queue": ["at most {n} waiting", "最多 {n} 个排队"],
+    "wb.q.part.timeout": ["each waiting up to {n} s", "每个最多等待 {n} 秒"],
+    "wb.q.part.none": ["no limit on {names}", "不限{names}"],
+    "wb.q.name.tpm": ["tokens per minute", "每分钟 Token 数"],
+    "wb.q.name.rpm": ["requests per minute", "每分钟请求数"],
+    "wb.q.name.concurrency": ["requests at once", "并发数"],
+    "wb.q.name.queue": ["queue places", "排队名额"],
+    "common.sep": [", ", "，"],
+    "common.and": [" and ", "和"],
+    "wb.q.keyGeneric": [
+      "Your key's own limits (tokens and requests per minute, requests at once, queue places and wait): look up your key above to see them.",
+      "你的密钥自己的限额（每分钟 Token 数与请求数、并发数、排队名额与等待时间）：在上方查询密钥即可看到。"],
+    "wb.q.account": [
+      "The account scheduler: it picks a healthy account of the pool that serves the model; an account resting after an upstream rate limit (429) is skipped until it recovers, and a conversation stays on its account while it can (for the prompt cache).",
+      "账号调度：选择池中可用且支持该模型的账号；因上游限流（429）而冷却的账号会被跳过，直到恢复；同一会话尽量留在同一个账号上（以利用提示缓存）。"],
+    "wb.q.credits": [
+      "Credits: a request holds its estimated cost while it runs and is charged what it used; with no credits left it is refused.",
+      "额度：请求进行中会预占估算费用，结束后按实际用量扣费；额度用完后请求会被拒绝。"],
+
     // -- the operator console ------------------------------------------------------------------
     "console.title": ["Operator console · relay", "运维控制台 · relay"],
     "console.heading": ["Operator console", "运维控制台"],
@@ -215,6 +379,21 @@ window.RelayI18n = (() => {
     return text;
   }
 
+  /** t(key) as nodes, each value in a `translate="no"` span (a name, not prose): for text
+   * that shows a package, pool or key name. */
+  function nodes(key, values) {
+    const entry = STRINGS[key];
+    const text = entry ? entry[lang === "zh" ? 1 : 0] : key;
+    return text.split(/(\{\w+\})/).filter(Boolean).map((part) => {
+      const name = /^\{(\w+)\}$/.exec(part);
+      if (!name || !values || !(name[1] in values)) return document.createTextNode(part);
+      const span = document.createElement("span");
+      span.setAttribute("translate", "no");
+      span.textContent = String(values[name[1]]);
+      return span;
+    });
+  }
+
   /** Every static text and attribute of the page, in the page's language. */
   function apply() {
     document.documentElement.lang = lang === "zh" ? "zh-CN" : "en";
@@ -270,7 +449,7 @@ window.RelayI18n = (() => {
   });
 
   return {
-    t, apply, fmtCredits, fmtInt, fmtUtc, STRINGS,
+    t, nodes, apply, fmtCredits, fmtInt, fmtUtc, STRINGS,
     get lang() { return lang; },
     setLanguage,
     onChange(listener) { listeners.push(listener); },

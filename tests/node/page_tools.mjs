@@ -99,6 +99,6 @@ export const NAMES = [
   "Token", "Redis", "Cookie", "localStorage", "sessionStorage", "Authorization", "curl", "relay",
   "English", "Node", "npm", "Python", "Cursor", "Continue", "Cline", "Roo", "VS", "JetBrains",
   "TPM", "RPM", "ms", "WebSocket", "Responses", "Chat", "Completions", "Messages", "macOS",
-  "Linux", "Windows", "Homebrew", "nvm", "TOML", "JSON", "Bearer", "Extension", "OK", "Base",
-  "URL", "ChatGPT", "Plugin", "Xcode",
+  "Linux", "Windows", "Homebrew", "nvm", "TOML", "JSON", "Bearer", "OK",
+  "URL", "ChatGPT", "Windsurf",
 ];
