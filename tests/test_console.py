@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,6 +100,8 @@ def test_the_console_in_chromium(operated: Relay) -> None:
     assert seen["overview"]["pools"] == ["main"]
     assert int(seen["overview"]["cooling"]) == 1
     assert "no Redis" in seen["overview"]["processes"]
+
+    assert seen["focusedTab"] == "tab-accounts"  # reached with the arrow key
 
     # -- accounts: flaky answered 429 with a (capped) ten-minute hint -------------------------
     flaky = seen["accounts"]["flaky"]
@@ -255,3 +258,30 @@ def test_the_console_is_served_with_a_strict_policy(operated: Relay) -> None:
         for forbidden in ("localStorage.setItem", "sessionStorage.setItem", "document.cookie ="):
             assert forbidden not in asset.text
     assert httpx2.get(operated.url + "/web/console.html").status_code == 404
+
+
+def test_the_overview_lists_the_live_processes_sharing_redis(
+    sim: Sim, redis_url: str, tmp_path: Path
+) -> None:
+    database = tmp_path / "relay.db"
+    for i in range(2):
+        (tmp_path / f"p{i}").mkdir()
+    relays = [
+        start_relay(tmp_path / f"p{i}", sim.url, body=BODY, database=database,
+                    redis_url=redis_url, redis_lease_ttl_s=1.0)
+        for i in range(2)
+    ]
+    try:
+        first, second = relays
+        deadline = time.monotonic() + 5  # each process registers at its first heartbeat
+        while True:
+            seen = get(first, "/admin/overview").json()["shared"]
+            if len(seen.get("processes", [])) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert seen["degraded"] is False
+        assert len(seen["processes"]) == 2, seen  # both, whichever answers
+        assert get(second, "/admin/overview").json()["shared"]["processes"] == seen["processes"]
+    finally:
+        for relay in relays:
+            relay.process.stop()

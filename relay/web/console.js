@@ -340,14 +340,15 @@
     else if (!shown.length) emptyRow(body, 8, t("console.keys.noMatch"));
     for (const key of shown) {
       const state = keyStatus(key);
-      const actions = element("td", { className: "actions" });
+      const buttons = element("div", { className: "buttons" });
+      const actions = element("td", { className: "actions" }, [buttons]);
       if (!key.revoked_at) {
         for (const [action, label] of [["topup", "console.keys.topUp"],
           ["limits", "console.keys.limits"], ["revoke", "console.keys.revoke"]]) {
           const button = element("button", { type: "button", className: "small",
             "data-action": action, text: t(label) });
           button.addEventListener("click", () => openDialog(action, key));
-          actions.append(button);
+          buttons.append(button);
         }
       }
       body.append(element("tr", { "data-key-id": key.id, "data-status": state.kind }, [

@@ -72,7 +72,10 @@ try {
   await shot("console-overview-en");
 
   // -- accounts: the one that answered 429 is cooling down; put it back -------------------------
-  await tab("accounts");
+  await page.focus("#tab-overview"); // the tabs by keyboard: arrows move between them
+  await page.keyboard.press("ArrowRight");
+  await page.waitForSelector("#view-accounts:not([hidden])");
+  result.focusedTab = await page.evaluate(() => document.activeElement.id);
   await page.waitForSelector("#accounts-table tbody tr[data-account]");
   const accountRows = () => page.$$eval("#accounts-table tbody tr[data-account]", (rows) =>
     Object.fromEntries(rows.map((row) => [row.dataset.account,
@@ -165,6 +168,7 @@ try {
   result.revokedRow = await page.$eval(row, (tr) => ({ status: tr.querySelector(".badge").textContent,
     buttons: tr.querySelectorAll("button").length }));
   result.afterRevoke = (await chat(newKey, "three #sim tokens=2", "gpt-5")).status;
+  await page.fill("#key-search", "");
 
   // -- the relay unreachable (the browser offline), then back ----------------------------------
   await tab("overview");
@@ -185,7 +189,6 @@ try {
     await shot("console-" + name + "-zh");
   }
   await tab("keys");
-  await page.fill("#key-search", "");
   await page.click('#keys-table tbody tr[data-status="ok"] button[data-action="topup"]');
   result.zh.dialog = { english: await englishLeft(page, NAMES), title: await text("#dialog-title") };
   await page.click("#dialog-cancel");

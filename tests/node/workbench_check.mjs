@@ -98,6 +98,7 @@ try {
     codex: await page.textContent('[data-snippet="codex"] code'),
   };
   await page.screenshot({ path: screenshot.replace(/\.png$/, "-zh.png"), fullPage: true });
+  await page.screenshot({ path: screenshot.replace(/\.png$/, "-zh-top.png") });
   await page.click('[data-lang="en"]');
   result.backInEnglish = await page.textContent("#quota-title");
 
