@@ -43,6 +43,22 @@ provider = "openai-chat"
 base_url = "SIM_URL/v1"
 api_key_env = "SIM_UPSTREAM_KEY"
 models = ["flaky-model"]
+
+[[accounts]]
+name = "gone"
+pool = "main"
+provider = "openai-chat"
+base_url = "SIM_URL/v1"
+api_key_env = "SIM_UPSTREAM_KEY"
+models = ["gone-model"]
+
+[[accounts]]
+name = "nokey"
+pool = "main"
+provider = "openai-chat"
+base_url = "SIM_URL/v1"
+api_key_env = "RELAY_TEST_NEVER_SET_KEY"
+models = ["nokey-model"]
 """
 
 
@@ -62,7 +78,7 @@ def get(relay: Relay, path: str, token: str | None = ADMIN_TOKEN) -> httpx2.Resp
     return httpx2.get(relay.url + path, headers=headers, timeout=10)
 
 
-def run_console(relay: Relay) -> dict:
+def run_console(relay: Relay, idle_key_id: str) -> dict:
     node = shutil.which("node")
     if node is None or not (NODE_DIR / "node_modules" / "playwright-core").exists():
         pytest.fail("node and the npm package playwright-core are needed: run scripts/test")
@@ -70,7 +86,7 @@ def run_console(relay: Relay) -> dict:
         pytest.fail(f"Chromium is needed at {CHROMIUM}: apt-get install chromium")
     SHOTS.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(
-        [node, "console_check.mjs", relay.url, ADMIN_TOKEN, str(SHOTS)],
+        [node, "console_check.mjs", relay.url, ADMIN_TOKEN, str(SHOTS), idle_key_id],
         cwd=NODE_DIR, capture_output=True, text=True, timeout=240,
         env={**os.environ, "RELAY_TEST_CHROMIUM": CHROMIUM},
     )
@@ -85,9 +101,12 @@ def test_the_console_in_chromium(operated: Relay) -> None:
     assert chat(relay, key, "warm #sim tokens=9").status_code == 200
     cooled = chat(relay, key, "#sim fault=retry_forever", model="flaky-model")
     assert cooled.status_code == 429, cooled.text
-    rows_of(relay, key_id, count=2)
+    gone = chat(relay, key, "#sim fault=401", model="gone-model")
+    assert gone.status_code >= 400, gone.text
+    rows_of(relay, key_id, count=3)
+    _, idle_id = relay.create_paid_key()  # never used: the usage view's empty state
 
-    seen = run_console(relay)
+    seen = run_console(relay, idle_id)
     assert seen["errors"] == [], seen["errors"]
     assert seen["lang"] == "en" and seen["title"] == "Operator console · relay"
 
@@ -98,7 +117,7 @@ def test_the_console_in_chromium(operated: Relay) -> None:
     assert seen["tokenInputAfter"] == ""  # the field is emptied once signed in
     assert seen["overviewRefreshes"] >= 1  # the overview follows by itself
     assert seen["overview"]["pools"] == ["main"]
-    assert int(seen["overview"]["cooling"]) == 1
+    assert int(seen["overview"]["cooling"]) == 1 and int(seen["overview"]["out"]) == 2
     assert "no Redis" in seen["overview"]["processes"]
 
     assert seen["focusedTab"] == "tab-accounts"  # reached with the arrow key
@@ -110,6 +129,14 @@ def test_the_console_in_chromium(operated: Relay) -> None:
     seconds = int(flaky["text"].rsplit("(", 1)[1].split()[0])
     assert 590 <= seconds <= 600, flaky["text"]
     assert seen["accounts"]["sim-chat"]["health"] == "ok"
+    revoked_upstream = seen["accounts"]["gone"]  # the upstream answered 401
+    assert revoked_upstream["health"] == "out" and revoked_upstream["action"] == "enable"
+    assert revoked_upstream["text"].startswith(
+        "Out of service: the upstream refused its credential (401)"), revoked_upstream
+    assert "upstream_credentials_rejected" in revoked_upstream["lastError"]
+    nokey = seen["accounts"]["nokey"]
+    assert nokey["health"] == "out" and nokey["action"] is None
+    assert nokey["text"].startswith("Out of service: its credential is missing")
     assert seen["accountTakenOut"]["text"] == "Out of service: taken out by the operator"
     assert seen["accountsAfter"]["flaky"]["health"] == "ok"  # put back from the page
     accounts = {a["name"]: a for a in get(relay, "/admin/accounts").json()["data"]}
@@ -142,9 +169,9 @@ def test_the_console_in_chromium(operated: Relay) -> None:
     assert usage["emptyHidden"] is True and len(usage["day"]) == 14
     assert sum(bar["value"] for bar in usage["day"]) > 0
     models = {bar["label"]: bar["value"] for bar in usage["model"]}
-    assert set(models) == {"gpt-5", "gpt-5.5", "flaky-model"}
+    assert set(models) == {"gpt-5", "gpt-5.5", "flaky-model", "gone-model"}
     credits = {bar["label"]: bar["value"] for bar in usage["modelCredits"]}
-    billed = rows_of(relay, key_id, count=2) + rows_of(relay, new_id, count=2)
+    billed = rows_of(relay, key_id, count=3) + rows_of(relay, new_id, count=2)
     assert sum(credits.values()) == pytest.approx(sum(r["cost_nano"] for r in billed) / NANO)
     assert any("console test" in bar["label"] for bar in usage["key"])
     lines = list(csv.DictReader(io.StringIO(seen["csv"])))
@@ -169,6 +196,9 @@ def test_the_console_in_chromium(operated: Relay) -> None:
     assert browser["lang"] == "zh-CN" and browser["heading"] == "运维控制台"
     assert browser["english"] == []
     assert browser["overflow"] is False and browser["signedInOverflow"] is False
+    empty = browser["emptyUsage"]
+    assert empty["text"].startswith("该时间范围内还没有用量") and empty["model"] == "暂无用量。"
+    assert empty["english"] == []
 
     # -- the token and the key: only in memory and the Authorization header -----------------
     for where in ("storageWhileShown", "storageAtEnd", "storageAfterReload"):
@@ -209,7 +239,8 @@ def test_the_console_views_of_the_admin_api(operated: Relay) -> None:
     assert overview["recent"]["calls"] >= 4 and overview["recent"]["errors"] >= 1
     assert overview["pools"]["main"]["max_concurrency"] == 100
     assert overview["pools"]["main"]["queued"] == 0 and overview["shared"] is None
-    assert sum(overview["accounts"].values()) == 3
+    assert sum(overview["accounts"].values()) == 5
+    assert overview["accounts"]["out_of_service"] >= 1  # nokey: its variable is unset
 
     packages = {p["name"]: p for p in get(relay, "/admin/packages").json()["data"]}
     assert set(packages) == {"paid", "tight"}

@@ -5,7 +5,7 @@
 "use strict";
 
 (() => {
-  const { t, fmtInt, fmtCredits, fmtUtc } = window.RelayI18n;
+  const { t, nodes, fmtInt, fmtCredits, fmtUtc } = window.RelayI18n;
   const origin = window.location.origin;
   const REFRESH_MS = 3000;
   let token = null;
@@ -114,7 +114,12 @@
     $("login").hidden = true;
     $("app").hidden = false;
     lastUpdate = new Date();
-    packages = (await api("GET", "/admin/packages")).data;
+    try {
+      packages = (await api("GET", "/admin/packages")).data;
+    } catch (error) {
+      packages = [];
+      show("app-message", explain(error));
+    }
     renderPackages();
     select("overview");
     timer = setInterval(tick, REFRESH_MS);
@@ -135,6 +140,11 @@
     $("new-key-value").textContent = "";
     $("new-key-snippets").replaceChildren();
     for (const body of document.querySelectorAll("#app tbody")) body.replaceChildren();
+    for (const id of ["chart-day", "chart-model", "chart-key", "usage-key", "processes"]) {
+      $(id).replaceChildren();
+    }
+    $("key-search").value = "";
+    hide("app-message");
     if (reason) show("login-message", reason);
     else show("login-message", t("console.signedOut"), "info");
     $("token-input").focus();
@@ -258,22 +268,23 @@
     }
   }
 
-  /** "ok", "cooling until 12:03:04 UTC (598 s)", or "out of service: why". */
+  /** "ok", "cooling until 12:03:04 UTC (598 s)", or "out of service: why": the kind, and the
+   * text as nodes (the upstream's error, quoted as it is, marked as not to translate). */
   function health(account) {
-    if (account.missing_credentials) {
-      return { kind: "out", text: t("console.acc.missing") };
-    }
+    if (account.missing_credentials) return { kind: "out", text: nodes("console.acc.missing") };
     if (account.disabled) {
-      const why = account.last_error ? t("console.acc.outBecause", { error: account.last_error })
-        : t("console.acc.outOperator");
-      return { kind: "out", text: why };
+      const refused = /^(401|403)\b/.exec(account.last_error || "");
+      if (refused) return { kind: "out", text: nodes("console.acc.outRefused", { status: refused[1] }) };
+      return { kind: "out", text: account.last_error
+        ? nodes("console.acc.outBecause", { error: account.last_error })
+        : nodes("console.acc.outOperator") };
     }
     if (account.cooling_down_s) {
       const until = Date.now() / 1000 + account.cooling_down_s;
-      return { kind: "cooling", text: t("console.acc.cooling", { time: fmtUtc(until, true),
+      return { kind: "cooling", text: nodes("console.acc.cooling", { time: fmtUtc(until, true),
         s: Math.ceil(account.cooling_down_s) }) };
     }
-    return { kind: "ok", text: t("console.acc.ok") };
+    return { kind: "ok", text: nodes("console.acc.ok") };
   }
 
   function renderAccounts() {
@@ -284,22 +295,27 @@
       const state = health(account);
       const failures = Object.entries(account.failures || {});
       const out = state.kind !== "ok"; // out of service or cooling down: put it back
-      const button = element("button", { type: "button", className: "small",
-        "data-action": out ? "enable" : "disable",
-        text: out ? t("console.acc.putBack") : t("console.acc.takeOut") });
-      button.addEventListener("click", () => setService(account, out ? "enable" : "disable"));
+      // An account without its credential cannot be put back from here: its variable is unset.
+      const action = account.missing_credentials
+        ? element("span", { className: "hint", text: t("console.acc.setVariable") })
+        : element("button", { type: "button", className: "small",
+          "data-action": out ? "enable" : "disable",
+          text: out ? t("console.acc.putBack") : t("console.acc.takeOut") });
+      if (!account.missing_credentials) {
+        action.addEventListener("click", () => setService(account, out ? "enable" : "disable"));
+      }
       body.append(element("tr", { "data-account": account.name, "data-health": state.kind }, [
         element("td", { className: "name", translate: "no", text: account.name }),
         element("td", { translate: "no", text: account.provider }),
         element("td", { translate: "no", text: account.pool }),
         element("td", { className: "health " + state.kind }, [
-          element("span", { className: "badge " + state.kind, text: state.text })]),
+          element("span", { className: "badge " + state.kind }, state.text)]),
         element("td", { className: "num in-flight", text: fmtInt(account.in_flight || 0) }),
         element("td", { className: "failures", translate: "no",
           text: failures.length ? failures.map(([code, n]) => code + "×" + n).join(" ") : "–" }),
         element("td", { className: "last-error", translate: "no",
           text: account.last_error || "–" }),
-        element("td", {}, [button]),
+        element("td", {}, [action]),
       ]));
     }
   }

@@ -3,12 +3,12 @@
 // revoked, an account put back, the usage chart and its CSV, the relay unreachable, Chinese.
 // Prints one JSON object for tests/test_console.py to check.
 //
-// usage: node console_check.mjs RELAY_URL ADMIN_TOKEN SCREENSHOT_DIR
+// usage: node console_check.mjs RELAY_URL ADMIN_TOKEN SCREENSHOT_DIR IDLE_KEY_ID
 import fs from "node:fs";
 import path from "node:path";
 import { englishLeft, filesHolding, launch, NAMES, storage } from "./page_tools.mjs";
 
-const [relayUrl, adminToken, shots] = process.argv.slice(2);
+const [relayUrl, adminToken, shots, idleKeyId] = process.argv.slice(2);
 const { profile, context } = await launch("console", "en-US");
 const result = { requests: [], errors: [], consoleErrors: [], zh: {} };
 let newKey = null;
@@ -65,6 +65,7 @@ try {
     const value = (id) => document.getElementById(id).dataset.value;
     return {
       requests: value("ov-requests"), errors: value("ov-errors"), cooling: value("ov-acc-cooling"),
+      out: value("ov-acc-out"),
       pools: [...document.querySelectorAll("#pools-table tbody tr")].map((row) => row.dataset.pool),
       processes: document.getElementById("processes").textContent,
     };
@@ -80,7 +81,8 @@ try {
   const accountRows = () => page.$$eval("#accounts-table tbody tr[data-account]", (rows) =>
     Object.fromEntries(rows.map((row) => [row.dataset.account,
       { health: row.dataset.health, text: row.querySelector(".health").textContent,
-        action: row.querySelector("button").dataset.action }])));
+        action: row.querySelector("button") ? row.querySelector("button").dataset.action : null,
+        lastError: row.querySelector(".last-error").textContent }])));
   result.accounts = await accountRows();
   await shot("console-accounts-en");
   await page.click('tr[data-account="sim-chat"] button[data-action="disable"]');
@@ -223,6 +225,17 @@ try {
     result.zhBrowser.signedInOverflow = await zhPage.evaluate(() =>
       document.documentElement.scrollWidth > window.innerWidth);
     await zhPage.screenshot({ path: path.join(shots, "console-overview-zh-phone.png"), fullPage: true });
+    // a key never used: the usage view's empty state
+    await zhPage.click("#tab-usage");
+    await zhPage.waitForSelector(`#usage-key option[value="${idleKeyId}"]`, { state: "attached" });
+    await zhPage.selectOption("#usage-key", idleKeyId);
+    await zhPage.waitForSelector("#usage-empty:not([hidden])");
+    result.zhBrowser.emptyUsage = {
+      text: await zhPage.textContent("#usage-empty"),
+      model: await zhPage.textContent("#chart-model"),
+      english: await englishLeft(zhPage, NAMES),
+    };
+    await zhPage.screenshot({ path: path.join(shots, "console-usage-empty-zh-phone.png"), fullPage: true });
   } finally {
     await zhContext.close();
     fs.rmSync(zhProfile, { recursive: true, force: true });
