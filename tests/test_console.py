@@ -215,6 +215,9 @@ def test_the_console_in_chromium(operated: Relay) -> None:
     assert all(r["url"].startswith(relay.url) for r in seen["requests"]), "a request left"
     log = relay.process.log.read_text()
     assert ADMIN_TOKEN not in log and new_key not in log
+    assert seen["lowContrast"].keys() >= {"console-overview-en", "console-usage-zh"}
+    for shot, found in seen["lowContrast"].items():
+        assert found == [], (shot, found)  # every text at WCAG AA contrast or better
     for name in ("overview", "accounts", "keys", "usage"):
         for lang in ("en", "zh"):
             assert (SHOTS / f"console-{name}-{lang}.png").stat().st_size > 10_000

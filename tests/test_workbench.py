@@ -165,6 +165,8 @@ def test_the_workbench_page_in_chromium(logged: Relay, tmp_path: Path) -> None:
     assert zh["lang"] == "zh-CN" and zh["title"] == "API 密钥工作台 · relay"
     assert zh["heading"] == "API 密钥工作台"
     assert zh["english"] == [], zh["english"]
+    assert seen["lowContrast"] == [] and zh["lowContrast"] == [], (  # WCAG AA, both languages
+        seen["lowContrast"], zh["lowContrast"])
     assert zh["keyExpiry"].startswith("2099-01-02 03:04 UTC 到期（还有 "), zh["keyExpiry"]
     assert any("0 / 40" in row and "并发请求" in row for row in zh["limits"]), zh["limits"]
     assert "同时最多 40 个请求" in zh["queueSteps"][2] and "账号池 main" in zh["queueSteps"][1]

@@ -6,7 +6,7 @@
 // usage: node console_check.mjs RELAY_URL ADMIN_TOKEN SCREENSHOT_DIR IDLE_KEY_ID
 import fs from "node:fs";
 import path from "node:path";
-import { englishLeft, filesHolding, launch, NAMES, storage } from "./page_tools.mjs";
+import { englishLeft, filesHolding, launch, lowContrast, NAMES, storage } from "./page_tools.mjs";
 
 const [relayUrl, adminToken, shots, idleKeyId] = process.argv.slice(2);
 const { profile, context } = await launch("console", "en-US");
@@ -28,7 +28,11 @@ try {
     if (message.type() === "error") result.consoleErrors.push(message.text());
   });
   const text = (selector) => page.textContent(selector);
-  const shot = (name) => page.screenshot({ path: path.join(shots, name + ".png"), fullPage: true });
+  result.lowContrast = {};
+  const shot = async (name) => {
+    result.lowContrast[name] = await lowContrast(page);
+    await page.screenshot({ path: path.join(shots, name + ".png"), fullPage: true });
+  };
   const tab = async (name) => {
     await page.click("#tab-" + name);
     await page.waitForSelector("#view-" + name + ":not([hidden])");

@@ -102,3 +102,53 @@ export const NAMES = [
   "Linux", "Windows", "Homebrew", "nvm", "TOML", "JSON", "Bearer", "OK",
   "URL", "ChatGPT", "Windsurf",
 ];
+
+/** Visible text whose contrast with its background is under WCAG AA (4.5:1, or 3:1 for large
+ * text): each as {text, ratio, color, background}. Backgrounds are the nearest opaque ones. */
+export async function lowContrast(page) {
+  return page.evaluate(() => {
+    const parse = (value) => {
+      const parts = value.match(/[\d.]+/g);
+      if (!parts) return null;
+      const [r, g, b, a = 1] = parts.map(Number);
+      return { r, g, b, a };
+    };
+    const luminance = ({ r, g, b }) => {
+      const linear = (c) => {
+        const s = c / 255;
+        return s <= 0.03928 ? s / 12.92 : ((s + 0.055) / 1.055) ** 2.4;
+      };
+      return 0.2126 * linear(r) + 0.7152 * linear(g) + 0.0722 * linear(b);
+    };
+    const background = (node) => {
+      for (let at = node; at; at = at.parentElement) {
+        const color = parse(getComputedStyle(at).backgroundColor);
+        if (color && color.a > 0.5) return color;
+      }
+      return { r: 255, g: 255, b: 255, a: 1 };
+    };
+    const found = [];
+    const seen = new Set();
+    const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+    while (walker.nextNode()) {
+      const node = walker.currentNode.parentElement;
+      if (!node || seen.has(node) || !walker.currentNode.textContent.trim()) continue;
+      seen.add(node);
+      if (node.closest("svg, [disabled], .offscreen, .skip")) continue;
+      if (!(node.checkVisibility ? node.checkVisibility() : node.offsetParent)) continue;
+      const style = getComputedStyle(node);
+      const color = parse(style.color);
+      const back = background(node);
+      const [light, dark] = [luminance(color), luminance(back)].sort((a, b) => b - a);
+      const ratio = (light + 0.05) / (dark + 0.05);
+      const size = parseFloat(style.fontSize);
+      const large = size >= 24 || (size >= 18.66 && Number(style.fontWeight) >= 700);
+      if (ratio < (large ? 3 : 4.5)) {
+        found.push({ text: walker.currentNode.textContent.trim().slice(0, 40),
+          ratio: Math.round(ratio * 100) / 100, color: style.color,
+          background: `rgb(${back.r}, ${back.g}, ${back.b})` });
+      }
+    }
+    return found;
+  });
+}

@@ -7,7 +7,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { chromium } from "playwright-core";
-import { englishLeft, filesHolding, launch, NAMES } from "./page_tools.mjs";
+import { englishLeft, filesHolding, launch, lowContrast, NAMES } from "./page_tools.mjs";
 
 const [relayUrl, key, wrongKey, screenshot] = process.argv.slice(2);
 const executablePath = process.env.RELAY_TEST_CHROMIUM || "/usr/bin/chromium";
@@ -78,6 +78,7 @@ try {
   result.keyExpiry = await page.textContent("#key-expiry");
 
   await page.screenshot({ path: screenshot, fullPage: true });
+  result.lowContrast = await lowContrast(page);
   result.queueSteps = await page.$$eval("#queue-steps li", (items) => items.map((li) => li.textContent));
   result.tutorial = await page.$$eval("#tutorial-steps li", (items) => items.map((li) => ({
     text: li.querySelector("span").textContent,
@@ -90,6 +91,7 @@ try {
     title: await page.title(),
     heading: await page.textContent("h1"),
     english: await englishLeft(page, NAMES),
+    lowContrast: await lowContrast(page),
     keyExpiry: await page.textContent("#key-expiry"),
     limits: await page.$$eval("#limit-rows .limit", (rows) => rows.map((row) => row.textContent)),
     queueSteps: await page.$$eval("#queue-steps li", (items) => items.map((li) => li.textContent)),
