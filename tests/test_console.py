@@ -269,6 +269,10 @@ def test_the_console_views_of_the_admin_api(operated: Relay) -> None:
     assert [line["model"] for line in lines] == ["deepseek-chat", "gpt-5"]
     assert int(lines[1]["calls"]) == 3
 
+    total = get(relay, f"/admin/usage?from=0&key_id={key_id}&format=csv").text.splitlines()
+    assert total[0].startswith("calls,errors,") and total[1].startswith("4,1,")
+    assert len(total) == 2  # no group: the one total line
+
     for query, param in (("group_by=week", "group_by"), ("format=xml", "format"),
                          ("from=2026-13-01", "from"), ("from=2026-02-01&to=2026-01-01", "to")):
         bad = get(relay, "/admin/usage?" + query)
