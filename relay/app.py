@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from .api import admin, discovery, responses_state, selfservice
+from .api import admin, admin_views, discovery, responses_state, selfservice
 from .api import relay as relay_routes
 from .api.discovery import ANTHROPIC_BASE, BASE_PATHS
 from .api.http import ClientDisconnected, Receive, Request, Responder, Scope, Send
@@ -72,9 +72,10 @@ class RelayApp:
         self._add("/healthz", "GET", discovery.health)
         self._add("/", "GET", self._index)
         self._add("/workbench", "GET", self.web.page)
+        self._add("/console", "GET", self.web.console)
         self._add("/web/{name}", "GET", self.web.asset)
         self._add("/metrics", "GET", serve_metrics)
-        for method, path, handler in admin.ROUTES:
+        for method, path, handler in (*admin.ROUTES, *admin_views.ROUTES):
             self._add(path, method, handler)
 
     def _add(self, path: str, method: str, handler: Handler) -> None:

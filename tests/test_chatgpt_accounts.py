@@ -249,7 +249,9 @@ def test_backend_requests_are_normalized_and_answers_collected(sim: Sim, tmp_pat
         with pytest.raises(openai.BadRequestError) as refused:
             _ask(relay, "go on", previous_response_id="resp_earlier")
         assert refused.value.body["param"] == "previous_response_id"
-        assert "keeps no server-side state" in refused.value.message
+        # The relay holds no response of that id (its state store answers first).
+        assert refused.value.body["code"] == "previous_response_not_found"
+        assert "resp_earlier" in refused.value.message
         backend = _backend_requests(sim)
         assert len(backend) == 3
         assert backend[0]["headers"]["session_id"] == "conv-7"

@@ -142,6 +142,46 @@ def test_the_workbench_page_in_chromium(logged: Relay, tmp_path: Path) -> None:
     assert key_id not in seen["keyIdentity"] and "package paid" in seen["keyIdentity"]
     assert seen["keyExpiry"].startswith("Expires 2099-01-02 03:04 UTC (in "), seen["keyExpiry"]
 
+    # -- the limits and queue order, with this key's own limits; the Codex tutorial ----------
+    queue = seen["queueSteps"]
+    assert len(queue) == 5 and queue[0].startswith("The relay's global capacity")
+    assert "The pool main:" in queue[1] and "(this key's: 1)" in queue[1]
+    assert queue[2] == (
+        "Your key (package paid): 40 requests at once, each waiting up to 60 s, no limit on "
+        "tokens per minute, requests per minute, queue places. Past these the answer is 429, "
+        "with the time to retry."
+    ), queue[2]
+    assert queue[3].startswith("The account scheduler")
+    tutorial = seen["tutorial"]
+    assert [step["code"].splitlines()[0] for step in tutorial[:2]] == [
+        "node --version   # v20 or later", "npm install -g @openai/codex"]
+    assert f'base_url = "{relay.url}/openai"' in tutorial[2]["code"]
+    assert f'experimental_bearer_token = "{key}"' in tutorial[2]["code"]
+    assert "VS Code" in tutorial[4]["text"] and f"{relay.url}/openai/v1" in tutorial[4]["code"]
+    assert f'base_url="{relay.url}/v1"' in tutorial[5]["code"]
+
+    # -- Chinese: by the switch, and by itself in a Chinese browser at phone width ----------
+    zh = seen["zh"]
+    assert zh["lang"] == "zh-CN" and zh["title"] == "API 密钥工作台 · relay"
+    assert zh["heading"] == "API 密钥工作台"
+    assert zh["english"] == [], zh["english"]
+    assert seen["lowContrast"] == [] and zh["lowContrast"] == [], (  # WCAG AA, both languages
+        seen["lowContrast"], zh["lowContrast"])
+    assert zh["keyExpiry"].startswith("2099-01-02 03:04 UTC 到期（还有 "), zh["keyExpiry"]
+    assert any("0 / 40" in row and "并发请求" in row for row in zh["limits"]), zh["limits"]
+    assert "同时最多 40 个请求" in zh["queueSteps"][2] and "账号池 main" in zh["queueSteps"][1]
+    assert zh["tutorial"][1] == "用 npm 安装 Codex CLI："
+    assert "Codex CLI / IDE 插件 — ~/.codex/config.toml（Responses API）" in zh["snippetTitles"]
+    assert tomllib.loads(zh["codex"]) == tomllib.loads(snippets_en := seen["snippets"]["codex"])
+    assert "# Codex 只对名为 OpenAI 的提供方使用远程压缩" in zh["codex"]
+    assert "# Codex sends remote compaction" in snippets_en
+    assert seen["backInEnglish"] == "Quota"
+    browser = seen["zhBrowser"]
+    assert browser["lang"] == "zh-CN" and browser["heading"] == "API 密钥工作台"
+    assert browser["english"] == [] and browser["englishWithKey"] == [], browser
+    assert browser["overflow"] is False
+    assert seen["zhProfileFilesWithKey"] == []
+
     # -- the key: only in page memory and the Authorization header --------------------------
     assert all(key not in request["url"] for request in seen["requests"])
     assert all(wrong not in request["url"] for request in seen["requests"])

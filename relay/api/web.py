@@ -1,7 +1,10 @@
-"""The key workbench page (``relay/web/``): static files shipped in the package, served as they are.
+"""The key workbench and the operator console (``relay/web/``): static files shipped in the
+package, served as they are.
 
-``GET /workbench`` is the page; ``GET /`` is the page for a browser (``Accept: text/html``) and
-the relay's JSON self-description for everything else (health checkers, scripts), as before.
+``GET /workbench`` is the key workbench; ``GET /`` is the workbench for a browser (``Accept:
+text/html``) and the relay's JSON self-description for everything else (health checkers,
+scripts), as before. ``GET /console`` is the operator console, which draws the admin API with
+the admin token the operator types in. Both pages speak English and Chinese (``i18n.js``).
 The files are read once, at start-up; there is no build step and nothing is loaded from other
 sites, so the page works offline.
 
@@ -25,9 +28,16 @@ if TYPE_CHECKING:
 #: File name → content type, for the files under ``relay/web/`` that are served.
 FILES = {
     "index.html": b"text/html; charset=utf-8",
+    "console.html": b"text/html; charset=utf-8",
+    "i18n.js": b"text/javascript; charset=utf-8",
     "app.js": b"text/javascript; charset=utf-8",
+    "console.js": b"text/javascript; charset=utf-8",
     "style.css": b"text/css; charset=utf-8",
+    "console.css": b"text/css; charset=utf-8",
 }
+
+#: The pages: served at their own paths, not under ``/web/``.
+PAGES = frozenset({"index.html", "console.html"})
 
 SECURITY_HEADERS = {
     "content-security-policy": (
@@ -56,9 +66,12 @@ class Web:
     async def page(self, runtime: Runtime, request: Request, responder: Responder) -> None:
         await self._send(responder, "index.html")
 
+    async def console(self, runtime: Runtime, request: Request, responder: Responder) -> None:
+        await self._send(responder, "console.html")
+
     async def asset(self, runtime: Runtime, request: Request, responder: Responder) -> None:
         name = request.params["name"]
-        if name == "index.html" or name not in self.files:
+        if name in PAGES or name not in self.files:
             raise NotFound(f"No such file: /web/{name}.", code="unknown_url")
         await self._send(responder, name)
 

@@ -4,6 +4,7 @@
 "use strict";
 
 (() => {
+  const { t, nodes } = window.RelayI18n;
   const PLACEHOLDER_KEY = "cr_…";
   const origin = window.location.origin;
   let key = null; // the key being looked at, or null
@@ -39,7 +40,7 @@
   /** When a key stops working, in UTC to the minute: "Expires 2027-01-06 16:05 UTC (in 30
    * days)", or "Never expires" */
   function fmtExpiry(expiresAt) {
-    if (expiresAt === null || expiresAt === undefined) return "Never expires";
+    if (expiresAt === null || expiresAt === undefined) return t("wb.neverExpires");
     const when = new Date(expiresAt * 1000).toISOString().slice(0, 16).replace("T", " ");
     const left = expiresAt - Date.now() / 1000;
     const days = Math.floor(left / 86400);
@@ -47,9 +48,9 @@
     const minutes = Math.max(1, Math.ceil(left / 60));
     const years = Math.floor(days / 365);
     const inText =
-      years >= 2 ? years + " years" : days >= 2 ? days + " days"
-        : hours >= 2 ? hours + " hours" : minutes + " minutes";
-    return "Expires " + when + " UTC (in " + inText + ")";
+      years >= 2 ? t("wb.years", { n: years }) : days >= 2 ? t("wb.daysN", { n: days })
+        : hours >= 2 ? t("wb.hoursN", { n: hours }) : t("wb.minutesN", { n: minutes });
+    return t("wb.expires", { when, left: inText });
   }
 
   /** "refills fully in 12 s" for a rate limit that is in use, else "" */
@@ -57,7 +58,7 @@
     const seconds = state.reset_s;
     if (!state.used || seconds === null || seconds === undefined) return "";
     const text = seconds < 1 ? Math.round(seconds * 1000) + " ms" : Math.ceil(seconds) + " s";
-    return "refills fully in " + text;
+    return t("wb.refills", { time: text });
   }
 
   /** A short axis label: 0.0012, 1.5, 12k, 3.4M */
@@ -106,7 +107,7 @@
         referrerPolicy: "no-referrer",
       });
     } catch (error) {
-      throw new RelayError(0, "The relay could not be reached (" + error.message + ").");
+      throw new RelayError(0, t("wb.unreachable", { error: error.message }));
     }
     let body = null;
     try {
@@ -118,7 +119,7 @@
       const detail = body && body.error ? body.error : {};
       throw new RelayError(
         response.status,
-        detail.message || "The relay answered " + response.status + ".",
+        detail.message || t("wb.answered", { status: response.status }),
         detail.code,
       );
     }
@@ -161,22 +162,19 @@
   async function lookUp() {
     const candidate = $("key-input").value.trim();
     if (!candidate) {
-      showMessage("Paste an API key first.");
+      showMessage(t("wb.pasteFirst"));
       return;
     }
     $("lookup").disabled = true;
-    showMessage("Looking up the key…", "info");
+    showMessage(t("wb.lookingUp"), "info");
     try {
       data = await load(candidate);
     } catch (error) {
       forget(false);
       if (error.status === 401) {
-        showMessage(
-          "This key was not accepted: " + error.message +
-            " Check that you pasted the whole key; a revoked or expired key no longer works.",
-        );
+        showMessage(t("wb.notAccepted", { error: error.message }));
       } else {
-        showMessage("Could not load the key's data: " + error.message);
+        showMessage(t("wb.couldNotLoad", { error: error.message }));
       }
       return;
     } finally {
@@ -205,8 +203,9 @@
     $("forget").hidden = false;
     document.body.classList.add("has-key");
     const who = balance.key;
-    $("key-identity").textContent =
-      who.hint + (who.name ? " · " + who.name : "") + " · package " + who.package;
+    $("key-identity").replaceChildren(
+      element("span", { translate: "no", text: who.hint + (who.name ? " · " + who.name : "") }),
+      " · ", ...nodes("wb.package", { name: who.package }));
     $("key-expiry").textContent = fmtExpiry(who.expires_at);
 
     setNumber("bal-remaining", balance.balance, fmtCredits);
@@ -244,24 +243,24 @@
       return;
     }
     const overridden = limits.overridden && limits.overridden.length
-      ? " · own limits: " + limits.overridden.join(", ") : "";
-    $("limits-package").textContent =
-      "package " + limits.package + " · pool " + limits.pool + overridden;
+      ? " · " + t("wb.ownLimits", { names: limits.overridden.join(", ") }) : "";
+    $("limits-package").replaceChildren(...nodes("wb.package", { name: limits.package }), " · ",
+      ...nodes("wb.pool", { name: limits.pool }), overridden);
     const entries = [
-      ["tpm", "Tokens per minute", limits.tpm.limit, limits.tpm.used, refill(limits.tpm)],
-      ["rpm", "Requests per minute", limits.rpm.limit, limits.rpm.used, refill(limits.rpm)],
-      ["concurrency", "Requests in flight", limits.concurrency.limit,
+      ["tpm", t("wb.limit.tpm"), limits.tpm.limit, limits.tpm.used, refill(limits.tpm)],
+      ["rpm", t("wb.limit.rpm"), limits.rpm.limit, limits.rpm.used, refill(limits.rpm)],
+      ["concurrency", t("wb.limit.concurrency"), limits.concurrency.limit,
         limits.concurrency.in_flight, ""],
-      ["queue", "Requests queued", limits.queue.limit, limits.queue.queued,
-        "timeout " + limits.queue.timeout_s + " s"],
+      ["queue", t("wb.limit.queue"), limits.queue.limit, limits.queue.queued,
+        t("wb.timeout", { s: limits.queue.timeout_s })],
     ];
     for (const [name, label, limit, used, note] of entries) {
       const fill = element("div", { className: "meter-fill" });
       const ratio = limit ? Math.min(1, (used || 0) / limit) : 0;
       fill.style.width = (ratio * 100).toFixed(1) + "%";
       const value = limit === null
-        ? fmtInt(used || 0) + " · no limit"
-        : fmtInt(used || 0) + " of " + fmtInt(limit);
+        ? fmtInt(used || 0) + " · " + t("wb.noLimit")
+        : t("wb.usedOf", { used: fmtInt(used || 0), limit: fmtInt(limit) });
       rows.append(
         element("div", { className: "limit", "data-limit": name }, [
           element("div", { className: "limit-head" }, [
@@ -282,14 +281,14 @@
     const rows = [...models.data].sort((a, b) => b.credits - a.credits || b.calls - a.calls);
     if (!rows.length) {
       body.append(element("tr", {}, [element("td", { colspan: "9", className: "empty",
-        text: "No calls yet." })]));
+        text: t("wb.noCalls") })]));
     }
     for (const row of rows) {
       const share = total > 0 ? (row.credits / total) * 100 : 0;
       const cell = (cls, value, text) => element("td", { className: cls, "data-value":
         String(value), text });
       body.append(element("tr", { "data-model": row.model }, [
-        element("td", { className: "model", text: row.model }),
+        element("td", { className: "model", translate: "no", text: row.model }),
         cell("num calls", row.calls, fmtInt(row.calls)),
         cell("num input", row.input_tokens, fmtInt(row.input_tokens)),
         cell("num cached", row.cached_tokens, fmtInt(row.cached_tokens)),
@@ -307,21 +306,21 @@
     body.replaceChildren();
     if (!calls.length) {
       body.append(element("tr", {}, [element("td", { colspan: "8", className: "empty",
-        text: "No calls yet." })]));
+        text: t("wb.noCalls") })]));
     }
     for (const call of calls) {
       const ok = call.status >= 200 && call.status < 300 && !call.error;
       const status = String(call.status) + (call.error ? " " + call.error : "") +
-        (call.client_disconnected ? " (client left)" : "");
+        (call.client_disconnected ? " " + t("wb.clientLeft") : "");
       const cell = (cls, value, text) => element("td", { className: cls, "data-value":
         String(value), text });
       body.append(element("tr", { "data-request-id": call.request_id }, [
         element("td", { className: "time", text: call.time.replace("T", " ").slice(0, 19) }),
-        element("td", { className: "model", text: call.model || "–" }),
+        element("td", { className: "model", translate: "no", text: call.model || "–" }),
         cell("num input", call.input_tokens, fmtInt(call.input_tokens)),
         cell("num output", call.output_tokens, fmtInt(call.output_tokens)),
         cell("num credits", call.credits, fmtCredits(call.credits)),
-        element("td", { className: "status " + (ok ? "ok" : "bad"), text: status }),
+        element("td", { className: "status " + (ok ? "ok" : "bad"), translate: "no", text: status }),
         cell("num latency", call.latency_ms, fmtMs(call.latency_ms)),
         cell("num queue", call.queue_ms, fmtMs(call.queue_ms)),
       ]));
@@ -427,37 +426,37 @@
     return [
       {
         id: "codex",
-        title: "Codex CLI / IDE extension — ~/.codex/config.toml (Responses API)",
+        title: t("wb.snip.codex"),
         text: `model = "${model}"
 model_provider = "relay"
 
 [model_providers.relay]
-# Codex sends remote compaction (/responses/compact) only to a provider named OpenAI.
+# ${t("wb.snip.codexName")}
 name = "OpenAI"
 base_url = "${origin}/openai"
 wire_api = "responses"
-# The turns over one WebSocket per session (Codex falls back to HTTP if it is refused).
+# ${t("wb.snip.codexSocket")}
 supports_websockets = true
 experimental_bearer_token = "${shownKey}"
-# Or, instead of experimental_bearer_token, a command that prints the key: Codex then also
-# reads the relay's model list (reasoning levels, context window) from ${origin}/openai/models.
+# ${t("wb.snip.codexAuth1")}
+# ${t("wb.snip.codexAuth2", { url: origin + "/openai/models" })}
 # auth = { command = "printenv", args = ["RELAY_API_KEY"] }
 `,
       },
       {
         id: "codex-openai",
-        title: "Codex CLI, alternative — Codex's built-in OpenAI provider pointed at the relay",
+        title: t("wb.snip.codexOpenai"),
         text: `# ~/.codex/config.toml
 openai_base_url = "${origin}/v1"
 model = "${model}"
 
-# Then log Codex in with the key, once:
+# ${t("wb.snip.codexLogin")}
 #   printf '%s' '${shownKey}' | codex login --with-api-key
 `,
       },
       {
         id: "ide",
-        title: "IDE plugins (Cursor, Continue, Cline, Roo…) — OpenAI compatible",
+        title: t("wb.snip.ide"),
         text: `Provider:  OpenAI Compatible
 Base URL:  ${origin}/openai/v1
 API key:   ${shownKey}
@@ -467,7 +466,7 @@ Endpoint:  chat/completions
       },
       {
         id: "claude-code",
-        title: "Claude Code — environment (Anthropic Messages API)",
+        title: t("wb.snip.claude"),
         text: `export ANTHROPIC_BASE_URL="${origin}"
 export ANTHROPIC_AUTH_TOKEN="${shownKey}"
 export ANTHROPIC_MODEL="${model}"
@@ -527,7 +526,7 @@ console.log(reply.choices[0].message.content);
       },
       {
         id: "curl-balance",
-        title: "curl — the key's balance",
+        title: t("wb.snip.balance"),
         text: `curl ${origin}/v1/balance -H "Authorization: Bearer ${shownKey}"
 `,
       },
@@ -546,28 +545,85 @@ console.log(reply.choices[0].message.content);
         document.execCommand("copy");
         area.remove();
       }
-      button.textContent = "Copied";
+      button.textContent = t("common.copied");
     } catch (error) {
-      button.textContent = "Copy failed";
+      button.textContent = t("common.copyFailed");
     }
-    setTimeout(() => { button.textContent = "Copy"; }, 1500);
+    setTimeout(() => { button.textContent = t("common.copy"); }, 1500);
   }
 
   function renderSnippets() {
+    renderTutorial();
+    renderQueueOrder();
     const model = $("model-select").value;
     const container = $("snippets");
     container.replaceChildren();
-    $("setup-key-note").textContent = key
-      ? "Your key is filled in (on this page only: it is not stored anywhere)."
-      : "Look up your key above and it is filled in below (on this page only).";
+    $("setup-key-note").textContent = key ? t("wb.keyFilled") : t("wb.keyNotFilled");
     for (const snippet of snippets(key || PLACEHOLDER_KEY, model)) {
-      const button = element("button", { type: "button", className: "copy", text: "Copy" });
+      const button = element("button", { type: "button", className: "copy", text: t("common.copy") });
       button.addEventListener("click", () => copy(snippet.text, button));
       container.append(element("figure", { className: "snippet", "data-snippet": snippet.id }, [
         element("figcaption", {}, [element("span", { text: snippet.title }), button]),
-        element("pre", {}, [element("code", { text: snippet.text })]),
+        element("pre", { translate: "no" }, [element("code", { text: snippet.text })]),
       ]));
     }
+  }
+
+  // -- the Codex tutorial and the queue order --------------------------------------------
+
+  function steps(id, items) {
+    $(id).replaceChildren(...items.map(([text, code]) => element("li", {}, [
+      typeof text === "string" ? element("span", { text }) : element("span", {}, text),
+      ...(code ? [element("pre", { translate: "no" }, [element("code", { text: code })])] : []),
+    ])));
+  }
+
+  function renderTutorial() {
+    const model = $("model-select").value;
+    const config = snippets(key || PLACEHOLDER_KEY, model)[0].text;
+    steps("tutorial-steps", [
+      [t("wb.tut.node"), "node --version   # v20 or later"],
+      [t("wb.tut.install"), "npm install -g @openai/codex\ncodex --version"],
+      [t("wb.tut.config"), "# ~/.codex/config.toml\n" + config],
+      [t("wb.tut.run"), 'cd your-project\ncodex\ncodex exec "Explain this repository"'],
+      [t("wb.tut.ide"), `Base URL:  ${origin}/openai/v1`],
+      [t("wb.tut.sdk"), `from openai import OpenAI\nclient = OpenAI(base_url="${origin}/v1", api_key="${key || PLACEHOLDER_KEY}")`],
+    ]);
+  }
+
+  function renderQueueOrder() {
+    const limits = data && data.limits && data.limits.pool ? data.limits : null;
+    let keyStep = t("wb.q.keyGeneric");
+    if (limits) {
+      const set = [];
+      const unset = [];
+      for (const [name, value] of [["tpm", limits.tpm.limit], ["rpm", limits.rpm.limit],
+        ["concurrency", limits.concurrency.limit], ["queue", limits.queue.limit]]) {
+        if (value === null || value === undefined) unset.push(t("wb.q.name." + name));
+        else set.push(t("wb.q.part." + name, { n: fmtInt(value) }));
+      }
+      set.push(t("wb.q.part.timeout", { n: limits.queue.timeout_s }));
+      if (unset.length) set.push(t("wb.q.part.none", { names: unset.join(t("common.sep")) }));
+      keyStep = nodes("wb.q.key", { package: limits.package }).map((node) =>
+        node.nodeType === Node.TEXT_NODE
+          ? document.createTextNode(node.textContent.replace("{limits}", set.join(t("common.sep"))))
+          : node);
+    }
+    steps("queue-steps", [
+      [t("wb.q.global")],
+      [nodes("wb.q.pool", { pool: limits ? limits.pool : "…", weight: limits ? limits.weight : "…" })],
+      [keyStep],
+      [t("wb.q.account")],
+      [t("wb.q.credits")],
+    ]);
+  }
+
+  function relabel() {
+    // The language changed: draw everything shown again in it.
+    if (data) render();
+    else renderSnippets();
+    const message = $("message");
+    if (!message.hidden && message.dataset.i18n) message.textContent = t(message.dataset.i18n);
   }
 
   // -- wiring ------------------------------------------------------------------------------
@@ -581,7 +637,7 @@ console.log(reply.choices[0].message.content);
     });
     $("forget").addEventListener("click", () => {
       forget(true);
-      showMessage("The key was forgotten.", "info");
+      showMessage(t("wb.forgotten"), "info");
     });
     $("refresh").addEventListener("click", () => {
       if (key) {
@@ -592,7 +648,8 @@ console.log(reply.choices[0].message.content);
     $("toggle-mask").addEventListener("click", () => {
       const input = $("key-input");
       const masked = input.classList.toggle("masked");
-      $("toggle-mask").textContent = masked ? "Show" : "Hide";
+      $("toggle-mask").textContent = masked ? t("wb.show") : t("wb.hide");
+      $("toggle-mask").dataset.i18n = masked ? "wb.show" : "wb.hide";
       $("toggle-mask").setAttribute("aria-pressed", String(!masked));
     });
     $("chart-window").addEventListener("change", () => data && renderChart());
@@ -601,6 +658,7 @@ console.log(reply.choices[0].message.content);
       modelChosen = true;
       renderSnippets();
     });
+    window.RelayI18n.onChange(relabel);
     renderSnippets();
   });
 })();

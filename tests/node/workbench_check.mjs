@@ -7,6 +7,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { chromium } from "playwright-core";
+import { englishLeft, filesHolding, launch, lowContrast, NAMES } from "./page_tools.mjs";
 
 const [relayUrl, key, wrongKey, screenshot] = process.argv.slice(2);
 const executablePath = process.env.RELAY_TEST_CHROMIUM || "/usr/bin/chromium";
@@ -77,6 +78,31 @@ try {
   result.keyExpiry = await page.textContent("#key-expiry");
 
   await page.screenshot({ path: screenshot, fullPage: true });
+  result.lowContrast = await lowContrast(page);
+  result.queueSteps = await page.$$eval("#queue-steps li", (items) => items.map((li) => li.textContent));
+  result.tutorial = await page.$$eval("#tutorial-steps li", (items) => items.map((li) => ({
+    text: li.querySelector("span").textContent,
+    code: li.querySelector("code") ? li.querySelector("code").textContent : null })));
+
+  // -- in Chinese, by the switch: no English left in the labels --------------------------------
+  await page.click('[data-lang="zh"]');
+  result.zh = {
+    lang: await page.evaluate(() => document.documentElement.lang),
+    title: await page.title(),
+    heading: await page.textContent("h1"),
+    english: await englishLeft(page, NAMES),
+    lowContrast: await lowContrast(page),
+    keyExpiry: await page.textContent("#key-expiry"),
+    limits: await page.$$eval("#limit-rows .limit", (rows) => rows.map((row) => row.textContent)),
+    queueSteps: await page.$$eval("#queue-steps li", (items) => items.map((li) => li.textContent)),
+    tutorial: await page.$$eval("#tutorial-steps li span", (items) => items.map((s) => s.textContent)),
+    snippetTitles: await page.$$eval(".snippet figcaption span", (s) => s.map((n) => n.textContent)),
+    codex: await page.textContent('[data-snippet="codex"] code'),
+  };
+  await page.screenshot({ path: screenshot.replace(/\.png$/, "-zh.png"), fullPage: true });
+  await page.screenshot({ path: screenshot.replace(/\.png$/, "-zh-top.png") });
+  await page.click('[data-lang="en"]');
+  result.backInEnglish = await page.textContent("#quota-title");
 
   result.storageWhileShown = await page.evaluate(() => ({
     localStorage: localStorage.length,
@@ -105,6 +131,28 @@ try {
     dashboardHidden: await page.$eval("#dashboard", (element) => element.hidden),
     snippet: await page.textContent('[data-snippet="curl"] code'),
   };
+  // -- a Chinese browser gets the Chinese page by itself, at phone width -----------------------
+  const zh = await launch("workbench-zh", "zh-CN", { width: 390, height: 844 });
+  try {
+    const zhPage = zh.context.pages()[0] || (await zh.context.newPage());
+    await zhPage.goto(relayUrl + "/workbench", { waitUntil: "load" });
+    result.zhBrowser = {
+      lang: await zhPage.evaluate(() => document.documentElement.lang),
+      heading: await zhPage.textContent("h1"),
+      english: await englishLeft(zhPage, NAMES),
+    };
+    await zhPage.fill("#key-input", key);
+    await zhPage.click("#lookup");
+    await zhPage.waitForSelector("#dashboard:not([hidden])", { timeout: 15000 });
+    result.zhBrowser.englishWithKey = await englishLeft(zhPage, NAMES);
+    result.zhBrowser.overflow = await zhPage.evaluate(() =>
+      document.documentElement.scrollWidth > window.innerWidth);
+    await zhPage.screenshot({ path: screenshot.replace(/\.png$/, "-zh-phone.png"), fullPage: true });
+  } finally {
+    await zh.context.close();
+    result.zhProfileFilesWithKey = filesHolding(zh.profile, [key]);
+    fs.rmSync(zh.profile, { recursive: true, force: true });
+  }
 } finally {
   await context.close();
 }
