@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 import time
 from collections.abc import Iterable, Iterator
@@ -118,6 +119,10 @@ _INSERT_USAGE = (
     f"insert into usage ({', '.join(USAGE_COLUMNS)}) "
     f"values ({', '.join('%s' for _ in USAGE_COLUMNS)})"
 )
+
+# The pool logs every failed reconnection attempt while the server is down; the usage writer and
+# the key ring log the outage once each, and its end.
+logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 #: Errors that mean "the database is not reachable now", not "this was refused".
 _UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError)
