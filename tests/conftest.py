@@ -4,8 +4,6 @@ to them."""
 
 from __future__ import annotations
 
-import glob
-import itertools
 import json
 import os
 import re
@@ -15,7 +13,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -26,13 +23,13 @@ from pathlib import Path
 import httpx2
 import pytest
 
+from relay.testing.postgres import PG_PASSWORD, PostgresServer
+
 ROOT = Path(__file__).resolve().parent.parent
 SIM_KEY = "sim-upstream-key"
 ADMIN_TOKEN = "test-admin-token"
-#: The test PostgreSQL's superuser and its password, which relays and the CLI read from the
-#: variable ``server.database_password_env`` names (set for this process and its children).
-PG_USER = "relay"
-PG_PASSWORD = "relay-test-password"
+#: Relays and the CLI read the test PostgreSQL's password from the variable
+#: ``server.database_password_env`` names (set for this process and its children).
 PG_PASSWORD_ENV = "RELAY_TEST_PG_PASSWORD"
 os.environ[PG_PASSWORD_ENV] = PG_PASSWORD
 
@@ -451,82 +448,6 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
-def pg_binary(name: str) -> str:
-    """A PostgreSQL server program (Debian keeps them under /usr/lib/postgresql/VERSION/bin)."""
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    path = found[-1] if found else shutil.which(name)
-    assert path, f"{name} not found: scripts/test installs Debian's postgresql package"
-    return path
-
-
-class PostgresServer:
-    """A real PostgreSQL (Debian's server) in a temporary folder, on a free loopback port,
-    password authentication over TCP. As root, ``initdb`` and ``pg_ctl`` run as the ``postgres``
-    user (``initdb`` refuses root). ``stop`` and ``start`` keep the port and the data, so a test
-    can restart the server under load at the same URL."""
-
-    _names = itertools.count(1)
-
-    def __init__(self) -> None:
-        self.directory = Path(tempfile.mkdtemp(prefix="relay-pg-"))
-        self.data = self.directory / "data"
-        self.log = self.directory / "postgres.log"
-        self.port = _free_port()
-        self.as_owner: list[str] = []
-        password_file = self.directory / "password"
-        password_file.write_text(PG_PASSWORD + "\n")
-        if os.geteuid() == 0:
-            self.as_owner = ["runuser", "-u", "postgres", "--"]
-            for path in (self.directory, password_file):
-                shutil.chown(path, "postgres", "postgres")
-        self._run(
-            pg_binary("initdb"), "-D", str(self.data), "-U", PG_USER, "-E", "UTF8",
-            "--pwfile", str(password_file), "--auth-host=scram-sha-256", "--auth-local=trust",
-            "--no-sync",
-        )
-
-    def _run(self, *args: str) -> None:
-        done = subprocess.run(
-            [*self.as_owner, *args], capture_output=True, text=True, timeout=120
-        )
-        log = self.log.read_text() if self.log.exists() else ""
-        assert done.returncode == 0, f"{args[0]} failed:\n{done.stdout}{done.stderr}\n{log}"
-
-    def start(self) -> None:
-        options = (
-            f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.directory} -c fsync=off "
-            "-c max_connections=200"
-        )
-        self._run(
-            pg_binary("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
-            "-o", options, "start",
-        )
-
-    def stop(self, mode: str = "fast") -> None:
-        self._run(pg_binary("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
-
-    def connect(self, database: str = "postgres"):
-        import psycopg
-
-        return psycopg.connect(
-            host="127.0.0.1", port=self.port, user=PG_USER, password=PG_PASSWORD,
-            dbname=database, autocommit=True,
-        )
-
-    def create_database(self) -> str:
-        """A new, empty database: its ``postgresql://`` URL (no password in it)."""
-        name = f"relay_test_{os.getpid()}_{next(self._names)}"
-        with self.connect() as conn:
-            conn.execute(f"create database {name}")
-        return self.url(name)
-
-    def url(self, database: str) -> str:
-        return f"postgresql://{PG_USER}@127.0.0.1:{self.port}/{database}"
-
-    def remove(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """One real PostgreSQL for the session; each test takes a database of its own
@@ -547,17 +468,9 @@ def ledger_database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return str(tmp_path / "r.db")
     server: PostgresServer = request.getfixturevalue("postgres_server")
-    if not server_running(server):
+    if not server.running():
         server.start()
     return server.create_database()
-
-
-def server_running(server: PostgresServer) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", server.port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def open_ledger(database: str):

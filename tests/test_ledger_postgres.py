@@ -30,12 +30,12 @@ from relay.ledger.postgres import MIGRATION_LOCK, MIGRATIONS
 from relay.ledger.prices import parse_credits
 from relay.ledger.store import Store
 from relay.ledger.usage import UsageRecord, UsageWriter
+from relay.testing.postgres import PostgresServer
 
 from .conftest import (
     BILLING_BODY,
     PG_PASSWORD_ENV,
     ROOT,
-    PostgresServer,
     Relay,
     Sim,
     open_ledger,
