@@ -193,6 +193,64 @@ def test_every_key_command_and_check_config_work_on_postgres(
         store.close()
 
 
+def test_a_batch_is_written_once_however_often_it_is_retried(
+    postgres_server: PostgresServer,
+) -> None:
+    """A retry after a lost commit answer (the commit went through) writes nothing twice."""
+    store = open_ledger(postgres_server.create_database())
+    try:
+        _, key = store.create_key("p", prefix="cr_", credits_nano=10**9)
+        batch = [
+            UsageRecord(request_id=f"r{i}", key_id=key.id, package="p", endpoint="responses",
+                        model="m", cost_nano=100).row()
+            for i in range(50)
+        ]
+        for _ in range(3):
+            assert store.insert_usage(batch) == 50
+        assert len(store.usage_rows()) == 50
+        assert store.get_key(key.id).credits_used_nano == 50 * 100
+        store.insert_usage(batch[:10])  # another batch (the same records alone): its own key
+        assert len(store.usage_rows()) == 60
+    finally:
+        store.close()
+
+
+async def test_records_wait_in_memory_while_the_database_is_away_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from relay.ledger import usage as usage_module
+
+    server = PostgresServer()
+    server.start()
+    try:
+        store = open_ledger(server.create_database())
+        _, key = store.create_key("p", prefix="cr_")
+        monkeypatch.setattr(usage_module, "MAX_WAITING", 300)
+        writer = UsageWriter(store)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            await trio.to_thread.run_sync(server.stop)
+            for index in range(305):
+                writer.record(UsageRecord(request_id=f"r{index}", key_id=key.id, package="p",
+                                          endpoint="responses", model="m", output_tokens=1))
+            with trio.fail_after(20):
+                while not writer.unavailable:
+                    await trio.sleep(0.05)
+            assert writer.dropped == 5 and writer.queued == 300  # kept, and retried
+            await trio.sleep(1.0)
+            assert writer.written == 0 and writer.unavailable
+            await trio.to_thread.run_sync(server.start)
+            with trio.fail_after(30):
+                await writer.flushed()
+            writer.close()
+        assert writer.written == 300 and not writer.unavailable
+        assert len(store.usage_rows(limit=1000)) == 300
+        store.close()
+    finally:
+        server.stop("immediate")
+        server.remove()
+
+
 # -- relay ledger migrate --------------------------------------------------------------------
 
 
@@ -340,7 +398,16 @@ def test_postgres_restarted_under_load_loses_no_record(sim: Sim, tmp_path: Path)
                 time.sleep(1.0)
                 server.stop("fast")
                 during = len(answers)
-                time.sleep(2.5)
+                time.sleep(0.5)
+                # What needs the database answers 503, in the error shape, saying why.
+                for refused in (
+                    relay.admin("GET", "/admin/keys"),
+                    chat(relay, "cr_a-key-no-relay-has-seen-yet-0123456789", timeout=15),
+                ):
+                    assert refused.status_code == 503, refused.text
+                    assert refused.json()["error"]["code"] == "ledger_unavailable"
+                    assert refused.headers["retry-after"] == "1"
+                time.sleep(2.0)
                 answered_while_down = len(answers) - during
                 server.start()
                 time.sleep(1.5)
@@ -365,6 +432,26 @@ def test_postgres_restarted_under_load_loses_no_record(sim: Sim, tmp_path: Path)
     finally:
         server.stop("immediate")
         server.remove()
+
+
+def test_sigterm_writes_every_record_to_postgres(
+    sim: Sim, postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    url = postgres_server.create_database()
+    relay = pg_relay(tmp_path, sim, url)
+    try:
+        key, _ = relay.create_paid_key(credits="1000")
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: chat(relay, key), range(200)))
+        assert {r.status_code for r in answers} == {200}
+        relay.process.proc.send_signal(signal.SIGTERM)  # at once: records still queued
+        assert relay.process.proc.wait(30) == 0
+    finally:
+        log = relay.process.stop()
+    assert "Traceback" not in log, log
+    ids = {r.headers["x-request-id"] for r in answers}
+    stored = rows(url, "select request_id from usage")
+    assert len(stored) == len(ids) and {row["request_id"] for row in stored} == ids
 
 
 def test_kill_9_of_a_relay_loses_at_most_one_batch_window(

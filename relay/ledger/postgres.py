@@ -57,6 +57,10 @@ POOL_MAX = 4
 #: Seconds a call waits for a connection (the server down: then it is unavailable).
 POOL_TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 5
+#: How long a written batch's key is kept (a retry comes within minutes), and how often the
+#: older ones are deleted (by whichever process writes a batch then).
+BATCH_KEYS_KEPT_S = 86_400.0
+PRUNE_EVERY_S = 600.0
 #: ``pg_advisory_xact_lock`` key of the migrations (any constant; "relay" in ASCII).
 MIGRATION_LOCK = 0x72656C6179
 
@@ -101,6 +105,7 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (3, "usage batches already written (a batch retried after a lost connection is not "
         "written twice)", (
         "create table usage_batches (id text primary key, ts double precision not null)",
+        "create index idx_usage_batches_ts on usage_batches (ts)",
     )),
 )
 
@@ -154,6 +159,7 @@ class PostgresStore:
             psycopg.connect(conninfo).close()
         except psycopg.Error as error:
             raise StoreError(f"cannot open the database {url}: {_reason(error)}") from None
+        self._next_prune = 0.0
         self._pool = ConnectionPool(
             conninfo, min_size=1, max_size=POOL_MAX, timeout=POOL_TIMEOUT_S,
             kwargs={"row_factory": dict_row}, name="relay-ledger", open=True,
@@ -369,13 +375,19 @@ class PostgresStore:
         for row in records:
             if row["cost_nano"]:
                 debits[row["key_id"]] = debits.get(row["key_id"], 0) + row["cost_nano"]
+        now = time.time()
         with self.transaction() as conn:
             fresh = conn.execute(
                 "insert into usage_batches (id, ts) values (%s, %s) on conflict do nothing",
-                (batch_key(records), time.time()),
+                (batch_key(records), now),
             ).rowcount
             if not fresh:
                 return len(rows)
+            if time.monotonic() >= self._next_prune:
+                self._next_prune = time.monotonic() + PRUNE_EVERY_S
+                conn.execute(
+                    "delete from usage_batches where ts < %s", [now - BATCH_KEYS_KEPT_S]
+                )
             with conn.cursor() as cursor:
                 with cursor.copy(f"copy usage ({', '.join(USAGE_COLUMNS)}) from stdin") as copy:
                     for row in rows:
