@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from .api import admin, discovery, selfservice
+from .api import admin, discovery, responses_state, selfservice
 from .api import relay as relay_routes
 from .api.discovery import ANTHROPIC_BASE, BASE_PATHS
 from .api.http import ClientDisconnected, Receive, Request, Responder, Scope, Send
@@ -55,6 +55,8 @@ class RelayApp:
             self._add(base + "/chat/completions", "POST", relay_routes.chat)
             self._add(base + "/responses", "POST", relay_routes.responses)
             self._add(base + "/responses/compact", "POST", relay_routes.responses_compact)
+            for method, path, handler in responses_state.ROUTES:
+                self._add(base + path, method, handler)
             self._add(base, "GET", discovery.health)
             for path, handler in selfservice.ROUTES:
                 self._add(base + path, "GET", handler)

@@ -115,6 +115,10 @@ class ServerConfig:
     keepalive_event_s: float = 15.0
     session_ttl_s: float = 3600.0  # an unused sticky session's binding expires after this
     failover_attempts: int = 3  # accounts tried for one request before its error is returned
+    #: Responses answers kept per key for previous_response_id / item_reference (README,
+    #: "Responses state"): at most this many, each for at most this long.
+    responses_store_max: int = 100
+    responses_store_ttl_s: float = 3600.0
     error_cooldown_s: float = 10.0  # rest for an account after repeated 5xx/connect failures
     rate_limit_cooldown_s: float = 30.0  # rest after an upstream 429 with no retry hint
     max_retry_after_s: float = 300.0  # the longest rest an upstream's retry hint can impose
@@ -567,6 +571,12 @@ def _read_server(table: _Table, base_dir: Path | None) -> ServerConfig:
         session_ttl_s=table.number("session_ttl_s", defaults.session_ttl_s, positive=True),
         failover_attempts=table.integer(
             "failover_attempts", defaults.failover_attempts, positive=True
+        ),
+        responses_store_max=table.integer(
+            "responses_store_max", defaults.responses_store_max, positive=True
+        ),
+        responses_store_ttl_s=table.number(
+            "responses_store_ttl_s", defaults.responses_store_ttl_s, positive=True
         ),
         error_cooldown_s=table.number(
             "error_cooldown_s", defaults.error_cooldown_s, positive=True

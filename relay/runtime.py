@@ -25,6 +25,7 @@ from .ledger.backend import LedgerStore, open_store
 from .ledger.credits import Credits
 from .ledger.keys import KeyRing
 from .ledger.prices import PriceTable
+from .ledger.responses_store import ResponsesStore
 from .ledger.usage import UsageWriter
 from .logs import log_missing_credentials
 from .metrics import Metrics
@@ -48,6 +49,8 @@ class Runtime:
     upstream: UpstreamClient
     health: Health
     started_at: float
+    #: The Responses answers kept per key (previous_response_id, item_reference, GET).
+    responses: ResponsesStore
     active_requests: int = 0  # relay requests (chat, responses) in progress
     #: Set on SIGTERM/SIGINT: relay requests are refused from then on (see :meth:`shut_down`).
     shutting_down: bool = False
@@ -87,6 +90,7 @@ class Runtime:
             },
             "usage_records": {"written": self.usage.written, "queued": self.usage.queued},
             "credits": self.credits.status(),
+            "responses_kept": len(self.responses),  # in this process's memory
         }
 
 
@@ -124,6 +128,11 @@ async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
         upstream=upstream,
         health=Health(config.server, shared),
         started_at=time.time(),
+        responses=ResponsesStore(
+            max_per_key=config.server.responses_store_max,
+            ttl_s=config.server.responses_store_ttl_s,
+            shared=shared,
+        ),
     )
     if shared is not None:
         accounts = [(account.guard, account.config) for account in runtime.scheduler.accounts]

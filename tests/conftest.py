@@ -145,10 +145,16 @@ class Relay:
 
     def create_paid_key(self, package: str = "paid", credits: str | None = None) -> tuple[str, str]:
         """A new key of ``package`` (optionally with ``credits``): ``(key, key id)``."""
+        return self.create_key_with_id(package, "billing test", credits)
+
+    def create_key_with_id(
+        self, package: str = "team", name: str = "test", credits: str | None = None
+    ) -> tuple[str, str]:
+        """A new key of ``package``: ``(key, key id)`` (its usage rows are its own)."""
         args = ["--credits", credits] if credits is not None else []
         done = self.cli(
             "keys", "create", "--config", str(self.config_path), "--package", package,
-            "--name", "billing test", "--json", *args,
+            "--name", name, "--json", *args,
         )
         assert done.returncode == 0, done.stderr
         created = json.loads(done.stdout)

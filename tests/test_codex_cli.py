@@ -201,13 +201,7 @@ def test_codex_stops_at_once_on_a_bad_key(tmp_path: Path, relay: Relay, case: st
 
 
 def _key_with_id(relay: Relay) -> tuple[str, str]:
-    done = relay.cli(
-        "keys", "create", "--config", str(relay.config_path), "--package", "team",
-        "--name", "codex-ws", "--json",
-    )
-    assert done.returncode == 0, done.stderr
-    created = json.loads(done.stdout)
-    return created["key"], created["id"]
+    return relay.create_key_with_id(name="codex-ws")
 
 
 def _key_access_lines(relay: Relay, key_id: str, turns: int) -> list[dict]:

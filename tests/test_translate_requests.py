@@ -808,9 +808,20 @@ def test_n_above_one_is_refused_when_translating() -> None:
     assert build(chat_body(n=2), Endpoint.CHAT, "openai-chat").body["n"] == 2
 
 
-def test_previous_response_id_is_refused_when_translating() -> None:
-    with pytest.raises(InvalidRequest, match="previous_response_id"):
+def test_a_reference_left_for_translation_is_refused_naming_it() -> None:
+    """The relay writes out what it kept before translating (relay/protocol/state.py): a
+    reference that reaches the translation is one it does not hold, never silently dropped."""
+    with pytest.raises(InvalidRequest, match="resp_1") as info:
         build(codex_body(previous_response_id="resp_1"), Endpoint.RESPONSES, "openai-chat")
+    assert (info.value.code, info.value.param) == (
+        "previous_response_not_found", "previous_response_id"
+    )
+    body = codex_body()
+    body["input"].append({"type": "item_reference", "id": "msg_gone"})
+    where = f"input[{len(body['input']) - 1}]"
+    with pytest.raises(InvalidRequest, match="msg_gone") as info:
+        build(body, Endpoint.RESPONSES, "openai-chat")
+    assert (info.value.code, info.value.param) == ("item_not_found", f"{where}.id")
 
 
 def test_openai_file_ids_cannot_go_to_other_providers() -> None:

@@ -24,14 +24,7 @@ def ws_url(relay: Relay, path: str = "/v1/responses") -> str:
 
 
 def new_key(relay: Relay) -> tuple[str, str]:
-    """A fresh key of package ``team``: ``(key, key id)`` (its usage rows are the test's own)."""
-    done = relay.cli(
-        "keys", "create", "--config", str(relay.config_path), "--package", "team",
-        "--name", "ws", "--json",
-    )
-    assert done.returncode == 0, done.stderr
-    created = json.loads(done.stdout)
-    return created["key"], created["id"]
+    return relay.create_key_with_id(name="ws")
 
 
 def auth(key: str, *extra: tuple[str, str]) -> list[tuple[bytes, bytes]]:

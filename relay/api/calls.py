@@ -32,6 +32,7 @@ from ..protocol.requests import (
     unsendable_body,
 )
 from ..protocol.sse import Usage
+from ..protocol.state import Found, expand
 from ..protocol.translate import (
     StreamTranslator,
     UpstreamRequest,
@@ -80,6 +81,15 @@ class Call:
     choices: int = 1
     #: A Messages stream the relay opened itself while the request waited (see _watch_stream).
     opened: bool = False
+    #: Responses state (.responses_state): what the relay holds of the earlier turns the body
+    #: refers to (None: it refers to none), whether the answer is kept, and the whole
+    #: conversation it answers (kept with it).
+    found: Found | None = None
+    keep_answer: bool = False
+    conversation: list[dict] | None = None
+    #: A plain answer's Response object for keeping, and whether the relay translated it.
+    answer: dict | None = None
+    translated: bool = False
 
     @property
     def response_id(self) -> str:
@@ -94,9 +104,12 @@ class Call:
         """
         prepared = self.prepared.get(account.name)
         if prepared is None:
+            body = self.client.body
+            if self.found is not None:  # earlier turns, written out as the account needs
+                body = expand(body, self.found, account.config.provider)
             try:
                 request = build_upstream_request(
-                    self.client.body,
+                    body,
                     self.client.endpoint,
                     account.config.provider,
                     model=self.route.target,
@@ -104,6 +117,10 @@ class Call:
                     reasoning_effort=self.route.reasoning_effort,
                     compaction_form=self.client.compaction,
                 )
+                previous = self.client.body.get("previous_response_id")
+                if previous and "previous_response_id" not in body:
+                    # Written out for the upstream; the answer still names it, as OpenAI's does.
+                    request.context.echo["previous_response_id"] = previous
                 # allow_nan=False: 1e999 parses as inf, which is not JSON. A lone surrogate
                 # fails the encode: the upstream never gets invalid UTF-8.
                 body = json.dumps(

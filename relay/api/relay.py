@@ -48,6 +48,7 @@ from ..protocol.translate import (
     translate_response,
 )
 from ..upstream import http11
+from . import responses_state
 from .calls import SHUTDOWN_CUT, SHUTDOWN_REFUSAL, Call, too_large, upstream_call
 from .http import SSE_HEADERS, ClientDisconnected, Request, Responder
 from .streaming import relay_stream
@@ -200,6 +201,8 @@ async def _handle(
             started=started,
             choices=_choices(client.body),
         )
+        if endpoint is Endpoint.RESPONSES:
+            await responses_state.prepare(call)  # earlier turns it refers to, and keeping it
         # Input no upstream could take is refused before it waits in a queue.
         call.upstream_request(candidates[0])
         responder.header_hook = functools.partial(_rate_limit_headers, call)
@@ -369,6 +372,7 @@ async def _relay_once(call: Call) -> None:
     call.record.status = 200
     call.record.ttft_ms = (trio.current_time() - call.started) * 1000
     call.commit()
+    await responses_state.keep(call, call.answer, translated=call.translated)
     await call.responder.raw(200, body, content_type)
 
 
@@ -409,7 +413,10 @@ async def _answer_once(call: Call) -> tuple[bytes, bytes]:
                 code="upstream_invalid_response",
             )
         if not upstream.context.passthrough:
-            body = json.dumps(translate_response(kind, upstream.context, answer)).encode()
+            answer = translate_response(kind, upstream.context, answer)
+            body = json.dumps(answer).encode()
+        if call.keep_answer:
+            call.answer, call.translated = answer, not upstream.context.passthrough
     return body, b"application/json"
 
 

@@ -30,6 +30,7 @@ from ..protocol.translate import (
 )
 from ..protocol.trust import Confidential
 from ..upstream import http11
+from . import responses_state
 from .calls import SHUTDOWN_CUT, Call, too_large, upstream_call
 from .http import SSE_HEADERS
 
@@ -258,7 +259,7 @@ async def _pump(
                         )
                         try:
                             await _relay_events(
-                                response, translator, out, lease, account.name, watch
+                                call, response, translator, out, lease, account.name, watch
                             )
                         finally:
                             usage = translator.usage
@@ -286,6 +287,7 @@ async def _pump(
 
 
 async def _relay_events(
+    call: Call,
     response: http11.Response,
     translator: StreamTranslator,
     out: trio.MemorySendChannel[bytes | RelayError],
@@ -340,6 +342,10 @@ async def _relay_events(
             f"The upstream account '{account}' ended the stream before the answer was complete."
         )
     data += translator.finish()
+    if call.keep_answer:  # kept before the client has the end: its next turn may come at once
+        await responses_state.keep(
+            call, translator.final_response(), translated=not translator.passthrough
+        )
     if data:
         await out.send(data)
 

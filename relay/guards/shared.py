@@ -433,6 +433,18 @@ class SharedGuards:
             return None
         return {name: json.loads(value) for name, value in found.items()}
 
+    # -- other shared state ------------------------------------------------------------------
+
+    async def command(self, make: Callable[[coredis.Redis], Awaitable]) -> object | None:
+        """One call, made by ``make`` on this process's client, for shared state other than
+        the guards' (the Responses store, ``relay/ledger/responses_store.py``): within the call
+        timeout; None when Redis is unreachable (a degraded process does not try: its
+        heartbeat probe ends the degraded state)."""
+        if self.degraded or self._client is None:
+            return None
+        client = self._client
+        return await self._call(lambda: make(client))
+
     # -- status ---------------------------------------------------------------------------
 
     async def status(self, subjects: Sequence[str]) -> dict:

@@ -83,7 +83,6 @@ _DROPPED_ITEMS = frozenset(
         "mcp_list_tools",
         "mcp_approval_request",
         "mcp_approval_response",
-        "item_reference",
     }
 )
 
@@ -127,10 +126,14 @@ def read_responses_request(body: dict) -> tuple[Conversation, dict[str, tuple[st
     :class:`Tool` with ``custom=True``; reasoning items become :class:`Reasoning` on the
     assistant message that follows them.
     """
+    # The relay writes out what it kept before translating (.state.expand): a reference left
+    # here is one it does not hold, which must not vanish without a word.
     if body.get("previous_response_id"):
         raise InvalidRequest(
-            "'previous_response_id' is not supported for this model: its upstream keeps no "
-            "server-side state. Send the full conversation in 'input' (with store=false).",
+            f"Previous response with id {json.dumps(body['previous_response_id'])} not found: "
+            "this model's upstream keeps no conversation state, and the relay holds no "
+            "response with that id. Send the full conversation in 'input'.",
+            code="previous_response_not_found",
             param="previous_response_id",
         )
     conv = Conversation(stream=body.get("stream") is True)
@@ -265,6 +268,14 @@ def _read_item(item: dict, where: str, conv: Conversation) -> None:
         conv.messages.append(Message("user", [Text(SUMMARY_HEADING + summary)]))
     elif kind in _DROPPED_ITEMS:
         return
+    elif kind == "item_reference":
+        raise InvalidRequest(
+            f"Item with id {json.dumps(item.get('id'))} not found ({where} refers to it): this "
+            "model's upstream keeps no conversation state, and the relay holds no item with "
+            "that id. Send the item itself instead of a reference.",
+            code="item_not_found",
+            param=f"{where}.id",
+        )
     else:
         raise InvalidRequest(
             f"'{where}.type' {kind!r} is not an input item type this relay can translate.",
@@ -801,11 +812,11 @@ class ResponsesEncoder:
             "model": context.model,
             "output": [],
             "parallel_tool_calls": echo.get("parallel_tool_calls", True),
-            "previous_response_id": None,
+            "previous_response_id": echo.get("previous_response_id"),
             "prompt_cache_key": echo.get("prompt_cache_key"),
             "reasoning": echo.get("reasoning") or {"effort": None, "summary": None},
             "service_tier": "default",
-            "store": echo.get("store", False),
+            "store": echo.get("store") is not False,  # OpenAI's default; the relay keeps it
             "temperature": echo.get("temperature", 1.0),
             "text": echo.get("text") or {"format": {"type": "text"}},
             "tool_choice": echo.get("tool_choice", "auto"),

@@ -450,6 +450,31 @@ class StreamTranslator:
     def finished(self) -> bool:
         return self._meter.finished if self._meter is not None else self._decoder.finished
 
+    @property
+    def passthrough(self) -> bool:
+        """The upstream speaks the client's protocol: its bytes are relayed as they are."""
+        return self._passthrough
+
+    def final_response(self) -> dict | None:
+        """A Responses stream's final Response object once it ended completed or incomplete
+        (what the relay keeps for ``previous_response_id``): the one the relay encoded, or,
+        relayed, the one the upstream's last event carried. None otherwise."""
+        if self._context.client is not Endpoint.RESPONSES:
+            return None
+        if self._meter is None:
+            final = self._encoder.final
+        else:
+            event = self._meter.last_event
+            if event is None or not (
+                b"response.completed" in event or b"response.incomplete" in event
+            ):
+                return None
+            _, data = _parse_event(event)
+            final = data.get("response") if isinstance(data, dict) else None
+        if not isinstance(final, dict) or final.get("status") not in ("completed", "incomplete"):
+            return None
+        return final
+
     def feed(self, data: bytes) -> bytes:
         self.received += len(data)
         if self._closed:
