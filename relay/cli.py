@@ -754,6 +754,7 @@ def _ledger_migrate(args: argparse.Namespace) -> int:
     source = _open_store(args.source)
     try:
         target = open_store(args.target, password_env=args.password_env)
+        shown = target.path  # without a password typed into the URL
         try:
             figures = migrate(source, target)
         finally:
@@ -763,7 +764,7 @@ def _ledger_migrate(args: argparse.Namespace) -> int:
     keys, grants, usage = figures["api_keys"], figures["credit_grants"], figures["usage"]
     print(
         f"copied {keys.rows} keys, {grants.rows} credit grants and {usage.rows} usage records "
-        f"from {args.source} to {args.target}; verified: the counts and the sums match "
+        f"from {args.source} to {shown}; verified: the counts and the sums match "
         f"(credits granted {format_credits(keys.sums['credits_granted_nano'])}, used "
         f"{format_credits(keys.sums['credits_used_nano'])}, usage cost "
         f"{format_credits(usage.sums['cost_nano'])})"

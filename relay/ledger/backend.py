@@ -46,6 +46,8 @@ class LedgerStore(Protocol):
 
     #: ``"sqlite"`` or ``"postgresql"`` (for messages and benchmarks only).
     backend: str
+    #: The file or URL, as messages may show it (never a password).
+    path: str
 
     def close(self) -> None: ...
 

@@ -36,6 +36,7 @@ import secrets
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg.rows import dict_row
@@ -148,8 +149,8 @@ class PostgresStore:
     backend = "postgresql"
 
     def __init__(self, url: str, *, password: str | None = None) -> None:
-        self.url = url
-        self.path = url  # what messages show (the URL carries no password)
+        self.url = _without_password(url)  # what messages show
+        self.path = self.url
         conninfo = psycopg.conninfo.make_conninfo(
             url, connect_timeout=CONNECT_TIMEOUT_S,
             **({"password": password} if password is not None else {}),
@@ -158,7 +159,9 @@ class PostgresStore:
             # One connection made now, so a wrong URL or password fails here, clearly.
             psycopg.connect(conninfo).close()
         except psycopg.Error as error:
-            raise StoreError(f"cannot open the database {url}: {_reason(error)}") from None
+            raise StoreError(
+                f"cannot open the database {self.url}: {_reason(error)}"
+            ) from None
         self._next_prune = 0.0
         self._pool = ConnectionPool(
             conninfo, min_size=1, max_size=POOL_MAX, timeout=POOL_TIMEOUT_S,
@@ -469,6 +472,16 @@ def _grant_row(
         "insert into credit_grants (ts, key_id, amount_nano, note) values (%s, %s, %s, %s)",
         (ts, key_id, amount_nano, note),
     )
+
+
+def _without_password(url: str) -> str:
+    """``url`` as messages may show it: a password in it (``relay ledger migrate --to``, where
+    the operator typed one) replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _reason(error: Exception) -> str:
