@@ -26,7 +26,8 @@ from .api.http import ClientDisconnected, Receive, Request, Responder, Scope, Se
 from .api.metrics import serve_metrics
 from .api.web import Web
 from .api.websocket import serve_socket
-from .errors import InternalError, MethodNotAllowed, NotFound, RelayError
+from .errors import InternalError, LedgerUnavailable, MethodNotAllowed, NotFound, RelayError
+from .ledger.backend import StoreUnavailable
 from .ledger.prices import format_credits
 from .logs import log_access
 from .runtime import Runtime
@@ -179,6 +180,14 @@ class RelayApp:
                 await responder.error(error)
         except ClientDisconnected:
             error_code = "client_disconnected"
+        except StoreUnavailable as error:  # an admin or self-service read, the database away
+            error_code = LedgerUnavailable.code
+            log.warning("%s %s (%s): %s", request.method, request.path, request_id, error)
+            if not responder.started:
+                await responder.error(LedgerUnavailable(
+                    "The relay's key and usage database cannot be reached right now; retry "
+                    "in a moment."
+                ))
         except Exception:
             error_code = "server_error"
             log.exception("unhandled error in %s %s (%s)", request.method, request.path, request_id)

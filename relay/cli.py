@@ -1,14 +1,16 @@
-"""The ``relay`` command: demo, serve, keys, accounts, queues and check-config.
+"""The ``relay`` command: demo, serve, keys, ledger, accounts, queues and check-config.
 
 Every subcommand that needs a configuration takes ``--config PATH`` or reads ``RELAY_CONFIG``.
 Errors are printed as one line each, without a traceback, and the exit status says whether the
 command did what was asked (0) or not (1; 2 for usage errors, as argparse does; 141 when the
 reader of its output went away, as for a tool ended by SIGPIPE).
 
-``keys …`` works on the database directly, so it works whether or not the relay runs (a running
-relay sees the change within a second). ``accounts …`` and ``queues`` show and change live state
-in the running relay, so they go through its admin API (``--url``, by default the configured
-listen address; the token from the variable ``server.admin_token_env`` names).
+``keys …`` works on the database directly (SQLite or PostgreSQL), so it works whether or not the
+relay runs (a running relay, on any host sharing the database, sees the change within a second).
+``ledger migrate`` copies an SQLite ledger into PostgreSQL and verifies the copy. ``accounts …``
+and ``queues`` show and change live state in the running relay, so they go through its admin API
+(``--url``, by default the configured listen address; the token from the variable
+``server.admin_token_env`` names).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import functools
 import json
 import os
 import signal
-import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -28,11 +29,11 @@ import httpx2
 import trio
 
 from . import cli_accounts
-from .config import Config, ConfigError, load_config, parse_config, parse_workers
+from .config import Config, ConfigError, ServerConfig, load_config, parse_config, parse_workers
 from .config_checks import check_warnings, load_servable_config
+from .ledger.backend import LedgerStore, StoreError, is_postgres_url, open_store
 from .ledger.expiry import expiry, format_moment, parse_duration
 from .ledger.prices import format_credits, parse_credits, to_credits, unpriced_models
-from .ledger.store import Store
 from .logs import setup_logging
 
 DEMO_UPSTREAM_KEY_ENV = "RELAY_DEMO_UPSTREAM_KEY"
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         for issue in error.issues:
             print(f"  {issue}", file=sys.stderr)
         return 1
-    except CommandError as error:
+    except (CommandError, StoreError) as error:
         print(f"relay: {error}", file=sys.stderr)
         return 1
     except BrokenPipeError:
@@ -193,6 +194,22 @@ def _parser() -> argparse.ArgumentParser:
     command.add_argument("path", metavar="AUTH_JSON", help="e.g. ~/.codex/auth.json")
     command.set_defaults(run=_accounts_import)
 
+    ledger = commands.add_parser("ledger", help="the keys-and-usage database")
+    ledger_commands = ledger.add_subparsers(title="ledger commands")
+    migrate = ledger_commands.add_parser(
+        "migrate",
+        help="copy an SQLite ledger (keys, grants, usage) into an empty PostgreSQL database "
+        "and verify the counts and credit sums",
+    )
+    migrate.add_argument("--from", dest="source", required=True, metavar="SQLITE_FILE")
+    migrate.add_argument("--to", dest="target", required=True, metavar="POSTGRESQL_URL")
+    migrate.add_argument(
+        "--password-env", default=None, metavar="NAME",
+        help="environment variable holding the PostgreSQL password (as "
+        "server.database_password_env; libpq's PGPASSWORD and ~/.pgpass work too)",
+    )
+    migrate.set_defaults(run=_ledger_migrate)
+
     queues = commands.add_parser("queues", help="live queues per pool of the running relay")
     _admin_options(queues)
     queues.add_argument("--json", action="store_true", help="print JSON")
@@ -278,13 +295,18 @@ def _load(path: str | None, loader: Callable[[str], Config] = load_config) -> Co
     return loader(path)
 
 
-def _open_store(path: str | os.PathLike[str]) -> Store:
-    """The keys-and-usage database, or :class:`CommandError` saying why it cannot be opened
-    (not an SQLite file, a folder that cannot be made, no permission)."""
+def _open_store(where: ServerConfig | str | os.PathLike[str]) -> LedgerStore:
+    """The keys-and-usage database of a ``[server]`` (or an SQLite path), or
+    :class:`CommandError` saying why it cannot be opened (not an SQLite file, a folder that
+    cannot be made, no permission, a PostgreSQL server that cannot be reached)."""
+    if isinstance(where, ServerConfig):
+        database, password_env = where.database, where.database_password_env
+    else:
+        database, password_env = where, None
     try:
-        return Store(path)
-    except (sqlite3.DatabaseError, OSError) as error:
-        raise CommandError(f"cannot open the database {path}: {error}") from None
+        return open_store(database, password_env=password_env)
+    except StoreError as error:
+        raise CommandError(str(error)) from None
 
 
 def _load_servable(path: str | None) -> Config:
@@ -337,7 +359,7 @@ def _serve(args: argparse.Namespace) -> int:
     if refusal:
         raise CommandError(refusal)
     _setup_logging(config, args.log_level)
-    _open_store(config.server.database).close()  # a bad database is one line, here
+    _open_store(config.server).close()  # a bad database is one line, here
     # Accounts whose credentials variable is unset are logged by the runtime at start.
     from .server import serve
 
@@ -491,7 +513,7 @@ def _demo(args: argparse.Namespace) -> int:
             config = demo_config(
                 args.host, args.port, f"http://127.0.0.1:{upstream_port}/v1", args.database
             )
-            store = _open_store(config.server.database)
+            store = _open_store(config.server)
             try:
                 key, _ = store.create_key(
                     "demo", prefix="cr_", name=f"demo {time.ctime()}",
@@ -523,7 +545,7 @@ def _keys_create(args: argparse.Namespace) -> int:
         raise CommandError("--credits must not be negative")
     limits = _limits_from(args)
     expires_at = _expiry_from(args)
-    store = _open_store(config.server.database)
+    store = _open_store(config.server)
     try:
         key, record = store.create_key(
             package.name, prefix=package.key_prefix, name=args.name, limits=limits,
@@ -551,7 +573,7 @@ def _expiry_note(expires_at: float | None) -> str:
 def _keys_set_expiry(args: argparse.Namespace) -> int:
     config = _load(args.config)
     expires_at = None if args.never else _expiry_from(args)
-    store = _open_store(config.server.database)
+    store = _open_store(config.server)
     try:
         record = store.set_expiry(args.key, expires_at)
     finally:
@@ -573,7 +595,7 @@ def _keys_rotate(args: argparse.Namespace) -> int:
         grace = parse_duration(args.grace, "--grace")
     except ValueError as error:
         raise CommandError(str(error)) from None
-    store = _open_store(config.server.database)
+    store = _open_store(config.server)
     try:
         current = _find_key(store, args.key)
         if not current.active:
@@ -623,7 +645,7 @@ def _keys_topup(args: argparse.Namespace) -> int:
     amount = _credits_arg(args.credits)
     if amount == 0:
         raise CommandError("the amount of credits must not be zero")
-    store = _open_store(config.server.database)
+    store = _open_store(config.server)
     try:
         record = store.top_up(args.key, amount, args.note)
     finally:
@@ -644,7 +666,7 @@ def _keys_topup(args: argparse.Namespace) -> int:
 
 def _keys_list(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    store = _open_store(config.server.database)
+    store = _open_store(config.server)
     try:
         records = store.list_keys()
         usage = store.usage_by_key()
@@ -698,7 +720,7 @@ def _key_listing(record, usage: dict | None) -> dict:
 
 def _keys_set_limits(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    store = _open_store(config.server.database)
+    store = _open_store(config.server)
     try:
         key = _find_key(store, args.key)
         current = {} if args.clear else key.limits
@@ -710,7 +732,7 @@ def _keys_set_limits(args: argparse.Namespace) -> int:
     return 0
 
 
-def _find_key(store: Store, key_or_id: str):
+def _find_key(store: LedgerStore, key_or_id: str):
     """The key by id or plaintext, or :class:`CommandError` naming what matched nothing."""
     record = store.get_key(key_or_id)
     if record is None:
@@ -720,7 +742,7 @@ def _find_key(store: Store, key_or_id: str):
 
 def _keys_revoke(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    store = _open_store(config.server.database)
+    store = _open_store(config.server)
     try:
         record = _find_key(store, args.key)
         if not record.active:
@@ -730,6 +752,39 @@ def _keys_revoke(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(f"revoked {record.id} ({record.hint})")
+    return 0
+
+
+# -- ledger -------------------------------------------------------------------------------
+
+
+def _ledger_migrate(args: argparse.Namespace) -> int:
+    from .ledger.migrate import migrate
+
+    if not is_postgres_url(args.target):
+        raise CommandError(
+            f"--to must be a postgresql://USER@HOST:PORT/DB URL, got {_redact(args.target)}"
+        )
+    if is_postgres_url(args.source) or not Path(args.source).is_file():
+        raise CommandError(f"--from must be an existing SQLite file, got {args.source}")
+    source = _open_store(args.source)
+    try:
+        target = open_store(args.target, password_env=args.password_env)
+        shown = target.path  # without a password typed into the URL
+        try:
+            figures = migrate(source, target)
+        finally:
+            target.close()
+    finally:
+        source.close()
+    keys, grants, usage = figures["api_keys"], figures["credit_grants"], figures["usage"]
+    print(
+        f"copied {keys.rows} keys, {grants.rows} credit grants and {usage.rows} usage records "
+        f"from {args.source} to {shown}; verified: the counts and the sums match "
+        f"(credits granted {format_credits(keys.sums['credits_granted_nano'])}, used "
+        f"{format_credits(keys.sums['credits_used_nano'])}, usage cost "
+        f"{format_credits(usage.sums['cost_nano'])})"
+    )
     return 0
 
 
@@ -903,6 +958,11 @@ def _check_config(args: argparse.Namespace) -> int:
                 f"{config.source}: server.redis_url: cannot reach Redis at "
                 f"{redacted(config.server.redis_url)} ({failure})"
             )
+    if is_postgres_url(config.server.database):
+        try:
+            _open_store(config.server).close()
+        except CommandError as error:
+            raise CommandError(f"{config.source}: server.database: {error}") from None
     for issue in check_warnings(config):
         print(f"warning: {issue}")
     unpriced = unpriced_models(config)

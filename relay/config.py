@@ -90,6 +90,8 @@ _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 _MEMORY_DATABASE = ":memory:"
+#: A ``server.database`` that is a PostgreSQL URL, not a path (``relay/ledger/backend.py``).
+_POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,7 +104,9 @@ class ServerConfig:
     """``[server]``: where the relay listens, where it keeps state, and its timeouts."""
 
     listen: str = "127.0.0.1:8080"
-    database: str = "relay.db"
+    database: str = "relay.db"  # an SQLite path, or a postgresql://user@host:port/db URL
+    #: The environment variable holding the PostgreSQL password (never in the file).
+    database_password_env: str | None = None
     admin_token_env: str = "RELAY_ADMIN_TOKEN"
     #: The variable holding the key that encrypts OAuth tokens in the ledger (codex-chatgpt).
     secret_key_env: str = "RELAY_SECRET_KEY"
@@ -497,6 +501,27 @@ def _named_tables(parent: _Table, key: str, *, check_name: bool) -> list[tuple[s
     return entries
 
 
+def _postgres_url(table: _Table, url: str) -> str:
+    """A PostgreSQL ``server.database``: a password in it is refused (it would sit in the file
+    and in every message that names the database)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (parsing it validates it)
+    except ValueError as exc:
+        table.error("database", f"is not a valid PostgreSQL URL: {exc}")
+        return ServerConfig.database
+    if parts.password is not None:
+        table.error(
+            "database",
+            "must not contain a password: write postgresql://USER@HOST:PORT/DB and put the "
+            "password in an environment variable named by server.database_password_env",
+        )
+        return ServerConfig.database
+    return url
+
+
 def _read_server(table: _Table, base_dir: Path | None) -> ServerConfig:
     defaults = ServerConfig()
     listen = table.string("listen", defaults.listen)
@@ -507,7 +532,9 @@ def _read_server(table: _Table, base_dir: Path | None) -> ServerConfig:
         listen = defaults.listen
 
     database = table.string("database", defaults.database)
-    if database != _MEMORY_DATABASE:
+    if database.startswith(_POSTGRES_SCHEMES):
+        database = _postgres_url(table, database)
+    elif database != _MEMORY_DATABASE:
         path = Path(database).expanduser()
         if not path.is_absolute():
             path = (base_dir if base_dir is not None else Path.cwd()) / path
@@ -525,6 +552,7 @@ def _read_server(table: _Table, base_dir: Path | None) -> ServerConfig:
     server = ServerConfig(
         listen=listen,
         database=database,
+        database_password_env=table.env_name("database_password_env"),
         admin_token_env=table.env_name("admin_token_env", defaults.admin_token_env),
         secret_key_env=table.env_name("secret_key_env", defaults.secret_key_env),
         oauth_refresh_margin_s=table.number(

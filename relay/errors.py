@@ -213,6 +213,18 @@ class SharedStateUnavailable(RelayError):
         super().__init__(message, headers={"retry-after": "1"})
 
 
+class LedgerUnavailable(RelayError):
+    """503: the ledger's database cannot be reached right now and the request needs it (a key
+    this relay has not seen yet); keys it knows keep working, their usage waits in memory."""
+
+    status = 503
+    type = "service_unavailable_error"
+    code = "ledger_unavailable"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"retry-after": "1"})
+
+
 class RelayBusy(RelayError):
     """503: the relay itself is at a limit of its own (all its upstream connections in use);
     no account is at fault, so none is marked unhealthy and the request is not failed over."""

@@ -21,11 +21,11 @@ import trio
 from .config import Config
 from .guards.admission import Admission
 from .guards.shared import SharedGuards
+from .ledger.backend import LedgerStore, open_store
 from .ledger.credits import Credits
 from .ledger.keys import KeyRing
 from .ledger.prices import PriceTable
 from .ledger.responses_store import ResponsesStore
-from .ledger.store import Store
 from .ledger.usage import UsageWriter
 from .logs import log_missing_credentials
 from .metrics import Metrics
@@ -39,7 +39,7 @@ SHUTDOWN_MESSAGE = "The relay is shutting down and did not serve this request; r
 @dataclass
 class Runtime:
     config: Config
-    store: Store
+    store: LedgerStore
     keys: KeyRing
     credits: Credits
     metrics: Metrics
@@ -100,7 +100,9 @@ class Runtime:
 @asynccontextmanager
 async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
     """Open the runtime; on exit, stop taking usage records and write every queued one."""
-    store = Store(config.server.database)
+    store = open_store(
+        config.server.database, password_env=config.server.database_password_env
+    )
     keys = KeyRing(store)
     keys.load()
     shared = None

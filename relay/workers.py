@@ -84,7 +84,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from .config import Config
-from .ledger.store import Store
+from .ledger.backend import open_store
 
 log = logging.getLogger("relay.workers")
 
@@ -153,7 +153,8 @@ class Supervisor:
         self._listener = make_listener(server.host, server.port, 2 * server.stall_timeout_s)
         self._listener.listen(1024)
         url = listen_url(self._listener)
-        Store(server.database).close()  # tables and WAL made once, before N processes open it
+        # Tables and WAL (or migrations) made once, before N processes open it.
+        open_store(server.database, password_env=server.database_password_env).close()
         self._metrics_dir = tempfile.mkdtemp(prefix="relay-metrics-")
         failure = ""
         try:

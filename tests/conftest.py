@@ -23,9 +23,15 @@ from pathlib import Path
 import httpx2
 import pytest
 
+from relay.testing.postgres import PG_PASSWORD, PostgresServer
+
 ROOT = Path(__file__).resolve().parent.parent
 SIM_KEY = "sim-upstream-key"
 ADMIN_TOKEN = "test-admin-token"
+#: Relays and the CLI read the test PostgreSQL's password from the variable
+#: ``server.database_password_env`` names (set for this process and its children).
+PG_PASSWORD_ENV = "RELAY_TEST_PG_PASSWORD"
+os.environ[PG_PASSWORD_ENV] = PG_PASSWORD
 
 
 @dataclass
@@ -446,6 +452,38 @@ def redis_url(redis_server: RedisServer) -> str:
         redis_server.start()
     redis_server.command("FLUSHALL")
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL for the session; each test takes a database of its own
+    (:func:`ledger_database`, :meth:`PostgresServer.create_database`)."""
+    server = PostgresServer()
+    server.start()
+    yield server
+    try:
+        server.stop("immediate")
+    finally:
+        server.remove()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a test's ledger lives, once per backend: an SQLite file, then a fresh PostgreSQL
+    database (open it with :func:`open_ledger`)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "r.db")
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    if not server.running():
+        server.start()
+    return server.create_database()
+
+
+def open_ledger(database: str):
+    """The store of ``database`` (either backend), as the relay opens it."""
+    from relay.ledger.backend import open_store
+
+    return open_store(database, password_env=PG_PASSWORD_ENV)
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import time
 
 import httpx2
 import openai
+import psycopg
 import pytest
 import trio
 from hypothesis import given, settings
@@ -26,7 +27,7 @@ from relay.ledger.store import KeyRecord, Store
 from relay.ledger.usage import UsageRecord, UsageWriter
 from relay.protocol.requests import Endpoint, parse_request
 
-from .conftest import Relay, Sim
+from .conftest import Relay, Sim, open_ledger
 
 # -- the ledger alone ----------------------------------------------------------------------
 
@@ -149,8 +150,10 @@ def test_concurrent_requests_overdraw_by_at_most_their_own_estimate_errors(sched
 # -- the store and the writer --------------------------------------------------------------
 
 
-async def test_debits_are_written_with_the_usage_rows_and_add_up_exactly(tmp_path) -> None:
-    store = Store(tmp_path / "r.db")
+async def test_debits_are_written_with_the_usage_rows_and_add_up_exactly(
+    ledger_database,
+) -> None:
+    store = open_ledger(ledger_database)
     rate_table = PriceTable({"m": Price("m", input=1.25, cached_input=0.125, output=10)})
     _, key = store.create_key("p", prefix="cr_", credits_nano=parse_credits("3.5"))
     credits = Credits(rate_table, store.list_keys())
@@ -185,16 +188,28 @@ async def test_debits_are_written_with_the_usage_rows_and_add_up_exactly(tmp_pat
     store.close()
 
 
-def test_a_batch_that_fails_writes_neither_rows_nor_debits(tmp_path) -> None:
-    store = Store(tmp_path / "r.db")
+def test_a_batch_that_fails_writes_neither_rows_nor_debits(ledger_database) -> None:
+    store = open_ledger(ledger_database)
     _, key = store.create_key("p", prefix="cr_", credits_nano=NANO)
-    # A real failure inside the transaction: SQLite refuses the second row.
-    store.db.conn.execute(
-        "create trigger refuse before insert on usage when new.request_id = 'boom' "
-        "begin select raise(abort, 'refused'); end"
-    )
+    # A real failure inside the transaction: the database refuses the second row.
+    if store.backend == "sqlite":
+        store.db.conn.execute(
+            "create trigger refuse before insert on usage when new.request_id = 'boom' "
+            "begin select raise(abort, 'refused'); end"
+        )
+    else:
+        with store.transaction() as conn:
+            conn.execute(
+                "create function refuse() returns trigger language plpgsql as $$ begin "
+                "if new.request_id = 'boom' then raise exception 'refused'; end if; "
+                "return new; end $$"
+            )
+            conn.execute(
+                "create trigger refuse before insert on usage for each row "
+                "execute function refuse()"
+            )
     rows = [usage(name, key_id=key.id).row() | {"cost_nano": 5} for name in ("ok", "boom")]
-    with pytest.raises(sqlite3.DatabaseError):
+    with pytest.raises((sqlite3.DatabaseError, psycopg.Error)):
         store.insert_usage(rows)
     assert store.usage_rows() == []
     assert store.get_key(key.id).credits_used_nano == 0

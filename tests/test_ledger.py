@@ -11,6 +11,8 @@ from relay.ledger.keys import KeyRing, key_from_headers
 from relay.ledger.store import Store, hash_key
 from relay.ledger.usage import UsageRecord, UsageWriter
 
+from .conftest import open_ledger
+
 
 def test_key_from_headers_forms() -> None:
     assert key_from_headers({"authorization": "Bearer abc"}) == "abc"
@@ -21,8 +23,8 @@ def test_key_from_headers_forms() -> None:
     assert key_from_headers({}) is None
 
 
-def test_create_find_revoke(tmp_path) -> None:
-    store = Store(tmp_path / "r.db")
+def test_create_find_revoke(ledger_database) -> None:
+    store = open_ledger(ledger_database)
     key, record = store.create_key("team", prefix="sk-live-", name="n")
     assert key.startswith("sk-live-") and len(key) >= len("sk-live-") + 32
     assert store.find_key(hash_key(key)) == record
@@ -34,16 +36,16 @@ def test_create_find_revoke(tmp_path) -> None:
     store.close()
 
 
-async def test_key_ring_sees_keys_created_after_start(tmp_path) -> None:
-    store = Store(tmp_path / "r.db")
+async def test_key_ring_sees_keys_created_after_start(ledger_database) -> None:
+    store = open_ledger(ledger_database)
     ring = KeyRing(store)
     ring.load()
     key, record = store.create_key("team", prefix="cr_")
     assert (await ring.authenticate({"authorization": f"Bearer {key}"})).id == record.id
 
 
-async def test_writer_drains_every_record_on_close(tmp_path) -> None:
-    store = Store(tmp_path / "r.db")
+async def test_writer_drains_every_record_on_close(ledger_database) -> None:
+    store = open_ledger(ledger_database)
     writer = UsageWriter(store)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(writer.run)
@@ -57,8 +59,8 @@ async def test_writer_drains_every_record_on_close(tmp_path) -> None:
     assert writer.queued == 0 and writer.written == 1234
 
 
-async def test_cache_writes_are_stored_and_summed_with_the_record(tmp_path) -> None:
-    store = Store(tmp_path / "r.db")
+async def test_cache_writes_are_stored_and_summed_with_the_record(ledger_database) -> None:
+    store = open_ledger(ledger_database)
     writer = UsageWriter(store)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(writer.run)

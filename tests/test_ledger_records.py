@@ -15,10 +15,9 @@ import httpx2
 import trio
 
 from relay.ledger.prices import to_credits
-from relay.ledger.store import Store
 from relay.ledger.usage import UsageRecord, UsageWriter
 
-from .conftest import ADMIN_TOKEN, BILLING_BODY, start_relay
+from .conftest import ADMIN_TOKEN, BILLING_BODY, open_ledger, start_relay
 
 
 def _record(index: int, key: str, **fields) -> UsageRecord:
@@ -28,8 +27,8 @@ def _record(index: int, key: str, **fields) -> UsageRecord:
     )
 
 
-async def test_a_record_sqlite_cannot_store_keeps_its_batch_and_itself(tmp_path) -> None:
-    store = Store(tmp_path / "r.db")
+async def test_a_record_sqlite_cannot_store_keeps_its_batch_and_itself(ledger_database) -> None:
+    store = open_ledger(ledger_database)
     _, good = store.create_key("p", prefix="cr_")
     _, bad = store.create_key("p", prefix="cr_")
     writer = UsageWriter(store)
@@ -38,6 +37,7 @@ async def test_a_record_sqlite_cannot_store_keeps_its_batch_and_itself(tmp_path)
         _record(1000, bad.id, model="\ud800x"),  # a lone surrogate: no UTF-8 for it
         _record(1001, bad.id, input_tokens=2**70),  # wider than SQLite's INTEGER
         _record(1002, bad.id, ttft_ms=math.nan, latency_ms=math.inf),  # SQLite takes these
+        _record(1003, bad.id, error_code="a\x00b"),  # PostgreSQL's text cannot hold NUL
     ]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(writer.run)
@@ -49,9 +49,12 @@ async def test_a_record_sqlite_cannot_store_keeps_its_batch_and_itself(tmp_path)
     assert writer.written == len(records) and writer.queued == 0
     assert rows["r1000"]["model"] == "\ufffdx"
     assert rows["r1001"]["input_tokens"] == 2**63 - 1
+    assert rows["r1003"]["error_code"] == (
+        "a\x00b" if store.backend == "sqlite" else "a\ufffdb"
+    )
     # Every row's debit is in the same transaction as the row.
     assert store.get_key(good.id).credits_used_nano == 100 * 10
-    assert store.get_key(bad.id).credits_used_nano == 3 * 10
+    assert store.get_key(bad.id).credits_used_nano == 4 * 10
     store.close()
 
 

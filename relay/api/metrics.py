@@ -176,6 +176,16 @@ class LiveState(Collector):
             "Usage records waiting to be written to the database.",
             value=runtime.usage.queued,
         )
+        yield GaugeMetricFamily(
+            "relay_usage_writer_unavailable",
+            "1 while the usage writer cannot reach the database (records wait in memory).",
+            value=int(runtime.usage.unavailable),
+        )
+        yield CounterMetricFamily(
+            "relay_usage_records_dropped",
+            "Usage records dropped (logged whole) because too many waited for the database.",
+            value=runtime.usage.dropped,
+        )
 
 
 def _oauth_metrics(accounts: dict[str, dict]) -> Iterator[Metric]:
@@ -241,6 +251,7 @@ MULTIPROCESS_MODES = {
     "relay_credits_held": "livesum",
     "relay_credit_holds": "livesum",
     "relay_usage_records_queued": "livesum",
+    "relay_usage_writer_unavailable": "livemax",
 }
 
 #: Seconds between two writes of a worker's live state to the multiprocess directory.

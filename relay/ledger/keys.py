@@ -1,7 +1,8 @@
 """The in-memory key ring that authenticates requests without touching the disk.
 
-Keys are read from the store at start-up and refreshed by a background task whenever SQLite's
-``data_version`` says another connection (the CLI, another relay process) changed something. A key
+Keys are read from the store at start-up and refreshed by a background task whenever the store's
+``data_version`` says another connection (the CLI, another relay process, with PostgreSQL another
+host) changed something. A key
 that is not in memory yet is looked up once in the store, so a key created a moment ago works at
 once; a revocation, a new expiry or a rotation made by another process takes effect within
 :data:`REFRESH_INTERVAL_S`. Expiry is checked against the clock on every request, so a key stops
@@ -9,18 +10,25 @@ at its ``expires_at`` to the second, refreshed or not.
 
 A key is found by its secret or, after a rotation, by its previous secret: the ring maps both
 hashes to the key's one record, and replaces both when the record changes.
+
+While the database cannot be reached (``StoreUnavailable``), the ring keeps the keys it has and
+keeps trying; a key it has never seen is answered with a 503 (``ledger_unavailable``), not 401.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 
 import trio
 
-from ..errors import AuthenticationFailed
+from ..errors import AuthenticationFailed, LedgerUnavailable
+from .backend import LedgerStore, StoreUnavailable
 from .expiry import format_moment
-from .store import KeyRecord, Store, hash_key
+from .store import KeyRecord, hash_key
+
+log = logging.getLogger("relay.ledger")
 
 REFRESH_INTERVAL_S = 1.0
 
@@ -38,7 +46,7 @@ def key_from_headers(headers: Mapping[str, str]) -> str | None:
 
 
 class KeyRing:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: LedgerStore) -> None:
         self._store = store
         self._by_hash: dict[str, KeyRecord] = {}
         self._by_id: dict[str, KeyRecord] = {}
@@ -72,11 +80,21 @@ class KeyRing:
             self._by_hash[key_hash] = record
 
     async def refresh_forever(self) -> None:
+        unreachable = False
         while True:
             await trio.sleep(REFRESH_INTERVAL_S)
-            version = await trio.to_thread.run_sync(self._store.data_version)
-            if version != self._version:
-                await trio.to_thread.run_sync(self.load)
+            try:
+                version = await trio.to_thread.run_sync(self._store.data_version)
+                if version != self._version:
+                    await trio.to_thread.run_sync(self.load)
+            except StoreUnavailable as error:
+                if not unreachable:
+                    log.warning("cannot refresh the keys (%s); keeping the ones in memory", error)
+                unreachable = True
+                continue
+            if unreachable:
+                log.warning("the keys are refreshed again: the ledger database is back")
+                unreachable = False
 
     async def authenticate(self, headers: Mapping[str, str]) -> KeyRecord:
         """The active key the request carries, or :class:`AuthenticationFailed` (401)."""
@@ -90,7 +108,13 @@ class KeyRing:
         key_hash = hash_key(plaintext)
         record = self._by_hash.get(key_hash)
         if record is None:
-            record = await trio.to_thread.run_sync(self._store.find_key, key_hash)
+            try:
+                record = await trio.to_thread.run_sync(self._store.find_key, key_hash)
+            except StoreUnavailable:
+                raise LedgerUnavailable(
+                    "The relay cannot check this API key right now: its key database is "
+                    "unreachable. Retry in a moment."
+                ) from None
             if record is not None:
                 self.update(record)
         if record is None:

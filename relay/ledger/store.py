@@ -213,16 +213,19 @@ USAGE_GROUPS = {
 
 #: SQLite's INTEGER range: a larger Python int cannot be bound at all.
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-_SURROGATE = re.compile("[\ud800-\udfff]")
+#: Lone surrogates (SQLite text is UTF-8, which has no encoding for them) and NUL (PostgreSQL
+#: text cannot hold it).
+_SURROGATE = re.compile("[\ud800-\udfff\x00]")
 #: Usage columns that may be NULL (every other one has a value in every row).
 _NULLABLE = {"ttft_ms"}
 
 
 def storable_usage_row(row: dict) -> tuple[dict, list[str]]:
     """``row`` with every value SQLite could not store replaced, and the names of the columns
-    that were changed: lone surrogates in text become U+FFFD (SQLite text is UTF-8, which has no
-    encoding for them), integers are clamped to 64 bits, non-finite floats become 0, and a value
-    of the wrong type is converted (or zeroed). The result always binds."""
+    that were changed: lone surrogates (and NUL) in text become U+FFFD (SQLite text is UTF-8,
+    which has no encoding for them; PostgreSQL's text has no NUL), integers are clamped to 64
+    bits, non-finite floats become 0, and a value of the wrong type is converted (or zeroed).
+    The result always binds."""
     fixed = dict(row)
     changed = []
     for name, kind in USAGE_COLUMNS.items():
@@ -257,6 +260,8 @@ _INSERT_USAGE = (
 
 class Store:
     """Keys and usage in one SQLite file (or ``:memory:``)."""
+
+    backend = "sqlite"
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)

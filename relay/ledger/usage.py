@@ -12,8 +12,18 @@ in the same transaction that inserts the rows.
 
 A batch is one transaction, so a row the database refuses would take every key's rows with it:
 when a batch fails, its rows are written one by one, and a row that still fails is written with
-the values SQLite cannot store replaced (``store.storable_usage_row``) and logged. A record is
-lost only if the database itself fails, and then it is logged whole.
+the values the database cannot store replaced (``store.storable_usage_row``) and logged.
+
+A database that cannot be reached (``StoreUnavailable``: a PostgreSQL server restarting, a lost
+connection) loses nothing either: the writer keeps the batch and retries it (every
+:data:`RETRY_FIRST_S`, doubling to :data:`RETRY_MAX_S`; a PostgreSQL batch is written at most
+once, so a retry after a commit whose answer was lost writes nothing twice) while new records
+wait in memory, logged once as ``usage_writer_database_unavailable`` and once when it is back,
+and shown by ``relay_usage_records_queued``. At most :data:`MAX_WAITING` records wait: beyond
+that a record is logged whole and counted (``relay_usage_records_dropped_total``) instead of
+growing memory without bound. After :meth:`UsageWriter.close` (SIGTERM) the writer retries for
+:data:`SHUTDOWN_RETRY_S` more, then logs what it could not write, whole. A record is lost only
+then, or if the database refuses a row even with its values replaced.
 
 The writer is *behind* when a write has been going on for :data:`BEHIND_S` as records keep
 arriving, or :data:`BEHIND_RECORDS` wait: logged once as an operator event (``relay/logs.py``),
@@ -32,7 +42,8 @@ from dataclasses import dataclass
 import trio
 
 from ..logs import event
-from .store import Store, storable_usage_row
+from .backend import LedgerStore, StoreUnavailable
+from .store import storable_usage_row
 
 log = logging.getLogger("relay.ledger")
 
@@ -43,6 +54,14 @@ BATCH_WINDOW_S = 0.05
 #: When the writer counts as behind: a write this long, or this many records waiting.
 BEHIND_S = 2.0
 BEHIND_RECORDS = 10_000
+
+#: Records that may wait in memory for the database at most (~1 KB each); more are dropped.
+MAX_WAITING = 500_000
+#: Seconds between tries of a batch while the database cannot be reached (doubling).
+RETRY_FIRST_S = 0.05
+RETRY_MAX_S = 1.0
+#: Once closed (shutdown), how long an unreachable database is still retried.
+SHUTDOWN_RETRY_S = 15.0
 
 
 @dataclass
@@ -88,7 +107,7 @@ class UsageWriter:
     """
 
     def __init__(
-        self, store: Store, observers: Sequence[Callable[[UsageRecord], None]] = ()
+        self, store: LedgerStore, observers: Sequence[Callable[[UsageRecord], None]] = ()
     ) -> None:
         self._store = store
         self._observers = list(observers)
@@ -99,6 +118,11 @@ class UsageWriter:
         #: the write in progress has been going on.
         self.behind = False
         self._writing_since: float | None = None
+        #: Records dropped because :data:`MAX_WAITING` were waiting already.
+        self.dropped = 0
+        #: Whether the database cannot be reached now (the batch in hand is being retried).
+        self.unavailable = False
+        self._closed_at: float | None = None
 
     def record(self, record: UsageRecord) -> None:
         """Price, count and queue one record; never raises, never checkpoints."""
@@ -107,6 +131,13 @@ class UsageWriter:
                 observe(record)
             except Exception:  # a bug in pricing or metrics must not lose the record
                 log.exception("observer %r failed on %s", observe, record.request_id)
+        if self.queued >= MAX_WAITING:
+            self.dropped += 1
+            log.error(
+                "lost usage record (%d records already wait for the database, the most kept "
+                "in memory): %r", self.queued, record.row(),
+            )
+            return
         self.queued += 1
         self._send.send_nowait(record)
         if not self.behind:
@@ -126,6 +157,7 @@ class UsageWriter:
 
     def close(self) -> None:
         """Stop accepting records; :meth:`run` returns once the queue is written."""
+        self._closed_at = time.monotonic()
         self._send.close()
 
     async def run(self) -> None:
@@ -173,19 +205,54 @@ class UsageWriter:
     async def _write_rows(self, rows: list[dict]) -> None:
         # Shielded: a shutdown that cancels the writer mid-batch must not lose the batch.
         with trio.CancelScope(shield=True):
-            try:
-                await trio.to_thread.run_sync(self._store.insert_usage, rows)
-                written = len(rows)
-            except Exception as error:
-                # The batch is one transaction, so one row SQLite cannot take (a lone surrogate,
-                # a 70-bit integer) fails every key's rows with it: write them one by one.
-                log.warning(
-                    "could not write %d usage records as one batch (%s: %s); writing them "
-                    "one by one", len(rows), type(error).__name__, error,
+            delay = RETRY_FIRST_S
+            while True:
+                try:
+                    written = await trio.to_thread.run_sync(self._write_batch, rows)
+                    break
+                except StoreUnavailable as error:
+                    closed = self._closed_at
+                    if closed is not None and time.monotonic() - closed >= SHUTDOWN_RETRY_S:
+                        for row in rows:
+                            log.error("lost usage record (%s): %r", error, row)
+                        written = 0
+                        break
+                    if not self.unavailable:
+                        self.unavailable = True
+                        event(
+                            "usage_writer_database_unavailable",
+                            "the usage writer cannot reach the database (%s); %d records wait "
+                            "in memory and are retried, nothing is lost",
+                            error, self.queued, queued=self.queued,
+                        )
+                    await trio.sleep(delay)
+                    delay = min(2 * delay, RETRY_MAX_S)
+            if self.unavailable:
+                self.unavailable = False
+                event(
+                    "usage_writer_database_back",
+                    "the usage writer reaches the database again (%d records waiting)",
+                    self.queued, queued=self.queued,
                 )
-                written = await trio.to_thread.run_sync(self._write_each, rows)
         self.written += written
         self.queued -= len(rows)  # handled, written or (logged) not: flushed() must not wait
+
+    def _write_batch(self, rows: list[dict]) -> int:
+        """Write ``rows`` as one transaction, else one by one (in the writer's thread);
+        :class:`StoreUnavailable` when the database cannot be reached (nothing is lost: the
+        caller retries the whole batch)."""
+        try:
+            return self._store.insert_usage(rows)
+        except StoreUnavailable:
+            raise
+        except Exception as error:
+            # The batch is one transaction, so one row the database cannot take (a lone
+            # surrogate, a 70-bit integer) fails every key's rows with it: write them one by one.
+            log.warning(
+                "could not write %d usage records as one batch (%s: %s); writing them "
+                "one by one", len(rows), type(error).__name__, error,
+            )
+            return self._write_each(rows)
 
     def _write_each(self, rows: list[dict]) -> int:
         """Write ``rows`` one transaction each (in the writer's thread); a row that fails is
@@ -197,11 +264,15 @@ class UsageWriter:
             try:
                 written += self._store.insert_usage([row])
                 continue
+            except StoreUnavailable:
+                raise
             except Exception:
                 pass
             fixed, changed = storable_usage_row(row)
             try:
                 written += self._store.insert_usage([fixed])
+            except StoreUnavailable:
+                raise
             except Exception as error:
                 log.error("lost usage record (%s: %s): %r", type(error).__name__, error, row)
                 continue
