@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 
 import pytest
 import trio
@@ -127,3 +128,25 @@ async def test_a_usage_table_from_before_cache_writes_gains_the_column(tmp_path,
     )
     store.close()
     Store(database).close()  # opening again migrates nothing twice
+
+
+def test_sealed_tokens_and_leased_locks(ledger_database) -> None:
+    """What codex-chatgpt accounts keep in the ledger (either backend): sealed tokens replaced
+    in place, and a lock only one owner holds until it is released or its lease runs out."""
+    store = open_ledger(ledger_database)
+    other = open_ledger(ledger_database)  # another process on the same ledger
+    try:
+        assert store.sealed_tokens("acct") is None
+        store.put_sealed_tokens("acct", "sealed-1")
+        store.put_sealed_tokens("acct", "sealed-2")
+        assert other.sealed_tokens("acct") == "sealed-2"
+        assert store.take_lock("refresh:acct", "p1", 30) is True
+        assert other.take_lock("refresh:acct", "p2", 30) is False
+        assert store.take_lock("refresh:acct", "p1", 30) is True  # its own, renewed
+        store.release_lock("refresh:acct", "p1")
+        assert other.take_lock("refresh:acct", "p2", 0.01) is True
+        time.sleep(0.05)
+        assert store.take_lock("refresh:acct", "p1", 30) is True  # p2's lease ran out
+    finally:
+        store.close()
+        other.close()

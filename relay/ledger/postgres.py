@@ -108,6 +108,13 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         "create table usage_batches (id text primary key, ts double precision not null)",
         "create index idx_usage_batches_ts on usage_batches (ts)",
     )),
+    (4, "sealed OAuth tokens of codex-chatgpt accounts, and leased locks (one process of those "
+        "sharing the ledger refreshes an account's tokens)", (
+        "create table account_tokens (account text primary key, sealed text not null, "
+        "updated_at double precision not null)",
+        "create table locks (name text primary key, owner text not null, "
+        "until double precision not null)",
+    )),
 )
 
 #: Usage aggregates as in SQLite; PostgreSQL's ``sum`` of a bigint is a numeric: cast back.
@@ -363,6 +370,43 @@ class PostgresStore:
         """Bumped by every key change on any host (a trigger: see the module's docstring)."""
         with self.transaction() as conn:
             return conn.execute("select version from ledger_version").fetchone()["version"]
+
+    # -- OAuth tokens of upstream accounts (sealed: relay/ledger/vault.py) -----------------
+
+    def sealed_tokens(self, account: str) -> str | None:
+        """The account's sealed tokens as last written (by any process or host), or None."""
+        with self.transaction() as conn:
+            row = conn.execute(
+                "select sealed from account_tokens where account = %s", [account]
+            ).fetchone()
+        return row["sealed"] if row else None
+
+    def put_sealed_tokens(self, account: str, sealed: str) -> None:
+        """Replace the account's sealed tokens; committed when this returns."""
+        with self.transaction() as conn:
+            conn.execute(
+                "insert into account_tokens (account, sealed, updated_at) values (%s, %s, %s) "
+                "on conflict (account) do update set sealed = excluded.sealed, "
+                "updated_at = excluded.updated_at",
+                [account, sealed, time.time()],
+            )
+
+    def take_lock(self, name: str, owner: str, ttl_s: float) -> bool:
+        """Take the lock ``name`` for ``owner`` unless another owner holds it unexpired: one
+        atomic statement, so of the processes sharing the database exactly one gets it."""
+        now = time.time()
+        with self.transaction() as conn:
+            cursor = conn.execute(
+                "insert into locks (name, owner, until) values (%s, %s, %s) "
+                "on conflict (name) do update set owner = excluded.owner, "
+                "until = excluded.until where locks.until < %s or locks.owner = excluded.owner",
+                [name, owner, now + ttl_s, now],
+            )
+            return cursor.rowcount > 0
+
+    def release_lock(self, name: str, owner: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("delete from locks where name = %s and owner = %s", [name, owner])
 
     # -- usage ----------------------------------------------------------------------------
 
