@@ -16,9 +16,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx2
 import openai
 import pytest
 from cryptography.fernet import Fernet
+
+from relay.testing import sim_chatgpt
 
 from .conftest import ADMIN_TOKEN, ROOT, SIM_KEY, Relay, Sim, server_section, start_process
 from .test_codex_cli import SESSION_HEADERS, codex_exec, codex_home
@@ -718,6 +721,14 @@ async def test_a_responses_websocket_continues_on_a_chatgpt_account(
         async with open_websocket_url(ws_url(relay), extra_headers=auth(key)) as ws:
             first = await turn(ws, create(MODEL, "ws turn one", store=False))
             assert first[-1]["type"] == "response.completed"
+            # The account's usage windows come first, as the backend's WebSocket sends them.
+            limits = first[0]
+            assert limits["type"] == "codex.rate_limits", first[:2]
+            primary = limits["rate_limits"]["primary"]
+            assert primary["window_minutes"] == sim_chatgpt.PRIMARY_WINDOW_MINUTES
+            assert isinstance(primary["used_percent"], float) and primary["reset_at"] > 0
+            assert limits["rate_limits"]["secondary"]["window_minutes"] == (
+                sim_chatgpt.SECONDARY_WINDOW_MINUTES)
             previous = first[-1]["response"]["id"]
             second = await turn(ws, create(
                 MODEL, [{"role": "user", "content": "ws turn two"}],
@@ -726,6 +737,15 @@ async def test_a_responses_websocket_continues_on_a_chatgpt_account(
             assert second[-1]["type"] == "response.completed"
         backend = _backend_requests(sim)
         assert len(backend) == 2
+        # Over HTTP the same windows are the answer's x-codex-* headers (Codex reads both).
+        answer = await trio.to_thread.run_sync(lambda: httpx2.post(
+            relay.url + "/v1/responses", headers={"authorization": f"Bearer {key}"},
+            json={"model": MODEL, "input": "over http"}, timeout=30,
+        ))
+        assert answer.status_code == 200
+        assert float(answer.headers["x-codex-primary-used-percent"]) >= 0
+        assert answer.headers["x-codex-secondary-window-minutes"] == str(
+            sim_chatgpt.SECONDARY_WINDOW_MINUTES)
         text = json.dumps(backend[1]["body"]["input"])
         assert "ws turn one" in text and "ws turn two" in text
         assert "previous_response_id" not in backend[1]["body"]

@@ -36,6 +36,7 @@ from ..errors import (
 from ..guards.admission import KeyLimits, Ticket
 from ..ledger.usage import UsageRecord
 from ..protocol import compaction
+from ..protocol.chatgpt import window_headers
 from ..protocol.requests import (
     TOO_DEEP,
     Endpoint,
@@ -293,6 +294,10 @@ def _rate_limit_headers(call: Call) -> list[tuple[bytes, bytes]]:
     for name, value in call.runtime.admission.key_rate_state(call.ticket).items():
         text = _duration(value) if name.startswith("reset-") else str(int(value))
         headers.append((b"x-ratelimit-" + name.encode(), text.encode()))
+    account = call.runtime.scheduler.by_name.get(call.record.account)
+    if account is not None and account.oauth is not None:
+        # A ChatGPT-plan account's usage windows, as its backend reported them with this answer.
+        headers.extend(window_headers(account.oauth.windows))
     return headers
 
 

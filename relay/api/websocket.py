@@ -43,6 +43,7 @@ import trio
 
 from ..errors import InvalidRequest, RelayError
 from ..logs import log_access
+from ..protocol.chatgpt import rate_limits_event
 from ..protocol.sse import EventSplitter, event_data
 from .http import Message, Receive, Request, Scope, Send
 
@@ -328,6 +329,13 @@ class FrameSink:
             self.headers = list(message.get("headers", ()))
             content_type = dict(self.headers).get(b"content-type", b"")
             self.streaming = self.status == 200 and content_type.startswith(b"text/event-stream")
+            if self.streaming:
+                limits = rate_limits_event({
+                    name.decode("latin-1"): value.decode("latin-1")
+                    for name, value in self.headers if name.startswith(b"x-codex-")
+                })
+                if limits is not None:  # a ChatGPT-plan account's usage windows, first
+                    await self.socket.text(json.dumps(limits))
             return
         body = message.get("body", b"")
         if self.streaming:

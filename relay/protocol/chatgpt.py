@@ -302,6 +302,42 @@ def usage_windows(headers: Mapping[str, str], now: float) -> dict[str, UsageWind
     return windows
 
 
+def window_headers(windows: Mapping[str, UsageWindow]) -> list[tuple[bytes, bytes]]:
+    """The windows as the backend's own ``x-codex-{primary,secondary}-*`` headers: what the
+    relay passes on to its client (the Codex CLI shows them as its usage limits)."""
+    headers = []
+    for name in ("primary", "secondary"):
+        window = windows.get(name)
+        if window is None:
+            continue
+        prefix = f"x-codex-{name}-".encode()
+        headers.append((prefix + b"used-percent", f"{window.used_percent:g}".encode()))
+        if window.window_minutes is not None:
+            headers.append((prefix + b"window-minutes", b"%d" % window.window_minutes))
+        if window.resets_at is not None:
+            headers.append((prefix + b"reset-at", b"%d" % int(window.resets_at)))
+    return headers
+
+
+def rate_limits_event(headers: Mapping[str, str]) -> dict | None:
+    """Those headers as the ``codex.rate_limits`` event a Responses WebSocket carries (Codex
+    reads the same windows from it), or None when they hold no window."""
+    windows = usage_windows(headers, 0.0)
+    if not windows:
+        return None
+    return {
+        "type": "codex.rate_limits",
+        "rate_limits": {
+            name: {
+                "used_percent": window.used_percent,
+                "window_minutes": window.window_minutes,
+                "reset_at": None if window.resets_at is None else int(window.resets_at),
+            }
+            for name, window in windows.items()
+        },
+    }
+
+
 def _number(value: str | None) -> float | None:
     if value is None:
         return None
