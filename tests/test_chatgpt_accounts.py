@@ -753,3 +753,33 @@ async def test_a_responses_websocket_continues_on_a_chatgpt_account(
     finally:
         log = relay.process.stop()
     assert "Traceback" not in log
+
+
+def test_the_console_shows_an_accounts_usage_windows(sim: Sim, tmp_path: Path) -> None:
+    """The operator console's accounts view shows the windows the backend reported, in English
+    and in Chinese (headless Chromium, as tests/test_console.py drives it)."""
+    from .test_console import CHROMIUM, NODE_DIR
+
+    config = _config(tmp_path, sim.url, ("plus-a",))
+    assert _import(tmp_path, config, "plus-a", _login(sim, "acct-console")).returncode == 0
+    relay = _start(config, tmp_path)
+    try:
+        assert _ask(relay, "fill the windows").status == "completed"
+        windows = _accounts(relay)["plus-a"]["oauth"]["usage_windows"]
+        primary = round(windows["primary"]["used_percent"])
+        done = subprocess.run(
+            ["node", "console_windows_check.mjs", relay.url, ADMIN_TOKEN],
+            cwd=NODE_DIR, capture_output=True, text=True, timeout=120,
+            env={**os.environ, "RELAY_TEST_CHROMIUM": CHROMIUM},
+        )
+        assert done.returncode == 0, done.stderr
+        cells = json.loads(done.stdout)
+    finally:
+        relay.process.stop()
+    hours = sim_chatgpt.PRIMARY_WINDOW_MINUTES // 60
+    days = sim_chatgpt.SECONDARY_WINDOW_MINUTES // 1440
+    english, chinese = cells["en-US"]["plus-a"], cells["zh-CN"]["plus-a"]
+    assert english.startswith(f"{hours} h: {primary}% used, resets "), english
+    assert f" · {days} d: " in english and "UTC" in english
+    assert chinese.startswith(f"{hours} 小时：已用 {primary}%"), chinese
+    assert f"{days} 天：" in chinese and "used" not in chinese

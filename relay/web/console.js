@@ -287,10 +287,24 @@
     return { kind: "ok", text: nodes("console.acc.ok") };
   }
 
+  /** A ChatGPT-plan account's usage windows as its backend reported them ("5 h: 42% used,
+   * resets 14:00:00 UTC · 7 d: …"); "–" for accounts that report none. */
+  function usageWindows(account) {
+    const windows = Object.values((account.oauth && account.oauth.usage_windows) || {});
+    if (!windows.length) return "–";
+    return windows.map((w) => {
+      const minutes = w.window_minutes || 0;
+      const span = minutes >= 1440 ? t("console.acc.days", { n: Math.round(minutes / 1440) })
+        : t("console.acc.hours", { n: Math.round(minutes / 60) });
+      return t("console.acc.window", { span, used: Math.round(w.used_percent),
+        time: w.resets_at ? fmtUtc(w.resets_at, true) : "–" });
+    }).join(" · ");
+  }
+
   function renderAccounts() {
     const body = $("accounts-table").tBodies[0];
     body.replaceChildren();
-    if (!accounts.length) emptyRow(body, 8, t("console.acc.none"));
+    if (!accounts.length) emptyRow(body, 9, t("console.acc.none"));
     for (const account of accounts) {
       const state = health(account);
       const failures = Object.entries(account.failures || {});
@@ -311,6 +325,7 @@
         element("td", { className: "health " + state.kind }, [
           element("span", { className: "badge " + state.kind }, state.text)]),
         element("td", { className: "num in-flight", text: fmtInt(account.in_flight || 0) }),
+        element("td", { className: "windows", text: usageWindows(account) }),
         element("td", { className: "failures", translate: "no",
           text: failures.length ? failures.map(([code, n]) => code + "×" + n).join(" ") : "–" }),
         element("td", { className: "last-error", translate: "no",
