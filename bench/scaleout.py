@@ -208,11 +208,16 @@ async def tpm_load(url: str, key: str, seconds: float) -> None:
 
 
 def minutes_of_tokens(database: Path, key_id: str, started: float, minutes: int) -> list[float]:
-    """Tokens served to the key in each full minute after the first, as % of the limit."""
+    """Tokens served to the key in each full minute after the first, as % of the limit, each
+    request counted when it was delivered: a row's ``ts`` is when its request arrived, and under
+    a TPM limit requests wait queued for a good part of a minute (counted at arrival, the
+    requests cut by the end of the run would make the last minute look under-served)."""
     connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
     try:
         rows = connection.execute(
-            "select ts, input_tokens + output_tokens from usage where key_id = ?", (key_id,)
+            "select ts + latency_ms / 1000.0, input_tokens + output_tokens from usage "
+            "where key_id = ? and status = 200",
+            (key_id,),
         ).fetchall()
     finally:
         connection.close()

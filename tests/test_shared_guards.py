@@ -36,6 +36,20 @@ queue_timeout_s = 1.5
 pool = "shared"
 initial_credits = 40
 
+[packages.tokens]
+pool = "shared"
+tpm = 6000
+max_queue = 100
+queue_timeout_s = 60
+
+[pools.narrow]
+max_concurrency = 3
+
+[packages.narrowed]
+pool = "narrow"
+max_queue = 100
+queue_timeout_s = 30
+
 [packages.sticky]
 pool = "shared"
 
@@ -50,6 +64,14 @@ provider = "openai-chat"
 base_url = "SIM_URL/v1"
 api_key_env = "SIM_UPSTREAM_KEY"
 models = ["deepseek-chat", "paid-model"]
+
+[[accounts]]
+name = "sim-narrow"
+pool = "narrow"
+provider = "openai-chat"
+base_url = "SIM_URL/v1"
+api_key_env = "SIM_UPSTREAM_KEY"
+models = ["narrow-model"]
 
 [[accounts]]
 name = "sim-a"
@@ -72,8 +94,8 @@ models = ["sticky-model"]
 CHAT = "/v1/chat/completions"
 
 
-def chat(text: str, stream: bool = True) -> dict:
-    return {"model": "deepseek-chat", "stream": stream,
+def chat(text: str, stream: bool = True, model: str = "deepseek-chat") -> dict:
+    return {"model": model, "stream": stream,
             "messages": [{"role": "user", "content": text}]}
 
 
@@ -120,14 +142,18 @@ def shared_leases(relay: Relay) -> dict:
     return state["admission"]["shared"]
 
 
-async def hammer(relays: tuple[Relay, ...], key: str, count: int, text: str) -> list[int]:
+async def hammer(
+    relays: tuple[Relay, ...], key: str, count: int, text: str, model: str = "deepseek-chat"
+) -> list[int]:
     """``count`` concurrent streamed requests, alternating between the relays: their statuses."""
     statuses: list[int] = []
     async with httpx2.AsyncClient(timeout=60, limits=httpx2.Limits(max_connections=100)) as client:
 
         async def one(i: int) -> None:
             relay = relays[i % len(relays)]
-            response = await client.post(relay.url + CHAT, json=chat(text), headers=auth(key))
+            response = await client.post(
+                relay.url + CHAT, json=chat(text, model=model), headers=auth(key)
+            )
             statuses.append(response.status_code)
 
         async with trio.open_nursery() as nursery:
@@ -150,6 +176,56 @@ async def test_a_concurrency_cap_holds_across_two_processes(
     shared = shared_leases(pair[0])
     assert shared["leases"][f"k:{key_id}"] == 0 and shared["leases"]["g"] == 0
     assert {shared_leases(relay)["owner"] for relay in pair} <= set(shared["processes"])
+
+
+async def test_a_pool_cap_holds_across_two_processes(
+    pair: tuple[Relay, Relay], sim: Sim
+) -> None:
+    """A pool of 3 slots, no key cap: both processes together reach its upstream 3 at a time."""
+    key = pair[0].create_key("narrowed")
+    quiet(sim)
+    statuses = await hammer(pair, key, 18, "#sim tokens=6 delay=0.03", model="narrow-model")
+    assert statuses == [200] * 18
+    assert sim.stats()["peak_active_streams"] == 3
+
+
+TPM = 6000  # packages.tokens
+
+
+async def test_a_tpm_limit_holds_across_two_processes(pair: tuple[Relay, Relay]) -> None:
+    """Eight closed-loop clients, four on each process, for 12 s on a key with TPM 6000: the
+    tokens delivered, summed over both, stay within one bucket's burst plus what refills in the
+    time (each process alone would pass that much again), and most of it is used."""
+    key, key_id = pair[0].create_key_with_id("tokens")
+    seconds = 12.0
+    body = {**chat("#sim tokens=40", stream=False), "max_tokens": 50}
+    started = time.time()
+    async with httpx2.AsyncClient(timeout=90, limits=httpx2.Limits(max_connections=16)) as client:
+
+        async def loop(relay: Relay) -> None:
+            while True:
+                await client.post(relay.url + CHAT, json=body, headers=auth(key))
+
+        with trio.move_on_after(seconds):
+            async with trio.open_nursery() as nursery:
+                for i in range(8):
+                    nursery.start_soon(loop, pair[i % 2])
+    ended = time.time()
+    for relay in pair:
+        relay.wait_idle()
+    rows = [r for r in pair[0].usage_rows() if r["key_id"] == key_id and r["status"] == 200]
+    # Counted when delivered (the row's time is its request's start; it may wait queued).
+    delivered = sum(
+        r["input_tokens"] + r["output_tokens"] for r in rows
+        if r["ts"] + r["latency_ms"] / 1000 <= ended
+    )
+    allowed = TPM + TPM / 60 * (ended - started)  # the full bucket, then its refill
+    one_request = max(r["input_tokens"] + r["output_tokens"] for r in rows)
+    print(f"\nTPM across two processes: {delivered} tokens delivered, {allowed:.0f} allowed")
+    assert delivered <= allowed + one_request, (delivered, allowed)
+    assert delivered >= 0.8 * allowed, (delivered, allowed)  # not starved either
+    served_by = {r["account"] for r in rows}
+    assert served_by == {"sim-chat"}
 
 
 async def test_relay_queues_shows_the_shared_state(pair: tuple[Relay, Relay]) -> None:
