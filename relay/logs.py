@@ -17,8 +17,9 @@ JSON object per line (JSON Lines), every field its own member. In a worker of se
 * **Operator events** (logger ``relay.events``): something the operator may have to act on,
   logged once when it happens, with its reason: an account taken out of service and put back,
   an account whose credentials variable is unset (at start, naming the variable), an account's
-  cool-down, the usage writer falling behind and catching up. Redis is not an event yet: the
-  relay has no Redis backend (``server.redis_url`` is read but unused).
+  cool-down, the usage writer falling behind and catching up. Redis lost and back
+  (``server.redis_url``) is logged by the shared guards on the relay's own logger
+  (``relay/guards/shared.py``), one line each way.
 
 No line carries a key or an upstream secret: an access line names the key by its id
 (``key_…``), the path is logged without its query string (where Gemini-style clients put keys),
