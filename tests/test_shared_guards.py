@@ -26,6 +26,12 @@ max_concurrency = 4
 max_queue = 100
 queue_timeout_s = 30
 
+[packages.single]
+pool = "shared"
+max_concurrency = 1
+max_queue = 10
+queue_timeout_s = 30
+
 [packages.metered]
 pool = "shared"
 rpm = 6
@@ -150,6 +156,60 @@ async def test_a_concurrency_cap_holds_across_two_processes(
     shared = shared_leases(pair[0])
     assert shared["leases"][f"k:{key_id}"] == 0 and shared["leases"]["g"] == 0
     assert {shared_leases(relay)["owner"] for relay in pair} <= set(shared["processes"])
+
+
+def redis_leases(redis: RedisServer, subject: str) -> int:
+    """The leases Redis holds for ``subject`` (live or not), read straight from Redis."""
+    reply = redis.command("ZCARD", f"relay:l:{subject}")
+    assert reply.startswith(b":"), reply
+    return int(reply[1:].strip())
+
+
+async def test_a_release_reaches_the_other_process_within_the_flush_interval(
+    pair: tuple[Relay, Relay], sim: Sim, redis: RedisServer
+) -> None:
+    # A release costs the request no round trip: it goes with the process's next acquire or
+    # its next flush (FLUSH_S = 50 ms). Process A serves nothing after its request, so only its
+    # flush can free the key's one slot for process B.
+    key, key_id = pair[0].create_paid_key("single")
+    quiet(sim)
+    async with httpx2.AsyncClient(timeout=30) as client:
+        first = await client.post(pair[0].url + CHAT, json=chat("hi", stream=False),
+                                  headers=auth(key))
+        answered = time.monotonic()
+        assert first.status_code == 200
+        while redis_leases(redis, f"k:{key_id}"):
+            assert time.monotonic() - answered < 0.5, "A's release did not reach Redis"
+            await trio.sleep(0.005)
+        second = await client.post(pair[1].url + CHAT, json=chat("hi", stream=False),
+                                   headers=auth(key))
+        assert second.status_code == 200
+        while redis_leases(redis, f"k:{key_id}"):  # B's release, with B's flush
+            assert time.monotonic() - answered < 2.0, "B's release did not reach Redis"
+            await trio.sleep(0.005)
+
+        # B's request waits for the slot A's stream holds; A's release (with its flush) lets
+        # it in at once, not after the lease TTL, and never two at a time on the upstream.
+        async def stream_on_a() -> None:
+            response = await client.post(pair[0].url + CHAT, json=chat("#sim tokens=5 delay=0.1"),
+                                         headers=auth(key))
+            assert response.status_code == 200
+            ends.append(time.monotonic())
+
+        ends: list[float] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream_on_a)
+            while not sim.stats()["active_streams"]:  # A's stream holds the slot
+                await trio.sleep(0.005)
+            started = time.monotonic()
+            waited = await client.post(pair[1].url + CHAT, json=chat("hi", stream=False),
+                                       headers=auth(key))
+            served = time.monotonic()
+        assert waited.status_code == 200
+        assert served - started >= 0.3  # it did wait for A's stream (5 tokens, 100 ms apart)
+        assert served - ends[0] < 0.5
+    assert sim.stats()["peak_active_streams"] <= 1
+    assert redis_leases(redis, f"k:{key_id}") == 0
 
 
 async def test_relay_queues_shows_the_shared_state(pair: tuple[Relay, Relay]) -> None:

@@ -194,7 +194,8 @@ local function refused(i, wait)
   return {0, i, wait}
 end
 for i, s in ipairs(spec.force and {} or spec.subjects) do
-  local count, held = leases(s.name)
+  local count, held = 0, 0
+  if s.cap or s.tpm then count, held = leases(s.name) end  -- (only a cap or a TPM counts them)
   if s.cap and count >= s.cap then return refused(i, -1) end
   if s.tpm then
     local need = math.min(amount, s.tpm[2]) + held
