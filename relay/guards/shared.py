@@ -586,21 +586,25 @@ class SharedGuards:
         """One acquire call (None if it failed), carrying the settlements still unsent (this
         process's releases since its last call): Redis applies them first, in order, in the
         same script. They wait for a settlement in flight (one call at a time keeps their
-        order); none unsent, the acquire goes at once."""
+        order), within the same call timeout; none unsent, the acquire goes at once."""
 
-        def call(batch: str):
-            return self._call(
-                lambda: self._script("acquire", [self.prefix, self.owner, lease_id, payload, batch])
-            )
+        def args(batch: str) -> list[str]:
+            return [self.prefix, self.owner, lease_id, payload, batch]
 
-        if not self._unsent:
-            return await call("[]")
-        async with self._settling:
-            batch, self._unsent = self._unsent, []
-            result = await call(json.dumps(batch)) if batch else await call("[]")
-            if result is None:
-                self._keep(batch)
-            return result
+        async def carrying() -> object:
+            if not self._unsent:
+                return await self._script("acquire", args("[]"))
+            async with self._settling:
+                batch, self._unsent = self._unsent, []
+                try:
+                    return await self._script(
+                        "acquire", args(json.dumps(batch) if batch else "[]")
+                    )
+                except BaseException:  # failed or timed out: they go with the next call
+                    self._keep(batch)
+                    raise
+
+        return await self._call(carrying)
 
     def _script(self, name: str, args: list[str]) -> Awaitable:
         """Call the script ``name`` (acquire or settle) on the hot path's connection."""
