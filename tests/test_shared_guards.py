@@ -442,6 +442,53 @@ async def test_redis_lost_and_back(
     assert log.count("is back: limits are shared again") == 1, log
 
 
+BUSY_LUA = ("local function now() local t = redis.call('TIME') "
+            "return tonumber(t[1]) + tonumber(t[2]) / 1000000 end "
+            "local s = now() while now() < s + 1.5 do end return 1")  # Redis busy 1.5 s
+
+
+async def test_a_hanging_redis_holds_no_request_longer_than_the_call_timeout(
+    sim: Sim, redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # Redis answers nobody for 1.5 s (a busy script): not refused, silent. Each request waits
+    # at most one call timeout (250 ms) for it, however many arrive together and whatever the
+    # process had to settle, then goes on under the local share.
+    relay = start_relay(tmp_path_factory.mktemp("hang"), sim.url, body=SHARED,
+                        redis_url=redis.url, redis_failure="local", log_level="WARNING")
+    try:
+        key = relay.create_key("sticky")
+        async with httpx2.AsyncClient(base_url=relay.url, timeout=10,
+                                      limits=httpx2.Limits(max_connections=20)) as client:
+            for _ in range(3):  # releases to settle when Redis stops answering
+                ok = await client.post(CHAT, json=chat("#sim tokens=2", False), headers=auth(key))
+                assert ok.status_code == 200
+            durations: list[float] = []
+
+            async def one() -> None:
+                started = time.monotonic()
+                response = await client.post(CHAT, json=chat("#sim tokens=2", False),
+                                             headers=auth(key))
+                assert response.status_code == 200
+                durations.append(time.monotonic() - started)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, redis.command, "EVAL", BUSY_LUA, "0")
+                await trio.sleep(0.2)  # Redis is in the script now
+                for _ in range(8):
+                    nursery.start_soon(one)
+            assert len(durations) == 8
+            assert max(durations) < 1.0, durations  # not 8 x 250 ms, not the script's 1.5 s
+            deadline = time.monotonic() + 6
+            while shared_leases(relay)["degraded"] and time.monotonic() < deadline:
+                await trio.sleep(0.1)
+            assert not shared_leases(relay)["degraded"]
+        assert relay.wait_idle()["admission"]["total"] == 0
+    finally:
+        log = relay.process.stop()
+    assert "Traceback" not in log, log
+    assert log.count("is unreachable") == 1, log
+
+
 FAIR = """
 [pools.fair]
 max_concurrency = 4
