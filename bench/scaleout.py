@@ -311,15 +311,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seconds", type=float, default=6.0, help="req/s and peak phases")
     parser.add_argument("--fair-seconds", type=float, default=8.0)
     parser.add_argument("--latency-requests", type=int, default=400)
-    parser.add_argument("--tpm-seconds", type=float, default=180.0,
-                        help="TPM phase (full minutes after the first count); 0: none")
+    parser.add_argument("--tpm-seconds", type=float, default=None,
+                        help="TPM phase (full minutes after the first count; default 180, "
+                        "--quick 120); 0: none")
     parser.add_argument("--tpm-all", action="store_true", help="TPM phase in every arm")
     parser.add_argument("--quick", action="store_true", help="shorter phases, one TPM minute")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "scaleout.json"))
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds, args.fair_seconds, args.latency_requests = 4.0, 6.0, 200
-        args.tpm_seconds = 120.0
+    if args.tpm_seconds is None:
+        args.tpm_seconds = 120.0 if args.quick else 180.0
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-scaleout-") as name:
         tmp = Path(name)

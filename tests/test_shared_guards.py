@@ -26,6 +26,12 @@ max_concurrency = 4
 max_queue = 100
 queue_timeout_s = 30
 
+[packages.single]
+pool = "shared"
+max_concurrency = 1
+max_queue = 10
+queue_timeout_s = 30
+
 [packages.metered]
 pool = "shared"
 rpm = 6
@@ -226,6 +232,63 @@ async def test_a_tpm_limit_holds_across_two_processes(pair: tuple[Relay, Relay])
     assert delivered >= 0.8 * allowed, (delivered, allowed)  # not starved either
     served_by = {r["account"] for r in rows}
     assert served_by == {"sim-chat"}
+
+
+def redis_leases(redis: RedisServer, subject: str) -> int:
+    """The leases Redis holds for ``subject`` (live or not), read straight from Redis."""
+    reply = redis.command("ZCARD", f"relay:l:{subject}")
+    assert reply.startswith(b":"), reply
+    return int(reply[1:].strip())
+
+
+async def test_a_release_reaches_the_other_process_within_the_flush_interval(
+    pair: tuple[Relay, Relay], sim: Sim, redis: RedisServer
+) -> None:
+    # A release costs the request no round trip: it goes with the process's next acquire or
+    # its next flush (FLUSH_S = 50 ms). Process A serves nothing after its request, so only its
+    # flush can free the key's one slot for process B.
+    key, key_id = pair[0].create_paid_key("single")
+    quiet(sim)
+    async with httpx2.AsyncClient(timeout=30) as client:
+        first = await client.post(pair[0].url + CHAT, json=chat("hi", stream=False),
+                                  headers=auth(key))
+        answered = time.monotonic()
+        assert first.status_code == 200
+        while redis_leases(redis, f"k:{key_id}"):
+            assert time.monotonic() - answered < 0.5, "A's release did not reach Redis"
+            await trio.sleep(0.005)
+        second = await client.post(pair[1].url + CHAT, json=chat("hi", stream=False),
+                                   headers=auth(key))
+        assert second.status_code == 200
+        while redis_leases(redis, f"k:{key_id}"):  # B's release, with B's flush
+            assert time.monotonic() - answered < 2.0, "B's release did not reach Redis"
+            await trio.sleep(0.005)
+
+        # B's request waits for the slot A's stream holds; A's release (with its flush) lets
+        # it in at once, not after the lease TTL, and never two at a time on the upstream.
+        async def stream_on_a() -> None:
+            response = await client.post(pair[0].url + CHAT, json=chat("#sim tokens=5 delay=0.1"),
+                                         headers=auth(key))
+            assert response.status_code == 200
+            ends.append(time.monotonic())
+
+        ends: list[float] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream_on_a)
+            while not sim.stats()["active_streams"]:  # A's stream holds the slot
+                await trio.sleep(0.005)
+            started = time.monotonic()
+            waited = await client.post(pair[1].url + CHAT, json=chat("hi", stream=False),
+                                       headers=auth(key))
+            served = time.monotonic()
+        assert waited.status_code == 200
+        assert served - started >= 0.3  # it did wait for A's stream (5 tokens, 100 ms apart)
+        assert served - ends[0] < 0.5
+    assert sim.stats()["peak_active_streams"] <= 1
+    released = time.monotonic()
+    while redis_leases(redis, f"k:{key_id}"):
+        assert time.monotonic() - released < 0.5, "B's last release did not reach Redis"
+        await trio.sleep(0.005)
 
 
 async def test_relay_queues_shows_the_shared_state(pair: tuple[Relay, Relay]) -> None:
@@ -453,6 +516,53 @@ async def test_redis_lost_and_back(
     assert "Traceback" not in log, log
     assert log.count("is unreachable") == 1, log
     assert log.count("is back: limits are shared again") == 1, log
+
+
+BUSY_LUA = ("local function now() local t = redis.call('TIME') "
+            "return tonumber(t[1]) + tonumber(t[2]) / 1000000 end "
+            "local s = now() while now() < s + 1.5 do end return 1")  # Redis busy 1.5 s
+
+
+async def test_a_hanging_redis_holds_no_request_longer_than_the_call_timeout(
+    sim: Sim, redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # Redis answers nobody for 1.5 s (a busy script): not refused, silent. Each request waits
+    # at most one call timeout (250 ms) for it, however many arrive together and whatever the
+    # process had to settle, then goes on under the local share.
+    relay = start_relay(tmp_path_factory.mktemp("hang"), sim.url, body=SHARED,
+                        redis_url=redis.url, redis_failure="local", log_level="WARNING")
+    try:
+        key = relay.create_key("sticky")
+        async with httpx2.AsyncClient(base_url=relay.url, timeout=10,
+                                      limits=httpx2.Limits(max_connections=20)) as client:
+            for _ in range(3):  # releases to settle when Redis stops answering
+                ok = await client.post(CHAT, json=chat("#sim tokens=2", False), headers=auth(key))
+                assert ok.status_code == 200
+            durations: list[float] = []
+
+            async def one() -> None:
+                started = time.monotonic()
+                response = await client.post(CHAT, json=chat("#sim tokens=2", False),
+                                             headers=auth(key))
+                assert response.status_code == 200
+                durations.append(time.monotonic() - started)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, redis.command, "EVAL", BUSY_LUA, "0")
+                await trio.sleep(0.2)  # Redis is in the script now
+                for _ in range(8):
+                    nursery.start_soon(one)
+            assert len(durations) == 8
+            assert max(durations) < 1.0, durations  # not 8 x 250 ms, not the script's 1.5 s
+            deadline = time.monotonic() + 6
+            while shared_leases(relay)["degraded"] and time.monotonic() < deadline:
+                await trio.sleep(0.1)
+            assert not shared_leases(relay)["degraded"]
+        assert relay.wait_idle()["admission"]["total"] == 0
+    finally:
+        log = relay.process.stop()
+    assert "Traceback" not in log, log
+    assert log.count("is unreachable") == 1, log
 
 
 FAIR = """

@@ -313,7 +313,7 @@ class Admission:
             self._local_leases.discard(lease)
             if lease.shared is not None:
                 assert self.shared is not None
-                await self.shared.release(lease.shared, used)
+                self.shared.release(lease.shared, used)
 
     async def _within_share(self, lease: Lease, deadline: float) -> bool:
         """Wait (in arrival order) until the lease fits this process's share of every layer
@@ -499,7 +499,7 @@ class Admission:
             if lease.held:
                 lease.shared, lease.local_only = shared, False
             else:  # it ended meanwhile
-                await self.shared.release(shared, 0)
+                self.shared.release(shared, 0)
         return True
 
     def share_limits(self, share: float | None, accounts: Sequence[tuple[Guard, Any]] = ()) -> None:

@@ -20,8 +20,10 @@ atomic and one round trip (loaded once, called by SHA):
   :attr:`SharedGuards.FLUSH_S` (one call for every lease of the process), so a stream does not
   cost a round trip per event. A bucket key expires once it would have refilled to full (a
   missing bucket is a full one).
-* **Freed capacity wakes the other processes**: every release publishes on ``{prefix}freed``;
-  a process whose request waits for shared capacity retries when that arrives, or when the
+* **Freed capacity wakes the other processes**: a release publishes on ``{prefix}freed``
+  while anyone waits (every refused acquire marks ``{prefix}wanted`` for 2 s, and a waiter
+  retries at least every :attr:`RETRY_FLOOR_S`; an uncontended release publishes nothing); a
+  process whose request waits for shared capacity retries when that arrives, or when the
   bucket it waits for has refilled (the acquire says when), or after :attr:`RETRY_FLOOR_S`.
 
 The limits themselves travel with every call (each process's configuration and key limits), so
@@ -30,10 +32,13 @@ a limit change needs nothing in Redis.
 Guarantees:
 
 * A request holds shared capacity only between a successful :meth:`SharedGuards.acquire` and
-  its :meth:`SharedGuards.release`, which runs shielded from cancellation with a timeout; a
-  release that fails is kept and retried by the process's flush task until Redis takes it
-  (nothing is lost while the process lives; if it dies, its leases expire with its heartbeat).
-  A release is idempotent: subjects that no longer hold the lease are left untouched.
+  its :meth:`SharedGuards.release`. A release costs the request no round trip: it goes with
+  the process's next acquire (applied first, in the same script, so the process's own finished
+  requests never count against the one it admits) or its next flush, so it frees the slot for
+  the other processes within :attr:`SharedGuards.FLUSH_S`. A release that fails is kept and
+  retried by the flush task until Redis takes it (nothing is lost while the process lives; if
+  it dies, its leases expire with its heartbeat). A release is idempotent: subjects that no
+  longer hold the lease are left untouched.
 * No call waits on Redis longer than ``call_timeout_s`` (250 ms). When a call fails, the
   process goes *degraded*: with ``redis_failure = "local"`` requests are admitted by the
   process's own guards alone (logged once, and once when Redis is back), with ``"closed"``
@@ -57,6 +62,7 @@ import coredis.retry
 import trio
 
 from . import shared_lua as scripts
+from .resp import RespConnection, supported
 
 log = logging.getLogger("relay")
 
@@ -184,6 +190,9 @@ class SharedGuards:
         self._nursery: trio.Nursery | None = None
         self._client: coredis.Redis | None = None
         self._scripts: dict[str, object] = {}
+        # The hot path's own connection (acquire, settle): see .resp; None: coredis's.
+        self._fast: RespConnection | None = None
+        self._fast_sha: dict[str, str] = {}
         self._freed = trio.Event()
         self._backlog: dict[tuple[str, str], int] = {}  # (pool, flow) → requests waiting here
         # (pool, flow) → the one request of the flow that contends for shared capacity at a
@@ -218,13 +227,23 @@ class SharedGuards:
                 "credit_hold": client.register_script(scripts.LUA_CREDIT_HOLD),
                 "status": client.register_script(scripts.LUA_STATUS),
             }
+            if supported(self.url):
+                self._fast = RespConnection(self.url)
+                self._fast_sha = {
+                    "acquire": self._fast.script(scripts.LUA_ACQUIRE),
+                    "settle": self._fast.script(scripts.LUA_SETTLE),
+                }
             await self._heartbeat_once()
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._heartbeat)
-                nursery.start_soon(self._listen)
-                nursery.start_soon(self._flush_forever)
-                task_status.started()
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._heartbeat)
+                    nursery.start_soon(self._listen)
+                    nursery.start_soon(self._flush_forever)
+                    task_status.started()
+            finally:
+                if self._fast is not None:
+                    await self._fast.aclose()
 
     async def aclose(self) -> None:
         """At shutdown, after the last request: flush what is unsent and end this process's
@@ -304,11 +323,7 @@ class SharedGuards:
             payload = json.dumps(spec)
             freed = self._freed
             with trio.CancelScope(shield=True):
-                result = await self._call(
-                    lambda payload=payload: self._scripts["acquire"](
-                        args=[self.prefix, self.owner, lease.id, payload]
-                    )
-                )
+                result = await self._acquire_call(lease.id, payload)
             if result is None:  # failed, maybe after Redis took it: release by id
                 self._unsent.append(self._settle_item(lease, done=True))
                 return self._unavailable()
@@ -356,17 +371,22 @@ class SharedGuards:
         lease.pending_released += released
         self._pending[lease.id] = lease
 
-    async def release(self, lease: SharedLease, used_tokens: int) -> None:
+    def release(self, lease: SharedLease, used_tokens: int) -> None:
         """Give the lease back: charges corrected to ``used_tokens``, whatever is still held
-        released, every subject's slot freed. Shielded, bounded by the call timeout; on
-        failure the release is kept and retried by the flush task."""
+        released, every subject's slot freed. No I/O here: the release reaches Redis with this
+        process's next call that settles, its next acquire (which applies it before it takes
+        its own lease, in the same script) or its next flush, whichever comes first, so within
+        :attr:`FLUSH_S` (the lease is this process's own: nobody else removes it, and it is
+        never lost while the process lives; if it dies, the lease expires with its
+        heartbeat). This process's requests waiting for shared capacity retry at once (their
+        acquire carries the release)."""
         self._pending.pop(lease.id, None)
         lease.pending_tokens += used_tokens - lease.charged
         lease.charged = used_tokens
-        item = self._settle_item(lease, done=True)
+        self._unsent.append(self._settle_item(lease, done=True))
         self.totals.released += 1
-        with trio.CancelScope(shield=True):
-            await self._send([item])
+        self._freed.set()
+        self._freed = trio.Event()
 
     # -- credits --------------------------------------------------------------------------
 
@@ -485,6 +505,8 @@ class SharedGuards:
 
     async def status(self, subjects: Sequence[str]) -> dict:
         """The shared view: live processes and live leases per subject (admin API)."""
+        if not self.degraded:
+            await self._send([])  # this process's releases first: its view is the current one
         state: dict = {
             "url": redacted(self.url),
             "owner": self.owner,
@@ -555,16 +577,48 @@ class SharedGuards:
             sent = None
             if not self.degraded:
                 sent = await self._call(
-                    lambda: self._scripts["settle"](
-                        args=[self.prefix, self.owner, json.dumps(batch)]
-                    )
+                    lambda: self._script("settle", [self.prefix, self.owner, json.dumps(batch)])
                 )
             if sent is None:
-                self._unsent = batch + self._unsent
-                excess = len(self._unsent) - self.MAX_UNSENT
-                if excess > 0:
-                    del self._unsent[:excess]
-                    self.dropped += excess
+                self._keep(batch)
+
+    async def _acquire_call(self, lease_id: str, payload: str):
+        """One acquire call (None if it failed), carrying the settlements still unsent (this
+        process's releases since its last call): Redis applies them first, in order, in the
+        same script. They wait for a settlement in flight (one call at a time keeps their
+        order), within the same call timeout; none unsent, the acquire goes at once."""
+
+        def args(batch: str) -> list[str]:
+            return [self.prefix, self.owner, lease_id, payload, batch]
+
+        async def carrying() -> object:
+            if not self._unsent:
+                return await self._script("acquire", args("[]"))
+            async with self._settling:
+                batch, self._unsent = self._unsent, []
+                try:
+                    return await self._script(
+                        "acquire", args(json.dumps(batch) if batch else "[]")
+                    )
+                except BaseException:  # failed or timed out: they go with the next call
+                    self._keep(batch)
+                    raise
+
+        return await self._call(carrying)
+
+    def _script(self, name: str, args: list[str]) -> Awaitable:
+        """Call the script ``name`` (acquire or settle) on the hot path's connection."""
+        if self._fast is not None:
+            return self._fast.evalsha(self._fast_sha[name], args)
+        return self._scripts[name](args=args)
+
+    def _keep(self, batch: list[dict]) -> None:
+        """Settlements Redis did not take: first in line for the next call."""
+        self._unsent = batch + self._unsent
+        excess = len(self._unsent) - self.MAX_UNSENT
+        if excess > 0:
+            del self._unsent[:excess]
+            self.dropped += excess
 
     async def _flush_once(self) -> None:
         pending, self._pending = self._pending, {}
@@ -629,9 +683,7 @@ class SharedGuards:
                               "held": held, "force": True})
         with trio.CancelScope(shield=True):
             result = await self._call(
-                lambda: self._scripts["acquire"](
-                    args=[self.prefix, self.owner, lease.id, payload]
-                ),
+                lambda: self._script("acquire", [self.prefix, self.owner, lease.id, payload, "[]"]),
                 probe=True,
             )
         return lease if result is not None and result[0] == 1 else None

@@ -39,6 +39,18 @@ local function level(name, kind, b)
   if lvl == nil then return b[2] end
   return math.min(b[2], lvl + math.max(0, now - ts) * b[1])
 end
+-- Someone waits for shared capacity: every refused acquire says so, for 2 s (a waiter
+-- retries at least every RETRY_FLOOR_S, 250 ms, so the mark lasts while anyone waits).
+local function want()
+  redis.call('SET', prefix .. 'wanted', '1', 'PX', 2000)
+end
+-- Capacity was freed: wake the waiters of every process, if anyone waits (an uncontended
+-- release publishes nothing: no message for every process to read per request).
+local function notify()
+  if redis.call('EXISTS', prefix .. 'wanted') == 1 then
+    redis.call('PUBLISH', prefix .. 'freed', owner)
+  end
+end
 -- Take ``amount`` from a bucket (negative: give back, never above its capacity).
 local function take(name, kind, b, amount)
   local key = prefix .. 'b:' .. name .. ':' .. kind
@@ -52,9 +64,76 @@ local function take(name, kind, b, amount)
 end
 """
 
+# The settlements (a function of LUA_ACQUIRE and LUA_SETTLE; its items are described above
+# LUA_SETTLE).
+LUA_SETTLE_FN = r"""
+-- Apply a list of settlements, in the order they were made (see LUA_SETTLE); publishes on
+-- {prefix}freed when a lease was removed. Returns how many leases were removed.
+local function settle(list)
+  local removed = 0
+  for _, item in ipairs(list) do
+    if item.credit then
+      if item.cost ~= 0 then
+        local used_key = prefix .. 'cu:' .. item.credit
+        redis.call('SET', used_key, item.seed, 'NX')
+        redis.call('INCRBY', used_key, item.cost)
+      end
+      redis.call('ZREM', prefix .. 'l:c:' .. item.credit, owner .. '|' .. item.request)
+    end
+    if item.session then
+      redis.call('SET', prefix .. 's:' .. item.session, item.account, 'PX', item.ttl_ms)
+    end
+    if item.health then
+      local field = item.health
+      if item.reset then
+        redis.call('HDEL', prefix .. 'health', field)
+      else
+        local old = redis.call('HGET', prefix .. 'health', field)
+        local until_s, disabled = item['until'], item.disabled
+        if old then
+          local o = cjson.decode(old)
+          until_s = math.max(until_s, o['until'])
+          disabled = disabled or o.disabled
+        end
+        redis.call('HSET', prefix .. 'health', field,
+                   cjson.encode({['until'] = until_s, disabled = disabled}))
+      end
+    end
+    if item.unwait then
+      redis.call('ZREM', prefix .. 'w:' .. item.unwait, owner .. '|' .. item.flow)
+      notify()
+    end
+    local member = owner .. '|' .. (item.lease or '')
+    if item.fair and item.tokens ~= 0 then
+      redis.call('ZINCRBY', prefix .. 'vc:' .. item.fair.pool, item.tokens / item.fair.weight,
+                 item.fair.flow)
+    end
+    for _, s in ipairs(item.subjects or {}) do
+      local key = prefix .. 'l:' .. s.name
+      if redis.call('ZSCORE', key, member) then
+        if item.tokens ~= 0 then
+          if s.tpm then take(s.name, 'tpm', s.tpm, item.tokens) end
+          if s.tps then take(s.name, 'tps', s.tps, item.tokens) end
+        end
+        if item.done then
+          redis.call('ZREM', key, member)
+          removed = removed + 1
+        elseif item.released ~= 0 then
+          redis.call('ZINCRBY', key, -item.released, member)
+        end
+      end
+    end
+  end
+  if removed > 0 then notify() end
+  return removed
+end
+"""
+
 # ARGV: prefix, owner, lease id, JSON {subjects: [{name, cap, tpm, tps, rpm}], charged, held,
-# fair: {pool, flow, weight, contended, last} or absent}. Subjects 1 and 2 are the global and
-# the pool layer (the capacity flows of a pool compete for).
+# fair: {pool, flow, weight, contended, last} or absent}, JSON list of settlements (as
+# LUA_SETTLE's, applied first: the releases this process made since its last call, so that its
+# own finished requests do not count against the one it admits now). Subjects 1 and 2 are the
+# global and the pool layer (the capacity flows of a pool compete for).
 #
 # The shared fair order (``fair``): {prefix}vc:{pool} holds every flow's virtual counter (tokens
 # served / weight), {prefix}w:{pool} the flows waiting for the pool's capacity, as owner|flow.
@@ -66,7 +145,8 @@ end
 #
 # Returns {1} when every subject took the lease, else {0, subject index (1-based; 0: deferred
 # to a flow with a smaller counter), wait ms} where wait ms is -1 when only a release can help.
-LUA_ACQUIRE = LUA_COMMON + r"""
+LUA_ACQUIRE = LUA_COMMON + LUA_SETTLE_FN + r"""
+if ARGV[5] and ARGV[5] ~= '[]' then settle(cjson.decode(ARGV[5])) end
 local member = owner .. '|' .. ARGV[3]
 local spec = cjson.decode(ARGV[4])
 local amount = spec.charged + spec.held
@@ -99,6 +179,7 @@ if fair then
     end
     if mine > lowest then
       redis.call('ZADD', wkey, 0, me)
+      want()
       return {0, 0, -1}
     end
   elseif redis.call('ZCARD', vkey) > 2000 then
@@ -106,13 +187,15 @@ if fair then
   end
 end
 local function refused(i, wait)
+  want()
   if fair then
     if i <= 2 then redis.call('ZADD', wkey, 0, me) else redis.call('ZREM', wkey, me) end
   end
   return {0, i, wait}
 end
 for i, s in ipairs(spec.force and {} or spec.subjects) do
-  local count, held = leases(s.name)
+  local count, held = 0, 0
+  if s.cap or s.tpm then count, held = leases(s.name) end  -- (only a cap or a TPM counts them)
   if s.cap and count >= s.cap then return refused(i, -1) end
   if s.tpm then
     local need = math.min(amount, s.tpm[2]) + held
@@ -170,64 +253,10 @@ return {1, tostring(used), tostring(held)}
 #   ``released`` off what the lease holds, and removes the lease when ``done``;
 # * a credit charge {credit: key id, request, cost, seed}: adds ``cost`` to the key's credits
 #   used (set from ``seed`` if missing) and ends the request's hold, if any.
-# Publishes on {prefix}freed when a lease was removed. Returns how many leases were removed.
-LUA_SETTLE = LUA_COMMON + r"""
-local removed = 0
-for _, item in ipairs(cjson.decode(ARGV[3])) do
-  if item.credit then
-    if item.cost ~= 0 then
-      local used_key = prefix .. 'cu:' .. item.credit
-      redis.call('SET', used_key, item.seed, 'NX')
-      redis.call('INCRBY', used_key, item.cost)
-    end
-    redis.call('ZREM', prefix .. 'l:c:' .. item.credit, owner .. '|' .. item.request)
-  end
-  if item.session then
-    redis.call('SET', prefix .. 's:' .. item.session, item.account, 'PX', item.ttl_ms)
-  end
-  if item.health then
-    local field = item.health
-    if item.reset then
-      redis.call('HDEL', prefix .. 'health', field)
-    else
-      local old = redis.call('HGET', prefix .. 'health', field)
-      local until_s, disabled = item['until'], item.disabled
-      if old then
-        local o = cjson.decode(old)
-        until_s = math.max(until_s, o['until'])
-        disabled = disabled or o.disabled
-      end
-      redis.call('HSET', prefix .. 'health', field,
-                 cjson.encode({['until'] = until_s, disabled = disabled}))
-    end
-  end
-  if item.unwait then
-    redis.call('ZREM', prefix .. 'w:' .. item.unwait, owner .. '|' .. item.flow)
-    redis.call('PUBLISH', prefix .. 'freed', owner)
-  end
-  local member = owner .. '|' .. (item.lease or '')
-  if item.fair and item.tokens ~= 0 then
-    redis.call('ZINCRBY', prefix .. 'vc:' .. item.fair.pool, item.tokens / item.fair.weight,
-               item.fair.flow)
-  end
-  for _, s in ipairs(item.subjects or {}) do
-    local key = prefix .. 'l:' .. s.name
-    if redis.call('ZSCORE', key, member) then
-      if item.tokens ~= 0 then
-        if s.tpm then take(s.name, 'tpm', s.tpm, item.tokens) end
-        if s.tps then take(s.name, 'tps', s.tps, item.tokens) end
-      end
-      if item.done then
-        redis.call('ZREM', key, member)
-        removed = removed + 1
-      elseif item.released ~= 0 then
-        redis.call('ZINCRBY', key, -item.released, member)
-      end
-    end
-  end
-end
-if removed > 0 then redis.call('PUBLISH', prefix .. 'freed', owner) end
-return removed
+# Publishes on {prefix}freed when a lease was removed and someone waits. Returns how many
+# leases were removed.
+LUA_SETTLE = LUA_COMMON + LUA_SETTLE_FN + r"""
+return settle(cjson.decode(ARGV[3]))
 """
 
 # ARGV: prefix, owner, JSON [subject names]. Live leases per subject, and live processes.
