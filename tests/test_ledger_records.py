@@ -84,7 +84,8 @@ def _used_in_db(database, key_id: str) -> tuple[int, int]:
 def test_lone_surrogate_model_erases_no_other_keys_records(sim, tmp_path) -> None:
     relay = start_relay(tmp_path, sim.url, body=BILLING_BODY)
     try:
-        good_key, good_id = relay.create_paid_key()
+        # Enough credits for its 40 calls however many run at once (each holds its estimate).
+        good_key, good_id = relay.create_paid_key(credits="1000")
         bad_key, _ = relay.create_paid_key()
         # The escape stays an escape on the wire: json.loads makes it a lone surrogate.
         bad_body = b'{"model":"\\ud800","messages":[{"role":"user","content":"hi"}]}'
@@ -106,12 +107,12 @@ def test_lone_surrogate_model_erases_no_other_keys_records(sim, tmp_path) -> Non
             answers = list(pool.map(send, range(80)))
         good = [r for kind, r in answers if kind == "good"]
         bad = [r for kind, r in answers if kind == "bad"]
-        assert all(r.status_code == 200 for r in good), [r.text for r in good]
-        relay.usage_rows(bad[-1].headers["x-request-id"])
-        rows = relay.usage_rows(good[-1].headers["x-request-id"])
-        ids = {row["request_id"] for row in rows}
-        for response in good + bad:  # every request that passed authentication has its row
-            assert response.headers["x-request-id"] in ids
+        assert all(r.status_code == 200 for r in good), [
+            (r.status_code, r.text[:300]) for r in good if r.status_code != 200]
+        # Every request that passed authentication has its row (each is written as its request
+        # ends: the threads' last answers need not be the last rows).
+        for response in good + bad:
+            rows = relay.usage_rows(response.headers["x-request-id"])
         # Not a model that could exist: refused as invalid, naming the field.
         assert {r.status_code for r in bad} == {400}
         assert all(r.json()["error"]["param"] == "model" for r in bad)
