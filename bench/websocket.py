@@ -33,6 +33,7 @@ from .overhead import (
     SIM_KEY,
     STREAM_DIRECTIVE,
     interrupted,
+    ms,
     start_servers,
 )
 
@@ -113,10 +114,6 @@ async def run_target(run, base: str, key: str, concurrency: int, turns: int) -> 
             nursery.start_soon(worker)
     samples.wall_s = time.perf_counter() - started
     return samples
-
-
-def ms(value: float | None) -> float | None:
-    return None if value is None else round(value * 1000, 3)
 
 
 def row(target: str, concurrency: int, samples: Samples) -> dict:

@@ -19,7 +19,6 @@ what Redis holds for all of them when it is shared.
 from __future__ import annotations
 
 import csv
-import datetime as dt
 import io
 import time
 from typing import TYPE_CHECKING
@@ -27,10 +26,9 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..errors import InvalidRequest, NotFound
-from ..ledger.prices import to_credits
 from ..ledger.store import USAGE_GROUPS
 from .admin import check_admin
-from .selfservice import parse_time
+from .selfservice import iso, parse_time, usage_totals
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -47,25 +45,6 @@ CSV_COLUMNS = (
     "calls", "errors", "input_tokens", "cached_tokens", "cache_write_tokens", "output_tokens",
     "reasoning_tokens", "total_tokens", "credits",
 )
-
-
-def _iso(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
-
-
-def usage_totals(row: dict) -> dict:
-    """A usage aggregate (the store's ``USAGE_TOTALS_SQL`` columns) as the API shows it."""
-    return {
-        "calls": row["calls"],
-        "errors": row["errors"],
-        "input_tokens": row["input_tokens"],
-        "cached_tokens": row["cached_tokens"],
-        "cache_write_tokens": row["cache_write_tokens"],
-        "output_tokens": row["output_tokens"],
-        "reasoning_tokens": row["reasoning_tokens"],
-        "total_tokens": row["input_tokens"] + row["output_tokens"],
-        "credits": to_credits(row["cost_nano"]),
-    }
 
 
 def account_health(status: dict) -> str:
@@ -98,7 +77,7 @@ async def overview(runtime: Runtime, request: Request, responder: Responder) -> 
         accounts[account_health(status)] += 1
     body: dict = {
         "object": "overview",
-        "time": _iso(now),
+        "time": iso(now),
         "window_s": RECENT_S,
         "recent": usage_totals(recent),
         "active_requests": runtime.active_requests,
@@ -189,7 +168,7 @@ async def usage(runtime: Runtime, request: Request, responder: Responder) -> Non
         )
         return
     await responder.json(200, {
-        "object": "usage", "unit": "credits", "from": _iso(start), "to": _iso(end),
+        "object": "usage", "unit": "credits", "from": iso(start), "to": iso(end),
         "group_by": group_by, "key_id": key_id, "totals": usage_totals(totals), "data": data,
     })
 

@@ -180,11 +180,13 @@ def parse_time(text: str, param: str, *, end: bool = False) -> float:
     return moment
 
 
-def _iso(ts: float) -> str:
+def iso(ts: float) -> str:
+    """Unix seconds as ISO 8601 UTC (``…Z``)."""
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
 
 
-def _totals(row: dict) -> dict:
+def usage_totals(row: dict) -> dict:
+    """A usage aggregate (the store's ``USAGE_TOTALS_SQL`` columns) as the API shows it."""
     return {
         "calls": row["calls"],
         "errors": row["errors"],
@@ -219,16 +221,16 @@ async def usage(runtime: Runtime, request: Request, responder: Responder) -> Non
     totals, groups = await trio.to_thread.run_sync(
         runtime.store.usage_summary, key.id, start, end, group_by
     )
-    data = [{group_by: row["grp"], **_totals(row)} for row in groups]
+    data = [{group_by: row["grp"], **usage_totals(row)} for row in groups]
     await responder.json(
         200,
         {
             "object": "usage",
             "unit": "credits",
-            "from": _iso(start),
-            "to": _iso(end),
+            "from": iso(start),
+            "to": iso(end),
             "group_by": group_by,
-            "totals": _totals(totals),
+            "totals": usage_totals(totals),
             "data": data,
         },
     )
@@ -288,7 +290,7 @@ def _call(row: dict) -> dict:
     return {
         "request_id": row["request_id"],
         "ts": row["ts"],
-        "time": _iso(row["ts"]),
+        "time": iso(row["ts"]),
         "endpoint": row["endpoint"],
         "model": row["model"],
         "stream": bool(row["stream"]),
